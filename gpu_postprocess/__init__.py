@@ -1,0 +1,1 @@
+"""GPU post-processing: CLIP similarity filtering, NSFW and watermark tags, embeddings."""

@@ -1,0 +1,3 @@
+from pairfarm.cli import main
+
+main()

@@ -1,0 +1,229 @@
+"""HTTP client of the coordinator's API, for download workers and post-processing nodes.
+
+``AsyncCoordinatorClient`` runs on any event loop httpx supports (Trio in the worker);
+``CoordinatorClient`` is the blocking twin for the post-processing node and the CLI.
+Both take an ``httpx`` transport so that tests can script the network.
+
+Error handling: every failure is converted here into one of the ``ClientError`` types::
+
+    ClientError
+    ├── Unauthorized        401 / 403: a wrong or revoked token; retrying will not help
+    ├── LeaseLost           409: the batch is no longer ours; discard the work
+    ├── Rejected            422 / 413 / other 4xx: the request itself is wrong
+    └── Unavailable         network failure or 5xx: retry with backoff, keep the batch
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from pairfarm import __version__
+from pairfarm.protocol import (
+    API_PREFIX,
+    BatchState,
+    DownloadLease,
+    DownloadReport,
+    FailReport,
+    FarmStats,
+    Heartbeat,
+    HeartbeatResponse,
+    LeaseRequest,
+    PostprocessLease,
+    PostprocessReport,
+    RegisterRequest,
+    RegisterResponse,
+)
+
+M = TypeVar("M", bound=BaseModel)
+
+USER_AGENT = f"pairfarm/{__version__} (+https://github.com/pairfarm/pairfarm)"
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+
+
+class ClientError(Exception):
+    """Base of the client's errors."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Unauthorized(ClientError):
+    """The coordinator refused the token (401) or its role (403)."""
+
+
+class LeaseLost(ClientError):
+    """The batch is not (or no longer) leased to us (409)."""
+
+
+class Rejected(ClientError):
+    """The coordinator rejected the request as invalid (4xx other than the above)."""
+
+
+class Unavailable(ClientError):
+    """The coordinator could not be reached or failed (network error, 5xx)."""
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    status = response.status_code
+    message = f"{response.request.method} {response.request.url.path}: {status} {detail}"
+    if status in (401, 403):
+        raise Unauthorized(message, status)
+    if status == 409:
+        raise LeaseLost(message, status)
+    if status >= 500:
+        raise Unavailable(message, status)
+    raise Rejected(message, status)
+
+
+def _headers(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT}
+
+
+def _body(model: BaseModel | None) -> dict[str, Any] | None:
+    return None if model is None else model.model_dump(mode="json")
+
+
+def _parse(response: httpx.Response, model: type[M]) -> M | None:
+    _raise_for(response)
+    if response.status_code == 204:
+        return None
+    return model.model_validate(response.json())
+
+
+def _must(value: M | None) -> M:
+    if value is None:
+        raise Rejected("the coordinator answered 204 where a body was expected")
+    return value
+
+
+class _Paths:
+    register = f"{API_PREFIX}/register"
+    stats = f"{API_PREFIX}/stats"
+
+    @staticmethod
+    def lease(kind: str) -> str:
+        return f"{API_PREFIX}/{kind}/lease"
+
+    @staticmethod
+    def batch(kind: str, batch_id: int, action: str) -> str:
+        return f"{API_PREFIX}/{kind}/{batch_id}/{action}"
+
+
+class AsyncCoordinatorClient:
+    """Async client. ``kind`` in the batch methods is ``"download"`` or ``"postprocess"``."""
+
+    def __init__(self, base_url: str, token: str, *,
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 timeout: httpx.Timeout = DEFAULT_TIMEOUT) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(token),
+                                       transport=transport, timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncCoordinatorClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _call(self, method: str, path: str, body: BaseModel | None,
+                    model: type[M]) -> M | None:
+        try:
+            response = await self._http.request(method, path, json=_body(body))
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"{method} {path}: {exc!r}") from exc
+        return _parse(response, model)
+
+    async def register(self, name: str) -> RegisterResponse:
+        req = RegisterRequest(name=name, version=__version__)
+        return _must(await self._call("POST", _Paths.register, req, RegisterResponse))
+
+    async def lease_download(self, max_size: int | None = None) -> DownloadLease | None:
+        req = LeaseRequest(max_size=max_size)
+        return await self._call("POST", _Paths.lease("download"), req, DownloadLease)
+
+    async def lease_postprocess(self) -> PostprocessLease | None:
+        req = LeaseRequest()
+        return await self._call("POST", _Paths.lease("postprocess"), req, PostprocessLease)
+
+    async def heartbeat(self, kind: str, batch_id: int, lease_token: str) -> HeartbeatResponse:
+        path = _Paths.batch(kind, batch_id, "heartbeat")
+        req = Heartbeat(lease_token=lease_token)
+        return _must(await self._call("POST", path, req, HeartbeatResponse))
+
+    async def complete(self, kind: str, batch_id: int,
+                       report: DownloadReport | PostprocessReport) -> BatchState:
+        path = _Paths.batch(kind, batch_id, "complete")
+        return _must(await self._call("POST", path, report, BatchState))
+
+    async def fail(self, kind: str, batch_id: int, report: FailReport) -> BatchState:
+        path = _Paths.batch(kind, batch_id, "fail")
+        return _must(await self._call("POST", path, report, BatchState))
+
+    async def stats(self) -> FarmStats:
+        return _must(await self._call("GET", _Paths.stats, None, FarmStats))
+
+
+class CoordinatorClient:
+    """Blocking client with the same methods as ``AsyncCoordinatorClient``."""
+
+    def __init__(self, base_url: str, token: str, *,
+                 transport: httpx.BaseTransport | None = None,
+                 timeout: httpx.Timeout = DEFAULT_TIMEOUT) -> None:
+        self._http = httpx.Client(base_url=base_url, headers=_headers(token),
+                                  transport=transport, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> CoordinatorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, body: BaseModel | None, model: type[M]) -> M | None:
+        try:
+            response = self._http.request(method, path, json=_body(body))
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"{method} {path}: {exc!r}") from exc
+        return _parse(response, model)
+
+    def register(self, name: str) -> RegisterResponse:
+        req = RegisterRequest(name=name, version=__version__)
+        return _must(self._call("POST", _Paths.register, req, RegisterResponse))
+
+    def lease_download(self, max_size: int | None = None) -> DownloadLease | None:
+        return self._call("POST", _Paths.lease("download"), LeaseRequest(max_size=max_size),
+                          DownloadLease)
+
+    def lease_postprocess(self) -> PostprocessLease | None:
+        return self._call("POST", _Paths.lease("postprocess"), LeaseRequest(), PostprocessLease)
+
+    def heartbeat(self, kind: str, batch_id: int, lease_token: str) -> HeartbeatResponse:
+        path = _Paths.batch(kind, batch_id, "heartbeat")
+        return _must(self._call("POST", path, Heartbeat(lease_token=lease_token),
+                                HeartbeatResponse))
+
+    def complete(self, kind: str, batch_id: int,
+                 report: DownloadReport | PostprocessReport) -> BatchState:
+        return _must(self._call("POST", _Paths.batch(kind, batch_id, "complete"), report,
+                                BatchState))
+
+    def fail(self, kind: str, batch_id: int, report: FailReport) -> BatchState:
+        return _must(self._call("POST", _Paths.batch(kind, batch_id, "fail"), report,
+                                BatchState))
+
+    def stats(self) -> FarmStats:
+        return _must(self._call("GET", _Paths.stats, None, FarmStats))

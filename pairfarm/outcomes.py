@@ -1,0 +1,38 @@
+"""The outcome classes: every candidate URL ends in exactly one of them.
+
+The value of each member is the string written to shard parquet files (`status` /
+`error_class`), to the stats json and to the completion report.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    INVALID_URL = "invalid_url"  # unparsable URL or a scheme other than http(s)
+    DNS = "dns"  # name does not resolve, or resolution timed out
+    SSRF_BLOCKED = "ssrf_blocked"  # resolves to a non-public address
+    CONNECT = "connect"  # refused, reset, TLS failure
+    TIMEOUT = "timeout"  # connect/read timeout or the total deadline
+    HTTP_4XX = "http_4xx"
+    HTTP_429 = "http_429"  # rate limited, still limited after the retries allowed
+    HTTP_5XX = "http_5xx"
+    REDIRECT_LIMIT = "redirect_limit"  # more than the allowed hops, or a loop
+    OPTED_OUT = "opted_out"  # X-Robots-Tag noai / noimageai / noindex / noimageindex
+    TOO_LARGE = "too_large"  # body (decoded) over the size cap
+    TOO_SMALL = "too_small"  # body under 5 KB (LAION rule)
+    NOT_IMAGE = "not_image"  # not one of the allowed image formats
+    BOMB = "bomb"  # declared pixel count over the cap (decompression bomb)
+    DECODE_ERROR = "decode_error"  # truncated or corrupt image data
+    SIZE_FILTERED = "size_filtered"  # below min size or over max aspect ratio
+
+
+#: Outcomes that img2dataset's stats json counts as `failed_to_resize`; every other
+#: failure counts as `failed_to_download`.
+RESIZE_FAILURES: frozenset[Outcome] = frozenset(
+    {Outcome.BOMB, Outcome.DECODE_ERROR, Outcome.SIZE_FILTERED}
+)
+
+ALL_OUTCOMES: tuple[str, ...] = tuple(o.value for o in Outcome)

@@ -1,0 +1,171 @@
+"""What crosses the wire between the coordinator and its clients (API v1).
+
+Every request and response body of the coordinator's REST API is one of these models.
+The coordinator, the download worker and the post-processing node all import them from
+here, so that the three sides cannot disagree. Only pydantic is imported.
+
+Endpoints (all under ``API_PREFIX``; bearer token in ``Authorization``):
+
+====================================  =======  ==========================================
+path                                  role     body -> response
+====================================  =======  ==========================================
+``POST /register``                    any      RegisterRequest -> RegisterResponse
+``POST /download/lease``              worker   LeaseRequest -> DownloadLease | 204
+``POST /download/{batch}/heartbeat``  worker   Heartbeat -> HeartbeatResponse | 409
+``POST /download/{batch}/complete``   worker   DownloadReport -> BatchState | 409 | 422
+``POST /download/{batch}/fail``       worker   FailReport -> BatchState | 409
+``POST /postprocess/lease``           gpu      LeaseRequest -> PostprocessLease | 204
+``POST /postprocess/{batch}/heartbeat`` gpu    Heartbeat -> HeartbeatResponse | 409
+``POST /postprocess/{batch}/complete``  gpu    PostprocessReport -> BatchState | 409 | 422
+``POST /postprocess/{batch}/fail``    gpu      FailReport -> BatchState | 409
+``GET  /stats``                       any      -> FarmStats
+``GET  /healthz`` (no prefix)         none     -> {"status": "ok"}
+====================================  =======  ==========================================
+
+Errors are JSON: ``{"error": "<class>", "detail": "<text>"}`` (``ErrorBody``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+API_PREFIX = "/api/v1"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Role(StrEnum):
+    WORKER = "worker"  # download worker
+    GPU = "gpu"  # post-processing node
+    ADMIN = "admin"  # ingest, token management, everything
+
+
+class BatchStatus(StrEnum):
+    PENDING = "pending"  # formed (or returned after an expired lease), waiting for a worker
+    LEASED = "leased"  # a download worker holds it
+    DOWNLOADED = "downloaded"  # shard written, waiting for post-processing
+    POSTPROCESSING = "postprocessing"  # a post-processing node holds it
+    DONE = "done"
+    FAILED = "failed"  # terminal: attempts exhausted or declared failed
+
+
+class ErrorBody(_Model):
+    error: str
+    detail: str
+
+
+class RegisterRequest(_Model):
+    name: str = Field(max_length=200, description="host name or label of the client")
+    version: str = Field(max_length=50)
+
+
+class RegisterResponse(_Model):
+    worker_id: int
+    role: Role
+    batch_size: int
+    lease_ttl_s: float
+    heartbeat_interval_s: float
+
+
+class LeaseRequest(_Model):
+    max_size: int | None = Field(
+        default=None, ge=1, description="take at most this many candidates (server caps it)"
+    )
+
+
+class Candidate(_Model):
+    id: int
+    url: str
+    caption: str
+    language: str | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class LeaseInfo(_Model):
+    batch_id: int
+    lease_token: str
+    lease_expires_at: datetime
+    attempt: int
+
+
+class DownloadLease(LeaseInfo):
+    """A batch to download. ``candidates[i]`` is written under key ``key_of(i)``."""
+
+    candidates: list[Candidate]
+
+
+class ShardFiles(_Model):
+    """Where a download shard's files are, as fsspec URLs or paths, with the tar's digest."""
+
+    tar: str = Field(max_length=2000)
+    parquet: str = Field(max_length=2000)
+    stats: str = Field(max_length=2000)
+    tar_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    parquet_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    tar_bytes: int = Field(ge=0)
+
+
+class PostprocessLease(LeaseInfo):
+    shard: ShardFiles
+    count: int
+
+
+class Heartbeat(_Model):
+    lease_token: str = Field(max_length=200)
+
+
+class HeartbeatResponse(_Model):
+    lease_expires_at: datetime
+
+
+class DownloadReport(_Model):
+    """A finished download batch. ``outcomes`` maps each outcome class
+    (``pairfarm.outcomes.Outcome``) to its count; the counts sum to the batch size."""
+
+    lease_token: str = Field(max_length=200)
+    shard: ShardFiles
+    outcomes: dict[str, int]
+    bytes_downloaded: int = Field(ge=0)
+    duration_s: float = Field(ge=0)
+
+
+class PostprocessReport(_Model):
+    lease_token: str = Field(max_length=200)
+    kept: int = Field(ge=0)
+    dropped: int = Field(ge=0)
+    drop_reasons: dict[str, int] = Field(default_factory=dict)
+    #: similarity histogram: ``counts[i]`` samples in ``[edges[i], edges[i+1])``
+    similarity_edges: list[float] = Field(default_factory=list, max_length=1001)
+    similarity_counts: list[int] = Field(default_factory=list, max_length=1000)
+    outputs: dict[str, str] = Field(default_factory=dict, description="name -> location")
+    duration_s: float = Field(ge=0)
+
+
+class FailReport(_Model):
+    lease_token: str = Field(max_length=200)
+    reason: str = Field(max_length=2000)
+    #: True when the client gives the batch back unworked (shutdown): no attempt is charged.
+    release: bool = False
+
+
+class BatchState(_Model):
+    batch_id: int
+    status: BatchStatus
+    attempts: int
+
+
+class FarmStats(_Model):
+    candidates_total: int
+    candidates_pending: int
+    batches: dict[str, int]
+    outcomes: dict[str, int]
+    bytes_downloaded: int
+    kept: int
+    dropped: int
+    workers_alive: int

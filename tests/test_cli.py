@@ -1,0 +1,34 @@
+"""The command line: every command answers --help; the shared formats stay light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pairfarm.cli import COMMANDS
+from tests.conftest import REPO, cli_env, run_cli
+
+
+def test_top_level_help_lists_every_command() -> None:
+    out = run_cli("--help").stdout
+    for name in COMMANDS:
+        assert name in out
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_help(name: str) -> None:
+    out = run_cli(name, "--help").stdout
+    assert "Usage: pairfarm" in out and name in out
+
+
+def test_shared_modules_import_no_heavy_library() -> None:
+    code = (
+        "import sys, pairfarm.cli, pairfarm.protocol, pairfarm.outcomes, pairfarm.shardformat;"
+        "heavy = {'sqlalchemy', 'fastapi', 'trio', 'torch', 'PIL', 'pyarrow', 'httpx'};"
+        "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=cli_env(), cwd=REPO, check=True).stdout
+    assert out.strip() == "[]"
