@@ -47,3 +47,56 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
             f"pairfarm {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
+
+
+# -- coordinator databases -------------------------------------------------------------
+
+TEMPLATE_DB = "pairfarm_template"
+
+
+def _admin(server_url: str) -> object:
+    import psycopg
+
+    return psycopg.connect(server_url.replace("+psycopg", ""), autocommit=True)
+
+
+@pytest.fixture(scope="session")
+def db_template(pg_server: object) -> str:
+    """A database migrated to head once per session; tests get copies of it (``db_url``)."""
+    from coordinator.migrate import upgrade
+
+    with _admin(pg_server.url()) as conn:  # type: ignore[attr-defined]
+        conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB}")  # type: ignore[attr-defined]
+        conn.execute(f"CREATE DATABASE {TEMPLATE_DB}")  # type: ignore[attr-defined]
+    upgrade(pg_server.url(TEMPLATE_DB))  # type: ignore[attr-defined]
+    return TEMPLATE_DB
+
+
+@pytest.fixture
+def db_url(pg_server: object, db_template: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh migrated database for this test (``CREATE DATABASE ... TEMPLATE``), dropped
+    afterwards. The value is a SQLAlchemy URL (``postgresql+psycopg://...``)."""
+    import uuid
+
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    with _admin(pg_server.url()) as conn:  # type: ignore[attr-defined]
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {db_template}")  # type: ignore[attr-defined]
+    try:
+        yield pg_server.url(name)  # type: ignore[attr-defined]
+    finally:
+        with _admin(pg_server.url()) as conn:  # type: ignore[attr-defined]
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # type: ignore[attr-defined]
+
+
+def insert_candidates(db_url: str, count: int, *, start: int = 0, domains: int = 50) -> None:
+    """Insert ``count`` synthetic candidates (``http://host{i % domains}.test/{i}.jpg``)
+    with one set-based INSERT, then ANALYZE so the planner knows the table's size."""
+    import psycopg
+
+    with psycopg.connect(db_url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO candidates (url, caption) "
+            "SELECT 'http://host' || (i % %(d)s) || '.test/' || i || '.jpg', 'caption ' || i "
+            "FROM generate_series(%(a)s, %(b)s) AS i",
+            {"d": domains, "a": start, "b": start + count - 1})
+        conn.execute("ANALYZE candidates")
