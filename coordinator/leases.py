@@ -8,8 +8,9 @@ Forming a download batch (``lease_download``):
    same id and the same candidates, so its shard names stay stable;
 2. else create a batch and fill it from unbatched candidates: sample pages with
    ``TABLESAMPLE SYSTEM (p)`` at a rate adapted to the unbatched fraction
-   (``coordinator.sampling``), shuffle the sample, claim up to the batch size with
-   ``FOR UPDATE SKIP LOCKED`` and re-check ``batch_id IS NULL`` on the locked rows;
+   (``coordinator.sampling``), shuffle the sample, claim the first batch-size ids with
+   ``FOR UPDATE SKIP LOCKED`` and re-check ``batch_id IS NULL`` on the locked rows; ids
+   that a concurrent lease took are replaced from the rest of the sample;
 3. when the sample comes back short (or would be too costly), top it up from the partial
    index ``candidates_unbatched`` starting at a random id, again ``SKIP LOCKED``.
 
@@ -58,6 +59,7 @@ POSTPROCESS = "postprocess"
 HELD = {DOWNLOAD: BatchStatus.LEASED, POSTPROCESS: BatchStatus.POSTPROCESSING}
 BACK_TO = {DOWNLOAD: BatchStatus.PENDING, POSTPROCESS: BatchStatus.DOWNLOADED}
 TABLE_STATS_MAX_AGE_S = 10.0
+CLAIM_ROUNDS = 3
 
 
 def new_lease_token() -> str:
@@ -128,8 +130,7 @@ class Leases:
             sampled = len(ids)
             self.rate.observe(pct, table_rows, sampled)
             random.shuffle(ids)
-            claimed = list(conn.execute(
-                Q.claim_candidates, {"ids": ids, "n": want, "batch_id": batch_id}))
+            claimed = _claim_sampled(conn, batch_id, ids, want)
         else:
             self.rate.used_index()
         from_sample = len(claimed)
@@ -237,6 +238,22 @@ class Leases:
     def _lease_params(self, worker_id: int) -> dict[str, Any]:
         return {"worker_id": worker_id, "lease_token": new_lease_token(),
                 "ttl": self.settings.lease_ttl_s}
+
+
+def _claim_sampled(conn: sa.Connection, batch_id: int, ids: list[int],
+                   want: int) -> list[sa.Row[Any]]:
+    """Claim ``want`` of the shuffled ``ids``: the first ``want``, then, for those another
+    lease took meanwhile, the next ones, for at most ``CLAIM_ROUNDS`` rounds."""
+    claimed: list[sa.Row[Any]] = []
+    offset = 0
+    for _ in range(CLAIM_ROUNDS):
+        need = want - len(claimed)
+        chunk = ids[offset:offset + need]
+        if need <= 0 or not chunk:
+            break
+        offset += len(chunk)
+        claimed += conn.execute(Q.claim_candidates, {"ids": chunk, "batch_id": batch_id}).all()
+    return claimed
 
 
 def _lock(conn: sa.Connection, batch_id: int) -> sa.Row[Any]:

@@ -112,7 +112,8 @@ class Candidate(Base):
     batch_id: Mapped[int | None] = mapped_column(BigInteger)
     __table_args__ = (
         Index("candidates_url_key", "url", unique=True),
-        Index("candidates_batch_id_idx", "batch_id"),
+        Index("candidates_batch_id_idx", "batch_id",
+              postgresql_where=text("batch_id IS NOT NULL")),
         Index("candidates_unbatched", "id", postgresql_where=text("batch_id IS NULL")),
     )
 

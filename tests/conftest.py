@@ -96,7 +96,7 @@ def insert_candidates(db_url: str, count: int, *, start: int = 0, domains: int =
     with psycopg.connect(db_url.replace("+psycopg", ""), autocommit=True) as conn:
         conn.execute(
             "INSERT INTO candidates (url, caption) "
-            "SELECT 'http://host' || (i % %(d)s) || '.test/' || i || '.jpg', 'caption ' || i "
-            "FROM generate_series(%(a)s, %(b)s) AS i",
+            "SELECT 'http://host' || (i %% %(d)s) || '.test/' || i || '.jpg', 'caption ' || i "
+            "FROM generate_series(%(a)s::bigint, %(b)s::bigint) AS i",
             {"d": domains, "a": start, "b": start + count - 1})
         conn.execute("ANALYZE candidates")

@@ -48,20 +48,15 @@ SELECT id FROM candidates TABLESAMPLE SYSTEM (CAST(:pct AS real))
  WHERE batch_id IS NULL;
 
 -- name: claim_candidates
--- Claim up to :n of the given ids, in the order given, skipping rows another lease holds
--- and re-checking that they are still unbatched once locked.
+-- Claim the given ids that are still unbatched, skipping rows another lease holds, and
+-- re-check that they are still unbatched once locked.
 WITH picked AS (
-    SELECT c.id
-      FROM unnest(CAST(:ids AS bigint[])) WITH ORDINALITY AS s(id, ord)
-      JOIN candidates c ON c.id = s.id
-     WHERE c.batch_id IS NULL
-     ORDER BY s.ord
-     LIMIT :n
-       FOR UPDATE OF c SKIP LOCKED
+    SELECT id FROM candidates
+     WHERE id = ANY (CAST(:ids AS bigint[])) AND batch_id IS NULL
+       FOR UPDATE SKIP LOCKED
 )
 UPDATE candidates c SET batch_id = :batch_id
-  FROM picked
- WHERE c.id = picked.id AND c.batch_id IS NULL
+ WHERE c.id = ANY (ARRAY(SELECT id FROM picked)) AND c.batch_id IS NULL
 RETURNING c.id, c.url, c.caption, c.language, c.extra;
 
 -- name: claim_by_index
@@ -75,8 +70,7 @@ WITH picked AS (
        FOR UPDATE SKIP LOCKED
 )
 UPDATE candidates c SET batch_id = :batch_id
-  FROM picked
- WHERE c.id = picked.id AND c.batch_id IS NULL
+ WHERE c.id = ANY (ARRAY(SELECT id FROM picked)) AND c.batch_id IS NULL
 RETURNING c.id, c.url, c.caption, c.language, c.extra;
 
 -- name: batch_candidates

@@ -30,7 +30,7 @@ def upgrade() -> None:
     sa.Column('batch_id', sa.BigInteger(), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('candidates_pkey'))
     )
-    op.create_index('candidates_batch_id_idx', 'candidates', ['batch_id'], unique=False)
+    op.create_index('candidates_batch_id_idx', 'candidates', ['batch_id'], unique=False, postgresql_where=sa.text('batch_id IS NOT NULL'))
     op.create_index('candidates_unbatched', 'candidates', ['id'], unique=False, postgresql_where=sa.text('batch_id IS NULL'))
     op.create_index('candidates_url_key', 'candidates', ['url'], unique=True)
     op.create_table('ingests',
@@ -116,5 +116,5 @@ def downgrade() -> None:
     op.drop_table('ingests')
     op.drop_index('candidates_url_key', table_name='candidates')
     op.drop_index('candidates_unbatched', table_name='candidates', postgresql_where=sa.text('batch_id IS NULL'))
-    op.drop_index('candidates_batch_id_idx', table_name='candidates')
+    op.drop_index('candidates_batch_id_idx', table_name='candidates', postgresql_where=sa.text('batch_id IS NOT NULL'))
     op.drop_table('candidates')
