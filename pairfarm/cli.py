@@ -14,7 +14,11 @@ import click
 
 #: subcommand name -> "module:attribute" of its click command.
 #: Add one line here when a component gains a command.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "coordinator": "coordinator.cli:coordinator",
+    "db": "coordinator.cli:db",
+    "token": "coordinator.cli:token",
+}
 
 
 class LazyGroup(click.Group):

@@ -99,4 +99,100 @@ def insert_candidates(db_url: str, count: int, *, start: int = 0, domains: int =
             "SELECT 'http://host' || (i %% %(d)s) || '.test/' || i || '.jpg', 'caption ' || i "
             "FROM generate_series(%(a)s::bigint, %(b)s::bigint) AS i",
             {"d": domains, "a": start, "b": start + count - 1})
+        conn.execute("INSERT INTO ingests (source, rows_read, inserted, finished_at) "
+                      "VALUES ('synthetic', %(n)s, %(n)s, now())", {"n": count})
         conn.execute("ANALYZE candidates")
+
+
+# -- a running coordinator -------------------------------------------------------------
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class RunningCoordinator:
+    """A ``pairfarm coordinator`` subprocess on 127.0.0.1 (see the ``coordinator`` fixture)."""
+
+    def __init__(self, url: str, database_url: str, proc: subprocess.Popen[bytes],
+                 log: Path) -> None:
+        self.url = url
+        self.database_url = database_url
+        self.proc = proc
+        self.log = log
+
+    def env(self) -> dict[str, str]:
+        """Environment for ``run_cli`` against this coordinator's database."""
+        return cli_env(DATABASE_URL=self.database_url)
+
+    def token(self, role: str, name: str | None = None) -> str:
+        """A new API token of ``role`` (worker, gpu or admin), made by
+        ``pairfarm token create --role ROLE`` in a subprocess."""
+        args = ["token", "create", "--role", role] + (["--name", name] if name else [])
+        return run_cli(*args, env=self.env()).stdout.strip()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_coordinator(database_url: str, log: Path, *args: str,
+                      env: dict[str, str] | None = None) -> RunningCoordinator:
+    """Start ``pairfarm coordinator`` on a free 127.0.0.1 port and wait for /healthz."""
+    import time
+    import urllib.request
+
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pairfarm", "coordinator", "--host", "127.0.0.1",
+             "--port", str(port), *args],
+            env=env or cli_env(DATABASE_URL=database_url), cwd=REPO, stdout=out,
+            stderr=subprocess.STDOUT)
+    running = RunningCoordinator(f"http://127.0.0.1:{port}", database_url, proc, log)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"coordinator exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{running.url}/healthz", timeout=2) as resp:
+                if resp.status == 200:
+                    return running
+        except OSError:
+            time.sleep(0.1)
+    running.stop()
+    raise AssertionError(f"coordinator did not answer /healthz in 60 s:\n{log.read_text()}")
+
+
+@pytest.fixture
+def coordinator(db_url: str, tmp_path: Path) -> Iterator[RunningCoordinator]:
+    """A running ``pairfarm coordinator`` (subprocess) on a fresh migrated test database.
+
+    Yields an object with:
+
+    - ``.url``: base URL, e.g. ``http://127.0.0.1:41234`` (pass it to
+      ``pairfarm.client.CoordinatorClient`` / ``AsyncCoordinatorClient``);
+    - ``.database_url``: its database (SQLAlchemy URL); ``.env()`` gives a subprocess
+      environment with ``DATABASE_URL`` set, e.g.
+      ``run_cli("ingest", str(path), env=coordinator.env())`` loads candidates;
+    - ``.token(role)``: a new token for ``"worker"``, ``"gpu"`` or ``"admin"``, created
+      with ``pairfarm token create`` in a subprocess.
+
+    Settings: batch size 10,000, lease TTL 600 s, reaper every 10 s (the defaults); for
+    other settings call ``start_coordinator(db_url, log_path, "--batch-size", "50", ...)``
+    yourself and ``.stop()`` it. The server is stopped by its PID (SIGTERM) at teardown;
+    its log is ``tmp_path / "coordinator.log"``.
+    """
+    running = start_coordinator(db_url, tmp_path / "coordinator.log")
+    try:
+        yield running
+    finally:
+        running.stop()

@@ -189,7 +189,7 @@ SELECT COALESCE(sum(bytes_downloaded), 0) AS bytes_downloaded,
   FROM batches;
 
 -- name: stats_outcomes
-SELECT o.key AS outcome, sum(o.value::bigint) AS count
+SELECT o.key AS outcome, sum(o.value::bigint) AS total
   FROM batches b, jsonb_each_text(b.outcomes) AS o
  WHERE b.outcomes IS NOT NULL
  GROUP BY o.key;
