@@ -17,6 +17,7 @@ import click
 COMMANDS: dict[str, str] = {
     "coordinator": "coordinator.cli:coordinator",
     "db": "coordinator.cli:db",
+    "ingest": "coordinator.ingest.cli:ingest",
     "token": "coordinator.cli:token",
 }
 

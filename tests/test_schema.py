@@ -43,6 +43,8 @@ def test_every_named_statement_is_valid_sql(db_url: str) -> None:
         with engine.connect() as conn:
             raw = conn.connection.driver_connection
             for name in Q.names():
+                if name.startswith("ingest_"):  # psycopg templates, run by the ingest tests
+                    continue
                 sql = Q.sql(name)
                 assert ":" in sql or "SELECT" in sql, name
                 # PREPARE checks syntax and every name; parameters become untyped $n.

@@ -205,11 +205,34 @@ SELECT w.id, w.name, w.role, w.version, w.last_seen_at,
  GROUP BY w.id
  ORDER BY w.id;
 
--- name: insert_ingest
-INSERT INTO ingests (source) VALUES (:source) RETURNING id;
+-- Ingest statements run on a raw psycopg connection (COPY): "%(name)s" parameters, and
+-- "{placeholders}" filled in with psycopg.sql composition for the file's extra columns.
 
--- name: finish_ingest
+-- name: ingest_staging
+CREATE TEMPORARY TABLE ingest_staging (
+    row bigint NOT NULL, url text NOT NULL, caption text NOT NULL, language text{extra}
+) ON COMMIT DROP;
+
+-- name: ingest_copy
+COPY ingest_staging ({columns}) FROM STDIN (FORMAT csv);
+
+-- name: ingest_insert
+-- Exact URL dedup: the first occurrence wins (earlier file, then earlier row); rows the
+-- unique index already holds are skipped, nothing is updated.
+INSERT INTO candidates (url, caption, language, ingest_id, extra)
+SELECT url, caption, language, %(ingest_id)s, {extra}
+  FROM ingest_staging
+ ORDER BY row
+    ON CONFLICT (url) DO NOTHING;
+
+-- name: ingest_truncate
+TRUNCATE ingest_staging;
+
+-- name: ingest_insert_record
+INSERT INTO ingests (source) VALUES (%(source)s) RETURNING id;
+
+-- name: ingest_finish_record
 UPDATE ingests
-   SET rows_read = :rows_read, inserted = :inserted, duplicates = :duplicates,
-       rejected = CAST(:rejected AS jsonb), finished_at = now()
- WHERE id = :ingest_id;
+   SET rows_read = %(rows_read)s, inserted = %(inserted)s, duplicates = %(duplicates)s,
+       rejected = %(rejected)s::jsonb, finished_at = now()
+ WHERE id = %(ingest_id)s;
