@@ -67,6 +67,9 @@ class CategoricalColumn:
 class NsfwDetector(nn.Module):
     """Normalisation + MLP of the detector; ``score`` adds the categorical lookup."""
 
+    mean: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, mean: torch.Tensor, variance: torch.Tensor,
                  layers: list[tuple[torch.Tensor, torch.Tensor]],
                  categorical: list[CategoricalColumn]) -> None:

@@ -14,7 +14,10 @@ import click
 
 #: subcommand name -> "module:attribute" of its click command.
 #: Add one line here when a component gains a command.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "postprocess": "gpu_postprocess.command:postprocess",
+    "postprocess-shard": "gpu_postprocess.command:postprocess_shard",
+}
 
 
 class LazyGroup(click.Group):
