@@ -50,6 +50,15 @@ class Scorer:
     watermark: Watermark | None
     settings: ScoringSettings
 
+    def model_for(self, language: str) -> ClipModel:
+        """The model scoring ``language``: its own route, else English's (the primary
+        unless routed), else the ``*`` route, else the primary model."""
+        if language in self.routes:
+            return self.routes[language]
+        if language == "en":
+            return self.primary
+        return self.routes.get("*", self.primary)
+
 
 def build_scorer(settings: ScoringSettings) -> Scorer:
     device = resolve_device(settings.device)
@@ -176,9 +185,9 @@ def _route(scorer: Scorer, images: torch.Tensor, *, idx: npt.NDArray[np.int64],
     """Overwrite ``sim`` for the samples whose language has its own model."""
     if not scorer.routes:
         return
-    langs = [languages[rows[i]] for i in idx]
+    chosen = [scorer.model_for(languages[rows[i]]) for i in idx]
     for model in {id(m): m for m in scorer.routes.values()}.values():
-        sel = [j for j, lang in enumerate(langs) if scorer.routes.get(lang) is model]
+        sel = [j for j, m in enumerate(chosen) if m is model]
         if not sel:
             continue
         tokens = model.tokenizer([captions[rows[idx[j]]] for j in sel])

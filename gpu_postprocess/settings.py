@@ -22,7 +22,8 @@ from gpu_postprocess.watermark import WatermarkSettings
 @dataclass(frozen=True, kw_only=True)
 class ScoringSettings:
     model: ModelSpec
-    #: language -> model whose image+text towers score that language (others: ``model``)
+    #: language (or ``*``: every language not listed, English excepted) -> the model whose
+    #: image and text towers score it; unrouted languages use ``model``
     text_models: dict[str, ModelSpec] = field(default_factory=dict)
     thresholds: Thresholds = field(
         default_factory=lambda: Thresholds(by_language=dict(DEFAULT_THRESHOLDS)))

@@ -19,6 +19,7 @@ treated as "no weights".
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -141,7 +142,8 @@ def load_efficientnet(path: Path, device: torch.device) -> EfficientNetWatermark
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
-    except (OSError, RuntimeError, KeyError, AttributeError, ValueError) as exc:
+    except (OSError, RuntimeError, KeyError, AttributeError, ValueError,
+            pickle.UnpicklingError) as exc:
         raise ModelLoadError(f"cannot load watermark weights {path}: {exc}") from exc
     return EfficientNetWatermark(model, device)
 
