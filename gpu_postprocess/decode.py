@@ -65,6 +65,12 @@ class ShardSamples(Dataset[tuple[Any, ...]]):
             self._pid = os.getpid()
         return self._file
 
+    def close(self) -> None:
+        """Close this process's tar handle (workers' handles end with their process)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def _read(self, member: Member) -> bytes:
         f = self._tar()
         f.seek(member.offset)

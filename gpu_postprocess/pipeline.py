@@ -107,12 +107,16 @@ def score_shard(scorer: Scorer, shard: Shard, *, on_batch: Callable[[int], None]
     languages = [normalize_language(v) for v in shard.column("language")]
     captions = [str(c or "") for c in shard.column("caption")]
     acc = _Accumulator(len(rows), scorer.primary.embed_dim)
-    loader = make_loader(_dataset(scorer, shard, rows, captions), scorer.settings.batch_size,
-                         scorer.settings.workers, scorer.primary.device.type == "cuda")
-    for batch in loader:
-        _score_batch(scorer, batch, rows, captions=captions, languages=languages, acc=acc)
-        if on_batch is not None:
-            on_batch(len(batch[0]))
+    dataset = _dataset(scorer, shard, rows, captions)
+    loader = make_loader(dataset, scorer.settings.batch_size, scorer.settings.workers,
+                         scorer.primary.device.type == "cuda")
+    try:
+        for batch in loader:
+            _score_batch(scorer, batch, rows, captions=captions, languages=languages, acc=acc)
+            if on_batch is not None:
+                on_batch(len(batch[0]))
+    finally:
+        dataset.close()
     return acc.result(rows, languages)
 
 

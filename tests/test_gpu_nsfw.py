@@ -94,7 +94,7 @@ def test_shipped_weights_carry_the_licence() -> None:
 def test_bad_weights_file_is_a_model_load_error(tmp_path: Path) -> None:
     bad = tmp_path / "w.npz"
     np.savez(bad, mean=np.zeros(3))
-    with pytest.raises(ModelLoadError, match="w.npz"):
+    with pytest.raises(ModelLoadError, match=r"w\.npz"):
         load_detector(bad)
     with pytest.raises(ModelLoadError):
         load_detector(tmp_path / "missing.npz")
