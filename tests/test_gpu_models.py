@@ -103,3 +103,18 @@ def test_real_vit_b32_prefers_the_right_caption() -> None:
     assert img is not None and txt is not None
     sims = (img @ txt.T)[0]
     assert sims[0] > sims[1]
+
+
+@pytest.mark.parametrize("name", [TINY_MODEL, "ViT-B-32"])
+def test_trimmed_text_encoding_equals_open_clips(name: str) -> None:
+    from gpu_postprocess.models import encode_text
+
+    clip = load_clip(ModelSpec(name), CPU)
+    captions = ["x", "a red circle", "a photo of a much longer caption " * 3, ""]
+    tokens = clip.tokenizer(captions)
+    with torch.inference_mode():
+        full = clip.model.encode_text(tokens)
+        trimmed = encode_text(clip.model, tokens)
+        single = encode_text(clip.model, tokens[:1])
+    np.testing.assert_allclose(trimmed.numpy(), full.numpy(), atol=2e-5)
+    np.testing.assert_allclose(single.numpy(), full[:1].numpy(), atol=2e-5)
