@@ -159,3 +159,18 @@ def _env_without_token() -> dict[str, str]:
     env = cli_env()
     env.pop("PAIRFARM_TOKEN", None)
     return env
+
+
+def test_postprocess_help_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, cli_env
+
+    code = ("import sys; from click.testing import CliRunner; from pairfarm.cli import cli;"
+            "r = CliRunner().invoke(cli, ['postprocess', '--help']);"
+            "heavy = {'torch', 'open_clip', 'timm', 'numpy'};"
+            "print(r.exit_code, sorted(heavy & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=cli_env(), cwd=REPO, check=True).stdout
+    assert out.strip() == "0 []"

@@ -201,3 +201,30 @@ def test_outputs_are_reproducible(shard_dir: Path, tmp_path: Path) -> None:
     assert (tmp_path / "a" / "00000003.tar").read_bytes() == \
         (tmp_path / "b" / "00000003.tar").read_bytes()
     assert not list((tmp_path / "a").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("kind", ["clip-probe", "efficientnet"])
+def test_watermark_column_is_filled_when_weights_exist(tmp_path: Path, kind: str) -> None:
+    from gpu_postprocess.watermark import build_efficientnet
+
+    rows, _ = evaluation_rows()
+    write_shard(tmp_path / "in", 4, rows[:6])
+    if kind == "clip-probe":
+        weights = tmp_path / "probe.npz"
+        rng = np.random.default_rng(0)
+        np.savez(weights, n_dense=1, dense_0_kernel=rng.standard_normal((32, 1)),
+                 dense_0_bias=np.zeros(1))
+    else:
+        weights = tmp_path / "wm.pt"
+        torch.save(build_efficientnet().state_dict(), weights)
+    t = gap()["threshold"]
+    s = build_scorer(ScoringSettings(
+        model=ModelSpec(TINY_MODEL), device="cpu", workers=1, batch_size=4,
+        thresholds=parse_thresholds([f"en={t}"]),
+        watermark=WatermarkSettings(kind=WatermarkKind(kind), weights=weights)))
+    shard = open_local_shard(tmp_path / "in" / "00000004.tar", tmp_path / "in" / "00000004.parquet")
+    written = process_shard(s, shard, 4, OutputSettings(out_dir=tmp_path / "out"))
+    table = pq.read_table(written.paths["parquet"]).to_pylist()
+    values = [r["pwatermark"] for r in table]
+    assert all(v is not None and 0.0 <= v <= 1.0 for v in values)
+    assert len(set(values)) > 1
