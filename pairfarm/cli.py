@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "db": "coordinator.cli:db",
     "ingest": "coordinator.ingest.cli:ingest",
     "token": "coordinator.cli:token",
+    "postprocess": "gpu_postprocess.command:postprocess",
+    "postprocess-shard": "gpu_postprocess.command:postprocess_shard",
 }
 
 
