@@ -14,7 +14,10 @@ import click
 
 #: subcommand name -> "module:attribute" of its click command.
 #: Add one line here when a component gains a command.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "worker": "worker.cli:worker_command",
+    "download": "worker.cli:download_command",
+}
 
 
 class LazyGroup(click.Group):

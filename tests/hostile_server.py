@@ -15,10 +15,13 @@ from __future__ import annotations
 import gzip
 import io
 import ipaddress
+import queue
 import socket
 import struct
+import threading
 import zlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import httpcore
@@ -272,3 +275,25 @@ def brotli_bomb(decoded: int = 200 * 1024 * 1024) -> bytes:
     block = b"\0" * (1024 * 1024)
     parts = [compressor.process(block) for _ in range(decoded // len(block))]
     return b"".join(parts) + compressor.finish()
+
+
+@contextmanager
+def server_thread(routes: dict[str, Handler], host: str = "127.0.0.1"
+                  ) -> Iterator[HostileServer]:
+    """The server in a thread with its own Trio loop, for tests that run subprocesses."""
+    ready: queue.Queue[tuple[HostileServer, trio.lowlevel.TrioToken, trio.CancelScope]]
+    ready = queue.Queue()
+
+    async def serve() -> None:
+        async with trio.open_nursery() as nursery:
+            server = await start_server(nursery, routes, host)
+            ready.put((server, trio.lowlevel.current_trio_token(), nursery.cancel_scope))
+
+    thread = threading.Thread(target=trio.run, args=(serve,), daemon=True)
+    thread.start()
+    server, token, scope = ready.get(timeout=30)
+    try:
+        yield server
+    finally:
+        trio.from_thread.run_sync(scope.cancel, trio_token=token)
+        thread.join(30)
