@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "token": "coordinator.cli:token",
     "postprocess": "gpu_postprocess.command:postprocess",
     "postprocess-shard": "gpu_postprocess.command:postprocess_shard",
+    "worker": "worker.cli:worker_command",
+    "download": "worker.cli:download_command",
 }
 
 
