@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
-EXTRAS ?= coordinator,worker,gpu,dev
+EXTRAS ?= coordinator,worker,gpu,extract,dev
 
 .PHONY: setup test lint pytest
 

@@ -14,7 +14,9 @@ import click
 
 #: subcommand name -> "module:attribute" of its click command.
 #: Add one line here when a component gains a command.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "extract": "extract.cli:extract_command",
+}
 
 
 class LazyGroup(click.Group):
