@@ -17,12 +17,16 @@ Resource handling: ``iter_payloads`` reads one record at a time from the stream 
 Error handling: fastwarc's ``OSError`` (not a WARC file, unreadable) becomes
 ``SourceError``. fastwarc returns the records of a truncated gzip silently, cut short, so a
 record without ``Content-Length`` or with a payload shorter than it raises
-``TruncatedSource`` (the pages before it have been yielded). A payload that is not JSON, or
-JSON that is not a WAT envelope, raises ``CorruptRecord`` from ``parse_page``.
+``TruncatedSource`` (the pages before it have been yielded); for a local file, the last
+gzip member is also checked to be whole with nothing after it, which catches a cut inside
+the first bytes of a member. A file with no record at all is a ``SourceError``. A payload
+that is not JSON, or JSON that is not a WAT envelope, raises ``CorruptRecord`` from
+``parse_page``.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -33,6 +37,7 @@ from fastwarc.warc import ArchiveIterator, WarcRecord, WarcRecordType
 from extract.errors import CorruptRecord, SourceError, TruncatedSource
 
 IMG_PATH = "IMG@/src"
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,17 +55,25 @@ class Page:
 
 def iter_payloads(stream: BinaryIO | str) -> Iterator[bytes]:
     """The payload of every ``metadata`` record of a WAT file (a path or a binary stream)."""
+    records, last_offset = 0, 0
     try:
-        records = ArchiveIterator(stream, record_types=WarcRecordType.metadata, parse_http=False)
-        for record in records:
-            yield _read_whole(record)
+        for record in ArchiveIterator(stream, record_types=WarcRecordType.any_type,
+                                      parse_http=False):
+            payload = _read_whole(record)
+            records, last_offset = records + 1, record.stream_pos
+            if record.record_type == WarcRecordType.metadata:
+                yield payload
     except OSError as exc:
         raise SourceError(f"not a readable WARC file: {exc}") from exc
+    if records == 0:
+        raise SourceError("not a WARC file: no record found")
+    if isinstance(stream, str):
+        _check_clean_end(stream, last_offset)
 
 
 def _read_whole(record: WarcRecord) -> bytes:
     declared = record.headers.get("Content-Length")
-    if declared is None:
+    if declared is None or not declared.isdigit():
         raise TruncatedSource("the file ends inside a record header")
     payload = record.reader.read()
     if len(payload) < int(declared):
@@ -68,6 +81,30 @@ def _read_whole(record: WarcRecord) -> bytes:
             f"the file ends inside a record ({len(payload)} of {declared} bytes)"
         )
     return payload
+
+
+def _check_clean_end(path: str, last_offset: int) -> None:
+    """Raise ``TruncatedSource`` unless the last gzip member is whole and nothing follows it.
+
+    fastwarc stops without a word at a gzip member cut too short to hold a header; a WAT
+    file has one member per record, so decompressing the last record's member settles it.
+    """
+    with open(path, "rb") as file:
+        file.seek(last_offset)
+        tail = file.read()
+    if not tail.startswith(_GZIP_MAGIC):
+        return  # an uncompressed WARC: the Content-Length checks are all there is
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
+    try:
+        inflater.decompress(tail)
+    except zlib.error as exc:
+        raise TruncatedSource(f"the last gzip member is damaged: {exc}") from exc
+    if not inflater.eof:
+        raise TruncatedSource("the file ends inside the last record's gzip member")
+    if inflater.unused_data:
+        raise TruncatedSource(
+            f"the file ends with {len(inflater.unused_data)} bytes of an incomplete record"
+        )
 
 
 def parse_page(payload: bytes) -> Page | None:

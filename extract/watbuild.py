@@ -105,7 +105,8 @@ class WatBuilder:
 
     def raw_record(self, url: str, payload: bytes) -> None:
         record = self._writer.create_warc_record(
-            url, "metadata", payload=io.BytesIO(payload), warc_content_type=WAT_CONTENT_TYPE,
+            url, "metadata", payload=io.BytesIO(payload), length=len(payload),
+            warc_content_type=WAT_CONTENT_TYPE,
         )
         self._writer.write_record(record)
 
