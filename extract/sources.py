@@ -11,13 +11,14 @@ Error handling: a missing or unreadable path, an HTTP error status and any ``htt
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 from extract.errors import SourceError
+
+_CHUNK = 1 << 20
 
 
 def is_url(source: str) -> bool:
@@ -51,28 +52,34 @@ def _open_url(url: str, timeout: float) -> Iterator[BinaryIO]:
         ) as response:
             if response.status_code != 200:
                 raise SourceError(f"HTTP {response.status_code}")
-            yield io.BufferedReader(_ChunkStream(response.iter_raw()), buffer_size=1 << 20)
+            yield _ChunkStream(response.iter_raw(_CHUNK))  # type: ignore[misc]
     except httpx.HTTPError as exc:
         raise SourceError(f"{type(exc).__name__}: {exc}") from exc
 
 
-class _ChunkStream(io.RawIOBase):
-    """A readable raw stream over an iterator of byte chunks."""
+class _ChunkStream:
+    """A forward-only binary stream over byte chunks: ``read`` and ``tell``, which is all
+    fastwarc asks of a Python stream (it calls ``tell`` once and panics without it)."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
-        self._pending = b""
+        self._pending = bytearray()
+        self._position = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        while not self._pending:
+    def read(self, size: int = -1) -> bytes:
+        while size < 0 or len(self._pending) < size:
             chunk = next(self._chunks, None)
             if chunk is None:
-                return 0
-            self._pending = chunk
-        size = min(len(buffer), len(self._pending))
-        buffer[:size] = self._pending[:size]
-        self._pending = self._pending[size:]
-        return size
+                break
+            self._pending += chunk
+        cut = len(self._pending) if size < 0 else min(size, len(self._pending))
+        data = bytes(self._pending[:cut])
+        del self._pending[:cut]
+        self._position += len(data)
+        return data
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        self._pending.clear()

@@ -65,10 +65,19 @@ def iter_payloads(stream: BinaryIO | str) -> Iterator[bytes]:
                 yield payload
     except OSError as exc:
         raise SourceError(f"not a readable WARC file: {exc}") from exc
+    except BaseException as exc:
+        _raise_if_panic(exc)
+        raise
     if records == 0:
         raise SourceError("not a WARC file: no record found")
     if isinstance(stream, str):
         _check_clean_end(stream, last_offset)
+
+
+def _raise_if_panic(exc: BaseException) -> None:
+    """fastwarc's Rust panics arrive as pyo3's ``PanicException`` (a ``BaseException``)."""
+    if type(exc).__name__ == "PanicException":
+        raise SourceError(f"fastwarc failed on this file: {exc}") from exc
 
 
 def _read_whole(record: WarcRecord) -> bytes:
