@@ -8,7 +8,8 @@ files, in this one process run:
 2. one core: ``extract.fileworker.process_file`` (the whole per-file pipeline: read, parse,
    filter, resolve, in-file dedup, language) vs the straightforward loop (warcio + json +
    the same filters + the same py3langid call per candidate), both in this process;
-3. all cores: ``run_extract`` with ``--workers`` processes (shards, Bloom filter included).
+3. the whole run: ``run_extract`` with 1 and with ``--workers`` processes (process start,
+   model load, run-wide dedup, Bloom filter, parquet shards included).
 
 Usage: python bench/bench_extract.py [--files 2] [--pages 40000] [--workers N]
 Files are cached under bench/out/ (gitignored) by size.
@@ -172,7 +173,8 @@ def main() -> None:
           f"candidates/s   straightforward {records / t_base:10,.0f} records/s "
           f"{kept / t_base:9,.0f} candidates/s   ratio {t_base / t_ex:.2f}x")
 
-    run_all(files, args.workers)
+    for workers in sorted({1, args.workers}):
+        run_all(files, workers)
 
 
 def run_all(files: list[Path], workers: int) -> None:
@@ -192,7 +194,7 @@ def run_all(files: list[Path], workers: int) -> None:
         )
         run = run_extract(settings, Console(file=open(os.devnull, "w")))  # noqa: SIM115
     c = run.counts
-    print(f"all cores    {workers} workers, {len(files)} files: {c.records / run.elapsed_s:,.0f} "
+    print(f"whole run    {workers} worker(s), {len(files)} files: {c.records / run.elapsed_s:,.0f} "
           f"records/s, {c.kept / run.elapsed_s:,.0f} candidates/s "
           f"({c.records / run.elapsed_s / workers:,.0f} / "
           f"{c.kept / run.elapsed_s / workers:,.0f} per core), {run.elapsed_s:.1f} s, "

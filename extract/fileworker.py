@@ -2,8 +2,8 @@
 
 Per page: every ``IMG`` link is an image; its alt text is cleaned and checked, its ``src``
 resolved against the page's base URL; a candidate seen before in the same file is dropped
-(``dup_in_run``) before its language is detected, so the detector runs once per distinct
-candidate. The run-wide dedup happens in the runner, on the ``key`` column.
+(``dup_in_run``) before its language is detected, and the detector runs once per distinct
+caption of the file (alt texts repeat: "logo", product names). The run-wide dedup happens in the runner, on the ``key`` column.
 
 Resource handling: the language model is loaded once per process (``init_process``) and
 kept by ``labeller``'s cache for the process's life. The table holds one file's candidates.
@@ -130,7 +130,8 @@ def _to_table(columns: _Columns, source: str, settings: FileSettings) -> pa.Tabl
     from extract.shards import candidate_table
 
     label = labeller(settings.language_threshold).label
-    labels = [label(caption) for caption in columns.caption]
+    by_caption = {caption: label(caption) for caption in dict.fromkeys(columns.caption)}
+    labels = [by_caption[caption] for caption in columns.caption]
     return candidate_table(
         url=columns.url,
         caption=columns.caption,
