@@ -3,7 +3,8 @@
 Per page: every ``IMG`` link is an image; its alt text is cleaned and checked, its ``src``
 resolved against the page's base URL; a candidate seen before in the same file is dropped
 (``dup_in_run``) before its language is detected, and the detector runs once per distinct
-caption of the file (alt texts repeat: "logo", product names). The run-wide dedup happens in the runner, on the ``key`` column.
+caption of the file (alt texts repeat: "logo", product names). The run-wide dedup happens
+in the runner, on ``FileResult.keys``.
 
 Resource handling: the language model is loaded once per process (``init_process``) and
 kept by ``labeller``'s cache for the process's life. The table holds one file's candidates.

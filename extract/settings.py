@@ -46,13 +46,20 @@ def build_settings(*, sources: list[str], out_dir: Path, workers: int | None,
     return ExtractSettings(
         sources=tuple(sources),
         out_dir=out_dir,
-        workers=workers or os.cpu_count() or 1,
+        workers=workers or _cores(),
         rows_per_shard=rows_per_shard,
         file=FileSettings(min_alt_chars, language_threshold, key_mode, http_timeout),
         bloom_path=(bloom_path or out_dir / BLOOM_FILE_NAME) if use_bloom else None,
         bloom=BloomParams(bloom_capacity, bloom_fpr, key_mode),
         ingest=IngestCommand(tuple(ingest_args)) if ingest else None,
     )
+
+
+def _cores() -> int:
+    """The cores this process may run on (the affinity mask, not the machine's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _require(condition: bool, message: str) -> None:
