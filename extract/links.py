@@ -16,6 +16,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 DEFAULT_MIN_ALT_CHARS = 5
 _HTTP_SCHEMES = frozenset({"http", "https"})
+_ABSOLUTE_PREFIXES = ("http://", "https://")  # already absolute: urljoin would return them
 
 
 class Drop(StrEnum):
@@ -52,7 +53,7 @@ def resolve_src(src: str, base: str) -> str | Drop:
     if not src:
         return Drop.BAD_URL
     try:
-        absolute = urljoin(base, src)
+        absolute = src if src.startswith(_ABSOLUTE_PREFIXES) else urljoin(base, src)
         parts = urlsplit(absolute)
     except ValueError:
         return Drop.BAD_URL

@@ -137,10 +137,13 @@ def iter_results(settings: ExtractSettings) -> Iterator[FileResult]:
                              initargs=(settings.file.language_threshold,)) as pool:
         pending = deque(_submit(pool, s, settings.file)
                         for s in islice(sources, 2 * settings.workers))
-        while pending:
-            source, future = pending.popleft()
-            yield _result_of(source, future)
-            pending.extend(_submit(pool, s, settings.file) for s in islice(sources, 1))
+        try:
+            while pending:
+                source, future = pending.popleft()
+                yield _result_of(source, future)
+                pending.extend(_submit(pool, s, settings.file) for s in islice(sources, 1))
+        finally:  # an interrupted run does not wait for files nobody will read
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _submit(pool: ProcessPoolExecutor, source: str,
