@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from extract.runner import RunResult
+from extract.runner import RunResult, failed_list_path
 from extract.settings import ExtractSettings
 
 
@@ -17,6 +17,8 @@ def print_summary(result: RunResult, settings: ExtractSettings,
         console.print(f"[red]failed[/red] {failure.source}: {failure.error}")
     for message in result.ingest_failures:
         console.print(f"[red]ingest failed[/red] {message}")
+    if result.counts.failures:
+        console.print(f"failed sources (rerun with --from-list): {failed_list_path(result)}")
     console.print(f"summary: {result.summary_path}")
 
 

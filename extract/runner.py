@@ -6,7 +6,8 @@ order is the one kept and the same inputs give the same shards. At most ``2 x wo
 files are in flight, which bounds the memory held by finished results waiting their turn.
 
 The runner owns the run-wide state: the exact key set, the Bloom filter, the shard writer
-and the counts. The summary json ``{run_id}_summary.json`` is the last file written.
+and the counts. ``{run_id}_failed.txt`` lists the sources that failed (a ``--from-list``
+for a rerun); the summary json ``{run_id}_summary.json`` is the last file written.
 
 Resource handling: the process pool, the shard writer and the progress bar are context
 managers closed on every exit; the Bloom filter is saved in a ``finally`` so it always
@@ -92,6 +93,7 @@ def run_extract(settings: ExtractSettings, console: Console | None = None) -> Ru
     run = RunResult(run_id, state.counts, writer.shards,
                     settings.out_dir / f"{run_id}_summary.json", elapsed,
                     bloom.report() if bloom else None, ingest_failures)
+    write_failed_list(run)
     write_summary(run, settings)
     return run
 
@@ -195,12 +197,13 @@ def _progress(console: Console) -> Progress:
 
 
 def new_run_id(out_dir: Path) -> str:
-    """A UTC timestamp; a suffix keeps two runs in the same second apart."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    run_id, n = stamp, 1
+    """The UTC start time to the millisecond (runs sort by name in start order)."""
+    now = datetime.now(UTC)
+    stamp = f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}"
+    run_id, n = f"{stamp}Z", 1
     while any(out_dir.glob(f"{run_id}[-_]*")):
         n += 1
-        run_id = f"{stamp}.{n}"
+        run_id = f"{stamp}Z{n}"
     return run_id
 
 
@@ -222,6 +225,20 @@ def summary_dict(result: RunResult, settings: ExtractSettings) -> dict[str, Any]
         "ingested": settings.ingest is not None,
         "ingest_failures": result.ingest_failures,
     }
+
+
+def failed_list_path(result: RunResult) -> Path:
+    return result.summary_path.with_name(f"{result.run_id}_failed.txt")
+
+
+def write_failed_list(result: RunResult) -> None:
+    """The failed sources, one per line, for ``--from-list`` (only when some failed).
+
+    Rerunning them is safe: the Bloom filter drops what the partial read already kept.
+    """
+    if result.counts.failures:
+        lines = "".join(f"{failure.source}\n" for failure in result.counts.failures)
+        failed_list_path(result).write_text(lines)
 
 
 def write_summary(result: RunResult, settings: ExtractSettings) -> None:

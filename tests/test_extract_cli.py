@@ -29,7 +29,7 @@ def english_pages(prefix: str, n: int) -> list[WatPage]:
 
 
 def summary_of(out: Path) -> dict[str, object]:
-    [path] = sorted(out.glob("*_summary.json"))[-1:]
+    [path] = sorted(out.glob("*_summary.json"), key=lambda p: p.stat().st_mtime_ns)[-1:]
     return json.loads(path.read_text())  # type: ignore[no-any-return]
 
 
@@ -131,6 +131,16 @@ def test_bad_files_are_reported_and_the_rest_extracted(tmp_path: Path,
     assert errors["missing.wat.gz"] == "no such file"
     assert summary["files"] == 4
     assert 11 < int(summary["kept"]) < 41  # half of a.wat.gz, all of b.wat.gz  # type: ignore[call-overload]
+
+    failed = out / f"{summary['run_id']}_failed.txt"
+    assert failed.read_text().splitlines() == [str(cut), str(junk),
+                                               str(tmp_path / "missing.wat.gz")]
+    cut.write_bytes(whole)  # the download completed this time
+    failed.write_text(f"{cut}\n")
+    run_cli("extract", "--from-list", str(failed), "--out", str(out), *SMALL_BLOOM)
+    rerun = summary_of(out)
+    assert rerun["kept"] == 30 - (int(summary["kept"]) - 11)  # type: ignore[call-overload]
+    assert rerun["dropped"]["dup_earlier_run"] == int(summary["kept"]) - 11  # type: ignore[index, call-overload]
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
