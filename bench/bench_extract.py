@@ -150,6 +150,7 @@ def main() -> None:
 
     from extract.dedup import KeyMode
     from extract.fileworker import FileSettings, labeller, process_file
+    from extract.sources import HttpPolicy
 
     start = time.perf_counter()
     files = make_files(args.files, args.pages)
@@ -163,7 +164,7 @@ def main() -> None:
     print(f"read+parse   fastwarc+orjson {n / t_fw:10,.0f} records/s   "
           f"warcio+json {n / t_wi:10,.0f} records/s   ratio {t_wi / t_fw:.2f}x")
 
-    settings = FileSettings(5, 0.5, KeyMode.URL_ALT, 60.0)
+    settings = FileSettings(5, 0.5, KeyMode.URL_ALT, HttpPolicy())
     labeller(0.5)  # load the model outside the timings
     result, t_ex = timed(process_file, str(first), settings)
     (records, kept), t_base = timed(straightforward_loop, first, labeller(0.5))

@@ -58,6 +58,9 @@ from extract.settings import BLOOM_FILE_NAME, DEFAULT_ROWS_PER_SHARD
 @click.option("--http-timeout", type=float, default=60.0, show_default=True,
               envvar="PAIRFARM_EXTRACT_HTTP_TIMEOUT", show_envvar=True,
               help="Seconds without data before an http(s) source fails.")
+@click.option("--http-retries", type=int, default=3, show_default=True,
+              envvar="PAIRFARM_EXTRACT_HTTP_RETRIES", show_envvar=True,
+              help="Retries of an http(s) source on connect errors, timeouts, 429 and 5xx.")
 def extract_command(sources: tuple[str, ...], lists: tuple[Path, ...], **options: Any) -> None:
     """Extract (image URL, alt text) candidates from Common Crawl WAT files.
 

@@ -26,7 +26,7 @@ from extract.dedup import KeyMode, dedup_key
 from extract.errors import CorruptRecord, SourceError
 from extract.language import LanguageLabeller
 from extract.links import Drop, check_alt, document_base, resolve_src
-from extract.sources import open_source
+from extract.sources import HttpPolicy, open_source
 from extract.wat import Page, iter_payloads, parse_page
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class FileSettings:
     min_alt_chars: int
     language_threshold: float
     key_mode: KeyMode
-    http_timeout: float
+    http: HttpPolicy
 
 
 @dataclass(slots=True)
@@ -89,7 +89,7 @@ def process_file(source: str, settings: FileSettings) -> FileResult:
 def _read_source(source: str, settings: FileSettings, counts: FileCounts,
                  columns: _Columns) -> None:
     seen: set[int] = set()
-    with open_source(source, http_timeout=settings.http_timeout) as stream:
+    with open_source(source, http=settings.http) as stream:
         for payload in iter_payloads(stream):
             counts.records += 1
             try:

@@ -10,6 +10,7 @@ from extract.dedup import BloomParams, KeyMode
 from extract.errors import SettingsError
 from extract.fileworker import FileSettings
 from extract.ingest import IngestCommand
+from extract.sources import HttpPolicy
 
 DEFAULT_ROWS_PER_SHARD = 1_000_000
 BLOOM_FILE_NAME = "dedup.bloom"
@@ -32,7 +33,7 @@ def build_settings(*, sources: list[str], out_dir: Path, workers: int | None,
                    dedup_key: str, bloom_path: Path | None, use_bloom: bool,
                    bloom_capacity: int, bloom_fpr: float, ingest: bool,
                    ingest_args: tuple[str, ...] = (), http_timeout: float = 60.0,
-                   ) -> ExtractSettings:
+                   http_retries: int = 3) -> ExtractSettings:
     """Validate the flags; a bad value raises ``SettingsError`` naming its flag."""
     _require(bool(sources), "give at least one WAT file or URL")
     _require(rows_per_shard > 0, "--shard-rows must be positive")
@@ -41,6 +42,7 @@ def build_settings(*, sources: list[str], out_dir: Path, workers: int | None,
     _require(bloom_capacity > 0, "--bloom-capacity must be positive")
     _require(0.0 < bloom_fpr < 1.0, "--bloom-fpr must be in (0, 1)")
     _require(http_timeout > 0, "--http-timeout must be positive")
+    _require(http_retries >= 0, "--http-retries must be 0 or more")
     _require(workers is None or workers > 0, "--workers must be positive")
     key_mode = KeyMode(dedup_key)
     return ExtractSettings(
@@ -48,7 +50,8 @@ def build_settings(*, sources: list[str], out_dir: Path, workers: int | None,
         out_dir=out_dir,
         workers=workers or _cores(),
         rows_per_shard=rows_per_shard,
-        file=FileSettings(min_alt_chars, language_threshold, key_mode, http_timeout),
+        file=FileSettings(min_alt_chars, language_threshold, key_mode,
+                          HttpPolicy(timeout=http_timeout, retries=http_retries)),
         bloom_path=(bloom_path or out_dir / BLOOM_FILE_NAME) if use_bloom else None,
         bloom=BloomParams(bloom_capacity, bloom_fpr, key_mode),
         ingest=IngestCommand(tuple(ingest_args)) if ingest else None,

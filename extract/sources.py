@@ -6,32 +6,47 @@ for them (``iter_raw``: the gzip of a ``.wat.gz`` is the WARC's own compression,
 transfer encoding, so it is passed through undecoded).
 
 Error handling: a missing or unreadable path, an HTTP error status and any ``httpx`` error
-(also one raised mid-stream) become ``SourceError`` naming the source.
+(also one raised mid-stream) become ``SourceError``. Before the body is read, connect
+errors, timeouts and 429 / 5xx answers are retried ``HttpPolicy.retries`` times with
+exponential backoff; a failure mid-stream is not retried (the file is reported, and a
+rerun from ``{run_id}_failed.txt`` is safe).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from extract.errors import SourceError
 
 _CHUNK = 1 << 20
+_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
 def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
+@dataclass(frozen=True, slots=True)
+class HttpPolicy:
+    """Timeout and retries of an http(s) source (Common Crawl answers 503 when busy)."""
+
+    timeout: float = 60.0
+    retries: int = 3
+    backoff: float = 1.0  # seconds before the first retry, doubled each time, at most 60
+
+
 @contextmanager
-def open_source(source: str, *, http_timeout: float = 60.0) -> Iterator[BinaryIO | str]:
+def open_source(source: str, *, http: HttpPolicy | None = None) -> Iterator[BinaryIO | str]:
     """A path string (fastwarc opens it itself) or a binary stream of the URL's body."""
     if not is_url(source):
         yield _checked_path(source)
         return
-    with _open_url(source, http_timeout) as stream:
+    with _open_url(source, http or HttpPolicy()) as stream:
         yield stream
 
 
@@ -43,18 +58,36 @@ def _checked_path(source: str) -> str:
 
 
 @contextmanager
-def _open_url(url: str, timeout: float) -> Iterator[BinaryIO]:
+def _open_url(url: str, policy: HttpPolicy) -> Iterator[BinaryIO]:
     import httpx
 
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=True) as client, client.stream(
-            "GET", url
-        ) as response:
-            if response.status_code != 200:
-                raise SourceError(f"HTTP {response.status_code}")
+        with httpx.Client(timeout=policy.timeout, follow_redirects=True) as client, \
+                _response(client, url, policy) as response:
             yield _ChunkStream(response.iter_raw(_CHUNK))  # type: ignore[misc]
     except httpx.HTTPError as exc:
         raise SourceError(f"{type(exc).__name__}: {exc}") from exc
+
+
+@contextmanager
+def _response(client: Any, url: str, policy: HttpPolicy) -> Iterator[Any]:
+    """The first 200 response; transient failures (connect errors, timeouts, 429, 5xx)
+    are retried before any byte is read, other statuses fail at once."""
+    import httpx
+
+    for attempt in range(policy.retries + 1):
+        last = attempt == policy.retries
+        try:
+            with client.stream("GET", url) as response:
+                if response.status_code == 200:
+                    yield response
+                    return
+                if last or response.status_code not in _RETRY_STATUSES:
+                    raise SourceError(f"HTTP {response.status_code}")
+        except (httpx.TransportError, httpx.TimeoutException):
+            if last:
+                raise
+        time.sleep(min(policy.backoff * 2**attempt, 60.0))
 
 
 class _ChunkStream:

@@ -11,11 +11,12 @@ import pytest
 from extract.dedup import KeyMode
 from extract.errors import CorruptRecord, SourceError, TruncatedSource
 from extract.fileworker import FileSettings, process_file
+from extract.sources import HttpPolicy
 from extract.wat import iter_payloads, parse_page
 from extract.watbuild import Img, WatBuilder, WatPage, write_wat
 
 SETTINGS = FileSettings(min_alt_chars=5, language_threshold=0.5, key_mode=KeyMode.URL_ALT,
-                        http_timeout=5.0)
+                        http=HttpPolicy(timeout=5.0))
 
 
 def rows(path: Path) -> list[dict[str, object]]:
@@ -80,7 +81,7 @@ def test_filters_are_counted_by_reason(tmp_path: Path) -> None:
 def test_url_key_mode_counts_the_same_url_once(tmp_path: Path) -> None:
     page = WatPage("https://example.com/", [Img("c.jpg", "First caption"),
                                             Img("c.jpg", "Second caption")])
-    settings = FileSettings(5, 0.5, KeyMode.URL, 5.0)
+    settings = FileSettings(5, 0.5, KeyMode.URL, HttpPolicy())
     result = process_file(str(write_wat(tmp_path / "d.wat.gz", [page])), settings)
     assert result.table.column("caption").to_pylist() == ["First caption"]
 
