@@ -3,9 +3,12 @@
 The contract between extract and the coordinator is the command line, not an import: the
 extract component never imports the coordinator (an extract machine needs no database
 stack), and the shard is the unit of work. ``pairfarm ingest SHARD --url-col url
---caption-col caption [extra args]`` runs in a subprocess with this process's environment
-(so ``PAIRFARM_*`` settings such as the database URL reach it) as soon as the shard is
-renamed into place, while extraction goes on with the next files.
+--caption-col caption --language-col language [extra args]`` runs in a subprocess with
+this process's environment (so ``DATABASE_URL`` / ``PAIRFARM_DATA_DIR`` reach it) as soon
+as the shard is
+renamed into place (``--language-col language`` too, so the database's language column
+is filled; the other columns land in the candidate's ``extra``), while the worker processes
+go on with the next files.
 
 Error handling: ``check_available`` raises ``IngestError`` before any work when ``pairfarm
 ingest`` is missing (the coordinator extra is not installed); a non-zero exit on a shard
@@ -33,7 +36,7 @@ class IngestCommand:
 
     def argv(self, shard: Path) -> list[str]:
         return [*self.base, str(shard), "--url-col", "url", "--caption-col", "caption",
-                *self.extra_args]
+                "--language-col", "language", *self.extra_args]
 
     def check_available(self) -> None:
         proc = subprocess.run([*self.base, "--help"], capture_output=True, text=True,

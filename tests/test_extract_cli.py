@@ -201,11 +201,25 @@ def test_a_bloom_filter_of_the_other_key_is_refused(tmp_path: Path,
     assert "holds 'url+alt' keys" in proc.stderr
 
 
-@pytest.mark.skipif("ingest" in COMMANDS, reason="pairfarm ingest exists on this branch")
-def test_ingest_without_the_ingest_command_is_a_clear_error(tmp_path: Path,
-                                                            wat_files: list[Path]) -> None:
-    proc = run_cli("extract", str(wat_files[0]), "--out", str(tmp_path / "o"), "--ingest",
-                   check=False)
-    assert proc.returncode == 1
-    assert "--ingest needs the 'pairfarm ingest' command" in proc.stderr
-    assert not list((tmp_path / "o").glob("*.parquet"))
+@pytest.mark.skipif("ingest" not in COMMANDS, reason="pairfarm ingest is not on this branch")
+def test_ingest_streams_each_shard_into_the_database(tmp_path: Path, wat_files: list[Path],
+                                                     db_url: str) -> None:
+    import psycopg
+
+    from tests.conftest import cli_env
+
+    out = tmp_path / "out"
+    run_cli("extract", *map(str, wat_files), "--out", str(out), "--shard-rows", "25",
+            "--ingest", *SMALL_BLOOM, env=cli_env(DATABASE_URL=db_url))
+
+    summary = summary_of(out)
+    assert summary["ingested"] is True and summary["ingest_failures"] == []
+    with psycopg.connect(db_url.replace("+psycopg", "")) as conn:
+        rows = conn.execute(
+            "SELECT c.url, c.caption, c.language, c.extra->>'page_url', i.source "
+            "FROM candidates c JOIN ingests i ON i.id = c.ingest_id ORDER BY c.id").fetchall()
+    assert len(rows) == summary["kept"] == 41
+    assert {Path(r[4]).name for r in rows} == set(summary["shards"])  # type: ignore[arg-type]
+    assert rows[-1][:4] == ("https://cdn.example.de/bilder/haus.jpg",
+                            "Ein altes Haus mit rotem Dach im Sommer", "de",
+                            "https://b.example.de/")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from extract.dedup import KeyMode
-from extract.errors import SettingsError
+from extract.errors import IngestError, SettingsError
 from extract.ingest import IngestCommand
 from extract.settings import build_settings
 
@@ -50,4 +50,19 @@ def test_bad_values_name_their_flag(change: dict[str, object], message: str) -> 
 def test_ingest_argv_names_the_columns_and_passes_extra_args() -> None:
     argv = IngestCommand(("--source", "cc-2024")).argv(Path("/o/run-00000.parquet"))
     assert argv == [sys.executable, "-m", "pairfarm", "ingest", "/o/run-00000.parquet",
-                    "--url-col", "url", "--caption-col", "caption", "--source", "cc-2024"]
+                    "--url-col", "url", "--caption-col", "caption", "--language-col", "language",
+                    "--source", "cc-2024"]
+
+
+def test_a_missing_ingest_command_is_a_clear_error() -> None:
+    command = IngestCommand(base=(sys.executable, "-m", "pairfarm", "no-such-command"))
+    with pytest.raises(IngestError, match="--ingest needs the 'pairfarm ingest' command"):
+        command.check_available()
+
+
+def test_a_failing_ingest_names_the_shard_and_the_exit_status(tmp_path: Path) -> None:
+    shard = tmp_path / "run-00000.parquet"
+    shard.write_bytes(b"not parquet")
+    command = IngestCommand(("--database-url", "postgresql+psycopg://nobody@127.0.0.1:1/none"))
+    with pytest.raises(IngestError, match=r"pairfarm ingest run-00000.parquet exited [1-9]"):
+        command.run(shard)
