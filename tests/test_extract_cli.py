@@ -223,3 +223,18 @@ def test_ingest_streams_each_shard_into_the_database(tmp_path: Path, wat_files: 
     assert rows[-1][:4] == ("https://cdn.example.de/bilder/haus.jpg",
                             "Ein altes Haus mit rotem Dach im Sommer", "de",
                             "https://b.example.de/")
+
+
+@pytest.mark.skipif("ingest" not in COMMANDS, reason="pairfarm ingest is not on this branch")
+def test_a_failed_ingest_keeps_the_shard_and_fails_the_run(tmp_path: Path,
+                                                           wat_files: list[Path]) -> None:
+    out = tmp_path / "out"
+    proc = run_cli("extract", str(wat_files[0]), "--out", str(out), "--ingest",
+                   "--ingest-arg=--database-url=postgresql+psycopg://nobody@127.0.0.1:1/none",
+                   *SMALL_BLOOM, check=False)
+    assert proc.returncode == 1
+    assert "0 file(s) and 1 ingest(s) failed" in proc.stderr
+    summary = summary_of(out)
+    [failure] = summary["ingest_failures"]  # type: ignore[misc]
+    assert failure.startswith(f"pairfarm ingest {summary['run_id']}-00000.parquet exited")
+    assert pq.read_table(out / f"{summary['run_id']}-00000.parquet").num_rows == 30
