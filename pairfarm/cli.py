@@ -17,6 +17,7 @@ import click
 COMMANDS: dict[str, str] = {
     "coordinator": "coordinator.cli:coordinator",
     "db": "coordinator.cli:db",
+    "extract": "extract.cli:extract_command",
     "ingest": "coordinator.ingest.cli:ingest",
     "token": "coordinator.cli:token",
     "postprocess": "gpu_postprocess.command:postprocess",
