@@ -280,5 +280,6 @@ def _download_lease(lease: sa.Row[Any], rows: list[sa.Row[Any]]) -> DownloadLeas
     return DownloadLease(
         batch_id=lease.id, lease_token=lease.lease_token,
         lease_expires_at=lease.lease_expires_at, attempt=lease.attempts,
-        candidates=[Candidate(id=r.id, url=r.url, caption=r.caption, language=r.language,
-                              extra=r.extra or {}) for r in rows])
+        candidates=[Candidate.model_construct(id=r.id, url=r.url, caption=r.caption,
+                                              language=r.language, extra=r.extra or {})
+                    for r in rows])
