@@ -195,8 +195,10 @@ def _routes(app: FastAPI, settings: CoordinatorSettings, engine: sa.Engine,
     @app.post(f"{API_PREFIX}/download/lease", response_model=DownloadLease,
               responses={204: {"description": "nothing left to lease"}})
     def lease_download(body: LeaseRequest, info: Caller) -> Response:
-        lease = leases.lease_download(worker_id(info, Role.WORKER), body.max_size)
-        return _json(lease)
+        lease = leases.lease_download_raw(worker_id(info, Role.WORKER), body.max_size)
+        if lease is None:
+            return Response(status_code=204)
+        return Response(content=lease.to_json(), media_type="application/json")
 
     @app.post(f"{API_PREFIX}/postprocess/lease", response_model=PostprocessLease,
               responses={204: {"description": "no written shard waits"}})
@@ -220,10 +222,9 @@ def _routes(app: FastAPI, settings: CoordinatorSettings, engine: sa.Engine,
         return farm_stats(engine, settings.alive_window_s)
 
 
-def _json(model: DownloadLease | PostprocessLease | None) -> Response:
-    """204 for nothing; else the model's JSON, serialised once (a 10k-candidate lease is
-    built from database rows already checked; FastAPI's response validation would
-    check all of it a second time)."""
+def _json(model: PostprocessLease | None) -> Response:
+    """204 for nothing; else the model's JSON (serialised once: FastAPI's response
+    validation would check it a second time)."""
     if model is None:
         return Response(status_code=204)
     return Response(content=model.model_dump_json(), media_type="application/json")
