@@ -112,7 +112,7 @@ class Leases:
     def __init__(self, engine: sa.Engine, settings: LeaseSettings) -> None:
         self.engine = engine
         self.settings = settings
-        self.rate = SampleRate(oversample=settings.oversample, max_pct=settings.max_sample_pct)
+        self.rate = SampleRate(oversample=settings.oversample, max_rows=settings.max_sample_rows)
         self._rows = _TableRows()
         self.last_form: FormStats | None = None
 

@@ -17,7 +17,7 @@ def test_database_urls_are_normalised_to_psycopg() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"batch_size": 0}, {"lease_ttl_s": 0.5},
-                                 {"max_attempts": 0}, {"max_sample_pct": 0}])
+                                 {"max_attempts": 0}, {"max_sample_rows": 10}])
 def test_lease_settings_refuse_nonsense(bad: dict[str, float]) -> None:
     with pytest.raises(SettingsError):
         make_lease_settings(**bad)  # type: ignore[arg-type]
@@ -32,7 +32,7 @@ def test_settings_defaults_and_checks() -> None:
 
 
 def test_rate_follows_the_unbatched_fraction() -> None:
-    rate = SampleRate(oversample=1.5, max_pct=20)
+    rate = SampleRate(oversample=1.5, max_rows=2_000_000)
     assert rate.percent(10_000, 10_000_000) == pytest.approx(0.15)
     rate.observe(0.15, 10_000_000, 150)  # 1 % of the rows still unbatched
     assert rate.fraction == pytest.approx(0.01)
@@ -40,12 +40,13 @@ def test_rate_follows_the_unbatched_fraction() -> None:
 
 
 def test_rate_gives_way_to_the_index_when_a_sample_would_cost_too_much() -> None:
-    rate = SampleRate(oversample=1.5, max_pct=20)
+    rate = SampleRate(oversample=1.5, max_rows=200_000)
     rate.observe(1.0, 10_000_000, 0)  # an empty sample: the estimate drops tenfold
     assert rate.fraction == pytest.approx(0.1)
     rate.observe(15.0, 10_000_000, 1_000)
-    assert rate.percent(10_000, 10_000_000) is None, "over max_pct: use the index"
+    assert rate.percent(10_000, 10_000_000) is None, "over max_rows: use the index"
     before = rate.fraction
     rate.used_index()
     assert rate.fraction > before, "the estimate recovers so that sampling is retried"
     assert rate.percent(10_000, 0) is None, "an empty or unanalysed table uses the index"
+    assert SampleRate().percent(10_000, 5_000) == 100.0, "a small table is sampled whole"
