@@ -84,14 +84,15 @@ def lease_latency(url: str, label: str, count: int) -> None:
         _, token = create_token(engine, "worker", f"bench-{label}")
         worker = touch_worker(engine, authenticate(engine, token))
         service = Leases(engine, make_lease_settings(batch_size=10_000))
+        lease_fn = service.lease_download_raw
         times, sizes, index_rows = [], [], 0
         for _ in range(count):
             t0 = time.perf_counter()
-            lease = service.lease_download(worker)
+            lease = lease_fn(worker)
             times.append(time.perf_counter() - t0)
             if lease is None:
                 break
-            sizes.append(len(lease.candidates))
+            sizes.append(lease.count)
             index_rows += service.last_form.from_index if service.last_form else 0
         report_latency(label, times, sizes)
         print(f"{label}: rows from the index fallback {index_rows} of {sum(sizes)}; "
