@@ -194,15 +194,16 @@ def _routes(app: FastAPI, settings: CoordinatorSettings, engine: sa.Engine,
 
     @app.post(f"{API_PREFIX}/download/lease", response_model=DownloadLease,
               responses={204: {"description": "nothing left to lease"}})
-    def lease_download(body: LeaseRequest, info: Caller) -> DownloadLease | Response:
-        lease = leases.lease_download(worker_id(info, Role.WORKER), body.max_size)
-        return lease if lease is not None else Response(status_code=204)
+    def lease_download(body: LeaseRequest, info: Caller) -> Response:
+        lease = leases.lease_download_raw(worker_id(info, Role.WORKER), body.max_size)
+        if lease is None:
+            return Response(status_code=204)
+        return Response(content=lease.to_json(), media_type="application/json")
 
     @app.post(f"{API_PREFIX}/postprocess/lease", response_model=PostprocessLease,
               responses={204: {"description": "no written shard waits"}})
-    def lease_postprocess(body: LeaseRequest, info: Caller) -> PostprocessLease | Response:
-        lease = leases.lease_postprocess(worker_id(info, Role.GPU))
-        return lease if lease is not None else Response(status_code=204)
+    def lease_postprocess(body: LeaseRequest, info: Caller) -> Response:
+        return _json(leases.lease_postprocess(worker_id(info, Role.GPU)))
 
     for kind, role in ((DOWNLOAD, Role.WORKER), (POSTPROCESS, Role.GPU)):
         _batch_routes(app, leases, kind=kind, role=role, worker_id=worker_id)
@@ -219,6 +220,14 @@ def _routes(app: FastAPI, settings: CoordinatorSettings, engine: sa.Engine,
     @app.get(f"{API_PREFIX}/stats")
     def stats(info: Caller) -> FarmStats:
         return farm_stats(engine, settings.alive_window_s)
+
+
+def _json(model: PostprocessLease | None) -> Response:
+    """204 for nothing; else the model's JSON (serialised once: FastAPI's response
+    validation would check it a second time)."""
+    if model is None:
+        return Response(status_code=204)
+    return Response(content=model.model_dump_json(), media_type="application/json")
 
 
 def _batch_routes(app: FastAPI, leases: Leases, *, kind: str, role: Role,

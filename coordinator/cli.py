@@ -82,9 +82,10 @@ def engine_for(settings: CoordinatorSettings, *, migrate: bool = False) -> Itera
               show_default=True, help="Seconds a lease lasts without a heartbeat.")
 @click.option("--max-attempts", default=3, type=int, envvar="PAIRFARM_MAX_ATTEMPTS",
               show_default=True, help="Leases of a batch before it fails for good.")
-@click.option("--max-sample-pct", default=20.0, type=float, envvar="PAIRFARM_MAX_SAMPLE_PCT",
-              show_default=True,
-              help="Largest TABLESAMPLE percentage; above it leases read the index.")
+@click.option("--max-sample-rows", default=200_000, type=int,
+              envvar="PAIRFARM_MAX_SAMPLE_ROWS", show_default=True,
+              help="Most rows a TABLESAMPLE may read; when a batch needs more (few rows "
+                   "left unbatched), leases read the partial index instead.")
 @click.option("--reap-interval", default=10.0, type=float, envvar="PAIRFARM_REAP_INTERVAL",
               show_default=True, help="Seconds between two passes of the lease reaper.")
 @click.option("--max-body-bytes", default=1 << 20, type=int, envvar="PAIRFARM_MAX_BODY_BYTES",
@@ -96,7 +97,7 @@ def engine_for(settings: CoordinatorSettings, *, migrate: bool = False) -> Itera
 @friendly_errors
 def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path, host: str,
                 port: int, batch_size: int, lease_ttl: float, max_attempts: int,
-                max_sample_pct: float, reap_interval: float, max_body_bytes: int,
+                max_sample_rows: int, reap_interval: float, max_body_bytes: int,
                 migrate: bool) -> None:
     """Serve the coordinator's REST API (OpenAPI at /docs).
 
@@ -106,7 +107,7 @@ def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path,
     from coordinator.server import serve
 
     lease = make_lease_settings(batch_size=batch_size, lease_ttl_s=lease_ttl,
-                                max_attempts=max_attempts, max_sample_pct=max_sample_pct)
+                                max_attempts=max_attempts, max_sample_rows=max_sample_rows)
     settings = make_settings(database_url=database_url, data_dir=data_dir, host=host,
                              port=port, lease=lease, reap_interval_s=reap_interval,
                              max_body_bytes=max_body_bytes)

@@ -43,11 +43,11 @@ from coordinator.settings import LeaseSettings
 from pairfarm.protocol import (
     BatchState,
     BatchStatus,
-    Candidate,
     DownloadLease,
     DownloadReport,
     FailReport,
     HeartbeatResponse,
+    LeaseInfo,
     PostprocessLease,
     PostprocessReport,
     ShardFiles,
@@ -64,6 +64,20 @@ CLAIM_ROUNDS = 3
 
 def new_lease_token() -> str:
     return secrets.token_urlsafe(24)
+
+
+@dataclass(frozen=True)
+class RawDownloadLease:
+    """A download lease whose candidates are still the JSON array the database built."""
+
+    info: LeaseInfo
+    count: int
+    candidates: str
+
+    def to_json(self) -> str:
+        """The ``DownloadLease`` body: the lease fields with the candidates spliced in."""
+        head = self.info.model_dump_json()
+        return f'{head[:-1]},"candidates":{self.candidates}}}'
 
 
 @dataclass(frozen=True)
@@ -98,56 +112,60 @@ class Leases:
     def __init__(self, engine: sa.Engine, settings: LeaseSettings) -> None:
         self.engine = engine
         self.settings = settings
-        self.rate = SampleRate(oversample=settings.oversample, max_pct=settings.max_sample_pct)
+        self.rate = SampleRate(oversample=settings.oversample, max_rows=settings.max_sample_rows)
         self._rows = _TableRows()
         self.last_form: FormStats | None = None
 
     # -- download ---------------------------------------------------------------------
     def lease_download(self, worker_id: int, max_size: int | None = None) -> DownloadLease | None:
         """Lease a batch of candidates to ``worker_id``; None when nothing is left."""
+        raw = self.lease_download_raw(worker_id, max_size)
+        return None if raw is None else DownloadLease.model_validate_json(raw.to_json())
+
+    def lease_download_raw(self, worker_id: int,
+                           max_size: int | None = None) -> RawDownloadLease | None:
+        """``lease_download`` with the candidates left as the JSON the database built."""
         size = min(max_size or self.settings.batch_size, self.settings.batch_size)
         params = self._lease_params(worker_id)
         with self.engine.begin() as conn:
             row = conn.execute(Q.lease_pending_batch, {**params, "max_size": size}).first()
-            if row is not None:
-                rows = list(conn.execute(Q.batch_candidates, {"batch_id": row.id}))
-                return _download_lease(row, rows)
-            row = conn.execute(Q.insert_leased_batch, params).one()
-            rows = self._form(conn, row.id, size)
-            if not rows:
-                conn.rollback()
-                return None
-            conn.execute(Q.set_batch_size, {"batch_id": row.id, "size": len(rows)})
-            return _download_lease(row, sorted(rows, key=lambda r: r.id))
+            if row is None:
+                row = conn.execute(Q.insert_leased_batch, params).one()
+                claimed = self._form(conn, row.id, size)
+                if not claimed:
+                    conn.rollback()
+                    return None
+                conn.execute(Q.set_batch_size, {"batch_id": row.id, "size": claimed})
+            found = conn.execute(Q.batch_candidates, {"batch_id": row.id}).one()
+            info = LeaseInfo(batch_id=row.id, lease_token=row.lease_token,
+                             lease_expires_at=row.lease_expires_at, attempt=row.attempts)
+            return RawDownloadLease(info=info, count=found.n, candidates=found.candidates)
 
-    def _form(self, conn: sa.Connection, batch_id: int, want: int) -> list[sa.Row[Any]]:
+    def _form(self, conn: sa.Connection, batch_id: int, want: int) -> int:
+        """Fill batch ``batch_id`` with up to ``want`` unbatched candidates; how many."""
         table_rows = self._rows.get(conn)
         pct = self.rate.percent(want, table_rows)
-        claimed: list[sa.Row[Any]] = []
-        sampled = 0
+        claimed = sampled = 0
         if pct is not None:
-            ids = list(conn.execute(Q.sample_unbatched, {"pct": pct}).scalars())
+            ids = list(conn.execute(Q.sample_unbatched, {"pct": pct}).scalar_one())
             sampled = len(ids)
             self.rate.observe(pct, table_rows, sampled)
             random.shuffle(ids)
             claimed = _claim_sampled(conn, batch_id, ids, want)
         else:
             self.rate.used_index()
-        from_sample = len(claimed)
-        if len(claimed) < want:
-            claimed += self._claim_by_index(conn, batch_id, want - len(claimed))
-        self.last_form = FormStats(sampled, from_sample, len(claimed) - from_sample)
-        return claimed
+        from_index = self._claim_by_index(conn, batch_id, want - claimed) if claimed < want else 0
+        self.last_form = FormStats(sampled, claimed, from_index)
+        return claimed + from_index
 
-    def _claim_by_index(self, conn: sa.Connection, batch_id: int,
-                        want: int) -> list[sa.Row[Any]]:
+    def _claim_by_index(self, conn: sa.Connection, batch_id: int, want: int) -> int:
         max_id = int(conn.execute(Q.max_candidate_id).scalar_one())
         start = random.randint(0, max_id)
-        got = list(conn.execute(Q.claim_by_index,
-                                {"start": start, "n": want, "batch_id": batch_id}))
-        if len(got) < want and start > 0:  # wrap around to the beginning
-            got += conn.execute(Q.claim_by_index,
-                                {"start": 0, "n": want - len(got), "batch_id": batch_id}).all()
+        got = int(conn.execute(Q.claim_by_index,
+                               {"start": start, "n": want, "batch_id": batch_id}).scalar_one())
+        if got < want and start > 0:  # wrap around to the beginning
+            got += int(conn.execute(Q.claim_by_index, {
+                "start": 0, "n": want - got, "batch_id": batch_id}).scalar_one())
         return got
 
     def complete_download(self, batch_id: int, worker_id: int,
@@ -240,19 +258,18 @@ class Leases:
                 "ttl": self.settings.lease_ttl_s}
 
 
-def _claim_sampled(conn: sa.Connection, batch_id: int, ids: list[int],
-                   want: int) -> list[sa.Row[Any]]:
+def _claim_sampled(conn: sa.Connection, batch_id: int, ids: list[int], want: int) -> int:
     """Claim ``want`` of the shuffled ``ids``: the first ``want``, then, for those another
     lease took meanwhile, the next ones, for at most ``CLAIM_ROUNDS`` rounds."""
-    claimed: list[sa.Row[Any]] = []
-    offset = 0
+    claimed = offset = 0
     for _ in range(CLAIM_ROUNDS):
-        need = want - len(claimed)
+        need = want - claimed
         chunk = ids[offset:offset + need]
         if need <= 0 or not chunk:
             break
         offset += len(chunk)
-        claimed += conn.execute(Q.claim_candidates, {"ids": chunk, "batch_id": batch_id}).all()
+        claimed += int(conn.execute(Q.claim_candidates,
+                                    {"ids": chunk, "batch_id": batch_id}).scalar_one())
     return claimed
 
 
@@ -274,11 +291,3 @@ def _fence(batch: sa.Row[Any], kind: str, worker_id: int, lease_token: str) -> N
 
 def _state(batch: sa.Row[Any]) -> BatchState:
     return BatchState(batch_id=batch.id, status=batch.status, attempts=batch.attempts)
-
-
-def _download_lease(lease: sa.Row[Any], rows: list[sa.Row[Any]]) -> DownloadLease:
-    return DownloadLease(
-        batch_id=lease.id, lease_token=lease.lease_token,
-        lease_expires_at=lease.lease_expires_at, attempt=lease.attempts,
-        candidates=[Candidate(id=r.id, url=r.url, caption=r.caption, language=r.language,
-                              extra=r.extra or {}) for r in rows])

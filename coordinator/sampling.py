@@ -6,9 +6,10 @@
 done, ``SYSTEM(0.5)`` over 3M rows yields about 150 rows). ``SampleRate`` keeps an estimate
 of f learned from the samples themselves and asks for
 ``p = 100 * oversample * want / (f * rows)``. When that p would read more than
-``max_pct`` of the table, sampling costs more than it is worth and the lease takes its rows
-from the partial index instead (``None``); the estimate then creeps back up so that a
-later lease samples again if new candidates arrived.
+``max_rows`` rows, sampling costs more than it is worth (the unbatched rows are too
+sparse) and the lease takes its rows from the partial index instead (``None``); the
+estimate then creeps back up so that a later lease samples again if new candidates
+arrived.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ RECOVERY = 1.25
 @dataclass
 class SampleRate:
     oversample: float = 1.5
-    max_pct: float = 20.0
+    max_rows: int = 200_000
     fraction: float = 1.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -36,7 +37,8 @@ class SampleRate:
         with self._lock:
             fraction = max(self.fraction, MIN_FRACTION)
         pct = 100.0 * self.oversample * want / (fraction * table_rows)
-        if pct > self.max_pct:
+        pct = min(pct, 100.0)
+        if pct / 100.0 * table_rows > self.max_rows:
             return None
         return max(pct, MIN_PCT)
 

@@ -10,6 +10,9 @@ Error handling: an unmigrated ``DATABASE_URL`` database is refused with a messag
 from __future__ import annotations
 
 import logging
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import sqlalchemy as sa
 
@@ -33,13 +36,38 @@ def check_schema(url: str) -> None:
             f"{head}: run 'pairfarm db upgrade' (or start with --migrate)")
 
 
+class Stopped(SystemExit):
+    """SIGTERM: leave through every ``finally`` and exit 0."""
+
+
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Make SIGTERM raise ``Stopped`` in the main thread.
+
+    uvicorn shuts down gracefully on SIGTERM and then raises the signal again under the
+    handler it found at start; with the default handler that would kill the process
+    before the embedded PostgreSQL is stopped and the pool disposed.
+    """
+
+    def handler(signum: int, frame: object) -> None:
+        raise Stopped(0)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except Stopped:
+        log.info("stopped by SIGTERM")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def serve(settings: CoordinatorSettings, *, migrate: bool = False,
           log_level: str = "info") -> None:
     import uvicorn
 
     from coordinator.api import create_app
 
-    with open_database(settings, migrate=migrate) as url:
+    with sigterm_unwinds(), open_database(settings, migrate=migrate) as url:
         check_schema(url)
         engine = make_engine(url)
         try:

@@ -25,8 +25,8 @@ class LeaseSettings:
     max_attempts: int = 3
     #: sample this many times the rows a batch needs, so that a sample is rarely short
     oversample: float = 1.5
-    #: above this percentage of the table a sample costs more than the index fallback
-    max_sample_pct: float = 20.0
+    #: a sample reading more rows than this costs more than the index fallback
+    max_sample_rows: int = 200_000
 
     @property
     def heartbeat_interval_s(self) -> float:
@@ -47,13 +47,14 @@ class CoordinatorSettings:
 
 
 def make_lease_settings(*, batch_size: int = 10_000, lease_ttl_s: float = 600.0,
-                        max_attempts: int = 3, max_sample_pct: float = 20.0) -> LeaseSettings:
+                        max_attempts: int = 3, max_sample_rows: int = 200_000) -> LeaseSettings:
     _check(1 <= batch_size <= 1_000_000, f"batch size must be in 1..1000000, not {batch_size}")
     _check(lease_ttl_s >= 1, f"lease TTL must be at least 1 s, not {lease_ttl_s}")
     _check(1 <= max_attempts <= 100, f"max attempts must be in 1..100, not {max_attempts}")
-    _check(0 < max_sample_pct <= 100, f"max sample % must be in (0, 100], not {max_sample_pct}")
+    _check(max_sample_rows >= batch_size,
+           f"max sample rows must be at least the batch size, not {max_sample_rows}")
     return LeaseSettings(batch_size=batch_size, lease_ttl_s=lease_ttl_s,
-                         max_attempts=max_attempts, max_sample_pct=max_sample_pct)
+                         max_attempts=max_attempts, max_sample_rows=max_sample_rows)
 
 
 def make_settings(*, database_url: str | None = None, data_dir: Path = DEFAULT_DATA_DIR,

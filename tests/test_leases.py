@@ -69,7 +69,7 @@ def test_sample_adapts_as_the_table_drains(db_url: str) -> None:
     insert_candidates(db_url, 100_000)
     with engine_for(db_url) as engine:
         mark_batched(engine, "id % 100 <> 0")  # 99 % done: 1,000 pending
-        service = leases(engine, batch_size=100, max_sample_pct=100)
+        service = leases(engine, batch_size=100, max_sample_rows=10**9)
         worker = new_worker(engine, "w")
         sizes, from_sample = [], 0
         while (lease := service.lease_download(worker)) is not None:

@@ -44,7 +44,8 @@ SELECT COALESCE(max(id), 0) AS max_id FROM candidates;
 -- name: sample_unbatched
 -- TABLESAMPLE SYSTEM picks whole pages before the WHERE: the caller adapts the percentage
 -- to the unbatched fraction it observes. No lock here; claim_candidates locks.
-SELECT id FROM candidates TABLESAMPLE SYSTEM (CAST(:pct AS real))
+SELECT COALESCE(array_agg(id), '{}') AS ids
+  FROM candidates TABLESAMPLE SYSTEM (CAST(:pct AS real))
  WHERE batch_id IS NULL;
 
 -- name: claim_candidates
@@ -54,10 +55,12 @@ WITH picked AS (
     SELECT id FROM candidates
      WHERE id = ANY (CAST(:ids AS bigint[])) AND batch_id IS NULL
        FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE candidates c SET batch_id = :batch_id
+     WHERE c.id = ANY (ARRAY(SELECT id FROM picked)) AND c.batch_id IS NULL
+    RETURNING 1
 )
-UPDATE candidates c SET batch_id = :batch_id
- WHERE c.id = ANY (ARRAY(SELECT id FROM picked)) AND c.batch_id IS NULL
-RETURNING c.id, c.url, c.caption, c.language, c.extra;
+SELECT count(*) AS n FROM claimed;
 
 -- name: claim_by_index
 -- Fallback when a sample comes back short: unbatched rows in id order from :start
@@ -68,16 +71,22 @@ WITH picked AS (
      ORDER BY id
      LIMIT :n
        FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE candidates c SET batch_id = :batch_id
+     WHERE c.id = ANY (ARRAY(SELECT id FROM picked)) AND c.batch_id IS NULL
+    RETURNING 1
 )
-UPDATE candidates c SET batch_id = :batch_id
- WHERE c.id = ANY (ARRAY(SELECT id FROM picked)) AND c.batch_id IS NULL
-RETURNING c.id, c.url, c.caption, c.language, c.extra;
+SELECT count(*) AS n FROM claimed;
 
 -- name: batch_candidates
--- A batch's candidates in key order (row i is written under key_of(i)).
-SELECT id, url, caption, language, extra
-  FROM candidates WHERE batch_id = :batch_id
- ORDER BY id;
+-- A batch's candidates in key order (row i is written under key_of(i)), as one JSON
+-- array of pairfarm.protocol.Candidate built by the server: 10k rows never become
+-- Python objects on the way to the worker.
+SELECT count(*) AS n,
+       COALESCE(json_agg(json_build_object(
+           'id', id, 'url', url, 'caption', caption, 'language', language,
+           'extra', COALESCE(extra, '{}'::jsonb)) ORDER BY id), '[]')::text AS candidates
+  FROM candidates WHERE batch_id = :batch_id;
 
 -- name: lock_batch
 SELECT id, status, size, worker_id, lease_token, attempts, pp_attempts, outcomes,

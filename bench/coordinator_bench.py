@@ -1,0 +1,243 @@
+"""Coordinator benchmark: ingest rows/s, lease latency, leases/s through the HTTP API.
+
+    python bench/coordinator_bench.py --rows 1000000 --rows 10000000
+
+For each --rows N, on a fresh database of a fresh embedded PostgreSQL 18 (durable
+defaults, shared_buffers 1GB, max_wal_size 8GB):
+
+1. ingest: N synthetic candidates (100k hosts, LAION-like extra columns) written to
+   parquet files of 1M rows, loaded with ``coordinator.ingest.run.ingest`` (Arrow read,
+   validation, COPY, INSERT ON CONFLICT); rows/s over the whole call;
+2. lease latency with N pending: --leases calls of ``Leases.lease_download`` (10k batch);
+3. lease latency at 99 % done: all but 1 % of the rows (every 100th id) put into a
+   finished batch, VACUUM ANALYZE, then --leases calls again.
+
+Then, on a separate database of --api-rows candidates, ``pairfarm coordinator`` runs in a
+subprocess and --clients client processes (``pairfarm.client.CoordinatorClient``) lease
+and complete 10k batches for --api-seconds; sustained leases/s and client-side latency.
+
+Prints one line per figure. Needs the [coordinator] extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
+
+from coordinator.db import ensure_database, libpq_url  # noqa: E402
+from coordinator.embedded_pg import EmbeddedPostgres  # noqa: E402
+from coordinator.ingest.run import ingest  # noqa: E402
+from coordinator.ingest.validate import Columns  # noqa: E402
+from coordinator.leases import Leases  # noqa: E402
+from coordinator.migrate import upgrade  # noqa: E402
+from coordinator.settings import make_lease_settings  # noqa: E402
+from coordinator.tokens import authenticate, create_token, touch_worker  # noqa: E402
+
+BENCH_SETTINGS = {"shared_buffers": "1GB", "max_wal_size": "8GB",
+                  "maintenance_work_mem": "512MB", "work_mem": "64MB"}
+FILE_ROWS = 1_000_000
+HOSTS = 100_000
+
+
+def synthetic_file(path: Path, start: int, count: int) -> Path:
+    ids = range(start, start + count)
+    table = pa.table({
+        "url": [f"http://img{i % HOSTS}.example.com/p/{i}.jpg" for i in ids],
+        "caption": [f"a photo of item {i} on a table" for i in ids],
+        "width": pa.array([640 + i % 7 for i in ids], pa.int32()),
+        "similarity": pa.array([(i % 100) / 300 for i in ids], pa.float32()),
+    })
+    pq.write_table(table, path)
+    return path
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def report_latency(label: str, seconds: list[float], sizes: list[int]) -> None:
+    ms = [s * 1000 for s in seconds]
+    print(f"{label}: leases={len(ms)} p50={percentile(ms, 50):.1f} ms "
+          f"p99={percentile(ms, 99):.1f} ms max={max(ms):.1f} ms "
+          f"mean_batch={statistics.mean(sizes):.0f}", flush=True)
+
+
+def lease_latency(url: str, label: str, count: int) -> None:
+    engine = sa.create_engine(url)
+    try:
+        _, token = create_token(engine, "worker", f"bench-{label}")
+        worker = touch_worker(engine, authenticate(engine, token))
+        service = Leases(engine, make_lease_settings(batch_size=10_000))
+        lease_fn = service.lease_download_raw
+        times, sizes, index_rows = [], [], 0
+        for _ in range(count):
+            t0 = time.perf_counter()
+            lease = lease_fn(worker)
+            times.append(time.perf_counter() - t0)
+            if lease is None:
+                break
+            sizes.append(lease.count)
+            index_rows += service.last_form.from_index if service.last_form else 0
+        report_latency(label, times, sizes)
+        print(f"{label}: rows from the index fallback {index_rows} of {sum(sizes)}; "
+              f"learned unbatched fraction {service.rate.fraction:.4f}", flush=True)
+    finally:
+        engine.dispose()
+
+
+def drain_to_one_percent(url: str) -> None:
+    import psycopg
+
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        t0 = time.perf_counter()
+        batch = conn.execute("INSERT INTO batches (status, size) VALUES ('done', 0) "
+                             "RETURNING id").fetchone()[0]  # type: ignore[index]
+        conn.execute("UPDATE candidates SET batch_id = %s "
+                     "WHERE batch_id IS NULL AND id %% 100 <> 0", [batch])
+        conn.execute("VACUUM ANALYZE candidates")
+        print(f"  (99 % done set up in {time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def bench_rows(server_url: str, work: Path, rows: int, leases: int) -> None:
+    name = f"bench_{rows}"
+    ensure_database(server_url, name)
+    url = server_url.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(url)
+    files = [synthetic_file(work / f"c{rows}_{s}.parquet", s, min(FILE_ROWS, rows - s))
+             for s in range(0, rows, FILE_ROWS)]
+    t0 = time.perf_counter()
+    summaries = ingest(url, files, Columns())
+    took = time.perf_counter() - t0
+    inserted = sum(s.inserted for s in summaries)
+    print(f"ingest {rows:,} rows: {took:.1f} s, {inserted / took:,.0f} rows/s "
+          f"(inserted {inserted:,})", flush=True)
+    for f in files:
+        f.unlink()
+    lease_latency(url, f"lease at {rows:,} pending", leases)
+    drain_to_one_percent(url)
+    lease_latency(url, f"lease at {rows:,} rows, 99 % done", leases)
+
+
+def api_client(base: str, token: str, until: float, queue: multiprocessing.Queue) -> None:
+    from pairfarm.client import CoordinatorClient
+    from pairfarm.protocol import DownloadReport, ShardFiles
+
+    sha = "0" * 64
+    shard = ShardFiles(tar="t", parquet="p", stats="s", tar_sha256=sha, parquet_sha256=sha,
+                       tar_bytes=0)
+    times, done = [], 0
+    with CoordinatorClient(base, token) as client:
+        client.register(f"bench-{os.getpid()}")
+        while time.monotonic() < until:
+            t0 = time.perf_counter()
+            lease = client.lease_download()
+            times.append(time.perf_counter() - t0)
+            if lease is None:
+                break
+            client.complete("download", lease.batch_id, DownloadReport(
+                lease_token=lease.lease_token, shard=shard,
+                outcomes={"ok": len(lease.candidates)}, bytes_downloaded=0, duration_s=0))
+            done += 1
+    queue.put((done, times))
+
+
+def bench_api(server_url: str, work: Path, rows: int, clients: int, seconds: float) -> None:
+    import psycopg
+
+    ensure_database(server_url, "bench_api")
+    url = server_url.rsplit("/", 1)[0] + "/bench_api"
+    upgrade(url)
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        conn.execute("INSERT INTO candidates (url, caption) SELECT 'http://img' || (i %% "
+                     "100000) || '.example.com/' || i || '.jpg', 'a photo of item ' || i "
+                     "FROM generate_series(1, %s::bigint) i", [rows])
+        conn.execute("INSERT INTO ingests (source, inserted) VALUES ('bench', %s)", [rows])
+        conn.execute("VACUUM ANALYZE candidates")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DATABASE_URL": url}
+    tokens = [subprocess.run([sys.executable, "-m", "pairfarm", "token", "create", "--role",
+                              "worker"], env=env, capture_output=True, text=True,
+                             check=True).stdout.strip() for _ in range(clients)]
+    port = 18600 + os.getpid() % 1000
+    log = (work / "api.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "pairfarm", "coordinator", "--port",
+                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait(base)
+        queue: multiprocessing.Queue = multiprocessing.Queue()
+        until = time.monotonic() + seconds
+        t0 = time.perf_counter()
+        procs = [multiprocessing.Process(target=api_client, args=(base, t, until, queue))
+                 for t in tokens]
+        for p in procs:
+            p.start()
+        results = [queue.get() for _ in procs]
+        took = time.perf_counter() - t0
+        for p in procs:
+            p.join()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+    leased = sum(n for n, _ in results)
+    times = [t for _, ts in results for t in ts]
+    print(f"API, {clients} client processes, {rows:,} candidates, {took:.1f} s: "
+          f"{leased / took:.1f} leases/s (lease + complete of 10k batches, "
+          f"{leased} batches)", flush=True)
+    report_latency("API lease call (client side)", times, [10_000])
+
+
+def _wait(base: str) -> None:
+    import httpx
+
+    for _ in range(600):
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError("coordinator did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, action="append", default=None)
+    parser.add_argument("--leases", type=int, default=50)
+    parser.add_argument("--api-rows", type=int, default=5_000_000)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--api-seconds", type=float, default=20.0)
+    parser.add_argument("--skip-api", action="store_true")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="pairfarm-bench-"))
+    pg = EmbeddedPostgres(work / "data", settings=BENCH_SETTINGS)
+    server = pg.start()
+    print(f"PostgreSQL in {work}; cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}",
+          flush=True)
+    try:
+        for rows in args.rows or [1_000_000]:
+            bench_rows(server.url(), work, rows, args.leases)
+        if not args.skip_api:
+            bench_api(server.url(), work, args.api_rows, args.clients, args.api_seconds)
+    finally:
+        pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Pure logic: settings validation and the adaptive sample rate."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.errors import SettingsError
+from coordinator.sampling import SampleRate
+from coordinator.settings import make_lease_settings, make_settings, normalize_url
+
+
+def test_database_urls_are_normalised_to_psycopg() -> None:
+    assert normalize_url("postgres://u:p@h/db") == "postgresql+psycopg://u:p@h/db"
+    assert normalize_url("postgresql://h/db") == "postgresql+psycopg://h/db"
+    with pytest.raises(SettingsError, match="not mysql:"):
+        normalize_url("mysql://h/db")
+
+
+@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"lease_ttl_s": 0.5},
+                                 {"max_attempts": 0}, {"max_sample_rows": 10}])
+def test_lease_settings_refuse_nonsense(bad: dict[str, float]) -> None:
+    with pytest.raises(SettingsError):
+        make_lease_settings(**bad)  # type: ignore[arg-type]
+
+
+def test_settings_defaults_and_checks() -> None:
+    settings = make_settings()
+    assert settings.lease.batch_size == 10_000
+    assert settings.lease.heartbeat_interval_s == settings.lease.lease_ttl_s / 3
+    with pytest.raises(SettingsError, match="port"):
+        make_settings(port=70_000)
+
+
+def test_rate_follows_the_unbatched_fraction() -> None:
+    rate = SampleRate(oversample=1.5, max_rows=2_000_000)
+    assert rate.percent(10_000, 10_000_000) == pytest.approx(0.15)
+    rate.observe(0.15, 10_000_000, 150)  # 1 % of the rows still unbatched
+    assert rate.fraction == pytest.approx(0.01)
+    assert rate.percent(10_000, 10_000_000) == pytest.approx(15.0)
+
+
+def test_rate_gives_way_to_the_index_when_a_sample_would_cost_too_much() -> None:
+    rate = SampleRate(oversample=1.5, max_rows=200_000)
+    rate.observe(1.0, 10_000_000, 0)  # an empty sample: the estimate drops tenfold
+    assert rate.fraction == pytest.approx(0.1)
+    rate.observe(15.0, 10_000_000, 1_000)
+    assert rate.percent(10_000, 10_000_000) is None, "over max_rows: use the index"
+    before = rate.fraction
+    rate.used_index()
+    assert rate.fraction > before, "the estimate recovers so that sampling is retried"
+    assert rate.percent(10_000, 0) is None, "an empty or unanalysed table uses the index"
+    assert SampleRate().percent(10_000, 5_000) == 100.0, "a small table is sampled whole"
