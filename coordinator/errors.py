@@ -1,4 +1,17 @@
-"""The coordinator's exceptions: one base, one type per failure the caller can act on."""
+"""The coordinator's exceptions: one base, one type per failure the caller can act on.
+
+::
+
+    CoordinatorError
+    ├── DatabaseUnavailable   the database cannot be reached, started or migrated
+    ├── SettingsError         a setting is missing or out of range
+    ├── AuthError             no token, an unknown or revoked one (HTTP 401)
+    │   └── Forbidden         a valid token of the wrong role (HTTP 403)
+    ├── LeaseConflict         the batch is not leased to this caller with this token (409)
+    ├── NotFound              no such batch (404)
+    ├── InvalidReport         a completion report that cannot be true for the batch (422)
+    └── IngestError           a file that cannot be read; names the file and the line
+"""
 
 from __future__ import annotations
 
@@ -9,3 +22,31 @@ class CoordinatorError(Exception):
 
 class DatabaseUnavailable(CoordinatorError):
     """The database cannot be reached or started."""
+
+
+class SettingsError(CoordinatorError):
+    """A setting is missing or invalid."""
+
+
+class AuthError(CoordinatorError):
+    """The request carries no valid token."""
+
+
+class Forbidden(AuthError):
+    """The token is valid but its role may not do this."""
+
+
+class LeaseConflict(CoordinatorError):
+    """The batch is not leased to the caller under the lease token given."""
+
+
+class NotFound(CoordinatorError):
+    """No such batch."""
+
+
+class InvalidReport(CoordinatorError):
+    """A completion report that contradicts the batch."""
+
+
+class IngestError(CoordinatorError):
+    """An input file cannot be read. The message names the file and, if known, the line."""

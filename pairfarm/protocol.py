@@ -113,6 +113,7 @@ class ShardFiles(_Model):
 
 class PostprocessLease(LeaseInfo):
     shard: ShardFiles
+    #: samples in the shard's tar (the batch's ``ok`` outcomes)
     count: int
 
 
@@ -160,12 +161,32 @@ class BatchState(_Model):
     attempts: int
 
 
+class WorkerStatus(_Model):
+    """A client seen recently, for the dashboard."""
+
+    id: int
+    name: str
+    role: Role
+    version: str | None = None
+    last_seen_at: datetime
+    #: batches this client holds a lease on now
+    batches: list[int] = Field(default_factory=list)
+
+
 class FarmStats(_Model):
     candidates_total: int
+    #: candidates not downloaded yet: unbatched, or in a pending or leased batch
     candidates_pending: int
     batches: dict[str, int]
+    #: sum of the completed download reports, by outcome class
     outcomes: dict[str, int]
     bytes_downloaded: int
     kept: int
     dropped: int
     workers_alive: int
+    #: candidates no batch holds yet
+    candidates_unbatched: int = 0
+    #: candidates by the status of their batch (plus "unbatched")
+    candidates_by_status: dict[str, int] = Field(default_factory=dict)
+    #: clients seen within the alive window, with the batches they hold
+    workers: list[WorkerStatus] = Field(default_factory=list)

@@ -1,0 +1,234 @@
+"""The REST API (FastAPI): the endpoints of ``pairfarm.protocol``, auth, errors, limits.
+
+Every endpoint is a plain function run in the server's thread pool; each does one or two
+short transactions through ``Leases``. Authentication: ``Authorization: Bearer <token>``,
+looked up by its sha256; the role decides what the caller may do (admin may do all).
+
+Error handling: the coordinator's errors map to HTTP statuses in ``STATUS``; request
+validation gives 422; a database that cannot be reached gives 503; every error body is
+``{"error": <class>, "detail": <text>}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import sqlalchemy as sa
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from coordinator import tokens
+from coordinator.errors import (
+    AuthError,
+    CoordinatorError,
+    DatabaseUnavailable,
+    Forbidden,
+    InvalidReport,
+    LeaseConflict,
+    NotFound,
+)
+from coordinator.leases import DOWNLOAD, POSTPROCESS, Leases
+from coordinator.reaper import Reaper
+from coordinator.settings import CoordinatorSettings
+from coordinator.stats import farm_stats
+from pairfarm import __version__
+from pairfarm.protocol import (
+    API_PREFIX,
+    BatchState,
+    DownloadLease,
+    DownloadReport,
+    FailReport,
+    FarmStats,
+    Heartbeat,
+    HeartbeatResponse,
+    LeaseRequest,
+    PostprocessLease,
+    PostprocessReport,
+    RegisterRequest,
+    RegisterResponse,
+    Role,
+)
+
+STATUS: dict[type[CoordinatorError], int] = {
+    Forbidden: 403, AuthError: 401, LeaseConflict: 409, NotFound: 404, InvalidReport: 422,
+    DatabaseUnavailable: 503,
+}
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, Callable[[], Awaitable[Scope]], Callable[[Scope], Awaitable[None]]],
+                   Awaitable[None]]
+
+
+def error_response(status: int, error: str, detail: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over ``max_bytes`` with 413, whether the size
+    is declared (Content-Length) or only seen while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Scope]],
+                       send: Callable[[Scope], Awaitable[None]]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Scope:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Callable[[], Awaitable[Scope]],
+                      send: Callable[[Scope], Awaitable[None]]) -> None:
+        response = error_response(413, "body_too_large",
+                                  f"request bodies are capped at {self.max_bytes} bytes",
+                                  headers={"Connection": "close"})
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _caller(request: Request) -> tokens.TokenInfo:
+    """The caller's token, from ``Authorization: Bearer <token>``."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    bearer = token.strip() if scheme.lower() == "bearer" else None
+    return tokens.authenticate(request.app.state.engine, bearer)
+
+
+Caller = Annotated[tokens.TokenInfo, Depends(_caller)]
+
+
+def create_app(settings: CoordinatorSettings, engine: sa.Engine, *,
+               reaper: bool = True) -> FastAPI:
+    """The ASGI app on ``engine``; with ``reaper`` it returns expired leases periodically
+    while it runs."""
+    leases = Leases(engine, settings.lease)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = Reaper(leases, settings.reap_interval_s) if reaper else None
+        if task:
+            task.start()
+        try:
+            yield
+        finally:
+            if task:
+                task.stop()
+
+    app = FastAPI(title="pairfarm coordinator", version=__version__, lifespan=lifespan)
+    app.state.leases = leases
+    app.state.engine = engine
+    _install_errors(app)
+    _routes(app, settings, engine, leases)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(CoordinatorError)
+    async def coordinator_error(request: Request, exc: CoordinatorError) -> JSONResponse:
+        status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return error_response(status, _snake(type(exc).__name__), str(exc), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return error_response(422, "invalid_request", "; ".join(parts))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(sa.exc.OperationalError)
+    async def db_down(request: Request, exc: sa.exc.OperationalError) -> JSONResponse:
+        return error_response(503, "database_unavailable", str(exc.orig).strip())
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
+def _routes(app: FastAPI, settings: CoordinatorSettings, engine: sa.Engine,
+            leases: Leases) -> None:
+    def worker_id(info: tokens.TokenInfo, *roles: Role) -> int:
+        tokens.require(info, *roles)
+        return tokens.touch_worker(engine, info)
+
+    @app.get("/healthz", include_in_schema=True)
+    def healthz() -> dict[str, str]:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return {"status": "ok"}
+
+    @app.post(f"{API_PREFIX}/register")
+    def register(body: RegisterRequest, info: Caller) -> RegisterResponse:
+        wid = tokens.touch_worker(engine, info, body.name, body.version)
+        lease = settings.lease
+        return RegisterResponse(worker_id=wid, role=info.role, batch_size=lease.batch_size,
+                                lease_ttl_s=lease.lease_ttl_s,
+                                heartbeat_interval_s=lease.heartbeat_interval_s)
+
+    @app.post(f"{API_PREFIX}/download/lease", response_model=DownloadLease,
+              responses={204: {"description": "nothing left to lease"}})
+    def lease_download(body: LeaseRequest, info: Caller) -> DownloadLease | Response:
+        lease = leases.lease_download(worker_id(info, Role.WORKER), body.max_size)
+        return lease if lease is not None else Response(status_code=204)
+
+    @app.post(f"{API_PREFIX}/postprocess/lease", response_model=PostprocessLease,
+              responses={204: {"description": "no written shard waits"}})
+    def lease_postprocess(body: LeaseRequest, info: Caller) -> PostprocessLease | Response:
+        lease = leases.lease_postprocess(worker_id(info, Role.GPU))
+        return lease if lease is not None else Response(status_code=204)
+
+    for kind, role in ((DOWNLOAD, Role.WORKER), (POSTPROCESS, Role.GPU)):
+        _batch_routes(app, leases, kind=kind, role=role, worker_id=worker_id)
+
+    @app.post(f"{API_PREFIX}/download/{{batch_id}}/complete")
+    def complete_download(batch_id: int, body: DownloadReport, info: Caller) -> BatchState:
+        return leases.complete_download(batch_id, worker_id(info, Role.WORKER), body)
+
+    @app.post(f"{API_PREFIX}/postprocess/{{batch_id}}/complete")
+    def complete_postprocess(batch_id: int, body: PostprocessReport,
+                             info: Caller) -> BatchState:
+        return leases.complete_postprocess(batch_id, worker_id(info, Role.GPU), body)
+
+    @app.get(f"{API_PREFIX}/stats")
+    def stats(info: Caller) -> FarmStats:
+        return farm_stats(engine, settings.alive_window_s)
+
+
+def _batch_routes(app: FastAPI, leases: Leases, *, kind: str, role: Role,
+                  worker_id: Callable[..., int]) -> None:
+    """Heartbeat and fail, the same for both kinds of client."""
+
+    @app.post(f"{API_PREFIX}/{kind}/{{batch_id}}/heartbeat", name=f"{kind}_heartbeat")
+    def heartbeat(batch_id: int, body: Heartbeat, info: Caller) -> HeartbeatResponse:
+        return leases.heartbeat(kind, batch_id, worker_id(info, role), body.lease_token)
+
+    @app.post(f"{API_PREFIX}/{kind}/{{batch_id}}/fail", name=f"{kind}_fail")
+    def fail(batch_id: int, body: FailReport, info: Caller) -> BatchState:
+        return leases.fail(kind, batch_id, worker_id(info, role), body)

@@ -1,0 +1,206 @@
+"""The coordinator's commands: ``coordinator``, ``db upgrade``, ``token create|list|revoke``.
+
+Each reads its settings from flags or the environment and turns the coordinator's errors
+into ``click.ClickException`` (a one-line message, exit status 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from coordinator.errors import CoordinatorError
+from coordinator.settings import (
+    DEFAULT_DATA_DIR,
+    CoordinatorSettings,
+    make_lease_settings,
+    make_settings,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def database_options(func: F) -> F:
+    func = click.option(
+        "--data-dir", type=click.Path(file_okay=False, path_type=Path),
+        default=DEFAULT_DATA_DIR, envvar="PAIRFARM_DATA_DIR", show_default=True,
+        help="Embedded PostgreSQL data directory, used when no database URL is given.")(func)
+    return click.option(
+        "--database-url", envvar="DATABASE_URL", default=None, metavar="URL",
+        help="PostgreSQL URL (postgresql://user:pass@host/db). Default: an embedded "
+             "PostgreSQL in --data-dir. [env: DATABASE_URL]")(func)
+
+
+def friendly_errors(func: F) -> F:
+    """Turn the coordinator's errors into click's one-line error messages."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except CoordinatorError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def settings_from(**options: Any) -> CoordinatorSettings:
+    return make_settings(database_url=options.get("database_url"),
+                         data_dir=options.get("data_dir", DEFAULT_DATA_DIR))
+
+
+@contextmanager
+def engine_for(settings: CoordinatorSettings, *, migrate: bool = False) -> Iterator[Any]:
+    from coordinator.db import make_engine, open_database
+    from coordinator.server import check_schema
+
+    with open_database(settings, migrate=migrate) as url:
+        check_schema(url)
+        engine = make_engine(url, pool_size=2)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+
+
+# -- pairfarm coordinator -----------------------------------------------------------------
+
+@click.command("coordinator")
+@database_options
+@click.option("--host", default="127.0.0.1", envvar="PAIRFARM_HOST", show_default=True,
+              help="Address to listen on (0.0.0.0 for every interface).")
+@click.option("--port", default=8600, type=int, envvar="PAIRFARM_PORT", show_default=True,
+              help="TCP port to listen on.")
+@click.option("--batch-size", default=10_000, type=int, envvar="PAIRFARM_BATCH_SIZE",
+              show_default=True, help="Candidates per download batch.")
+@click.option("--lease-ttl", default=600.0, type=float, envvar="PAIRFARM_LEASE_TTL",
+              show_default=True, help="Seconds a lease lasts without a heartbeat.")
+@click.option("--max-attempts", default=3, type=int, envvar="PAIRFARM_MAX_ATTEMPTS",
+              show_default=True, help="Leases of a batch before it fails for good.")
+@click.option("--max-sample-pct", default=20.0, type=float, envvar="PAIRFARM_MAX_SAMPLE_PCT",
+              show_default=True,
+              help="Largest TABLESAMPLE percentage; above it leases read the index.")
+@click.option("--reap-interval", default=10.0, type=float, envvar="PAIRFARM_REAP_INTERVAL",
+              show_default=True, help="Seconds between two passes of the lease reaper.")
+@click.option("--max-body-bytes", default=1 << 20, type=int, envvar="PAIRFARM_MAX_BODY_BYTES",
+              show_default=True, help="Largest request body accepted (413 above).")
+@click.option("--migrate/--no-migrate", default=False, envvar="PAIRFARM_MIGRATE",
+              help="Upgrade a DATABASE_URL database before serving (the embedded one "
+                   "always is).")
+@click.pass_context
+@friendly_errors
+def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path, host: str,
+                port: int, batch_size: int, lease_ttl: float, max_attempts: int,
+                max_sample_pct: float, reap_interval: float, max_body_bytes: int,
+                migrate: bool) -> None:
+    """Serve the coordinator's REST API (OpenAPI at /docs).
+
+    Without DATABASE_URL it starts an embedded PostgreSQL in --data-dir, migrates it, and
+    stops it on exit. Expired leases are reaped every --reap-interval seconds.
+    """
+    from coordinator.server import serve
+
+    lease = make_lease_settings(batch_size=batch_size, lease_ttl_s=lease_ttl,
+                                max_attempts=max_attempts, max_sample_pct=max_sample_pct)
+    settings = make_settings(database_url=database_url, data_dir=data_dir, host=host,
+                             port=port, lease=lease, reap_interval_s=reap_interval,
+                             max_body_bytes=max_body_bytes)
+    verbose = ctx.find_root().params.get("verbose", 0)
+    click.echo(f"pairfarm coordinator on http://{host}:{port} "
+               f"({'DATABASE_URL' if database_url else f'embedded PostgreSQL in {data_dir}'})",
+               err=True)
+    serve(settings, migrate=migrate, log_level="debug" if verbose > 1 else "info")
+
+
+# -- pairfarm db ------------------------------------------------------------------------
+
+@click.group("db")
+def db() -> None:
+    """Database maintenance (schema migrations)."""
+
+
+@db.command("upgrade")
+@database_options
+@click.option("--revision", default="head", show_default=True,
+              help="Alembic revision to upgrade to.")
+@friendly_errors
+def db_upgrade(database_url: str | None, data_dir: Path, revision: str) -> None:
+    """Apply the schema migrations to the database (DATABASE_URL or the embedded one)."""
+    from coordinator.db import open_database
+    from coordinator.migrate import current_revision, upgrade
+
+    settings = settings_from(database_url=database_url, data_dir=data_dir)
+    with open_database(settings, migrate=False) as url:
+        before = current_revision(url)
+        upgrade(url, revision)
+        after = current_revision(url)
+    click.echo(f"schema: {before or 'empty'} -> {after}")
+
+
+# -- pairfarm token ---------------------------------------------------------------------
+
+@click.group("token")
+def token() -> None:
+    """API tokens: one per worker, GPU node or admin; stored hashed, shown once."""
+
+
+@token.command("create")
+@database_options
+@click.option("--role", type=click.Choice(["worker", "gpu", "admin"]), required=True,
+              help="What the token may do: worker (download), gpu (post-process), admin.")
+@click.option("--name", default=None,
+              help="Label of the client (host name); default: <role>-<n>.")
+@friendly_errors
+def token_create(database_url: str | None, data_dir: Path, role: str,
+                 name: str | None) -> None:
+    """Create a token and print it on stdout (the only time it is shown)."""
+    import secrets
+
+    from coordinator.tokens import create_token
+
+    label = name or f"{role}-{secrets.token_hex(3)}"
+    with engine_for(settings_from(database_url=database_url, data_dir=data_dir)) as engine:
+        token_id, value = create_token(engine, role, label)
+    click.echo(f"created {role} token {token_id} ({label}); it is shown only now:", err=True)
+    click.echo(value)
+
+
+@token.command("list")
+@database_options
+@friendly_errors
+def token_list(database_url: str | None, data_dir: Path) -> None:
+    """List tokens (never their values): id, role, name, created, last seen, revoked."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from coordinator.tokens import list_tokens
+
+    with engine_for(settings_from(database_url=database_url, data_dir=data_dir)) as engine:
+        rows = list_tokens(engine)
+    table = Table("id", "role", "name", "created", "last seen", "revoked")
+    for r in rows:
+        table.add_row(str(r.id), r.role, r.name, _ts(r.created_at), _ts(r.last_seen_at),
+                      _ts(r.revoked_at))
+    Console(width=120).print(table)
+
+
+@token.command("revoke")
+@database_options
+@click.argument("ident")
+@friendly_errors
+def token_revoke(database_url: str | None, data_dir: Path, ident: str) -> None:
+    """Revoke the token with id or name IDENT; its client gets 401 from then on."""
+    from coordinator.tokens import revoke_token
+
+    with engine_for(settings_from(database_url=database_url, data_dir=data_dir)) as engine:
+        info = revoke_token(engine, ident)
+    click.echo(f"revoked {info.role.value} token {info.id} ({info.name})")
+
+
+def _ts(value: Any) -> str:
+    return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")

@@ -1,0 +1,155 @@
+"""Row validation, vectorised with Arrow compute (pure logic, no database).
+
+A row is rejected with the first reason that applies, in this order:
+
+=====================  ==================================================================
+``missing_url``        no URL, or an empty one
+``not_http``           a scheme other than http:// or https://
+``bad_url``            no host, or white space inside the URL
+``url_too_long``       longer than ``MAX_URL_CHARS``
+``missing_caption``    no caption
+``caption_too_short``  under 5 characters after cleaning (the LAION rule)
+``caption_too_long``   longer than ``MAX_CAPTION_CHARS``
+=====================  ==================================================================
+
+Cleaning comes first: control characters (U+0000-U+001F, U+007F) are removed from URLs and
+replaced by a space in captions, then both are trimmed. ``language`` is kept when it is at
+most 35 characters (a BCP 47 tag), else dropped. Extra columns are kept as the input had
+them (numbers, booleans, strings; NaN becomes null; anything else is JSON text).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from coordinator.errors import IngestError
+
+MAX_URL_CHARS = 2048
+MAX_CAPTION_CHARS = 4096
+MIN_CAPTION_CHARS = 5
+MAX_LANGUAGE_CHARS = 35
+CONTROL = "[\\x00-\\x1f\\x7f]"
+REASONS = ("missing_url", "not_http", "bad_url", "url_too_long", "missing_caption",
+           "caption_too_short", "caption_too_long")
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which input columns hold what (img2dataset's ``--url-col`` / ``--caption-col``)."""
+
+    url: str = "url"
+    caption: str = "caption"
+    language: str | None = None
+    #: extra columns to keep; None keeps every other column
+    extra: tuple[str, ...] | None = None
+
+    def text_columns(self) -> tuple[str, ...]:
+        return tuple(c for c in (self.url, self.caption, self.language) if c)
+
+
+@dataclass(frozen=True)
+class Validated:
+    good: pa.Table  # row, url, caption, language, then the extra columns by their names
+    rejected: Counter[str]
+    rejects: pa.Table  # row, reason, url
+
+
+def extra_names(schema: pa.Schema, columns: Columns) -> list[str]:
+    used = set(columns.text_columns())
+    if columns.extra is not None:
+        missing = [c for c in columns.extra if c not in schema.names]
+        if missing:
+            raise IngestError(f"extra columns {missing} not in the file ({schema.names})")
+        return list(columns.extra)
+    return [n for n in schema.names if n not in used]
+
+
+def validate(batch: pa.RecordBatch, columns: Columns, first_row: int) -> Validated:
+    """Clean and check one batch; ``first_row`` is the 1-based number of its first row."""
+    _require(batch.schema, columns)
+    url = _clean(_text(batch.column(columns.url)), "")
+    caption = _clean(_text(batch.column(columns.caption)), " ")
+    reason = _reasons(url, caption)
+    rows = pa.array(range(first_row, first_row + batch.num_rows), pa.int64())
+    keep = pc.is_null(reason)
+    good = {"row": rows, "url": url, "caption": caption,
+            "language": _language(batch, columns)}
+    for name in extra_names(batch.schema, columns):
+        good[name] = _extra(batch.column(name))
+    good_table = pa.table(good).filter(keep)
+    bad = pc.invert(keep)
+    rejects = pa.table({"row": rows, "reason": reason,
+                        "url": _text(batch.column(columns.url))}).filter(bad)
+    counts = Counter(dict(zip(*_value_counts(rejects.column("reason")), strict=True)))
+    return Validated(good=good_table, rejected=counts, rejects=rejects)
+
+
+def _require(schema: pa.Schema, columns: Columns) -> None:
+    for role, name in (("URL", columns.url), ("caption", columns.caption),
+                       ("language", columns.language)):
+        if name and name not in schema.names:
+            flag = {"URL": "--url-col", "caption": "--caption-col"}.get(role, "--language-col")
+            raise IngestError(f"no {role} column {name!r} (columns: {schema.names}); "
+                              f"choose one with {flag}")
+
+
+def _text(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    try:
+        return pc.cast(column, pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise IngestError(f"a text column holds values that are not text: {exc}") from exc
+
+
+def _clean(values: pa.Array, replacement: str) -> pa.Array:
+    return pc.utf8_trim_whitespace(pc.replace_substring_regex(values, CONTROL, replacement))
+
+
+def _reasons(url: pa.Array, caption: pa.Array) -> pa.Array:
+    url_len, cap_len = pc.utf8_length(url), pc.utf8_length(caption)
+    checks = [
+        ("missing_url", pc.or_kleene(pc.is_null(url), pc.equal(url_len, 0))),
+        ("not_http", pc.invert(pc.match_substring_regex(url, "^https?://",
+                                                        ignore_case=True))),
+        ("bad_url", pc.or_(pc.invert(pc.match_substring_regex(url, "^[a-zA-Z]+://[^/?#]+")),
+                           pc.match_substring_regex(url, "\\s"))),
+        ("url_too_long", pc.greater(url_len, MAX_URL_CHARS)),
+        ("missing_caption", pc.is_null(caption)),
+        ("caption_too_short", pc.less(cap_len, MIN_CAPTION_CHARS)),
+        ("caption_too_long", pc.greater(cap_len, MAX_CAPTION_CHARS)),
+    ]
+    reason = pa.nulls(len(url), pa.string())
+    for name, failed in reversed(checks):
+        reason = pc.if_else(pc.fill_null(failed, True), name, reason)
+    return reason
+
+
+def _language(batch: pa.RecordBatch, columns: Columns) -> pa.Array:
+    if not columns.language:
+        return pa.nulls(batch.num_rows, pa.string())
+    lang = pc.utf8_trim_whitespace(_text(batch.column(columns.language)))
+    ok = pc.and_(pc.greater(pc.utf8_length(lang), 0),
+                 pc.less_equal(pc.utf8_length(lang), MAX_LANGUAGE_CHARS))
+    return pc.if_else(pc.fill_null(ok, False), lang, pa.scalar(None, pa.string()))
+
+
+def _extra(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    values = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    kind = values.type
+    if pa.types.is_floating(kind):
+        return pc.if_else(pc.is_nan(values), pa.scalar(None, kind), values)
+    if pa.types.is_integer(kind) or pa.types.is_boolean(kind):
+        return values
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return pc.replace_substring(pc.cast(values, pa.string()), "\x00", "")
+    return pa.array([None if v is None else json.dumps(v, default=str)
+                     for v in values.to_pylist()], pa.string())
+
+
+def _value_counts(reasons: pa.ChunkedArray) -> tuple[list[str], list[int]]:
+    counted = pc.value_counts(reasons.combine_chunks())
+    return counted.field("values").to_pylist(), counted.field("counts").to_pylist()

@@ -1,0 +1,284 @@
+"""Batch leases: forming batches with TABLESAMPLE, heartbeats, completion, failure, reaping.
+
+Every operation is one short transaction of O(1) statements, whatever the batch size.
+
+Forming a download batch (``lease_download``):
+
+1. re-lease the oldest ``pending`` batch (one that expired or was given back) with the
+   same id and the same candidates, so its shard names stay stable;
+2. else create a batch and fill it from unbatched candidates: sample pages with
+   ``TABLESAMPLE SYSTEM (p)`` at a rate adapted to the unbatched fraction
+   (``coordinator.sampling``), shuffle the sample, claim the first batch-size ids with
+   ``FOR UPDATE SKIP LOCKED`` and re-check ``batch_id IS NULL`` on the locked rows; ids
+   that a concurrent lease took are replaced from the rest of the sample;
+3. when the sample comes back short (or would be too costly), top it up from the partial
+   index ``candidates_unbatched`` starting at a random id, again ``SKIP LOCKED``.
+
+Fencing: heartbeat, complete and fail name the batch, the caller (``worker_id``, from its
+bearer token) and the lease token. Anything else than "leased to this caller under this
+token" raises ``LeaseConflict`` and changes nothing; a repeated completion with the same
+report is recognised by its digest and answered with the batch's current state.
+
+Resource handling: each call borrows one pooled connection for one transaction.
+Error handling: ``LeaseConflict`` / ``NotFound`` / ``InvalidReport`` as above; driver
+errors pass through as SQLAlchemy errors (the API maps them to 503).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from coordinator import reports
+from coordinator.errors import LeaseConflict, NotFound
+from coordinator.queries import Q
+from coordinator.sampling import SampleRate
+from coordinator.settings import LeaseSettings
+from pairfarm.protocol import (
+    BatchState,
+    BatchStatus,
+    Candidate,
+    DownloadLease,
+    DownloadReport,
+    FailReport,
+    HeartbeatResponse,
+    PostprocessLease,
+    PostprocessReport,
+    ShardFiles,
+)
+
+DOWNLOAD = "download"
+POSTPROCESS = "postprocess"
+#: the status a batch has while each kind of client holds it, and where it goes back to
+HELD = {DOWNLOAD: BatchStatus.LEASED, POSTPROCESS: BatchStatus.POSTPROCESSING}
+BACK_TO = {DOWNLOAD: BatchStatus.PENDING, POSTPROCESS: BatchStatus.DOWNLOADED}
+TABLE_STATS_MAX_AGE_S = 10.0
+CLAIM_ROUNDS = 3
+
+
+def new_lease_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+@dataclass(frozen=True)
+class FormStats:
+    """How a new batch was filled (for tests and the benchmark)."""
+
+    sampled: int
+    from_sample: int
+    from_index: int
+
+
+class _TableRows:
+    """The candidates table's row count from planner statistics, cached for a few seconds."""
+
+    def __init__(self) -> None:
+        self._rows = 0
+        self._at = float("-inf")
+
+    def get(self, conn: sa.Connection) -> int:
+        if time.monotonic() - self._at > TABLE_STATS_MAX_AGE_S:
+            row = conn.execute(Q.table_size_estimate).one()
+            rows = int(row.rows)
+            if rows < 0:  # never analyzed: the id range bounds the row count
+                rows = int(conn.execute(Q.max_candidate_id).scalar_one())
+            self._rows, self._at = rows, time.monotonic()
+        return self._rows
+
+
+class Leases:
+    """The lease operations of both kinds of client, on one engine."""
+
+    def __init__(self, engine: sa.Engine, settings: LeaseSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.rate = SampleRate(oversample=settings.oversample, max_pct=settings.max_sample_pct)
+        self._rows = _TableRows()
+        self.last_form: FormStats | None = None
+
+    # -- download ---------------------------------------------------------------------
+    def lease_download(self, worker_id: int, max_size: int | None = None) -> DownloadLease | None:
+        """Lease a batch of candidates to ``worker_id``; None when nothing is left."""
+        size = min(max_size or self.settings.batch_size, self.settings.batch_size)
+        params = self._lease_params(worker_id)
+        with self.engine.begin() as conn:
+            row = conn.execute(Q.lease_pending_batch, {**params, "max_size": size}).first()
+            if row is not None:
+                rows = list(conn.execute(Q.batch_candidates, {"batch_id": row.id}))
+                return _download_lease(row, rows)
+            row = conn.execute(Q.insert_leased_batch, params).one()
+            rows = self._form(conn, row.id, size)
+            if not rows:
+                conn.rollback()
+                return None
+            conn.execute(Q.set_batch_size, {"batch_id": row.id, "size": len(rows)})
+            return _download_lease(row, sorted(rows, key=lambda r: r.id))
+
+    def _form(self, conn: sa.Connection, batch_id: int, want: int) -> list[sa.Row[Any]]:
+        table_rows = self._rows.get(conn)
+        pct = self.rate.percent(want, table_rows)
+        claimed: list[sa.Row[Any]] = []
+        sampled = 0
+        if pct is not None:
+            ids = list(conn.execute(Q.sample_unbatched, {"pct": pct}).scalars())
+            sampled = len(ids)
+            self.rate.observe(pct, table_rows, sampled)
+            random.shuffle(ids)
+            claimed = _claim_sampled(conn, batch_id, ids, want)
+        else:
+            self.rate.used_index()
+        from_sample = len(claimed)
+        if len(claimed) < want:
+            claimed += self._claim_by_index(conn, batch_id, want - len(claimed))
+        self.last_form = FormStats(sampled, from_sample, len(claimed) - from_sample)
+        return claimed
+
+    def _claim_by_index(self, conn: sa.Connection, batch_id: int,
+                        want: int) -> list[sa.Row[Any]]:
+        max_id = int(conn.execute(Q.max_candidate_id).scalar_one())
+        start = random.randint(0, max_id)
+        got = list(conn.execute(Q.claim_by_index,
+                                {"start": start, "n": want, "batch_id": batch_id}))
+        if len(got) < want and start > 0:  # wrap around to the beginning
+            got += conn.execute(Q.claim_by_index,
+                                {"start": 0, "n": want - len(got), "batch_id": batch_id}).all()
+        return got
+
+    def complete_download(self, batch_id: int, worker_id: int,
+                          report: DownloadReport) -> BatchState:
+        digest = reports.digest(report)
+        with self.engine.begin() as conn:
+            batch = _lock(conn, batch_id)
+            if batch.download_digest == digest:
+                return _state(batch)
+            _fence(batch, DOWNLOAD, worker_id, report.lease_token)
+            reports.check_download(report, batch.size)
+            row = conn.execute(Q.complete_download, {
+                "batch_id": batch_id, "worker_id": worker_id,
+                "lease_token": report.lease_token,
+                "shard": report.shard.model_dump_json(), "tar_sha256": report.shard.tar_sha256,
+                "outcomes": json.dumps(report.outcomes),
+                "bytes_downloaded": report.bytes_downloaded,
+                "duration_s": report.duration_s, "digest": digest,
+            }).one()
+            return BatchState(batch_id=row.id, status=row.status, attempts=row.attempts)
+
+    # -- post-processing --------------------------------------------------------------
+    def lease_postprocess(self, worker_id: int) -> PostprocessLease | None:
+        with self.engine.begin() as conn:
+            row = conn.execute(Q.lease_downloaded_batch, self._lease_params(worker_id)).first()
+            if row is None:
+                return None
+            ok = int((row.outcomes or {}).get("ok", 0))
+            return PostprocessLease(
+                batch_id=row.id, lease_token=row.lease_token,
+                lease_expires_at=row.lease_expires_at, attempt=row.attempts,
+                shard=ShardFiles.model_validate(row.shard), count=ok)
+
+    def complete_postprocess(self, batch_id: int, worker_id: int,
+                             report: PostprocessReport) -> BatchState:
+        digest = reports.digest(report)
+        with self.engine.begin() as conn:
+            batch = _lock(conn, batch_id)
+            if batch.postprocess_digest == digest:
+                return _state(batch)
+            _fence(batch, POSTPROCESS, worker_id, report.lease_token)
+            reports.check_postprocess(report, batch.outcomes)
+            row = conn.execute(Q.complete_postprocess, {
+                "batch_id": batch_id, "worker_id": worker_id,
+                "lease_token": report.lease_token,
+                "report": report.model_dump_json(exclude={"lease_token"}),
+                "kept": report.kept, "dropped": report.dropped, "digest": digest,
+            }).one()
+            return BatchState(batch_id=row.id, status=row.status, attempts=row.attempts)
+
+    # -- both kinds ---------------------------------------------------------------------
+    def heartbeat(self, kind: str, batch_id: int, worker_id: int,
+                  lease_token: str) -> HeartbeatResponse:
+        with self.engine.begin() as conn:
+            row = conn.execute(Q.heartbeat, {
+                "batch_id": batch_id, "status": HELD[kind].value, "worker_id": worker_id,
+                "lease_token": lease_token, "ttl": self.settings.lease_ttl_s}).first()
+            if row is None:
+                _fence(_lock(conn, batch_id), kind, worker_id, lease_token)
+                raise LeaseConflict(f"batch {batch_id} is not leased to you")
+            return HeartbeatResponse(lease_expires_at=row.lease_expires_at)
+
+    def fail(self, kind: str, batch_id: int, worker_id: int, report: FailReport) -> BatchState:
+        """Give a batch back: ``release`` refunds the attempt; otherwise it counts, and the
+        batch fails for good once ``max_attempts`` are spent."""
+        with self.engine.begin() as conn:
+            batch = _lock(conn, batch_id)
+            _fence(batch, kind, worker_id, report.lease_token)
+            spent = batch.attempts if kind == DOWNLOAD else batch.pp_attempts
+            refund = 1 if report.release else 0
+            row = conn.execute(Q.give_back, {
+                "batch_id": batch_id, "status": HELD[kind].value, "worker_id": worker_id,
+                "lease_token": report.lease_token, "back_to": BACK_TO[kind].value,
+                "exhausted": not report.release and spent >= self.settings.max_attempts,
+                "refund": refund if kind == DOWNLOAD else 0,
+                "pp_refund": refund if kind == POSTPROCESS else 0,
+                "reason": f"{kind} {'released' if report.release else 'failed'}: "
+                          f"{report.reason}",
+            }).one()
+            return BatchState(batch_id=row.id, status=row.status, attempts=row.attempts)
+
+    def reap(self) -> list[tuple[int, str]]:
+        """Return expired leases to the queue (or fail them); the (id, new status) pairs."""
+        with self.engine.begin() as conn:
+            rows = conn.execute(Q.reap_expired, {"max_attempts": self.settings.max_attempts})
+            return [(r.id, r.status) for r in rows]
+
+    def _lease_params(self, worker_id: int) -> dict[str, Any]:
+        return {"worker_id": worker_id, "lease_token": new_lease_token(),
+                "ttl": self.settings.lease_ttl_s}
+
+
+def _claim_sampled(conn: sa.Connection, batch_id: int, ids: list[int],
+                   want: int) -> list[sa.Row[Any]]:
+    """Claim ``want`` of the shuffled ``ids``: the first ``want``, then, for those another
+    lease took meanwhile, the next ones, for at most ``CLAIM_ROUNDS`` rounds."""
+    claimed: list[sa.Row[Any]] = []
+    offset = 0
+    for _ in range(CLAIM_ROUNDS):
+        need = want - len(claimed)
+        chunk = ids[offset:offset + need]
+        if need <= 0 or not chunk:
+            break
+        offset += len(chunk)
+        claimed += conn.execute(Q.claim_candidates, {"ids": chunk, "batch_id": batch_id}).all()
+    return claimed
+
+
+def _lock(conn: sa.Connection, batch_id: int) -> sa.Row[Any]:
+    batch = conn.execute(Q.lock_batch, {"batch_id": batch_id}).first()
+    if batch is None:
+        raise NotFound(f"no batch {batch_id}")
+    return batch
+
+
+def _fence(batch: sa.Row[Any], kind: str, worker_id: int, lease_token: str) -> None:
+    if batch.status != HELD[kind].value:
+        raise LeaseConflict(f"batch {batch.id} is {batch.status}, not {HELD[kind].value}")
+    if batch.worker_id != worker_id:
+        raise LeaseConflict(f"batch {batch.id} is leased to another client")
+    if not secrets.compare_digest(batch.lease_token or "", lease_token):
+        raise LeaseConflict(f"batch {batch.id}: wrong lease token (an older lease?)")
+
+
+def _state(batch: sa.Row[Any]) -> BatchState:
+    return BatchState(batch_id=batch.id, status=batch.status, attempts=batch.attempts)
+
+
+def _download_lease(lease: sa.Row[Any], rows: list[sa.Row[Any]]) -> DownloadLease:
+    return DownloadLease(
+        batch_id=lease.id, lease_token=lease.lease_token,
+        lease_expires_at=lease.lease_expires_at, attempt=lease.attempts,
+        candidates=[Candidate(id=r.id, url=r.url, caption=r.caption, language=r.language,
+                              extra=r.extra or {}) for r in rows])

@@ -1,0 +1,162 @@
+"""The coordinator's schema as SQLAlchemy models; the Alembic migrations must match it.
+
+Sizing for 10^9+ candidates:
+
+- ``candidates`` rows are narrow and written twice in their life: at ingest and when a
+  batch is formed (``batch_id`` set). Their per-URL outcome lives in the shard's parquet,
+  never here. A candidate's state is derived: unbatched (``batch_id IS NULL``) or the state
+  of its batch. ``batch_id`` has no foreign key: an RI trigger per row would double the cost
+  of forming a batch, and the lease statement is its only writer.
+- ``candidates_unbatched`` is a partial index on the rows no batch holds yet: the lease's
+  index fallback and the count of unbatched rows use it, and it shrinks as the farm drains.
+- ``batches`` carries every state change of a batch in one row, so completing a batch is
+  one UPDATE however many URLs it holds.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from pairfarm.protocol import BatchStatus, Role
+
+NAMING = {
+    "ix": "%(table_name)s_%(column_0_N_name)s_idx",
+    "uq": "%(table_name)s_%(column_0_N_name)s_key",
+    "ck": "%(table_name)s_%(constraint_name)s_check",
+    "fk": "%(table_name)s_%(column_0_name)s_fkey",
+    "pk": "%(table_name)s_pkey",
+}
+
+
+def _in(column: str, values: list[str]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def _now() -> Any:
+    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+class Token(Base):
+    """An API bearer token; only its sha256 is stored."""
+
+    __tablename__ = "tokens"
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    role: Mapped[str] = mapped_column(Text, nullable=False)
+    name: Mapped[str] = mapped_column(Text, nullable=False)
+    token_sha256: Mapped[bytes] = mapped_column(LargeBinary, nullable=False, unique=True)
+    created_at: Mapped[datetime] = _now()
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (CheckConstraint(_in("role", [r.value for r in Role]), name="role"),)
+
+
+class Worker(Base):
+    """A client of the API: one per token, updated on register and on every lease."""
+
+    __tablename__ = "workers"
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    token_id: Mapped[int] = mapped_column(ForeignKey("tokens.id"), nullable=False, unique=True)
+    role: Mapped[str] = mapped_column(Text, nullable=False)
+    name: Mapped[str] = mapped_column(Text, nullable=False)
+    version: Mapped[str | None] = mapped_column(Text)
+    registered_at: Mapped[datetime] = _now()
+    last_seen_at: Mapped[datetime] = _now()
+
+
+class Ingest(Base):
+    """One ingested file and its summary; ``candidates.ingest_id`` names the source."""
+
+    __tablename__ = "ingests"
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    source: Mapped[str] = mapped_column(Text, nullable=False)
+    rows_read: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    inserted: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    duplicates: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    rejected: Mapped[dict[str, int]] = mapped_column(
+        JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    started_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Candidate(Base):
+    __tablename__ = "candidates"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    caption: Mapped[str] = mapped_column(Text, nullable=False)
+    language: Mapped[str | None] = mapped_column(Text)
+    ingest_id: Mapped[int | None] = mapped_column(Integer)
+    extra: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    batch_id: Mapped[int | None] = mapped_column(BigInteger)
+    __table_args__ = (
+        Index("candidates_url_key", "url", unique=True),
+        Index("candidates_batch_id_idx", "batch_id",
+              postgresql_where=text("batch_id IS NOT NULL")),
+        Index("candidates_unbatched", "id", postgresql_where=text("batch_id IS NULL")),
+    )
+
+
+class Batch(Base):
+    """A batch of candidates and its whole life: leases, shard, outcome counts."""
+
+    __tablename__ = "batches"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    status: Mapped[str] = mapped_column(Text, nullable=False)
+    size: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    #: the current lease holder (download worker, then post-processing node)
+    worker_id: Mapped[int | None] = mapped_column(ForeignKey("workers.id"))
+    lease_token: Mapped[str | None] = mapped_column(Text)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default="0")
+    pp_attempts: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    downloaded_by: Mapped[int | None] = mapped_column(ForeignKey("workers.id"))
+    shard: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    tar_sha256: Mapped[str | None] = mapped_column(Text)
+    outcomes: Mapped[dict[str, int] | None] = mapped_column(JSONB)
+    bytes_downloaded: Mapped[int | None] = mapped_column(BigInteger)
+    download_s: Mapped[float | None] = mapped_column(Float)
+    download_digest: Mapped[str | None] = mapped_column(Text)
+    postprocess: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    kept: Mapped[int | None] = mapped_column(Integer)
+    dropped: Mapped[int | None] = mapped_column(Integer)
+    postprocess_digest: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    leased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    downloaded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = _now()
+    __table_args__ = (
+        CheckConstraint(_in("status", [s.value for s in BatchStatus]), name="status"),
+        CheckConstraint(
+            "(status IN ('leased', 'postprocessing')) = (lease_token IS NOT NULL)",
+            name="lease_token",
+        ),
+        Index("batches_pending", "id", postgresql_where=text("status = 'pending'")),
+        Index("batches_downloaded", "id", postgresql_where=text("status = 'downloaded'")),
+        Index("batches_leased_expiry", "lease_expires_at",
+              postgresql_where=text("status IN ('leased', 'postprocessing')")),
+        Index("batches_worker_id_idx", "worker_id"),
+    )

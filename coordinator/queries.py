@@ -1,0 +1,48 @@
+"""Named SQL: every statement lives in ``sql/queries.sql`` under a ``-- name:`` line.
+
+``Q.lease_pending_batch`` is the ``sqlalchemy.text`` of the statement of that name; an
+unknown name fails at attribute access, and the file is parsed once, on first use.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+
+from sqlalchemy import TextClause, text
+
+SQL_FILE = Path(__file__).with_name("sql") / "queries.sql"
+_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def parse(source: str) -> dict[str, str]:
+    """Split ``source`` into ``{name: statement}``; comment lines are dropped."""
+    parts = _NAME.split(source)
+    statements: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        lines = [ln for ln in body.splitlines() if not ln.lstrip().startswith("--")]
+        statements[name] = "\n".join(lines).strip().rstrip(";")
+    return statements
+
+
+@cache
+def _statements() -> dict[str, str]:
+    return parse(SQL_FILE.read_text())
+
+
+class _Queries:
+    def __getattr__(self, name: str) -> TextClause:
+        try:
+            return text(_statements()[name])
+        except KeyError:
+            raise AttributeError(f"no query named {name!r} in {SQL_FILE}") from None
+
+    def names(self) -> list[str]:
+        return list(_statements())
+
+    def sql(self, name: str) -> str:
+        return _statements()[name]
+
+
+Q = _Queries()

@@ -1,0 +1,86 @@
+"""The coordinator's settings: one frozen object, built and validated by ``make_settings``.
+
+Every field can come from a command-line flag or from the environment (``DATABASE_URL``,
+``PAIRFARM_BATCH_SIZE``, ``PAIRFARM_LEASE_TTL``, ...; see the click options in
+``coordinator.cli``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator.errors import SettingsError
+
+DEFAULT_DATA_DIR = Path("farm-data/pg")
+DEFAULT_DATABASE = "pairfarm"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeaseSettings:
+    """How batches are formed and how long a lease lasts."""
+
+    batch_size: int = 10_000
+    lease_ttl_s: float = 600.0
+    max_attempts: int = 3
+    #: sample this many times the rows a batch needs, so that a sample is rarely short
+    oversample: float = 1.5
+    #: above this percentage of the table a sample costs more than the index fallback
+    max_sample_pct: float = 20.0
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return self.lease_ttl_s / 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoordinatorSettings:
+    database_url: str | None = None
+    data_dir: Path = DEFAULT_DATA_DIR
+    host: str = "127.0.0.1"
+    port: int = 8600
+    lease: LeaseSettings = field(default_factory=LeaseSettings)
+    reap_interval_s: float = 10.0
+    max_body_bytes: int = 1 << 20
+    #: a worker counts as alive when seen within this many seconds
+    alive_window_s: float = 900.0
+
+
+def make_lease_settings(*, batch_size: int = 10_000, lease_ttl_s: float = 600.0,
+                        max_attempts: int = 3, max_sample_pct: float = 20.0) -> LeaseSettings:
+    _check(1 <= batch_size <= 1_000_000, f"batch size must be in 1..1000000, not {batch_size}")
+    _check(lease_ttl_s >= 1, f"lease TTL must be at least 1 s, not {lease_ttl_s}")
+    _check(1 <= max_attempts <= 100, f"max attempts must be in 1..100, not {max_attempts}")
+    _check(0 < max_sample_pct <= 100, f"max sample % must be in (0, 100], not {max_sample_pct}")
+    return LeaseSettings(batch_size=batch_size, lease_ttl_s=lease_ttl_s,
+                         max_attempts=max_attempts, max_sample_pct=max_sample_pct)
+
+
+def make_settings(*, database_url: str | None = None, data_dir: Path = DEFAULT_DATA_DIR,
+                  host: str = "127.0.0.1", port: int = 8600,
+                  lease: LeaseSettings | None = None, reap_interval_s: float = 10.0,
+                  max_body_bytes: int = 1 << 20) -> CoordinatorSettings:
+    """Validate and build the settings; ``SettingsError`` says what is wrong."""
+    _check(0 <= port <= 65535, f"port must be in 0..65535, not {port}")
+    _check(reap_interval_s > 0, "the reap interval must be positive")
+    _check(max_body_bytes >= 4096, "the body size cap must be at least 4096 bytes")
+    return CoordinatorSettings(
+        database_url=normalize_url(database_url) if database_url else None,
+        data_dir=Path(data_dir), host=host, port=port, lease=lease or LeaseSettings(),
+        reap_interval_s=reap_interval_s, max_body_bytes=max_body_bytes)
+
+
+def normalize_url(url: str) -> str:
+    """Accept ``postgres://`` / ``postgresql://`` URLs and select the psycopg 3 driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    if not url.startswith("postgresql+psycopg://"):
+        scheme = url.partition(":")[0]
+        raise SettingsError(f"DATABASE_URL must be a postgresql:// URL, not {scheme}:")
+    return url
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise SettingsError(message)

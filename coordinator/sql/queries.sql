@@ -1,0 +1,238 @@
+-- Every SQL statement of the coordinator, named; looked up by coordinator.queries.
+-- Parameters are SQLAlchemy ":name" binds. Statements that change a batch fence on
+-- (status, worker_id, lease_token) and read the clock of the database, never the client's.
+
+-- name: touch_worker
+-- The worker row of a token: created on first contact, refreshed on every call.
+INSERT INTO workers (token_id, role, name, version)
+VALUES (:token_id, :role, :name, :version)
+ON CONFLICT (token_id) DO UPDATE
+   SET last_seen_at = now(),
+       name = COALESCE(:new_name, workers.name),
+       version = COALESCE(:new_version, workers.version)
+RETURNING id;
+
+-- name: lease_pending_batch
+-- Re-lease a batch that went back to pending (expired or released), with its candidates.
+UPDATE batches b
+   SET status = 'leased', worker_id = :worker_id, lease_token = :lease_token,
+       lease_expires_at = now() + make_interval(secs => :ttl), attempts = b.attempts + 1,
+       leased_at = now(), updated_at = now()
+ WHERE b.id = (SELECT id FROM batches
+                WHERE status = 'pending' AND size <= :max_size
+                ORDER BY id LIMIT 1
+                FOR UPDATE SKIP LOCKED)
+   AND b.status = 'pending'
+RETURNING b.id, b.lease_token, b.lease_expires_at, b.attempts;
+
+-- name: insert_leased_batch
+INSERT INTO batches (status, worker_id, lease_token, lease_expires_at, attempts, leased_at)
+VALUES ('leased', :worker_id, :lease_token, now() + make_interval(secs => :ttl), 1, now())
+RETURNING id, lease_token, lease_expires_at, attempts;
+
+-- name: set_batch_size
+UPDATE batches SET size = :size WHERE id = :batch_id;
+
+-- name: table_size_estimate
+-- Planner statistics of the candidates table: rows (-1 before the first ANALYZE) and pages.
+SELECT reltuples::bigint AS rows, relpages::bigint AS pages
+  FROM pg_class WHERE oid = 'candidates'::regclass;
+
+-- name: max_candidate_id
+SELECT COALESCE(max(id), 0) AS max_id FROM candidates;
+
+-- name: sample_unbatched
+-- TABLESAMPLE SYSTEM picks whole pages before the WHERE: the caller adapts the percentage
+-- to the unbatched fraction it observes. No lock here; claim_candidates locks.
+SELECT id FROM candidates TABLESAMPLE SYSTEM (CAST(:pct AS real))
+ WHERE batch_id IS NULL;
+
+-- name: claim_candidates
+-- Claim the given ids that are still unbatched, skipping rows another lease holds, and
+-- re-check that they are still unbatched once locked.
+WITH picked AS (
+    SELECT id FROM candidates
+     WHERE id = ANY (CAST(:ids AS bigint[])) AND batch_id IS NULL
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE candidates c SET batch_id = :batch_id
+ WHERE c.id = ANY (ARRAY(SELECT id FROM picked)) AND c.batch_id IS NULL
+RETURNING c.id, c.url, c.caption, c.language, c.extra;
+
+-- name: claim_by_index
+-- Fallback when a sample comes back short: unbatched rows in id order from :start
+-- (partial index candidates_unbatched), skipping locked rows, status re-checked.
+WITH picked AS (
+    SELECT id FROM candidates
+     WHERE batch_id IS NULL AND id >= :start
+     ORDER BY id
+     LIMIT :n
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE candidates c SET batch_id = :batch_id
+ WHERE c.id = ANY (ARRAY(SELECT id FROM picked)) AND c.batch_id IS NULL
+RETURNING c.id, c.url, c.caption, c.language, c.extra;
+
+-- name: batch_candidates
+-- A batch's candidates in key order (row i is written under key_of(i)).
+SELECT id, url, caption, language, extra
+  FROM candidates WHERE batch_id = :batch_id
+ ORDER BY id;
+
+-- name: lock_batch
+SELECT id, status, size, worker_id, lease_token, attempts, pp_attempts, outcomes,
+       shard, download_digest, postprocess_digest
+  FROM batches WHERE id = :batch_id
+   FOR UPDATE;
+
+-- name: heartbeat
+UPDATE batches
+   SET lease_expires_at = now() + make_interval(secs => :ttl), updated_at = now()
+ WHERE id = :batch_id AND status = :status AND worker_id = :worker_id
+   AND lease_token = :lease_token
+RETURNING lease_expires_at;
+
+-- name: complete_download
+UPDATE batches
+   SET status = 'downloaded', shard = CAST(:shard AS jsonb), tar_sha256 = :tar_sha256,
+       outcomes = CAST(:outcomes AS jsonb), bytes_downloaded = :bytes_downloaded,
+       download_s = :duration_s, download_digest = :digest, downloaded_by = worker_id,
+       worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, last_error = NULL,
+       downloaded_at = now(), updated_at = now()
+ WHERE id = :batch_id AND status = 'leased' AND worker_id = :worker_id
+   AND lease_token = :lease_token
+RETURNING id, status, attempts;
+
+-- name: lease_downloaded_batch
+-- Hand a written shard to a post-processing node.
+UPDATE batches b
+   SET status = 'postprocessing', worker_id = :worker_id, lease_token = :lease_token,
+       lease_expires_at = now() + make_interval(secs => :ttl),
+       pp_attempts = b.pp_attempts + 1, updated_at = now()
+ WHERE b.id = (SELECT id FROM batches WHERE status = 'downloaded'
+                ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+   AND b.status = 'downloaded'
+RETURNING b.id, b.lease_token, b.lease_expires_at, b.pp_attempts AS attempts, b.shard,
+          b.outcomes;
+
+-- name: complete_postprocess
+UPDATE batches
+   SET status = 'done', postprocess = CAST(:report AS jsonb), kept = :kept,
+       dropped = :dropped, postprocess_digest = :digest,
+       worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, last_error = NULL,
+       done_at = now(), updated_at = now()
+ WHERE id = :batch_id AND status = 'postprocessing' AND worker_id = :worker_id
+   AND lease_token = :lease_token
+RETURNING id, status, attempts;
+
+-- name: give_back
+-- A holder gives its lease back: to :back_to, or to failed once :exhausted.
+UPDATE batches
+   SET status = CASE WHEN :exhausted THEN 'failed' ELSE CAST(:back_to AS text) END,
+       attempts = attempts - CAST(:refund AS int),
+       pp_attempts = pp_attempts - CAST(:pp_refund AS int),
+       last_error = :reason, worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
+       updated_at = now()
+ WHERE id = :batch_id AND status = :status AND worker_id = :worker_id
+   AND lease_token = :lease_token
+RETURNING id, status, attempts;
+
+-- name: reap_expired
+-- Expired leases go back (download: pending, post-processing: downloaded) or, once
+-- their attempts are spent, to failed with the reason. Rows being changed are skipped.
+WITH expired AS (
+    SELECT id FROM batches
+     WHERE status IN ('leased', 'postprocessing') AND lease_expires_at < now()
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE batches b
+   SET status = CASE
+           WHEN b.status = 'leased' AND b.attempts >= :max_attempts THEN 'failed'
+           WHEN b.status = 'leased' THEN 'pending'
+           WHEN b.pp_attempts >= :max_attempts THEN 'failed'
+           ELSE 'downloaded' END,
+       last_error = CASE
+           WHEN b.status = 'leased' THEN 'download lease expired (attempt '
+                || b.attempts || ' of ' || :max_attempts || ')'
+           ELSE 'post-processing lease expired (attempt '
+                || b.pp_attempts || ' of ' || :max_attempts || ')' END,
+       worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+  FROM expired
+ WHERE b.id = expired.id
+RETURNING b.id, b.status;
+
+-- name: insert_token
+INSERT INTO tokens (role, name, token_sha256) VALUES (:role, :name, :token_sha256)
+RETURNING id;
+
+-- name: token_by_hash
+SELECT id, role, name FROM tokens
+ WHERE token_sha256 = :token_sha256 AND revoked_at IS NULL;
+
+-- name: list_tokens
+SELECT t.id, t.role, t.name, t.created_at, t.revoked_at, w.last_seen_at
+  FROM tokens t LEFT JOIN workers w ON w.token_id = t.id
+ ORDER BY t.id;
+
+-- name: revoke_token
+UPDATE tokens SET revoked_at = now()
+ WHERE (id = :id OR name = :name) AND revoked_at IS NULL
+RETURNING id, role, name;
+
+-- name: stats_batches
+SELECT status, count(*) AS batches, COALESCE(sum(size), 0) AS candidates
+  FROM batches GROUP BY status;
+
+-- name: stats_totals
+SELECT COALESCE(sum(bytes_downloaded), 0) AS bytes_downloaded,
+       COALESCE(sum(kept), 0) AS kept, COALESCE(sum(dropped), 0) AS dropped
+  FROM batches;
+
+-- name: stats_outcomes
+SELECT o.key AS outcome, sum(o.value::bigint) AS total
+  FROM batches b, jsonb_each_text(b.outcomes) AS o
+ WHERE b.outcomes IS NOT NULL
+ GROUP BY o.key;
+
+-- name: stats_ingested
+SELECT COALESCE(sum(inserted), 0) AS inserted FROM ingests;
+
+-- name: stats_workers
+SELECT w.id, w.name, w.role, w.version, w.last_seen_at,
+       array_remove(array_agg(b.id ORDER BY b.id), NULL) AS batches
+  FROM workers w LEFT JOIN batches b ON b.worker_id = w.id
+ WHERE w.last_seen_at > now() - make_interval(secs => :window)
+ GROUP BY w.id
+ ORDER BY w.id;
+
+-- Ingest statements run on a raw psycopg connection (COPY): "%(name)s" parameters, and
+-- "{placeholders}" filled in with psycopg.sql composition for the file's extra columns.
+
+-- name: ingest_staging
+CREATE TEMPORARY TABLE ingest_staging (
+    row bigint NOT NULL, url text NOT NULL, caption text NOT NULL, language text{extra}
+) ON COMMIT DROP;
+
+-- name: ingest_copy
+COPY ingest_staging ({columns}) FROM STDIN (FORMAT csv);
+
+-- name: ingest_insert
+-- Exact URL dedup: the first occurrence wins (earlier file, then earlier row); rows the
+-- unique index already holds are skipped, nothing is updated.
+INSERT INTO candidates (url, caption, language, ingest_id, extra)
+SELECT url, caption, language, %(ingest_id)s, {extra}
+  FROM ingest_staging
+ ORDER BY row
+    ON CONFLICT (url) DO NOTHING;
+
+-- name: ingest_truncate
+TRUNCATE ingest_staging;
+
+-- name: ingest_insert_record
+INSERT INTO ingests (source) VALUES (%(source)s) RETURNING id;
+
+-- name: ingest_finish_record
+UPDATE ingests
+   SET rows_read = %(rows_read)s, inserted = %(inserted)s, duplicates = %(duplicates)s,
+       rejected = %(rejected)s::jsonb, finished_at = now()
+ WHERE id = %(ingest_id)s;

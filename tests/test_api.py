@@ -1,0 +1,178 @@
+"""The REST API through a real ``pairfarm coordinator`` subprocess and the real client."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from pairfarm.client import CoordinatorClient, LeaseLost, Rejected, Unauthorized
+from pairfarm.protocol import API_PREFIX, FailReport, PostprocessReport
+from tests.conftest import RunningCoordinator, insert_candidates, run_cli, start_coordinator
+from tests.leasing import engine_for, expire, report
+
+BATCH = "/download/1"
+ENDPOINTS = [  # (method, path, role allowed besides admin, body)
+    ("POST", "/download/lease", "worker", {}),
+    ("POST", f"{BATCH}/heartbeat", "worker", {"lease_token": "t"}),
+    ("POST", f"{BATCH}/complete", "worker", report("t", 1).model_dump(mode="json")),
+    ("POST", f"{BATCH}/fail", "worker", {"lease_token": "t", "reason": "r"}),
+    ("POST", "/postprocess/lease", "gpu", {}),
+    ("POST", "/postprocess/1/heartbeat", "gpu", {"lease_token": "t"}),
+    ("POST", "/postprocess/1/complete", "gpu",
+     PostprocessReport(lease_token="t", kept=0, dropped=0, duration_s=0).model_dump()),
+    ("POST", "/postprocess/1/fail", "gpu", {"lease_token": "t", "reason": "r"}),
+]
+
+
+def _call(coord: RunningCoordinator, method: str, path: str, body: object,
+          token: str | None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.request(method, f"{coord.url}{API_PREFIX}{path}", json=body,
+                         headers=headers, timeout=30)
+
+
+def test_auth_matrix(coordinator: RunningCoordinator) -> None:
+    tokens = {role: coordinator.token(role) for role in ("worker", "gpu")}
+    for method, path, role, body in ENDPOINTS:
+        for token in (None, "pf_worker_forged"):
+            answer = _call(coordinator, method, path, body, token)
+            assert answer.status_code == 401, (path, token)
+            assert answer.json()["error"] == "auth_error"
+        other = "gpu" if role == "worker" else "worker"
+        answer = _call(coordinator, method, path, body, tokens[other])
+        assert answer.status_code == 403, (path, other)
+        assert answer.json()["error"] == "forbidden"
+    for path in ("/stats",):
+        assert _call(coordinator, "GET", path, None, None).status_code == 401
+    assert _call(coordinator, "POST", "/register", {"name": "n", "version": "1"},
+                 None).status_code == 401
+
+
+def test_download_and_postprocess_round_trip(coordinator: RunningCoordinator) -> None:
+    insert_candidates(coordinator.database_url, 30)
+    admin = CoordinatorClient(coordinator.url, coordinator.token("admin"))
+    with CoordinatorClient(coordinator.url, coordinator.token("worker", "vm-1")) as worker, \
+            CoordinatorClient(coordinator.url, coordinator.token("gpu", "gpu-1")) as gpu:
+        info = worker.register("vm-1.example")
+        assert (info.role, info.batch_size) == ("worker", 10_000)
+        lease = worker.lease_download(max_size=20)
+        assert lease is not None and len(lease.candidates) == 20
+        assert {c.url for c in lease.candidates} <= {
+            f"http://host{i % 50}.test/{i}.jpg" for i in range(30)}
+        worker.heartbeat("download", lease.batch_id, lease.lease_token)
+        done = report(lease.lease_token, 20, ok=15)
+        state = worker.complete("download", lease.batch_id, done)
+        assert worker.complete("download", lease.batch_id, done) == state, "idempotent"
+        rest = worker.lease_download()
+        assert rest is not None and len(rest.candidates) == 10
+        assert worker.lease_download() is None, "204: nothing left"
+        pp = gpu.lease_postprocess()
+        assert pp is not None and pp.batch_id == lease.batch_id and pp.count == 15
+        gpu.complete("postprocess", pp.batch_id, PostprocessReport(
+            lease_token=pp.lease_token, kept=12, dropped=3, duration_s=2.0))
+        stats = admin.stats()
+    assert stats.candidates_total == 30 and stats.candidates_pending == 10
+    assert stats.batches["done"] == 1 and stats.batches["leased"] == 1
+    assert stats.outcomes == {"ok": 15, "timeout": 5}
+    assert (stats.kept, stats.dropped, stats.bytes_downloaded) == (12, 3, 1000)
+    assert {w.name for w in stats.workers} >= {"vm-1.example", "gpu-1"}
+    holder = next(w for w in stats.workers if w.name == "vm-1.example")
+    assert holder.batches == [rest.batch_id]
+    admin.close()
+
+
+def test_fencing_through_the_api(coordinator: RunningCoordinator) -> None:
+    insert_candidates(coordinator.database_url, 10)
+    with CoordinatorClient(coordinator.url, coordinator.token("worker")) as owner, \
+            CoordinatorClient(coordinator.url, coordinator.token("worker")) as other:
+        lease = owner.lease_download()
+        assert lease is not None
+        with pytest.raises(LeaseLost):  # another worker's batch
+            other.complete("download", lease.batch_id, report(lease.lease_token, 10))
+        with pytest.raises(LeaseLost):  # wrong lease token
+            owner.heartbeat("download", lease.batch_id, "stale-token")
+        with pytest.raises(Rejected) as invalid:
+            owner.complete("download", lease.batch_id, report(lease.lease_token, 12))
+        assert invalid.value.status == 422
+        owner.fail("download", lease.batch_id,
+                   FailReport(lease_token=lease.lease_token, reason="bye", release=True))
+        again = other.lease_download()
+        assert again is not None and again.batch_id == lease.batch_id
+
+
+def test_invalid_and_oversized_bodies_get_json_errors(coordinator: RunningCoordinator) -> None:
+    token = coordinator.token("worker")
+    bad = _call(coordinator, "POST", f"{BATCH}/complete", {"lease_token": 5}, token)
+    assert bad.status_code == 422 and bad.json()["error"] == "invalid_request"
+    assert "shard" in bad.json()["detail"]
+    huge = {"lease_token": "t", "reason": "x" * (2 << 20)}
+    big = _call(coordinator, "POST", f"{BATCH}/fail", huge, token)
+    assert big.status_code == 413 and big.json()["error"] == "body_too_large"
+    missing = _call(coordinator, "POST", "/download/999/heartbeat", {"lease_token": "t"}, token)
+    assert missing.status_code == 404
+
+
+def test_revoked_token_is_refused(coordinator: RunningCoordinator) -> None:
+    token = coordinator.token("worker", "doomed")
+    with CoordinatorClient(coordinator.url, token) as client:
+        client.register("doomed")
+        listing = run_cli("token", "list", env=coordinator.env()).stdout
+        assert "doomed" in listing and token not in listing
+        run_cli("token", "revoke", "doomed", env=coordinator.env())
+        with pytest.raises(Unauthorized):
+            client.lease_download()
+
+
+def test_openapi_and_health(coordinator: RunningCoordinator) -> None:
+    schema = httpx.get(f"{coordinator.url}/openapi.json").json()
+    assert f"{API_PREFIX}/download/lease" in schema["paths"]
+    assert httpx.get(f"{coordinator.url}/healthz").json() == {"status": "ok"}
+
+
+def test_server_reaps_expired_leases(db_url: str, tmp_path: Path) -> None:
+    insert_candidates(db_url, 10)
+    coord = start_coordinator(db_url, tmp_path / "log", "--reap-interval", "0.1")
+    try:
+        with CoordinatorClient(coord.url, coord.token("worker")) as client:
+            lease = client.lease_download()
+            assert lease is not None
+            with engine_for(db_url) as engine:
+                expire(engine, lease.batch_id)
+                assert _wait_for_status(engine, lease.batch_id, "pending")
+            with pytest.raises(LeaseLost):
+                client.complete("download", lease.batch_id, report(lease.lease_token, 10))
+    finally:
+        coord.stop()
+
+
+def _wait_for_status(engine: sa.Engine, batch_id: int, status: str) -> bool:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            now = conn.execute(sa.text("SELECT status FROM batches WHERE id = :i"),
+                               {"i": batch_id}).scalar_one()
+        if now == status:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_unmigrated_database_is_refused_with_a_hint(pg_server: object, tmp_path: Path) -> None:
+    from coordinator.db import ensure_database
+
+    ensure_database(pg_server.url(), "empty_db")  # type: ignore[attr-defined]
+    url = pg_server.url("empty_db")  # type: ignore[attr-defined]
+    out = run_cli("token", "list", env={**_env(url)}, check=False)
+    assert out.returncode == 1 and "pairfarm db upgrade" in out.stderr
+    assert "-> 0001" in run_cli("db", "upgrade", env=_env(url)).stdout
+    assert run_cli("token", "list", env=_env(url)).returncode == 0
+
+
+def _env(url: str) -> dict[str, str]:
+    from tests.conftest import cli_env
+
+    return cli_env(DATABASE_URL=url)

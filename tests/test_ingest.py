@@ -1,0 +1,164 @@
+"""Ingest: every format, validation reasons, dedup, malformed files, re-runs."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import sqlalchemy as sa
+
+from coordinator.ingest.validate import Columns, validate
+from tests.conftest import cli_env, run_cli
+from tests.leasing import engine_for
+
+ROWS: list[dict[str, Any]] = [
+    {"url": "http://a.test/1.jpg", "caption": "a red bicycle", "width": 640, "score": 0.31},
+    {"url": "https://b.test/2.png", "caption": "two cats on a sofa", "width": 800,
+     "score": 0.25},
+    {"url": "http://c.test/3.jpg", "caption": "a bowl of soup", "width": None, "score": 0.5},
+]
+
+
+def _write(path: Path, rows: list[dict[str, Any]]) -> Path:
+    name = path.name.removesuffix(".gz")
+    opener: Any = gzip.open if path.suffix == ".gz" else open
+    if name.endswith(".parquet"):
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif name.endswith((".csv", ".tsv")):
+        with opener(path, "wt", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]),
+                                    delimiter="\t" if ".tsv" in name else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        with opener(path, "wt") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+def _candidates(db_url: str) -> list[Any]:
+    with engine_for(db_url) as engine, engine.connect() as conn:
+        return conn.execute(sa.text(
+            "SELECT c.url, c.caption, c.language, c.extra, i.source "
+            "FROM candidates c JOIN ingests i ON i.id = c.ingest_id ORDER BY c.id")).all()
+
+
+def _ingest(db_url: str, *args: str, check: bool = True) -> Any:
+    return run_cli("ingest", *args, env=cli_env(DATABASE_URL=db_url), check=check)
+
+
+@pytest.mark.parametrize("name", ["in.parquet", "in.csv", "in.tsv", "in.jsonl",
+                                  "in.csv.gz", "in.tsv.gz", "in.jsonl.gz"])
+def test_each_format_loads_with_extra_columns(db_url: str, tmp_path: Path, name: str) -> None:
+    path = _write(tmp_path / name, ROWS)
+    out = _ingest(db_url, str(path)).stdout
+    assert "read 3, inserted 3, duplicate 0, rejected 0" in out
+    rows = _candidates(db_url)
+    assert [(r.url, r.caption) for r in rows] == [(r["url"], r["caption"]) for r in ROWS]
+    typed = name.endswith(("parquet", "jsonl", "jsonl.gz"))
+    first = {"width": 640, "score": 0.31} if typed else {"width": "640", "score": "0.31"}
+    assert rows[0].extra == first, "extra columns are kept as the input had them"
+    assert "width" not in rows[2].extra, "a missing value is left out"
+    assert rows[0].source == str(path)
+
+
+def test_bad_rows_are_rejected_with_their_reason(db_url: str, tmp_path: Path) -> None:
+    rows = [
+        {"URL": "http://ok.test/a.jpg", "TEXT": "fine\tcaption\x07 here", "lang": "en"},
+        {"URL": "", "TEXT": "no url at all"},
+        {"URL": "ftp://x.test/a.jpg", "TEXT": "wrong scheme"},
+        {"URL": "javascript:alert(1)", "TEXT": "not http"},
+        {"URL": "http:///nohost.jpg", "TEXT": "no host here"},
+        {"URL": "http://x.test/a b.jpg", "TEXT": "space in url"},
+        {"URL": "http://x.test/" + "a" * 2100, "TEXT": "url far too long"},
+        {"URL": "http://x.test/n.jpg", "TEXT": None},
+        {"URL": "http://x.test/s.jpg", "TEXT": " abc "},
+        {"URL": "http://x.test/l.jpg", "TEXT": "c" * 5000},
+        {"URL": " http://ok.test/b.jpg\n", "TEXT": "trimmed url", "lang": "x" * 40},
+    ]
+    path = _write(tmp_path / "bad.jsonl", rows)
+    rejects = tmp_path / "rejects.csv"
+    out = _ingest(db_url, str(path), "--url-col", "URL", "--caption-col", "TEXT",
+                  "--language-col", "lang", "--rejects", str(rejects)).stdout
+    assert "read 11, inserted 2, duplicate 0, rejected 9" in out
+    loaded = _candidates(db_url)
+    assert [(r.url, r.caption, r.language) for r in loaded] == [
+        ("http://ok.test/a.jpg", "fine caption  here", "en"),
+        ("http://ok.test/b.jpg", "trimmed url", None)]
+    with rejects.open() as handle:
+        got = [(int(r["row"]), r["reason"]) for r in csv.DictReader(handle)]
+    assert got == [(2, "missing_url"), (3, "not_http"), (4, "not_http"), (5, "bad_url"),
+                   (6, "bad_url"), (7, "url_too_long"), (8, "missing_caption"),
+                   (9, "caption_too_short"), (10, "caption_too_long")]
+
+
+def test_exact_duplicates_first_ingested_wins_and_rerun_adds_nothing(
+        db_url: str, tmp_path: Path) -> None:
+    first = _write(tmp_path / "first.csv", [
+        {"url": "http://a.test/1.jpg", "caption": "the first caption"},
+        {"url": "http://a.test/1.jpg", "caption": "same url again"},
+        {"url": "http://A.test/1.jpg", "caption": "another host case"}])
+    second = _write(tmp_path / "second.csv", [
+        {"url": "http://a.test/1.jpg", "caption": "from the second file"},
+        {"url": "http://a.test/2.jpg", "caption": "new in the second"}])
+    out = _ingest(db_url, str(first), str(second)).stdout
+    assert "read 5, inserted 3, duplicate 2" in out
+    again = _ingest(db_url, str(first), str(second)).stdout
+    assert "read 5, inserted 0, duplicate 5" in again
+    captions = {r.url: r.caption for r in _candidates(db_url)}
+    assert captions == {"http://a.test/1.jpg": "the first caption",
+                        "http://A.test/1.jpg": "another host case",
+                        "http://a.test/2.jpg": "new in the second"}
+
+
+def test_malformed_csv_names_file_and_line_and_loads_nothing(db_url: str,
+                                                            tmp_path: Path) -> None:
+    good = _write(tmp_path / "good.csv", ROWS[:1])
+    bad = tmp_path / "bad.csv"
+    lines = ["url,caption"] + [f"http://x.test/{i}.jpg,caption {i}" for i in range(50)]
+    lines.insert(31, "http://x.test/extra.jpg,caption,surplus field")
+    bad.write_text("\n".join(lines) + "\n")
+    out = _ingest(db_url, str(good), str(bad), check=False)
+    assert out.returncode == 1
+    assert f"{bad}: line 32: 3 fields, the header has 2" in out.stderr
+    assert "nothing of this file was loaded" in out.stderr
+    assert [r.url for r in _candidates(db_url)] == [ROWS[0]["url"]], "earlier files stay"
+
+
+def test_malformed_jsonl_names_the_line(db_url: str, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl.gz"
+    with gzip.open(bad, "wt") as handle:
+        handle.write(json.dumps(ROWS[0]) + "\n" + '{"url": "http://x", "caption": \n')
+    out = _ingest(db_url, str(bad), check=False)
+    assert out.returncode == 1 and f"{bad}: line 2:" in out.stderr
+    assert _candidates(db_url) == []
+
+
+def test_missing_column_and_unknown_format_are_clear_errors(db_url: str,
+                                                           tmp_path: Path) -> None:
+    path = _write(tmp_path / "in.csv", ROWS)
+    out = _ingest(db_url, str(path), "--caption-col", "TEXT", check=False)
+    assert out.returncode == 1 and "no caption column 'TEXT'" in out.stderr
+    assert "--caption-col" in out.stderr
+    odd = tmp_path / "in.xlsx"
+    odd.write_text("x")
+    out = _ingest(db_url, str(odd), check=False)
+    assert out.returncode == 1 and "--input-format" in out.stderr
+
+
+def test_validate_counts_reasons_and_numbers_rows() -> None:
+    batch = pa.RecordBatch.from_pylist([
+        {"url": "http://a.test/x", "caption": "long enough"},
+        {"url": "gopher://a.test/x", "caption": "long enough"},
+        {"url": None, "caption": "long enough"},
+    ])
+    checked = validate(batch, Columns(), first_row=101)
+    assert checked.good.column("row").to_pylist() == [101]
+    assert dict(checked.rejected) == {"not_http": 1, "missing_url": 1}
+    assert checked.rejects.column("row").to_pylist() == [102, 103]

@@ -1,0 +1,234 @@
+"""Batch leasing on a real Postgres: drains, concurrency, expiry, fencing, reports."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import sqlalchemy as sa
+
+from coordinator.errors import InvalidReport, LeaseConflict, NotFound
+from coordinator.leases import Leases
+from pairfarm.protocol import BatchStatus, FailReport
+from tests.conftest import insert_candidates
+from tests.leasing import engine_for, expire, leases, mark_batched, new_worker, report
+
+
+def _all_ids(engine: sa.Engine, where: str = "true") -> set[int]:
+    with engine.connect() as conn:
+        return set(conn.execute(sa.text(f"SELECT id FROM candidates WHERE {where}")).scalars())
+
+
+def _drain(service: Leases, worker_id: int) -> list[list[int]]:
+    batches = []
+    while (lease := service.lease_download(worker_id)) is not None:
+        batches.append([c.id for c in lease.candidates])
+    return batches
+
+
+def _drain_concurrently(engine: sa.Engine, service: Leases, clients: int) -> list[list[int]]:
+    workers = [new_worker(engine, f"w{i}") for i in range(clients)]
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda w: _drain(service, w), workers))
+    return [batch for per_client in results for batch in per_client]
+
+
+def _assert_exactly_once(batches: list[list[int]], expected: set[int]) -> None:
+    leased = [i for batch in batches for i in batch]
+    assert len(leased) == len(set(leased)), "a candidate was leased twice"
+    assert set(leased) == expected, "a candidate was never leased"
+
+
+def test_sequential_drain_keeps_batches_full(db_url: str) -> None:
+    insert_candidates(db_url, 5_050)
+    with engine_for(db_url) as engine:
+        service = leases(engine, batch_size=500)
+        batches = _drain(service, new_worker(engine, "solo"))
+        _assert_exactly_once(batches, _all_ids(engine))
+        assert [len(b) for b in batches] == [500] * 10 + [50]
+        assert all(b == sorted(b) for b in batches), "candidates come in key (id) order"
+
+
+@pytest.mark.parametrize("layout", ["all_pending", "one_percent", "clustered_at_end"])
+def test_sixteen_concurrent_leasers_lease_every_url_exactly_once(db_url: str,
+                                                                 layout: str) -> None:
+    insert_candidates(db_url, 60_000)
+    with engine_for(db_url) as engine:
+        if layout == "one_percent":
+            mark_batched(engine, "id % 100 <> 0")
+        elif layout == "clustered_at_end":
+            mark_batched(engine, "id <= 59_400")
+        pending = _all_ids(engine, "batch_id IS NULL")
+        service = leases(engine, batch_size=40 if layout != "all_pending" else 500)
+        batches = _drain_concurrently(engine, service, 16)
+        _assert_exactly_once(batches, pending)
+        assert service.lease_download(new_worker(engine, "late")) is None
+
+
+def test_sample_adapts_as_the_table_drains(db_url: str) -> None:
+    insert_candidates(db_url, 100_000)
+    with engine_for(db_url) as engine:
+        mark_batched(engine, "id % 100 <> 0")  # 99 % done: 1,000 pending
+        service = leases(engine, batch_size=100, max_sample_pct=100)
+        worker = new_worker(engine, "w")
+        sizes, from_sample = [], 0
+        while (lease := service.lease_download(worker)) is not None:
+            sizes.append(len(lease.candidates))
+            assert service.last_form is not None
+            from_sample += service.last_form.from_sample
+        assert sizes == [100] * 10, "batches stay full until the table is drained"
+        assert service.rate.fraction < 0.05, "the sampler learned the pending fraction"
+        assert from_sample >= 500, "most rows still come from TABLESAMPLE, not the index"
+
+
+def test_expired_lease_is_released_to_another_worker_and_fences_the_old_one(
+        db_url: str) -> None:
+    insert_candidates(db_url, 300)
+    with engine_for(db_url) as engine:
+        service = leases(engine, batch_size=100)
+        alice, bob = new_worker(engine, "alice"), new_worker(engine, "bob")
+        first = service.lease_download(alice)
+        assert first is not None
+        expire(engine, first.batch_id)
+        assert service.reap() == [(first.batch_id, "pending")]
+        second = service.lease_download(bob)
+        assert second is not None
+        assert second.batch_id == first.batch_id and second.attempt == 2
+        assert second.candidates == first.candidates, "same batch, same candidates, same keys"
+        with pytest.raises(LeaseConflict):
+            service.complete_download(first.batch_id, alice, report(first.lease_token, 100))
+        with pytest.raises(LeaseConflict):
+            service.heartbeat("download", first.batch_id, alice, first.lease_token)
+        state = service.complete_download(second.batch_id, bob, report(second.lease_token, 100))
+        assert state.status == BatchStatus.DOWNLOADED
+
+
+def test_attempts_exhausted_fail_the_batch_with_its_reason(db_url: str) -> None:
+    insert_candidates(db_url, 10)
+    with engine_for(db_url) as engine:
+        service = leases(engine, batch_size=10, max_attempts=2)
+        worker = new_worker(engine, "w")
+        for expected in ("pending", "failed"):
+            lease = service.lease_download(worker)
+            assert lease is not None
+            expire(engine, lease.batch_id)
+            assert service.reap() == [(lease.batch_id, expected)]
+        assert service.lease_download(worker) is None
+        with engine.connect() as conn:
+            row = conn.execute(sa.text("SELECT status, last_error FROM batches")).one()
+        assert row.status == "failed" and "expired (attempt 2 of 2)" in row.last_error
+
+
+def test_heartbeat_extends_the_lease_and_survives_the_reaper(db_url: str) -> None:
+    insert_candidates(db_url, 10)
+    with engine_for(db_url) as engine:
+        service = leases(engine, batch_size=10, lease_ttl_s=60)
+        worker = new_worker(engine, "w")
+        lease = service.lease_download(worker)
+        assert lease is not None
+        expire(engine, lease.batch_id)
+        beat = service.heartbeat("download", lease.batch_id, worker, lease.lease_token)
+        assert beat.lease_expires_at > lease.lease_expires_at
+        assert service.reap() == []
+
+
+def test_fencing_refuses_other_workers_and_wrong_tokens_and_changes_nothing(
+        db_url: str) -> None:
+    insert_candidates(db_url, 10)
+    with engine_for(db_url) as engine:
+        service = leases(engine, batch_size=10)
+        owner, other = new_worker(engine, "owner"), new_worker(engine, "other")
+        lease = service.lease_download(owner)
+        assert lease is not None
+        attempts = [
+            (other, lease.lease_token),  # another worker's batch
+            (owner, "not-the-lease-token"),  # wrong lease token
+        ]
+        for worker, token in attempts:
+            with pytest.raises(LeaseConflict):
+                service.complete_download(lease.batch_id, worker, report(token, 10))
+            with pytest.raises(LeaseConflict):
+                service.fail("download", lease.batch_id, worker,
+                             FailReport(lease_token=token, reason="x"))
+            with pytest.raises(LeaseConflict):
+                service.heartbeat("download", lease.batch_id, worker, token)
+        with pytest.raises(NotFound):
+            service.heartbeat("download", 999, owner, lease.lease_token)
+        with engine.connect() as conn:
+            row = conn.execute(sa.text("SELECT status, worker_id, attempts FROM batches")).one()
+        assert tuple(row) == ("leased", owner, 1)
+
+
+def test_completion_is_validated_and_idempotent(db_url: str) -> None:
+    insert_candidates(db_url, 10)
+    with engine_for(db_url) as engine:
+        service = leases(engine, batch_size=10)
+        worker = new_worker(engine, "w")
+        lease = service.lease_download(worker)
+        assert lease is not None
+        too_many = report(lease.lease_token, 11)
+        with pytest.raises(InvalidReport, match="sum to 11"):
+            service.complete_download(lease.batch_id, worker, too_many)
+        unknown = report(lease.lease_token, 10).model_copy(update={"outcomes": {"meh": 10}})
+        with pytest.raises(InvalidReport, match="unknown outcome"):
+            service.complete_download(lease.batch_id, worker, unknown)
+        good = report(lease.lease_token, 10, ok=7)
+        first = service.complete_download(lease.batch_id, worker, good)
+        again = service.complete_download(lease.batch_id, worker, good)
+        assert first == again and first.status == BatchStatus.DOWNLOADED
+        with pytest.raises(LeaseConflict):
+            service.complete_download(lease.batch_id, worker, report(lease.lease_token, 10))
+        with engine.connect() as conn:
+            row = conn.execute(sa.text("SELECT outcomes, tar_sha256 FROM batches")).one()
+        assert row.outcomes == {"ok": 7, "timeout": 3} and row.tar_sha256 == "0" * 64
+
+
+def test_release_refunds_the_attempt_and_failure_counts(db_url: str) -> None:
+    insert_candidates(db_url, 10)
+    with engine_for(db_url) as engine:
+        service = leases(engine, batch_size=10, max_attempts=2)
+        worker = new_worker(engine, "w")
+        lease = service.lease_download(worker)
+        assert lease is not None
+        released = service.fail("download", lease.batch_id, worker,
+                                FailReport(lease_token=lease.lease_token, reason="shutdown",
+                                           release=True))
+        assert (released.status, released.attempts) == (BatchStatus.PENDING, 0)
+        for expected in (BatchStatus.PENDING, BatchStatus.FAILED):
+            lease = service.lease_download(worker)
+            assert lease is not None
+            state = service.fail("download", lease.batch_id, worker,
+                                 FailReport(lease_token=lease.lease_token, reason="disk full"))
+            assert state.status == expected
+
+
+def test_postprocess_leases_written_shards_and_completes_them(db_url: str) -> None:
+    insert_candidates(db_url, 20)
+    with engine_for(db_url) as engine:
+        service = leases(engine, batch_size=10)
+        worker, gpu = new_worker(engine, "w"), new_worker(engine, "g", role="gpu")
+        assert service.lease_postprocess(gpu) is None, "nothing downloaded yet"
+        lease = service.lease_download(worker)
+        assert lease is not None
+        service.complete_download(lease.batch_id, worker, report(lease.lease_token, 10, ok=6))
+        pp = service.lease_postprocess(gpu)
+        assert pp is not None and pp.batch_id == lease.batch_id and pp.count == 6
+        assert pp.shard.tar == "s/00000001.tar"
+        assert service.lease_postprocess(gpu) is None, "one holder at a time"
+        expire(engine, pp.batch_id)
+        assert service.reap() == [(pp.batch_id, "downloaded")]
+        pp2 = service.lease_postprocess(gpu)
+        assert pp2 is not None and pp2.attempt == 2
+        from pairfarm.protocol import PostprocessReport
+
+        bad = PostprocessReport(lease_token=pp2.lease_token, kept=5, dropped=2, duration_s=1)
+        with pytest.raises(InvalidReport, match="holds 6"):
+            service.complete_postprocess(pp2.batch_id, gpu, bad)
+        stale = PostprocessReport(lease_token=pp.lease_token, kept=5, dropped=1, duration_s=1)
+        with pytest.raises(LeaseConflict):
+            service.complete_postprocess(pp2.batch_id, gpu, stale)
+        good = PostprocessReport(lease_token=pp2.lease_token, kept=5, dropped=1,
+                                 drop_reasons={"clip": 1}, duration_s=1)
+        done = service.complete_postprocess(pp2.batch_id, gpu, good)
+        assert done.status == BatchStatus.DONE
+        assert service.complete_postprocess(pp2.batch_id, gpu, good) == done
