@@ -130,6 +130,7 @@ class HostileServer:
     routes: dict[str, Handler]
     host: str = "127.0.0.1"
     port: int = 0
+    fallback: Handler | None = None  # for paths not in ``routes`` (default: 404)
     connections: int = 0
     requests: list[Request] = field(default_factory=list)
 
@@ -147,7 +148,7 @@ class HostileServer:
             if request is None:
                 return
             self.requests.append(request)
-            handler = self.routes.get(request.path.split("?")[0])
+            handler = self.routes.get(request.path.split("?")[0], self.fallback)
             await (handler or route_status(404))(stream, request)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
@@ -173,8 +174,10 @@ async def _read_request(stream: trio.SocketStream) -> Request | None:
 
 
 async def start_server(nursery: trio.Nursery, routes: dict[str, Handler],
-                       host: str = "127.0.0.1") -> HostileServer:
-    server: HostileServer = await nursery.start(HostileServer(routes, host=host).run)
+                       host: str = "127.0.0.1", fallback: Handler | None = None
+                       ) -> HostileServer:
+    server: HostileServer = await nursery.start(
+        HostileServer(routes, host=host, fallback=fallback).run)
     return server
 
 
@@ -278,15 +281,15 @@ def brotli_bomb(decoded: int = 200 * 1024 * 1024) -> bytes:
 
 
 @contextmanager
-def server_thread(routes: dict[str, Handler], host: str = "127.0.0.1"
-                  ) -> Iterator[HostileServer]:
+def server_thread(routes: dict[str, Handler], host: str = "127.0.0.1",
+                  fallback: Handler | None = None) -> Iterator[HostileServer]:
     """The server in a thread with its own Trio loop, for tests that run subprocesses."""
     ready: queue.Queue[tuple[HostileServer, trio.lowlevel.TrioToken, trio.CancelScope]]
     ready = queue.Queue()
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
-            server = await start_server(nursery, routes, host)
+            server = await start_server(nursery, routes, host, fallback)
             ready.put((server, trio.lowlevel.current_trio_token(), nursery.cancel_scope))
 
     thread = threading.Thread(target=trio.run, args=(serve,), daemon=True)

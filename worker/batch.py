@@ -44,6 +44,7 @@ from worker.shards import Sample, ShardStats, ShardWriter
 from worker.transport import build_client
 
 _DECODE_BUDGET = 96 * 1024 * 1024
+_WRITE_GROUP = 63
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,10 +134,28 @@ async def _feed(candidates: Sequence[Candidate],
 
 async def _write(recv: trio.MemoryReceiveChannel[Sample], writer: ShardWriter,
                  on_sample: OnSample) -> None:
+    """Write samples as they come; whatever is already queued goes in one thread call."""
     async with recv:
         async for sample in recv:
-            await trio.to_thread.run_sync(writer.add, sample)
-            on_sample(sample)
+            samples = [sample, *_queued(recv, limit=_WRITE_GROUP)]
+            await trio.to_thread.run_sync(_add_all, writer, samples)
+            for done in samples:
+                on_sample(done)
+
+
+def _queued(recv: trio.MemoryReceiveChannel[Sample], limit: int) -> list[Sample]:
+    queued: list[Sample] = []
+    while len(queued) < limit:
+        try:
+            queued.append(recv.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            break
+    return queued
+
+
+def _add_all(writer: ShardWriter, samples: list[Sample]) -> None:
+    for sample in samples:
+        writer.add(sample)
 
 
 class Stage:

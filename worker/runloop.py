@@ -100,11 +100,21 @@ class RunLoop:
         self._signals.draining.set()
 
     async def run(self) -> RunSummary:
+        """Work until told to stop, idle (with ``exit_when_idle``) or out of batches.
+
+        Raises ``WorkerStopped`` (unwrapped) when the coordinator refuses the token.
+        """
+        stopped: WorkerStopped | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals)
-            await self._register()
-            await self._loop()
+            try:
+                await self._register()
+                await self._loop()
+            except WorkerStopped as exc:
+                stopped = exc
             nursery.cancel_scope.cancel()
+        if stopped is not None:
+            raise stopped
         return self.summary
 
     async def _watch_signals(self) -> None:

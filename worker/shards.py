@@ -185,12 +185,16 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the temporary files (best effort: the shard is abandoned anyway)."""
+        for close in (self._tar.close, self._tar_file.close):
+            try:
+                close()
+            except (OSError, ValueError):
+                continue
         for name_of in (tar_name, parquet_name, stats_name):
             try:
-                self._tar_file.close()
                 if self.fs.exists(self._tmp(name_of)):
                     self.fs.rm(self._tmp(name_of))
-            except (OSError, ValueError):
+            except OSError:
                 continue
 
     def outcome_counts(self) -> Counter[str]:

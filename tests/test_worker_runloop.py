@@ -1,0 +1,281 @@
+"""The run loop against a scripted coordinator that speaks the protocol (``pairfarm.protocol``).
+
+The coordinator here is an ``httpx.MockTransport`` handler that validates every request
+body with the protocol's models and answers with them, so the worker's side of the
+contract is checked exactly; candidate images come from the hostile test server through
+the fake network (SSRF guard on). Time is a ``MockClock``: heartbeats, backoff and the
+drain timeout run in virtual time (the clock jumps when every task has waited 0.3 s).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import httpx
+import pytest
+import trio
+import trio.testing
+
+from pairfarm.client import AsyncCoordinatorClient
+from pairfarm.protocol import (
+    API_PREFIX,
+    BatchState,
+    BatchStatus,
+    Candidate,
+    DownloadLease,
+    DownloadReport,
+    FailReport,
+    Heartbeat,
+    HeartbeatResponse,
+    LeaseRequest,
+    RegisterRequest,
+    RegisterResponse,
+    Role,
+)
+from tests import hostile_server as hs
+from worker.batch import Network
+from worker.runloop import RunLoop, WorkerStopped
+from worker.settings import FetchSettings, PipelineSettings, RunSettings
+
+JPEG = hs.jpeg_bytes(400, 300)
+
+
+@dataclass
+class ScriptedCoordinator:
+    """The coordinator's download API, in memory; ``script`` bends its answers."""
+
+    batches: list[list[str]]
+    heartbeat_s: float = 5.0
+    down_calls: int = 0  # the first N requests fail with 503
+    lose_lease_of: set[int] = field(default_factory=set)
+    token: str = "secret"
+    calls: list[str] = field(default_factory=list)
+    completed: dict[int, DownloadReport] = field(default_factory=dict)
+    failed: dict[int, FailReport] = field(default_factory=dict)
+    heartbeats: list[tuple[float, int]] = field(default_factory=list)
+    _next: int = 0
+
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self.handle)
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path.removeprefix(API_PREFIX)
+        self.calls.append(path)
+        await trio.lowlevel.checkpoint()
+        if request.headers.get("authorization") != f"Bearer {self.token}":
+            return httpx.Response(401, json={"error": "unauthorized", "detail": "bad token"})
+        if self.down_calls > 0:
+            self.down_calls -= 1
+            return httpx.Response(503, json={"error": "unavailable", "detail": "db down"})
+        body = json.loads(request.content or b"null")
+        return self._route(path, body)
+
+    def _route(self, path: str, body: Any) -> httpx.Response:
+        if path == "/register":
+            RegisterRequest.model_validate(body)
+            return _ok(RegisterResponse(worker_id=1, role=Role.WORKER, batch_size=10,
+                                        lease_ttl_s=60, heartbeat_interval_s=self.heartbeat_s))
+        if path == "/download/lease":
+            LeaseRequest.model_validate(body)
+            return self._lease()
+        batch_id = int(path.split("/")[2])
+        action = path.split("/")[3]
+        return getattr(self, f"_{action}")(batch_id, body)
+
+    def _lease(self) -> httpx.Response:
+        if self._next >= len(self.batches):
+            return httpx.Response(204)
+        urls = self.batches[self._next]
+        self._next += 1
+        lease = DownloadLease(
+            batch_id=self._next, lease_token=f"lt-{self._next}", attempt=1,
+            lease_expires_at=datetime.now(UTC) + timedelta(seconds=60),
+            candidates=[Candidate(id=100 * self._next + i, url=u, caption=f"c{i}")
+                        for i, u in enumerate(urls)])
+        return _ok(lease)
+
+    def _heartbeat(self, batch_id: int, body: Any) -> httpx.Response:
+        Heartbeat.model_validate(body)
+        self.heartbeats.append((trio.current_time(), batch_id))
+        if batch_id in self.lose_lease_of:
+            return httpx.Response(409, json={"error": "lease_lost", "detail": "reaped"})
+        return _ok(HeartbeatResponse(lease_expires_at=datetime.now(UTC)))
+
+    def _complete(self, batch_id: int, body: Any) -> httpx.Response:
+        report = DownloadReport.model_validate(body)
+        if batch_id in self.lose_lease_of:
+            return httpx.Response(409, json={"error": "lease_lost", "detail": "reaped"})
+        self.completed[batch_id] = report
+        return _ok(BatchState(batch_id=batch_id, status=BatchStatus.DOWNLOADED, attempts=1))
+
+    def _fail(self, batch_id: int, body: Any) -> httpx.Response:
+        self.failed[batch_id] = FailReport.model_validate(body)
+        return _ok(BatchState(batch_id=batch_id, status=BatchStatus.PENDING, attempts=0))
+
+
+def _ok(model: Any) -> httpx.Response:
+    return httpx.Response(200, json=model.model_dump(mode="json"))
+
+
+def _settings(**overrides: Any) -> RunSettings:
+    pipeline = PipelineSettings(fetch=FetchSettings(deadline=20, read_timeout=10),
+                                decode_threads=1)
+    base: dict[str, Any] = {"coordinator_url": "http://coordinator.test", "token": "secret",
+                            "output": "unused", "name": "w1", "pipeline": pipeline,
+                            "exit_when_idle": True, "backoff_base_s": 1, "backoff_cap_s": 30}
+    return RunSettings(**{**base, **overrides})
+
+
+Scenario = Callable[[RunLoop, hs.HostileServer], Awaitable[None]]
+
+
+def _run(coordinator: ScriptedCoordinator, out: Path, settings: RunSettings | None = None,
+         during: Scenario | None = None, paths: list[list[str]] | None = None) -> RunLoop:
+    async def main() -> RunLoop:
+        dns, dialer = hs.fake_network()
+        routes = {"/a.jpg": hs.route_ok(JPEG), "/b.jpg": hs.route_ok(JPEG),
+                  "/slow.jpg": hs.route_slow_first_byte(8, JPEG), "/404": hs.route_status(404)}
+        async with trio.open_nursery() as nursery:
+            server = await hs.start_server(nursery, routes)
+            coordinator.batches = [[server.url(p) for p in batch] for batch in paths or []]
+            run_settings = settings or _settings()
+            client = AsyncCoordinatorClient("http://coordinator.test", run_settings.token,
+                                            transport=coordinator.transport())
+            loop = RunLoop(run_settings, client, fsspec.filesystem("file"), str(out),
+                           network=Network(resolver=dns, dialer=dialer),
+                           rng=random.Random(0))
+            if during is not None:
+                nursery.start_soon(during, loop, server)
+            try:
+                await loop.run()
+            except WorkerStopped as exc:
+                stopped.append(exc)
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+        return loop
+
+    stopped: list[WorkerStopped] = []
+    # The clock jumps only after 0.3 s of real idleness: decode and file threads finish
+    # well within that, so virtual time does not race ahead while a thread works.
+    result = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.3))
+    if stopped:
+        raise stopped[0]
+    assert isinstance(result, RunLoop)
+    return result
+
+
+def _public_files(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) \
+        if out.exists() else []
+
+
+def test_batches_are_downloaded_completed_and_reported(tmp_path: Path) -> None:
+    coord = ScriptedCoordinator(batches=[])
+    loop = _run(coord, tmp_path, paths=[["/a.jpg", "/404", "/b.jpg"], ["/slow.jpg", "/a.jpg"]])
+    assert loop.summary.batches_completed == 2
+    assert coord.completed[1].outcomes == {"ok": 2, "http_4xx": 1}
+    assert coord.completed[2].outcomes == {"ok": 2}
+    assert coord.completed[1].lease_token == "lt-1"
+    assert coord.completed[1].shard.tar.endswith("00000001.tar")
+    assert _public_files(tmp_path) == ["00000001.parquet", "00000001.tar",
+                                       "00000001_stats.json", "00000002.parquet",
+                                       "00000002.tar", "00000002_stats.json"]
+    assert coord.calls[-1] == "/download/lease"  # the 204 that ended it (exit_when_idle)
+
+
+def test_heartbeats_run_while_a_batch_is_in_hand(tmp_path: Path) -> None:
+    coord = ScriptedCoordinator(batches=[], heartbeat_s=3)
+    _run(coord, tmp_path, paths=[["/slow.jpg"]])
+    # the slow image takes 8 virtual seconds: beats at 3 and 6, the fence before the rename
+    assert [batch for _, batch in coord.heartbeats] == [1, 1, 1]
+    assert [round(t) for t, _ in coord.heartbeats] == [3, 6, 8]
+    assert coord.calls.index("/download/1/complete") == len(coord.calls) - 2
+
+
+def test_lost_lease_discards_the_work(tmp_path: Path) -> None:
+    coord = ScriptedCoordinator(batches=[], heartbeat_s=3, lose_lease_of={1})
+    loop = _run(coord, tmp_path, paths=[["/slow.jpg", "/a.jpg"], ["/a.jpg"]])
+    assert loop.summary.batches_lost == 1 and 1 not in coord.completed
+    assert coord.completed[2].outcomes == {"ok": 1}
+    assert _public_files(tmp_path) == ["00000002.parquet", "00000002.tar",
+                                       "00000002_stats.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # temp files gone
+
+
+def test_coordinator_down_is_retried_with_backoff_and_the_batch_kept(tmp_path: Path) -> None:
+    coord = ScriptedCoordinator(batches=[], down_calls=4)
+    loop = _run(coord, tmp_path, paths=[["/a.jpg"]])
+    assert loop.summary.batches_completed == 1
+    assert coord.calls[:5] == ["/register"] * 5  # 4 refused, the 5th accepted
+    assert coord.completed[1].outcomes == {"ok": 1}
+
+
+def test_backoff_waits_grow_and_stay_capped(tmp_path: Path) -> None:
+    coord = ScriptedCoordinator(batches=[], down_calls=8)
+    times: list[float] = []
+    original = coord.handle
+
+    async def timed(request: httpx.Request) -> httpx.Response:
+        times.append(trio.current_time())
+        return await original(request)
+
+    coord.handle = timed  # type: ignore[method-assign]
+    _run(coord, tmp_path, settings=_settings(backoff_cap_s=10), paths=[])
+    gaps = [b - a for a, b in itertools.pairwise(times[:9])]  # 8 refusals, then success
+    for attempt, gap in enumerate(gaps):
+        ceiling = min(10, 2**attempt)
+        assert ceiling / 2 <= gap <= ceiling + 1e-9
+
+
+def test_first_sigterm_finishes_the_batch_then_stops_leasing(tmp_path: Path) -> None:
+    coord = ScriptedCoordinator(batches=[])
+
+    async def stop_soon(loop: RunLoop, server: hs.HostileServer) -> None:
+        await trio.sleep(2)  # the slow image is in flight
+        loop.request_stop()
+
+    loop = _run(coord, tmp_path, settings=_settings(exit_when_idle=False), during=stop_soon,
+                paths=[["/slow.jpg"], ["/a.jpg"]])
+    assert list(coord.completed) == [1] and loop.summary.batches_completed == 1
+    assert coord.calls.count("/download/lease") == 1  # batch 2 was never leased
+
+
+def test_second_sigterm_releases_the_batch_unfinished(tmp_path: Path) -> None:
+    coord = ScriptedCoordinator(batches=[])
+
+    async def stop_twice(loop: RunLoop, server: hs.HostileServer) -> None:
+        await trio.sleep(2)
+        loop.request_stop()
+        loop.request_stop()
+
+    loop = _run(coord, tmp_path, settings=_settings(exit_when_idle=False), during=stop_twice,
+                paths=[["/slow.jpg", "/a.jpg"]])
+    assert coord.completed == {} and loop.summary.batches_released == 1
+    assert coord.failed[1].release is True and coord.failed[1].lease_token == "lt-1"
+    assert not list(tmp_path.iterdir()) or _public_files(tmp_path) == []
+
+
+def test_drain_timeout_releases_a_batch_that_takes_too_long(tmp_path: Path) -> None:
+    coord = ScriptedCoordinator(batches=[])
+
+    async def stop(loop: RunLoop, server: hs.HostileServer) -> None:
+        await trio.sleep(1)
+        loop.request_stop()
+
+    loop = _run(coord, tmp_path, during=stop, paths=[["/slow.jpg"]],
+                settings=_settings(exit_when_idle=False, drain_timeout_s=3))
+    assert loop.summary.batches_released == 1 and coord.failed[1].release
+
+
+def test_a_refused_token_stops_the_worker(tmp_path: Path) -> None:
+    coord = ScriptedCoordinator(batches=[], token="other")
+    with pytest.raises(WorkerStopped, match="refused our token"):
+        _run(coord, tmp_path, settings=_settings(token="secret"), paths=[])
