@@ -113,12 +113,12 @@ def clip_retrieval(python: str, shard_dir: Path, n: int, batch_size: int,
     runner = REPO / "bench" / "clip_retrieval_runner.py"
     cmd = [python, str(runner), "--tar", str(shard_dir / f"{BATCH_ID:08d}.tar"),
            "--out", str(OUT / "clip_retrieval"), "--batch-size", str(batch_size),
-           "--workers", str(workers)]
+           "--workers", str(workers), "--result", str(OUT / "clip_retrieval.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         print(f"clip-retrieval failed:\n{proc.stderr[-3000:]}")
         return None
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads((OUT / "clip_retrieval.json").read_text())
     assert result["count"] == n, result
     return float(n / (result["total_s"] - result["load_s"]))
 
