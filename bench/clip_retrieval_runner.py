@@ -1,4 +1,4 @@
-"""Run clip-retrieval's inference on one webdataset tar; print a JSON line with timings.
+"""Run clip-retrieval's inference on one webdataset tar; write its timings as JSON.
 
 Runs in clip-retrieval's own virtual environment (``/work/venv-cr``), started by
 ``bench/bench_postprocess.py``. open_clip's ViT-B-32 is created with random weights (the
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -47,6 +46,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--result", required=True, help="JSON file for count and timings")
     args = parser.parse_args()
     open_clip.create_model_and_transforms = _random_weights(open_clip.create_model_and_transforms)
     timed = _timed(all_clip.load_clip)
@@ -61,8 +61,8 @@ def main() -> None:
     total = time.perf_counter() - start
     embs = sorted(Path(args.out, "img_emb").glob("*.npy"))
     count = sum(np.load(p, mmap_mode="r").shape[0] for p in embs)
-    print(json.dumps({"count": count, "total_s": total, "load_s": LOAD_S[0]}))
-    sys.stdout.flush()
+    Path(args.result).write_text(json.dumps({"count": count, "total_s": total,
+                                             "load_s": LOAD_S[0]}))
 
 
 if __name__ == "__main__":

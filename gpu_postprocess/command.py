@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -134,6 +135,15 @@ def progress_bar() -> Iterator[Callable[[int, int], Callable[[int], None]]]:
         yield start
 
 
+def _sigterm_stops() -> None:
+    """SIGTERM (docker stop, systemd) unwinds like Ctrl-C: the leased batch is released."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 @click.command("postprocess")
 @click.option("--coordinator", envvar="PAIRFARM_COORDINATOR", required=True,
               help="Coordinator base URL, e.g. http://127.0.0.1:8000.")
@@ -159,6 +169,7 @@ def postprocess(*, coordinator: str, token: str, workdir: Path, max_batches: int
         from gpu_postprocess.settings import NodeSettings
         from pairfarm.client import CoordinatorClient
 
+        _sigterm_stops()
         node_settings = NodeSettings(coordinator=coordinator, token=token, workdir=workdir,
                                      poll_interval_s=poll_interval, max_batches=max_batches,
                                      exit_when_idle=exit_when_idle)

@@ -8,7 +8,8 @@ For a shard with stem ``S`` (``pairfarm.shardformat.shard_stem``) under ``out_di
     embeddings/img_emb/img_emb_S.npy       float16, L2-normalised, kept rows in key order
     embeddings/text_emb/text_emb_S.npy     (clip-retrieval's layout: embedding-reader and
     embeddings/metadata/metadata_S.parquet  autofaiss read it), aligned row for row
-    S_postprocess.json                     counts and histogram; written last: "done"
+    S_postprocess.json                     counts over the shard's samples (kept + dropped =
+                                           its ok rows) and histogram; written last: "done"
 
 and, with a TFDS folder, the ``laion400m`` layout for shard index ``i``: ``{i:05d}.tar``,
 ``{i:05d}.parquet`` (caption, NSFW, similarity, LICENSE, url, original_width,
@@ -217,12 +218,14 @@ def write_tfds(shard: Shard, i: int, tags: Tags, decisions: Decisions, *,
 
 
 def summarize(decisions: Decisions, scores: ShardScores, paths: dict[str, str]) -> dict[str, Any]:
+    """Counts over the shard's samples (its ``ok`` rows: failed downloads were counted by
+    the download report and are not dropped here), as the completion report carries them."""
     reasons: dict[str, int] = {}
-    for r in decisions.reason:
-        if r:
-            reasons[r] = reasons.get(r, 0) + 1
+    for r in scores.rows.tolist():
+        if reason := decisions.reason[r]:
+            reasons[reason] = reasons.get(reason, 0) + 1
     hist = similarity_histogram(scores.similarity[~np.isnan(scores.similarity)])
     kept = int(decisions.keep.sum())
-    return {"kept": kept, "dropped": len(decisions.keep) - kept, "drop_reasons": reasons,
+    return {"kept": kept, "dropped": len(scores.rows) - kept, "drop_reasons": reasons,
             "similarity_edges": hist.edges, "similarity_counts": hist.counts,
             "outputs": paths}

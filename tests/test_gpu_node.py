@@ -174,3 +174,21 @@ def test_postprocess_help_imports_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=cli_env(), cwd=REPO, check=True).stdout
     assert out.strip() == "0 []"
+
+
+def test_interrupt_releases_the_batch_unworked(scorer: Scorer, files: ShardFiles,
+                                              tmp_path: Path) -> None:
+    def interrupted(batch: int, total: int) -> Callable[[int], None]:
+        def tick(n: int) -> None:
+            raise KeyboardInterrupt
+
+        return tick
+
+    script = Script(files)
+    n = node(script, scorer, tmp_path)
+    n.progress = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        n.run()
+    fail = [b for p, b in script.requests if p == "/postprocess/11/fail"]
+    assert len(fail) == 1 and fail[0]["release"] is True
+    assert "/postprocess/11/complete" not in script.paths()

@@ -59,8 +59,10 @@ def test_cli_keeps_matched_drops_mismatched_and_writes_outputs(shard_dir: Path,
                    "--out", str(out), "--tfds-dir", str(tfds), timeout=300)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["kept"] == sum(match)
+    # counts over the shard's samples; the failed download stays in the parquet only
+    assert summary["dropped"] == len(match) - sum(match) + 1
     assert summary["drop_reasons"] == {"low_similarity": len(match) - sum(match),
-                                       "not_downloaded": 1, "decode_error": 1}
+                                       "decode_error": 1}
     kept_keys = [key_of(i) for i, m in enumerate(match) if m]
     _check_filtered_tar(out / "00000003.tar", kept_keys)
     _check_metadata(out / "00000003.parquet", match)
