@@ -145,7 +145,8 @@ def iter_results(settings: ExtractSettings) -> Iterator[FileResult]:
     """The ``FileResult`` of every source, in input order, from a pool of processes."""
     context = multiprocessing.get_context("spawn")
     sources = iter(settings.sources)
-    with ProcessPoolExecutor(settings.workers, mp_context=context, initializer=init_process,
+    processes = max(1, min(settings.workers, len(settings.sources)))  # no idle model loads
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=init_process,
                              initargs=(settings.file.language_threshold,)) as pool:
         pending = deque(_submit(pool, s, settings.file)
                         for s in islice(sources, 2 * settings.workers))
