@@ -20,6 +20,10 @@ COMMANDS: dict[str, str] = {
     "extract": "extract.cli:extract_command",
     "ingest": "coordinator.ingest.cli:ingest",
     "token": "coordinator.cli:token",
+    "postprocess": "gpu_postprocess.command:postprocess",
+    "postprocess-shard": "gpu_postprocess.command:postprocess_shard",
+    "worker": "worker.cli:worker_command",
+    "download": "worker.cli:download_command",
 }
 
 
