@@ -6,6 +6,7 @@
     │   └── TruncatedSource  the file ends inside a record (a cut download, a truncated gzip)
     ├── CorruptRecord      one record's payload is not WAT JSON (counted and skipped)
     ├── BloomFileError     the persistent Bloom filter cannot be read, written or reused
+    ├── OutputError        the output directory or a shard cannot be written
     └── IngestError        ``pairfarm ingest`` is missing or failed on a shard
 
 Library errors (``OSError`` from fastwarc, ``httpx.HTTPError``, ``orjson.JSONDecodeError``)
@@ -37,6 +38,10 @@ class CorruptRecord(ExtractError):
 
 class BloomFileError(ExtractError):
     """The Bloom filter file is unreadable or was built for another dedup key."""
+
+
+class OutputError(ExtractError):
+    """The output directory or a shard cannot be written (permissions, disk full)."""
 
 
 class IngestError(ExtractError):

@@ -42,7 +42,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from extract.counters import FileCounts, FileFailure, RunCounts
 from extract.dedup import BloomStore, RunDedup
-from extract.errors import IngestError
+from extract.errors import IngestError, OutputError
 from extract.fileworker import FileResult, FileSettings, init_process, process_file
 from extract.links import Drop
 from extract.settings import ExtractSettings
@@ -68,34 +68,44 @@ class RunResult:
 
 def run_extract(settings: ExtractSettings, console: Console | None = None) -> RunResult:
     """Extract every source into shards under ``settings.out_dir``; never raises for a file."""
-    console = console or Console(stderr=True)
-    settings.out_dir.mkdir(parents=True, exist_ok=True)
-    if settings.ingest is not None:
-        settings.ingest.check_available()
+    _prepare(settings)
     run_id = new_run_id(settings.out_dir)
     bloom = BloomStore.open(settings.bloom_path, settings.bloom) if settings.bloom_path else None
     state = _RunState(RunCounts(), RunDedup(), bloom)
     ingest_failures: list[str] = []
+    writer = ShardWriter(settings.out_dir, run_id, settings.rows_per_shard,
+                         _ingest_hook(settings, ingest_failures))
     started = time.monotonic()
     try:
-        writer = ShardWriter(settings.out_dir, run_id, settings.rows_per_shard,
-                             _ingest_hook(settings, ingest_failures))
-        with writer, _progress(console) as progress:
-            task = progress.add_task("extract", total=len(settings.sources), kept=0, records=0)
-            for result in iter_results(settings):
-                writer.write(state.absorb(result))
-                progress.update(task, advance=1, kept=state.counts.kept,
-                                records=state.counts.records)
+        _extract_all(settings, state, writer, console or Console(stderr=True))
     finally:
         if bloom is not None:
             bloom.save()
-    elapsed = time.monotonic() - started
     run = RunResult(run_id, state.counts, writer.shards,
-                    settings.out_dir / f"{run_id}_summary.json", elapsed,
+                    settings.out_dir / f"{run_id}_summary.json", time.monotonic() - started,
                     bloom.report() if bloom else None, ingest_failures)
     write_failed_list(run)
     write_summary(run, settings)
     return run
+
+
+def _prepare(settings: ExtractSettings) -> None:
+    try:
+        settings.out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create --out {settings.out_dir}: {exc}") from exc
+    if settings.ingest is not None:
+        settings.ingest.check_available()
+
+
+def _extract_all(settings: ExtractSettings, state: _RunState, writer: ShardWriter,
+                 console: Console) -> None:
+    with writer, _progress(console) as progress:
+        task = progress.add_task("extract", total=len(settings.sources), kept=0, records=0)
+        for result in iter_results(settings):
+            writer.write(state.absorb(result))
+            progress.update(task, advance=1, kept=state.counts.kept,
+                            records=state.counts.records)
 
 
 @dataclass(slots=True)
@@ -135,7 +145,8 @@ def iter_results(settings: ExtractSettings) -> Iterator[FileResult]:
     """The ``FileResult`` of every source, in input order, from a pool of processes."""
     context = multiprocessing.get_context("spawn")
     sources = iter(settings.sources)
-    with ProcessPoolExecutor(settings.workers, mp_context=context, initializer=init_process,
+    processes = max(1, min(settings.workers, len(settings.sources)))  # no idle model loads
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=init_process,
                              initargs=(settings.file.language_threshold,)) as pool:
         pending = deque(_submit(pool, s, settings.file)
                         for s in islice(sources, 2 * settings.workers))

@@ -20,6 +20,9 @@ Resource handling: a shard is written as ``<name>.parquet.tmp`` and renamed when
 half-written shard; ``on_shard`` is called after each rename. ``close`` (also on error)
 finishes the open shard (an empty one is removed); leaving with an exception publishes it
 without calling ``on_shard``.
+
+Error handling: an ``OSError`` while writing (permissions, disk full) becomes
+``OutputError``; the run stops with a clear message, the published shards stay.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from types import TracebackType
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from extract.errors import OutputError
 
 SCHEMA = pa.schema([
     ("url", pa.string()),
@@ -70,6 +75,12 @@ class ShardWriter:
         self._rows = 0
 
     def write(self, table: pa.Table) -> None:
+        try:
+            self._write(table)
+        except OSError as exc:  # pyarrow's ArrowIOError is an OSError
+            raise OutputError(f"cannot write a shard in {self.out_dir}: {exc}") from exc
+
+    def _write(self, table: pa.Table) -> None:
         while table.num_rows:
             room = self.rows_per_shard - self._rows
             self._open_writer().write_table(table.slice(0, room))

@@ -191,6 +191,16 @@ def test_invalid_settings_are_clear_errors(tmp_path: Path, wat_files: list[Path]
     assert "give at least one WAT file or URL" in proc.stderr
 
 
+def test_an_unwritable_output_directory_is_a_clear_error(tmp_path: Path,
+                                                         wat_files: list[Path]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = run_cli("extract", str(wat_files[0]), "--out", str(blocker / "out"), check=False)
+    assert proc.returncode == 1
+    assert f"Error: cannot create --out {blocker / 'out'}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_a_bloom_filter_of_the_other_key_is_refused(tmp_path: Path,
                                                     wat_files: list[Path]) -> None:
     out = tmp_path / "out"
