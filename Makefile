@@ -2,7 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
-EXTRAS ?= coordinator,worker,gpu,dev
+EXTRAS ?= coordinator,worker,gpu,extract,dev
+# torch first, pinned, so that the gpu extra does not pull a CUDA build from PyPI: on these
+# machines pip takes both wheels from the local disk (see README "Post-processing").
+TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup test lint pytest
 
@@ -11,6 +14,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 

@@ -17,8 +17,13 @@ import click
 COMMANDS: dict[str, str] = {
     "coordinator": "coordinator.cli:coordinator",
     "db": "coordinator.cli:db",
+    "extract": "extract.cli:extract_command",
     "ingest": "coordinator.ingest.cli:ingest",
     "token": "coordinator.cli:token",
+    "postprocess": "gpu_postprocess.command:postprocess",
+    "postprocess-shard": "gpu_postprocess.command:postprocess_shard",
+    "worker": "worker.cli:worker_command",
+    "download": "worker.cli:download_command",
 }
 
 

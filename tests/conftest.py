@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+# No test may download model weights: open_clip / huggingface_hub stay offline (set before
+# any test module imports them; subprocesses inherit it).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 

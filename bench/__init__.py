@@ -1,0 +1,1 @@
+"""Benchmark scripts; each prints its figures. Results are recorded in BENCHMARKS.md."""

@@ -1,0 +1,298 @@
+"""``pairfarm worker`` and ``pairfarm download``: the download worker's commands.
+
+Every option also reads an environment variable (shown in ``--help``), so a worker VM
+can be configured with an environment file alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import resource
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from pairfarm.outcomes import Outcome
+
+log = logging.getLogger("pairfarm.worker")
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _opt(*names: str, env: str, **kwargs: Any) -> Decorator:
+    return click.option(*names, envvar=f"PAIRFARM_{env}", show_envvar=True,
+                        show_default=True, **kwargs)
+
+
+_PIPELINE_OPTIONS: list[Decorator] = [
+    _opt("--output", "-o", env="OUTPUT", default="./shards",
+         help="Where shards go: a directory or an fsspec URL (s3://bucket/prefix, ...)."),
+    _opt("--concurrency", env="CONCURRENCY", type=click.IntRange(1, 4096), default=128,
+         help="Requests in flight per process."),
+    _opt("--per-host", env="PER_HOST", type=click.IntRange(1, 1024), default=8,
+         help="Requests in flight per host name."),
+    _opt("--connect-timeout", env="CONNECT_TIMEOUT", type=click.FloatRange(0.1), default=5.0,
+         help="Seconds to open a connection."),
+    _opt("--read-timeout", env="READ_TIMEOUT", type=click.FloatRange(0.1), default=10.0,
+         help="Seconds without a byte before a read fails."),
+    _opt("--deadline", env="DEADLINE", type=click.FloatRange(0.1), default=20.0,
+         help="Total seconds per URL, redirects and retries included."),
+    _opt("--dns-timeout", env="DNS_TIMEOUT", type=click.FloatRange(0.1), default=5.0,
+         help="Seconds per DNS lookup (answers are cached per batch)."),
+    _opt("--max-body-mb", env="MAX_BODY_MB", type=click.FloatRange(0.01), default=16.0,
+         help="Cap on a body's decoded size, in MiB."),
+    _opt("--max-redirects", env="MAX_REDIRECTS", type=click.IntRange(0, 20), default=5,
+         help="Redirect hops followed per URL."),
+    _opt("--retries", env="RETRIES", type=click.IntRange(0, 10), default=2,
+         help="Retries after 429 / 503 (Retry-After honoured)."),
+    _opt("--allow-private", env="ALLOW_PRIVATE", is_flag=True, default=False,
+         help="Allow loopback, private and CGNAT targets (local farms, tests); "
+              "never on cloud VMs."),
+    _opt("--allow-cidr", env="ALLOW_CIDR", multiple=True, default=(),
+         help="Allow exactly this network (repeatable; env: space separated)."),
+    _opt("--image-size", env="IMAGE_SIZE", type=click.IntRange(1), default=256,
+         help="Output side length (img2dataset's image_size)."),
+    _opt("--resize-mode", env="RESIZE_MODE", default="border",
+         type=click.Choice(["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]),
+         help="img2dataset's resize modes."),
+    _opt("--resize-only-if-bigger", env="RESIZE_ONLY_IF_BIGGER", is_flag=True, default=False,
+         help="Never upscale."),
+    _opt("--min-image-size", env="MIN_IMAGE_SIZE", type=click.IntRange(0), default=0,
+         help="Drop images whose shorter side is smaller (size_filtered)."),
+    _opt("--max-aspect-ratio", env="MAX_ASPECT_RATIO", type=click.FloatRange(1), default=math.inf,
+         help="Drop images with a larger long/short side ratio (size_filtered)."),
+    _opt("--output-format", env="OUTPUT_FORMAT", type=click.Choice(["jpg", "webp"]),
+         default="jpg", help="Encoding of the output images."),
+    _opt("--quality", env="QUALITY", type=click.IntRange(1, 100), default=95,
+         help="JPEG / WebP quality."),
+    _opt("--decode-threads", env="DECODE_THREADS", type=click.IntRange(1, 256),
+         default=os.cpu_count() or 1, help="Threads that decode and resize."),
+    _opt("--progress/--no-progress", env="PROGRESS", default=True,
+         help="Show a progress bar."),
+]
+
+
+def pipeline_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_PIPELINE_OPTIONS):
+        func = option(func)
+    return func
+
+
+def _pipeline_settings(opts: dict[str, Any]) -> Any:
+    from worker.addresses import AddressPolicy, parse_cidrs
+    from worker.settings import FetchSettings, ImageSettings, PipelineSettings
+
+    cidrs = [c for value in opts["allow_cidr"] for c in value.split()]
+    fetch = FetchSettings(
+        concurrency=opts["concurrency"], per_host=opts["per_host"],
+        connect_timeout=opts["connect_timeout"], read_timeout=opts["read_timeout"],
+        deadline=opts["deadline"], dns_timeout=opts["dns_timeout"],
+        max_body_bytes=int(opts["max_body_mb"] * 1024 * 1024),
+        max_redirects=opts["max_redirects"], max_retries=opts["retries"],
+        policy=AddressPolicy(allow_private=opts["allow_private"],
+                             allow_cidrs=parse_cidrs(cidrs)))
+    image = ImageSettings(
+        image_size=opts["image_size"], resize_mode=opts["resize_mode"],
+        resize_only_if_bigger=opts["resize_only_if_bigger"],
+        min_image_size=opts["min_image_size"], max_aspect_ratio=opts["max_aspect_ratio"],
+        output_format=opts["output_format"], quality=opts["quality"])
+    return PipelineSettings(fetch=fetch, image=image, decode_threads=opts["decode_threads"])
+
+
+def _settings_or_exit(build: Callable[[], Any]) -> Any:
+    from worker.errors import WorkerError
+
+    try:
+        return build()
+    except WorkerError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _storage(output: str) -> tuple[Any, str]:
+    import fsspec
+
+    try:
+        fs, _, paths = fsspec.get_fs_token_paths(output)
+    except (ImportError, ValueError) as exc:
+        raise click.ClickException(f"cannot use output {output!r}: {exc}") from exc
+    return fs, paths[0]
+
+
+def _network(opts: dict[str, Any]) -> Any:
+    from worker.batch import Network
+    from worker.resolver import SystemResolver
+
+    return Network(resolver=SystemResolver(timeout=opts["dns_timeout"]))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@click.command("download")
+@click.argument("url_list")
+@_opt("--input-format", env="INPUT_FORMAT", default=None,
+      type=click.Choice(["txt", "csv", "tsv", "parquet"]),
+      help="Format of URL_LIST (default: from its extension).")
+@_opt("--url-col", env="URL_COL", default="url", help="Column holding the image URL.")
+@_opt("--caption-col", env="CAPTION_COL", default="caption",
+      help="Column holding the caption ('' for none).")
+@_opt("--shard-size", env="SHARD_SIZE", type=click.IntRange(1), default=10_000,
+      help="Candidates per shard.")
+@pipeline_options
+def download_command(url_list: str, input_format: str | None, url_col: str, caption_col: str,
+                     shard_size: int, **opts: Any) -> None:
+    """Download a URL list into shards, without a coordinator (like img2dataset).
+
+    URL_LIST is a txt, csv, tsv or parquet file (local or fsspec URL). Shard N is written
+    as {N:08d}.tar / .parquet / _stats.json in --output, rows in input order.
+    """
+    from worker import inputs
+
+    settings = _settings_or_exit(lambda: _pipeline_settings(opts))
+    fmt = input_format or _settings_or_exit(lambda: inputs.guess_format(url_list))
+    table = _settings_or_exit(lambda: inputs.read_table(url_list, fmt))
+    caption = caption_col if caption_col and fmt != "txt" else None
+    items = _settings_or_exit(lambda: inputs.candidates(table, url_col, caption))
+    fs, directory = _storage(opts["output"])
+    job = _DownloadJob(items=items, shard_size=shard_size, settings=settings, fs=fs,
+                       directory=directory, opts=opts)
+    _print_totals(_run_trio(_download_all, job), len(items))
+
+
+def _run_trio(func: Callable[..., Any], *args: Any) -> Any:
+    import trio
+
+    return trio.run(func, *args)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _DownloadJob:
+    items: list[Any]
+    shard_size: int
+    settings: Any
+    fs: Any
+    directory: str
+    opts: dict[str, Any]
+
+
+async def _download_all(job: _DownloadJob) -> tuple[Counter[str], float]:
+    from worker import inputs
+    from worker.batch import download_batch
+
+    totals: Counter[str] = Counter()
+    start = time.monotonic()
+    with _progress(job.opts["progress"], len(job.items)) as advance:
+        for number, chunk in inputs.shards_of(job.items, job.shard_size):
+            prepared = await download_batch(number, chunk, settings=job.settings, fs=job.fs,
+                                            directory=job.directory,
+                                            network=_network(job.opts), on_sample=advance)
+            await prepared.commit()
+            totals.update(prepared.outcomes)
+    return totals, time.monotonic() - start
+
+
+def _progress(enabled: bool, total: int) -> Any:
+    from contextlib import contextmanager
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    @contextmanager
+    def bar() -> Any:
+        columns = ("[progress.description]{task.description}", BarColumn(),
+                   MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, disable=not enabled, transient=False) as progress:
+            task = progress.add_task("downloading", total=total)
+            yield lambda _sample: progress.advance(task)
+
+    return bar()
+
+
+def _print_totals(result: tuple[Counter[str], float], count: int) -> None:
+    totals, elapsed = result
+    ok = totals.get(Outcome.OK.value, 0)
+    click.echo(f"{count} URLs in {elapsed:.1f}s: {ok} ok ({ok / max(elapsed, 1e-9):.1f}/s), "
+               f"peak RSS {_peak_rss_mb():.0f} MB")
+    for name, number in sorted(totals.items(), key=lambda kv: -kv[1]):
+        click.echo(f"  {name:15s} {number}")
+
+
+@click.command("worker")
+@_opt("--coordinator", env="COORDINATOR", required=True,
+      help="Base URL of the coordinator, e.g. http://coord:8000.")
+@_opt("--token", env="TOKEN", required=True, help="This worker's bearer token.")
+@_opt("--name", env="WORKER_NAME", default=socket.gethostname(),
+      help="Name shown in the coordinator's worker list.")
+@_opt("--max-batch", env="MAX_BATCH", type=click.IntRange(1), default=None,
+      help="Lease at most this many candidates at a time (the coordinator caps it).")
+@_opt("--idle-poll", env="IDLE_POLL", type=click.FloatRange(0.1), default=10.0,
+      help="Seconds between lease attempts when no batch is pending.")
+@_opt("--exit-when-idle", env="EXIT_WHEN_IDLE", is_flag=True, default=False,
+      help="Exit when the coordinator has no batch to lease.")
+@_opt("--max-batches", env="MAX_BATCHES", type=click.IntRange(1), default=None,
+      help="Exit after this many batches.")
+@_opt("--drain-timeout", env="DRAIN_TIMEOUT", type=click.FloatRange(0), default=120.0,
+      help="After SIGTERM, seconds to finish the batch in hand before releasing it.")
+@_opt("--backoff-cap", env="BACKOFF_CAP", type=click.FloatRange(0.1), default=60.0,
+      help="Longest wait between retries while the coordinator is unreachable.")
+@pipeline_options
+def worker_command(**opts: Any) -> None:
+    """Lease batches from the coordinator, download them into shards, report them.
+
+    SIGTERM / Ctrl-C once: finish the batch in hand (up to --drain-timeout), then exit.
+    Twice: release the batch to the coordinator now and exit.
+    """
+    from worker.settings import RunSettings
+
+    settings = _settings_or_exit(lambda: RunSettings(
+        coordinator_url=opts["coordinator"], token=opts["token"], output=opts["output"],
+        name=opts["name"], pipeline=_pipeline_settings(opts), max_batch=opts["max_batch"],
+        idle_poll_s=opts["idle_poll"], exit_when_idle=opts["exit_when_idle"],
+        max_batches=opts["max_batches"], drain_timeout_s=opts["drain_timeout"],
+        backoff_cap_s=opts["backoff_cap"]))
+    summary = _run_trio(_work, settings, opts)
+    click.echo(f"worker done: {summary.batches_completed} batches completed "
+               f"({summary.samples} samples), {summary.batches_released} released, "
+               f"{summary.batches_lost} lost, {summary.batches_failed} failed; "
+               f"peak RSS {_peak_rss_mb():.0f} MB")
+
+
+async def _work(settings: Any, opts: dict[str, Any]) -> Any:
+    from pairfarm.client import AsyncCoordinatorClient
+    from worker.runloop import RunLoop, WorkerStopped
+
+    fs, directory = _storage(settings.output)
+    async with AsyncCoordinatorClient(settings.coordinator_url, settings.token) as client:
+        loop = RunLoop(settings, client, fs, directory, network=_network(opts),
+                       progress=_batch_progress(opts["progress"]))
+        try:
+            return await loop.run()
+        except WorkerStopped as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+def _batch_progress(enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from rich.progress import Progress
+
+    progress = Progress(transient=True)
+
+    def for_lease(lease: Any) -> Callable[[Any], None]:
+        progress.start()
+        task = progress.add_task(f"batch {lease.batch_id}", total=len(lease.candidates))
+
+        def advance(_sample: Any) -> None:
+            progress.advance(task)
+            if progress.tasks[task].finished:
+                progress.remove_task(task)
+                progress.stop()
+        return advance
+
+    return for_lease

@@ -1,0 +1,120 @@
+"""The worker's settings: small typed objects, built and validated in ``*_from_options``.
+
+Nothing here opens a socket or a file; the CLI builds the objects from flags and the
+environment, tests build them directly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from pairfarm import __version__
+from worker.addresses import AddressPolicy
+from worker.errors import SettingsError
+
+AGENT_TOKEN = "pairfarm"
+PROJECT_URL = "https://github.com/pairfarm/pairfarm"
+USER_AGENT = (
+    f"{AGENT_TOKEN}/{__version__} (+{PROJECT_URL}; image-text dataset builder; "
+    f"opt out with X-Robots-Tag: noai)"
+)
+
+RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+OUTPUT_FORMATS = ("jpg", "webp")
+#: Pillow formats we decode. No TIFF, PSD, EPS, SVG or other formats with a history of
+#: parser bugs or code paths we do not need for web images.
+SAFE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # JPEG includes MPO (phone photos)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FetchSettings:
+    """How candidate URLs are fetched. Times in seconds, sizes in bytes."""
+
+    concurrency: int = 128
+    per_host: int = 8
+    connect_timeout: float = 5.0
+    read_timeout: float = 10.0
+    deadline: float = 20.0
+    dns_timeout: float = 5.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    large_body_bytes: int = 1024 * 1024
+    large_body_slots: int = 8
+    max_redirects: int = 5
+    max_retries: int = 2
+    max_retry_wait: float = 30.0
+    respect_opt_out: bool = True
+    user_agent: str = USER_AGENT
+    agent_token: str = AGENT_TOKEN
+    policy: AddressPolicy = field(default_factory=AddressPolicy)
+
+    def __post_init__(self) -> None:
+        _positive(self, ("concurrency", "per_host", "connect_timeout", "read_timeout",
+                         "deadline", "dns_timeout", "max_body_bytes", "large_body_slots"))
+        if self.max_redirects < 0 or self.max_retries < 0:
+            raise SettingsError("max_redirects and max_retries must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageSettings:
+    """How bodies become images; img2dataset's names and defaults where it has them."""
+
+    image_size: int = 256
+    resize_mode: str = "border"
+    resize_only_if_bigger: bool = False
+    min_image_size: int = 0
+    max_aspect_ratio: float = math.inf
+    output_format: str = "jpg"
+    quality: int = 95
+    min_bytes: int = 5 * 1024
+    max_pixels: int = 40_000_000
+    formats: tuple[str, ...] = SAFE_FORMATS
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise SettingsError(f"resize mode must be one of {RESIZE_MODES}")
+        if self.output_format not in OUTPUT_FORMATS:
+            raise SettingsError(f"output format must be one of {OUTPUT_FORMATS}")
+        if not 1 <= self.quality <= 100:
+            raise SettingsError("quality must be within 1..100")
+        _positive(self, ("image_size", "max_pixels", "max_aspect_ratio"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineSettings:
+    """A batch's download pipeline: fetching, imaging, and the threads that decode."""
+
+    fetch: FetchSettings = field(default_factory=FetchSettings)
+    image: ImageSettings = field(default_factory=ImageSettings)
+    decode_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """The ``pairfarm worker`` loop around the pipeline."""
+
+    coordinator_url: str
+    token: str
+    output: str
+    name: str
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    max_batch: int | None = None
+    idle_poll_s: float = 10.0
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 60.0
+    drain_timeout_s: float = 120.0
+    exit_when_idle: bool = False
+    max_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.coordinator_url.startswith(("http://", "https://")):
+            raise SettingsError("the coordinator URL must start with http:// or https://")
+        if not self.token:
+            raise SettingsError("a worker token is required")
+
+
+def _positive(obj: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not getattr(obj, name) > 0:
+            raise SettingsError(f"{name} must be > 0, got {getattr(obj, name)!r}")
