@@ -2,7 +2,8 @@
 
 ``DemoPlan`` decides, from a seed alone, what URL ``n`` does; ``DemoServer`` serves that
 plan on loopback, one listener per host address (127.0.0.1, 127.0.0.2, ... count as
-distinct hosts for the worker's per-host limits). Every answer waits 20-200 ms first.
+distinct hosts for the worker's per-host limits). Every answer waits ``delay`` seconds
+(20-200 ms by default) first.
 
 Kinds (share of URLs):
   match       a coloured shape whose caption describes it           -> ok, kept by CLIP
@@ -113,6 +114,7 @@ def tiny_jpeg() -> bytes:
 
 class _Handler(BaseHTTPRequestHandler):
     plan: DemoPlan
+    delay: tuple[float, float]
     server_version = "pairfarm-demo/1"
 
     def log_message(self, format: str, *args: object) -> None:  # quiet
@@ -125,7 +127,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"no such picture", "text/plain")
             return
         item = self.plan.item(n)
-        time.sleep(random.Random(item.seed).uniform(0.02, 0.2))
+        time.sleep(random.Random(item.seed).uniform(*self.delay))
         self._answer(item)
 
     def _answer(self, item: Item) -> None:
@@ -162,9 +164,10 @@ class _Handler(BaseHTTPRequestHandler):
 class DemoServer:
     """The plan served on ``hosts`` loopback addresses, all on one port."""
 
-    def __init__(self, plan: DemoPlan, *, hosts: int = 8, port: int = 0) -> None:
+    def __init__(self, plan: DemoPlan, *, hosts: int = 8, port: int = 0,
+                 delay: tuple[float, float] = (0.02, 0.2)) -> None:
         self.plan = plan
-        handler = type("DemoHandler", (_Handler,), {"plan": plan})
+        handler = type("DemoHandler", (_Handler,), {"plan": plan, "delay": delay})
         first = ThreadingHTTPServer(("127.0.0.1", port), handler)
         self.port = int(first.server_address[1])
         self.servers = [first] + [ThreadingHTTPServer((f"127.0.0.{h}", self.port), handler)
