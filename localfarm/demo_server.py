@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import random
 import struct
+import sys
 import threading
 import time
 import zlib
@@ -161,6 +162,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client that hangs up (a worker killed mid-request) is not an error here."""
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
 class DemoServer:
     """The plan served on ``hosts`` loopback addresses, all on one port."""
 
@@ -168,12 +179,10 @@ class DemoServer:
                  delay: tuple[float, float] = (0.02, 0.2)) -> None:
         self.plan = plan
         handler = type("DemoHandler", (_Handler,), {"plan": plan, "delay": delay})
-        first = ThreadingHTTPServer(("127.0.0.1", port), handler)
+        first = _QuietServer(("127.0.0.1", port), handler)
         self.port = int(first.server_address[1])
-        self.servers = [first] + [ThreadingHTTPServer((f"127.0.0.{h}", self.port), handler)
+        self.servers = [first] + [_QuietServer((f"127.0.0.{h}", self.port), handler)
                                   for h in range(2, hosts + 1)]
-        for server in self.servers:
-            server.daemon_threads = True
         self._threads: list[threading.Thread] = []
 
     def url(self, n: int) -> str:
