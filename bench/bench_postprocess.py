@@ -43,8 +43,8 @@ from gpu_postprocess.pipeline import Scorer, build_scorer  # noqa: E402
 from gpu_postprocess.settings import OutputSettings, ScoringSettings, parse_thresholds  # noqa: E402
 from gpu_postprocess.shardio import open_local_shard  # noqa: E402
 from gpu_postprocess.watermark import WatermarkKind, WatermarkSettings  # noqa: E402
+from localfarm import synthetic  # noqa: E402
 from tests.gpu_shards import Row, write_shard  # noqa: E402
-from tools import synthetic  # noqa: E402
 
 OUT = REPO / "bench" / "out" / "postprocess"
 BATCH_ID = 1

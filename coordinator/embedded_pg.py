@@ -123,13 +123,16 @@ class EmbeddedPostgres:
         self._pg(_bin("initdb"), "-D", str(self.datadir), "--auth=trust", "--encoding=utf8",
                  "-U", "postgres", "--no-sync")
 
-    def start(self) -> RunningServer:
-        """Initialise if needed and start the server, or return the one already running."""
+    def start(self, port: int | None = None) -> RunningServer:
+        """Initialise if needed and start the server, or return the one already running.
+
+        ``port``: listen there (a restart keeps its clients' URLs); default a free port.
+        """
         self.init()
         running = read_running(self.datadir)
         if running is not None:
             return running
-        port = _free_port()
+        port = port or _free_port()
         opts = [f"-h 127.0.0.1 -p {port} -k ''"]
         opts += [f"-c {k}={v}" for k, v in self.settings.items()]
         self._pg(_bin("pg_ctl"), "-D", str(self.datadir), "-w", "-t", "60",

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gpu_postprocess.errors import ShardError
-from pairfarm.outcomes import Outcome
 from pairfarm.protocol import ShardFiles
+from pairfarm.shardformat import STATUS_SUCCESS
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "webp", "png")
 
@@ -48,9 +48,9 @@ class Shard:
         return [str(k) for k in self.table.column("key").to_pylist()]
 
     def ok_rows(self) -> list[int]:
-        """Row indices whose download outcome is ``ok`` (they have an image in the tar)."""
+        """Row indices whose download succeeded (they have an image in the tar)."""
         return [i for i, s in enumerate(self.table.column("status").to_pylist())
-                if s == Outcome.OK.value]
+                if s == STATUS_SUCCESS]
 
     def image_member(self, key: str) -> tuple[str, Member]:
         parts = self.members.get(key, {})

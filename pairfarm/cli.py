@@ -15,6 +15,8 @@ import click
 #: subcommand name -> "module:attribute" of its click command.
 #: Add one line here when a component gains a command.
 COMMANDS: dict[str, str] = {
+    "up": "localfarm.cli:up",
+    "demo": "localfarm.cli:demo",
     "coordinator": "coordinator.cli:coordinator",
     "db": "coordinator.cli:db",
     "extract": "extract.cli:extract_command",

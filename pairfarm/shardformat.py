@@ -5,7 +5,8 @@ A download shard for batch N is three files in the output location:
 - ``{N:08d}.tar``: webdataset; members ``{key}.jpg`` (or ``.webp``), ``{key}.txt``
   (caption) and ``{key}.json`` (metadata), only for samples whose outcome is ``ok``.
 - ``{N:08d}.parquet``: one row per candidate of the batch, in key order, failures
-  included. Columns: see ``PARQUET_COLUMNS`` plus the ingest's extra columns.
+  included. Columns: see ``PARQUET_COLUMNS`` plus the ingest's extra columns. ``status``
+  is img2dataset's (``status_of``); ``error_class`` the ``Outcome`` of a failure.
 - ``{N:08d}_stats.json``: img2dataset's stats keys; written last: it marks the shard done.
 
 The key of a sample is its row index in the batch (``key_of(i)``), so that the TFDS
@@ -14,7 +15,15 @@ The key of a sample is its row index in the batch (``key_of(i)``), so that the T
 
 from __future__ import annotations
 
+from pairfarm.outcomes import RESIZE_FAILURES, Outcome
+
 KEY_WIDTH = 9
+
+#: img2dataset's ``status`` values; the outcome class itself is in ``error_class``
+#: (null for a success).
+STATUS_SUCCESS = "success"
+STATUS_FAILED_TO_DOWNLOAD = "failed_to_download"
+STATUS_FAILED_TO_RESIZE = "failed_to_resize"
 
 #: Parquet columns every download shard has, in this order (extra ingest columns follow).
 PARQUET_COLUMNS: tuple[str, ...] = (
@@ -41,6 +50,24 @@ STATS_KEYS: tuple[str, ...] = (
     "end_time",
     "status_dict",
 )
+
+
+def status_of(outcome: Outcome) -> str:
+    """img2dataset's status for an outcome: success, failed_to_download or failed_to_resize."""
+    if outcome is Outcome.OK:
+        return STATUS_SUCCESS
+    if outcome in RESIZE_FAILURES:
+        return STATUS_FAILED_TO_RESIZE
+    return STATUS_FAILED_TO_DOWNLOAD
+
+
+def outcome_of(status: str, error_class: str | None) -> Outcome:
+    """The outcome class of a parquet row (the inverse of ``status_of`` + ``error_class``)."""
+    if status == STATUS_SUCCESS:
+        return Outcome.OK
+    if error_class is None:
+        raise ValueError(f"a {status!r} row without an error_class")
+    return Outcome(error_class)
 
 
 def shard_stem(batch_id: int) -> str:

@@ -14,7 +14,14 @@ import pyarrow.parquet as pq
 
 from pairfarm.outcomes import Outcome
 from pairfarm.protocol import ShardFiles
-from pairfarm.shardformat import PARQUET_COLUMNS, key_of, parquet_name, stats_name, tar_name
+from pairfarm.shardformat import (
+    PARQUET_COLUMNS,
+    key_of,
+    parquet_name,
+    stats_name,
+    status_of,
+    tar_name,
+)
 
 
 @dataclass(frozen=True)
@@ -45,10 +52,11 @@ def write_shard(folder: Path, batch_id: int, rows: list[Row]) -> ShardFiles:
         for i, row in enumerate(rows):
             key = key_of(i)
             ok = row.image is not None and row.status == Outcome.OK.value
+            failure = Outcome.HTTP_4XX if row.status == Outcome.OK.value else Outcome(row.status)
             values = {"key": key, "url": f"http://127.0.0.1/img/{i}.jpg",
-                      "caption": row.caption, "status": "ok" if ok else "error",
-                      "error_class": None if ok else (row.status if row.status != "ok"
-                                                      else Outcome.HTTP_4XX.value),
+                      "caption": row.caption,
+                      "status": status_of(Outcome.OK if ok else failure),
+                      "error_class": None if ok else failure.value,
                       "width": 64 if ok else None, "height": 64 if ok else None,
                       "original_width": 640 if ok else None,
                       "original_height": 480 if ok else None,

@@ -1,15 +1,15 @@
-"""The tiny CLIP committed in tests/data/tiny_clip (trained by tools/train_tiny_clip.py)."""
+"""The tiny CLIP committed in localfarm/demo_model (trained by tools/train_tiny_clip.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from localfarm import synthetic
 from tests.conftest import REPO
 from tests.gpu_shards import Row
-from tools import synthetic
 
-TINY_DIR = REPO / "tests" / "data" / "tiny_clip"
+TINY_DIR = REPO / "localfarm" / "demo_model"
 TINY_MODEL = f"local-dir:{TINY_DIR}"
 
 

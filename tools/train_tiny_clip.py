@@ -1,10 +1,10 @@
 """Train the tiny CLIP used by the end-to-end tests, and write it as an open_clip ``local-dir:``.
 
-    /work/venv/bin/python tools/train_tiny_clip.py [--out tests/data/tiny_clip] [--steps 300]
+    /work/venv/bin/python tools/train_tiny_clip.py [--out localfarm/demo_model] [--steps 300]
 
 The model (``open_clip_config.json``) is a CLIP with a 2-layer 32-wide ViT on 32x32 images
 and a 2-layer 16-wide text transformer over open_clip's standard tokenizer; it learns
-coloured shapes (``tools/synthetic.py``) against unrelated captions on noise pictures. The
+coloured shapes (``localfarm/synthetic.py``) against unrelated captions on noise pictures. The
 weights are stored in float16 (``open_clip_model.safetensors``, about 2 MB: most of it the
 49408-token embedding table). ``pairfarm_gap.json`` records, for the evaluation pairs of
 ``synthetic.evaluation_pairs(EVAL_SEED, EVAL_PAIRS)`` scored by the saved fp16 weights, the
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from tools import synthetic
+from localfarm import synthetic
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_SEED = 1234
@@ -103,7 +103,7 @@ def write_gap(out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "tests" / "data" / "tiny_clip")
+    parser.add_argument("--out", type=Path, default=REPO / "localfarm" / "demo_model")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)

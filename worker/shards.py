@@ -28,9 +28,16 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pairfarm.outcomes import RESIZE_FAILURES, Outcome
+from pairfarm.outcomes import Outcome
 from pairfarm.protocol import Candidate, ShardFiles
-from pairfarm.shardformat import PARQUET_COLUMNS, key_of, parquet_name, stats_name, tar_name
+from pairfarm.shardformat import (
+    PARQUET_COLUMNS,
+    key_of,
+    parquet_name,
+    stats_name,
+    status_of,
+    tar_name,
+)
 from worker.errors import ShardWriteError
 from worker.imaging import ProcessedImage
 
@@ -63,13 +70,6 @@ class ShardStats:
     start_time: float
     end_time: float
     bytes_downloaded: int
-
-
-def status_of(outcome: Outcome) -> str:
-    """img2dataset's status column: success, failed_to_download or failed_to_resize."""
-    if outcome is Outcome.OK:
-        return "success"
-    return "failed_to_resize" if outcome in RESIZE_FAILURES else "failed_to_download"
 
 
 def _row(sample: Sample) -> dict[str, Any]:

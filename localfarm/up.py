@@ -1,0 +1,279 @@
+"""``pairfarm up``: a whole farm on one machine, run to completion.
+
+::
+
+    embedded PostgreSQL (or DATABASE_URL) --migrate--> ingest FILES
+      -> pairfarm coordinator  (child)
+      -> pairfarm worker x N   (children)  -> OUT/shards/
+      -> pairfarm postprocess  (child, --postprocess) -> OUT/postprocessed/
+      watch: restart dead children, restart a dead PostgreSQL on its port, show progress;
+      done when no candidate waits for a download (nor a shard for post-processing).
+
+Everything lives in OUT: ``pg/`` (database), ``shards/``, ``postprocessed/``, ``logs/``,
+``tokens.json`` (the farm's own tokens, mode 0600), ``farm.json`` (ports, kept across runs
+so that a rerun resumes on the same URLs) and ``run.json`` (PIDs of the running children).
+Running ``up`` again on the same OUT resumes: ingest inserts nothing new, expired or
+released batches are leased again, finished shards are kept.
+
+Error handling: a child that dies is restarted (``max_restarts`` times in all); the
+database going away is waited for and, when it is ours, restarted; a failed ingest or a
+coordinator that never answers raises ``StartupFailed``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from coordinator.embedded_pg import EmbeddedPostgres, read_running
+from coordinator.errors import CoordinatorError
+from localfarm.children import Child, Supervisor, pairfarm_argv
+from localfarm.errors import ChildFailed, StartupFailed
+from localfarm.progress import FarmProgress, is_finished
+from pairfarm.client import ClientError, CoordinatorClient
+from pairfarm.protocol import FarmStats
+
+log = logging.getLogger("pairfarm.up")
+DATABASE = "pairfarm"
+
+
+@dataclass(frozen=True)
+class UpSettings:
+    inputs: tuple[Path, ...]
+    out: Path
+    workers: int = 2
+    postprocess: bool = False
+    database_url: str | None = None
+    port: int = 8600
+    batch_size: int = 10_000
+    lease_ttl_s: float = 120.0
+    reap_interval_s: float = 2.0
+    poll_s: float = 0.5
+    max_restarts: int = 50
+    stop_grace_s: float = 60.0
+    progress: bool = True
+    ingest_args: tuple[str, ...] = ()
+    worker_args: tuple[str, ...] = ()
+    postprocess_args: tuple[str, ...] = ()
+
+
+@dataclass
+class FarmResult:
+    stats: FarmStats
+    out: Path
+    dashboard: str
+    restarts: int
+    seconds: float
+
+
+@dataclass
+class _Database:
+    url: str
+    embedded: EmbeddedPostgres | None = None
+    port: int | None = None
+    started_here: bool = False
+
+    def ensure_running(self) -> bool:
+        """Restart our embedded server if it died; True if it had to."""
+        if self.embedded is None or read_running(self.embedded.datadir) is not None:
+            return False
+        log.warning("PostgreSQL is down: restarting it on port %s", self.port)
+        try:
+            self.embedded.start(port=self.port)
+        except CoordinatorError as exc:  # e.g. the old server's memory not released yet
+            log.warning("PostgreSQL did not restart yet: %s", exc)
+            return False
+        return True
+
+
+@dataclass
+class _State:
+    """``farm.json``: what a rerun on the same directory must find again."""
+
+    path: Path
+    data: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> _State:
+        data = json.loads(path.read_text()) if path.exists() else {}
+        return cls(path, data)
+
+    def port(self, key: str, wanted: int) -> int:
+        if key not in self.data:
+            self.data[key] = wanted or _free_port()
+            self.path.write_text(json.dumps(self.data))
+        return self.data[key]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- set-up ---------------------------------------------------------------------------------
+
+def open_database(settings: UpSettings, state: _State) -> _Database:
+    from coordinator.db import ensure_database
+    from coordinator.migrate import upgrade
+
+    if settings.database_url:
+        upgrade(settings.database_url)
+        return _Database(url=settings.database_url)
+    pg = EmbeddedPostgres(settings.out / "pg")
+    was_running = pg.datadir.exists() and read_running(pg.datadir) is not None
+    server = pg.start(port=state.port("pg_port", 0))
+    ensure_database(server.url(), DATABASE)
+    url = server.url(DATABASE)
+    upgrade(url)
+    return _Database(url=url, embedded=pg, port=server.port, started_here=not was_running)
+
+
+def farm_tokens(settings: UpSettings, database_url: str) -> dict[str, str]:
+    """The farm's tokens (admin, one per worker, gpu), created once and kept in OUT."""
+    from coordinator.db import make_engine
+    from coordinator.tokens import create_token
+
+    path = settings.out / "tokens.json"
+    tokens: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    wanted = {"admin": "admin", "gpu": "gpu"}
+    wanted |= {f"worker-{i}": "worker" for i in range(1, settings.workers + 1)}
+    missing = {name: role for name, role in wanted.items() if name not in tokens}
+    if missing:
+        engine = make_engine(database_url, pool_size=1)
+        try:
+            for name, role in missing.items():
+                tokens[name] = create_token(engine, role, f"up-{name}")[1]
+        finally:
+            engine.dispose()
+        path.touch(mode=0o600)
+        path.write_text(json.dumps(tokens, indent=1))
+    return tokens
+
+
+def ingest(settings: UpSettings, database_url: str) -> None:
+    import subprocess
+
+    if not settings.inputs:
+        return
+    argv = pairfarm_argv("ingest", "--database-url", database_url, *settings.ingest_args,
+                         *map(str, settings.inputs))
+    if subprocess.run(argv, check=False).returncode != 0:
+        raise StartupFailed("ingest failed (its message is above); nothing was started")
+
+
+def _env() -> dict[str, str]:
+    """The children's environment: ours, minus settings meant for another role."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PAIRFARM_") and k != "DATABASE_URL"}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def coordinator_child(settings: UpSettings, db: _Database, port: int) -> Child:
+    argv = pairfarm_argv(
+        "coordinator", "--database-url", db.url, "--host", "127.0.0.1", "--port", str(port),
+        "--batch-size", str(settings.batch_size), "--lease-ttl", str(settings.lease_ttl_s),
+        "--reap-interval", str(settings.reap_interval_s), "--no-migrate")
+    return Child("coordinator", argv, _env(), settings.out / "logs" / "coordinator.log")
+
+
+def worker_child(settings: UpSettings, url: str, token: str, i: int) -> Child:
+    argv = pairfarm_argv(
+        "worker", "--coordinator", url, "--token", token, "--name", f"up-worker-{i}",
+        "--output", str(settings.out / "shards"), "--idle-poll", "1", "--no-progress",
+        *settings.worker_args)
+    return Child(f"worker-{i}", argv, _env(), settings.out / "logs" / f"worker-{i}.log")
+
+
+def postprocess_child(settings: UpSettings, url: str, token: str) -> Child:
+    argv = pairfarm_argv(
+        "postprocess", "--coordinator", url, "--token", token,
+        "--out", str(settings.out / "postprocessed"), "--poll-interval", "1",
+        "--workdir", str(settings.out / "postprocess-work"), *settings.postprocess_args)
+    return Child("postprocess", argv, _env(), settings.out / "logs" / "postprocess.log")
+
+
+def wait_healthy(url: str, child: Child, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not child.running():
+            raise StartupFailed(f"the coordinator exited: see {child.log_path}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise StartupFailed(f"the coordinator did not answer within {timeout:.0f} s")
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+@contextmanager
+def _farm(settings: UpSettings) -> Iterator[tuple[Supervisor, _Database, str, dict[str, str]]]:
+    settings.out.mkdir(parents=True, exist_ok=True)
+    state = _State.load(settings.out / "farm.json")
+    db = open_database(settings, state)
+    supervisor = Supervisor(run_file=settings.out / "run.json")
+    try:
+        tokens = farm_tokens(settings, db.url)
+        ingest(settings, db.url)
+        port = state.port("coordinator_port", settings.port)
+        url = f"http://127.0.0.1:{port}"
+        coord = supervisor.add(coordinator_child(settings, db, port))
+        wait_healthy(url, coord)
+        for i in range(1, settings.workers + 1):
+            supervisor.add(worker_child(settings, url, tokens[f"worker-{i}"], i))
+        if settings.postprocess:
+            supervisor.add(postprocess_child(settings, url, tokens["gpu"]))
+        yield supervisor, db, url, tokens
+    finally:
+        supervisor.stop(grace=settings.stop_grace_s)
+        supervisor.run_file.unlink(missing_ok=True)
+        if db.embedded is not None and db.started_here:
+            db.embedded.stop()
+
+
+def _watch(settings: UpSettings, supervisor: Supervisor, db: _Database,
+           client: CoordinatorClient, progress: FarmProgress) -> FarmStats:
+    """Keep the farm alive until it is finished; the last stats."""
+    last: FarmStats | None = None
+    while True:
+        db.ensure_running()
+        supervisor.revive()
+        if supervisor.restarts > settings.max_restarts:
+            raise ChildFailed(f"children died {supervisor.restarts} times: see "
+                              f"{settings.out / 'logs'}")
+        try:
+            last = client.stats()
+        except ClientError as exc:
+            log.info("stats unavailable: %s", exc)
+        if last is not None:
+            progress.update(last)
+            if is_finished(last, postprocess=settings.postprocess):
+                return last
+        time.sleep(settings.poll_s)
+
+
+def run_farm(settings: UpSettings) -> FarmResult:
+    """Run the farm until every candidate has its outcome (see the module docstring)."""
+    started = time.monotonic()
+    with _farm(settings) as (supervisor, db, url, tokens), \
+            CoordinatorClient(url, tokens["admin"]) as client, \
+            FarmProgress(enabled=settings.progress, postprocess=settings.postprocess,
+                         dashboard=f"{url}/") as progress:
+        stats = _watch(settings, supervisor, db, client, progress)
+        restarts = supervisor.restarts
+    return FarmResult(stats=stats, out=settings.out, dashboard=f"{url}/", restarts=restarts,
+                      seconds=time.monotonic() - started)

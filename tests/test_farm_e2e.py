@@ -1,0 +1,181 @@
+"""End to end: `pairfarm up` / `pairfarm demo` in subprocesses, with fault drills.
+
+Each drill runs a real farm (embedded PostgreSQL, coordinator, worker processes) against
+the demo image server on loopback, breaks something mid-run, and then checks the dataset:
+every candidate URL appears exactly once across the shards' parquet files, with the
+outcome the server's plan says it must have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from coordinator.embedded_pg import EmbeddedPostgres
+from localfarm.demo import check_dataset, write_candidates
+from localfarm.demo_server import DemoPlan, DemoServer
+from pairfarm.client import ClientError, CoordinatorClient
+from pairfarm.protocol import FarmStats
+from tests.conftest import REPO, cli_env, run_cli
+
+COUNT = 600
+
+
+@pytest.fixture
+def farm_dir() -> Iterator[Path]:
+    """A farm directory outside pytest's basetemp: PostgreSQL runs as another user there,
+    and a concurrently starting pytest resets basetemp's parents to mode 0700."""
+    root = Path(tempfile.mkdtemp(prefix="pairfarm-farm-"))
+    yield root / "farm"
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def slow_server() -> Iterator[DemoServer]:
+    """The demo plan served slowly enough (0.3-0.8 s an answer) for a drill to land."""
+    server = DemoServer(DemoPlan(seed=11), hosts=4, delay=(0.3, 0.8)).start()
+    yield server
+    server.stop()
+
+
+def start_up(out: Path, candidates: Path) -> subprocess.Popen[str]:
+    argv = [sys.executable, "-m", "pairfarm", "up", "--input", str(candidates),
+            "--out", str(out), "--workers", "2", "--batch-size", "40", "--lease-ttl", "4",
+            "--port", "0", "--no-progress",
+            "--worker-arg=--allow-cidr=127.0.0.0/8", "--worker-arg=--per-host=2",
+            "--worker-arg=--backoff-cap=1", "--worker-arg=--deadline=10"]
+    return subprocess.Popen(argv, env=cli_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(what: str, check: Callable[[], bool], proc: subprocess.Popen[str],
+             timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"pairfarm up exited ({proc.returncode}) while waiting for "
+                                 f"{what}:\n{proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Farm:
+    """What a test can see of a running `pairfarm up`: its files and its API."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def ready(self) -> bool:
+        run = self.out / "run.json"
+        return run.exists() and (self.out / "tokens.json").exists() and \
+            "worker-1" in json.loads(run.read_text())["children"]
+
+    def pid(self, name: str) -> int:
+        return int(json.loads((self.out / "run.json").read_text())["children"][name])
+
+    def stats(self) -> FarmStats | None:
+        port = json.loads((self.out / "farm.json").read_text())["coordinator_port"]
+        admin = json.loads((self.out / "tokens.json").read_text())["admin"]
+        try:
+            with CoordinatorClient(f"http://127.0.0.1:{port}", admin) as client:
+                return client.stats()
+        except ClientError:
+            return None
+
+    def holds_batch(self, worker: str) -> bool:
+        stats = self.stats()
+        return stats is not None and any(w.name == worker and w.batches
+                                         for w in stats.workers)
+
+    def downloaded_batches(self) -> int:
+        stats = self.stats()
+        return 0 if stats is None else stats.batches.get("downloaded", 0)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 300) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+        raise AssertionError(f"pairfarm up did not finish:\n{out}") from None
+    assert proc.returncode == 0, out
+    return out
+
+
+def assert_complete(out: Path, count: int) -> None:
+    check = check_dataset(out)
+    assert check.rows == count, "every candidate has exactly one row"
+    assert check.urls == count, "no URL appears twice"
+    assert check.mismatched == [], "every URL ended in the outcome the server planned"
+    stats_files = sorted((out / "shards").glob("*_stats.json"))
+    assert sum(json.loads(f.read_text())["count"] for f in stats_files) == count
+
+
+@pytest.mark.slow
+def test_kill_worker_restart_coordinator_and_postgres_mid_run(
+        tmp_path: Path, farm_dir: Path, slow_server: DemoServer) -> None:
+    candidates = write_candidates(slow_server, COUNT, tmp_path / "candidates.parquet")
+    out = farm_dir
+    proc = start_up(out, candidates)
+    farm = Farm(out)
+    wait_for("the farm to start", farm.ready, proc)
+
+    wait_for("worker-1 to hold a batch", lambda: farm.holds_batch("up-worker-1"), proc)
+    os.kill(farm.pid("worker-1"), signal.SIGKILL)
+
+    wait_for("a downloaded batch", lambda: farm.downloaded_batches() >= 2, proc)
+    os.kill(farm.pid("coordinator"), signal.SIGKILL)
+
+    wait_for("the coordinator to be back", lambda: farm.stats() is not None, proc)
+    before = farm.downloaded_batches()
+    EmbeddedPostgres(out / "pg").stop(mode="immediate")
+    wait_for("progress after the database restart",
+             lambda: farm.downloaded_batches() > before, proc)
+
+    output = finish(proc)
+    assert "restarts:" in output  # the worker and the coordinator were brought back
+    assert_complete(out, COUNT)
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_rerun_resumes_without_duplicates(
+        tmp_path: Path, farm_dir: Path, slow_server: DemoServer) -> None:
+    candidates = write_candidates(slow_server, COUNT, tmp_path / "candidates.parquet")
+    out = farm_dir
+    proc = start_up(out, candidates)
+    farm = Farm(out)
+    wait_for("the farm to start", farm.ready, proc)
+    wait_for("a downloaded batch", lambda: farm.downloaded_batches() >= 1, proc)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 1, output
+    assert "Run the same command again to resume" in output
+    assert not (out / "run.json").exists(), "every child was stopped"
+    partial = len(list((out / "shards").glob("*_stats.json")))
+    assert partial >= 1
+
+    rerun = start_up(out, candidates)
+    output = finish(rerun)
+    assert "inserted 0" in output, "the rerun ingests nothing new"
+    assert_complete(out, COUNT)
+
+
+@pytest.mark.slow
+def test_demo_runs_offline_and_filters(farm_dir: Path) -> None:
+    result = run_cli("demo", "--out", str(farm_dir), "--count", "300",
+                     "--batch-size", "60", "--no-progress", timeout=600)
+    assert "300 candidates -> 300 shard rows, 300 distinct URLs" in result.stdout
+    assert "ended differently" not in result.stdout

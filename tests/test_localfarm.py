@@ -1,0 +1,116 @@
+"""The local farm's parts: the supervisor (real child processes), the finish rule, the
+demo's plan and server (real HTTP on loopback)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+
+from localfarm.children import Child, Supervisor
+from localfarm.demo_server import EXPECTED, KINDS, DemoPlan, DemoServer, bomb_png
+from localfarm.progress import is_finished
+from pairfarm.protocol import FarmStats
+
+
+def _stats(unbatched: int = 0, **batches: int) -> FarmStats:
+    return FarmStats(candidates_total=10, candidates_pending=0, batches=batches, outcomes={},
+                     bytes_downloaded=0, kept=0, dropped=0, workers_alive=0,
+                     candidates_unbatched=unbatched)
+
+
+def test_finished_only_when_nothing_waits() -> None:
+    assert is_finished(_stats(downloaded=3, failed=1), postprocess=False)
+    assert not is_finished(_stats(unbatched=1, downloaded=3), postprocess=False)
+    assert not is_finished(_stats(leased=1), postprocess=False)
+    assert not is_finished(_stats(pending=1), postprocess=False)
+    assert not is_finished(_stats(downloaded=3), postprocess=True)
+    assert not is_finished(_stats(postprocessing=1, done=2), postprocess=True)
+    assert is_finished(_stats(done=3, failed=1), postprocess=True)
+
+
+def _sleeper(tmp_path: Path, name: str, seconds: float) -> Child:
+    argv = [sys.executable, "-c", f"import time; time.sleep({seconds})"]
+    return Child(name, argv, {}, tmp_path / f"{name}.log")
+
+
+def test_supervisor_restarts_a_dead_child_and_records_pids(tmp_path: Path) -> None:
+    sup = Supervisor(run_file=tmp_path / "run.json")
+    child = sup.add(_sleeper(tmp_path, "a", 60))
+    first = child.pid
+    assert json.loads((tmp_path / "run.json").read_text())["children"] == {"a": first}
+    child.signal(signal.SIGKILL)
+    child.wait(10)
+    assert sup.revive() == ["a"]
+    assert child.pid != first and child.running() and sup.restarts == 1
+    assert json.loads((tmp_path / "run.json").read_text())["children"] == {"a": child.pid}
+    sup.stop(grace=5)
+    assert not child.running()
+    assert sup.revive() == [], "a stopped child stays stopped"
+
+
+def test_supervisor_kills_what_ignores_sigterm(tmp_path: Path) -> None:
+    code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(60)")
+    child = Child("stubborn", [sys.executable, "-c", code], {}, tmp_path / "s.log")
+    sup = Supervisor(run_file=tmp_path / "run.json")
+    sup.add(child)
+    while "ready" not in (tmp_path / "s.log").read_text():
+        time.sleep(0.05)
+    sup.stop(grace=0.5)
+    assert child.exit_code() == -signal.SIGKILL
+
+
+def test_demo_plan_is_deterministic_and_mixed() -> None:
+    plan = DemoPlan(seed=3)
+    items = [plan.item(n) for n in range(3000)]
+    assert items == [DemoPlan(seed=3).item(n) for n in range(3000)]
+    assert plan.picture(5) == DemoPlan(seed=3).picture(5)
+    counts = Counter(i.kind for i in items)
+    for name, share, _ in KINDS:
+        assert abs(counts[name] / 3000 - share) < 0.03, name
+    assert all(len(i.caption) >= 5 for i in items)
+
+
+def test_demo_server_does_what_the_plan_says() -> None:
+    plan = DemoPlan(seed=1)
+    server = DemoServer(plan, hosts=3, delay=(0, 0)).start()
+    try:
+        seen: dict[str, httpx.Response | None] = {}
+        n = 0
+        while len(seen) < len(KINDS):
+            kind = plan.item(n).kind
+            if kind not in seen:
+                try:
+                    seen[kind] = httpx.get(server.url(n), timeout=5)
+                except httpx.TransportError:
+                    seen[kind] = None
+            n += 1
+    finally:
+        server.stop()
+    assert seen["reset"] is None
+    ok = [r for k, r in seen.items() if r is not None and EXPECTED[k].value == "ok"]
+    assert all(r.status_code == 200 and r.content[:2] == b"\xff\xd8" and
+               len(r.content) > 5 * 1024 for r in ok)
+    assert seen["not_found"] is not None and seen["not_found"].status_code == 404
+    assert seen["error"] is not None and seen["error"].status_code == 500
+    assert seen["opt_out"] is not None and "noai" in seen["opt_out"].headers["x-robots-tag"]
+    assert seen["tiny"] is not None and len(seen["tiny"].content) < 5 * 1024
+    assert seen["bomb"] is not None and seen["bomb"].content == bomb_png()
+    assert len(bomb_png()) > 5 * 1024
+
+
+@pytest.mark.parametrize("hosts", [1, 4])
+def test_demo_urls_spread_over_hosts(hosts: int) -> None:
+    server = DemoServer(DemoPlan(), hosts=hosts)
+    try:
+        assert len({httpx.URL(server.url(n)).host for n in range(100)}) == hosts
+    finally:
+        for s in server.servers:
+            s.server_close()
