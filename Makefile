@@ -7,7 +7,7 @@ EXTRAS ?= coordinator,worker,gpu,extract,s3,dev
 # machines pip takes both wheels from the local disk (see README "Post-processing").
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test lint pytest
+.PHONY: setup test lint pytest demo
 
 setup: $(VENV)/.installed
 
@@ -27,3 +27,6 @@ pytest: setup
 	$(BIN)/pytest
 
 test: lint pytest
+
+demo: setup
+	$(BIN)/pairfarm demo

@@ -34,7 +34,7 @@ def scoring_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--precision", envvar="PAIRFARM_PRECISION", default="auto",
                      type=click.Choice(["auto", "fp32", "amp_fp16", "amp_bf16"]),
                      show_default=True, help="auto: bf16/fp16 autocast on GPU, fp32 on CPU."),
-        click.option("--batch-size", envvar="PAIRFARM_BATCH_SIZE", default=256, type=int,
+        click.option("--batch-size", envvar="PAIRFARM_MODEL_BATCH_SIZE", default=256, type=int,
                      show_default=True, help="Samples per model call."),
         click.option("--workers", envvar="PAIRFARM_DECODE_WORKERS", default=None, type=int,
                      help="Decode/preprocess processes (default: CPUs - 1, at most 8; "

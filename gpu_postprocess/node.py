@@ -32,7 +32,7 @@ from gpu_postprocess.outputs import Written, write_outputs
 from gpu_postprocess.pipeline import Scorer, decide, score_shard
 from gpu_postprocess.settings import NodeSettings, OutputSettings
 from gpu_postprocess.shardio import Shard, open_shard
-from pairfarm.client import CoordinatorClient, LeaseLost, Unavailable
+from pairfarm.client import CoordinatorClient, LeaseLost, Rejected, Unavailable
 from pairfarm.protocol import FailReport, PostprocessLease, PostprocessReport
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,9 @@ class Node:
         except LeaseLost as exc:
             log.warning("batch %d: lease lost, work discarded: %s", lease.batch_id, exc)
             return None
-        except PostprocessError as exc:
+        except (PostprocessError, Rejected) as exc:
+            # Rejected: the coordinator refused the report; the batch fails with its reason
+            # rather than the node exiting and being handed the same batch again.
             log.error("batch %d failed: %s", lease.batch_id, exc)
             self._fail(lease, str(exc), release=False)
             return None
