@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import resource
 import socket
 import time
 from collections import Counter
@@ -132,7 +131,9 @@ def _network(opts: dict[str, Any]) -> Any:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from worker.rss import peak_rss_bytes
+
+    return peak_rss_bytes() / 2**20
 
 
 @click.command("download")
