@@ -3,6 +3,8 @@
 Every endpoint is a plain function run in the server's thread pool; each does one or two
 short transactions through ``Leases``. Authentication: ``Authorization: Bearer <token>``,
 looked up by its sha256; the role decides what the caller may do (admin may do all).
+Read-only aggregates need no token: ``GET /api/v1/stats``, ``GET /metrics`` (Prometheus)
+and the dashboard at ``GET /`` (``coordinator.dashboard``).
 
 Error handling: the coordinator's errors map to HTTP statuses in ``STATUS``; request
 validation gives 422; a database that cannot be reached gives 503; every error body is
@@ -19,9 +21,10 @@ import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from coordinator import tokens
+from coordinator import dashboard, tokens
 from coordinator.errors import (
     AuthError,
     CoordinatorError,
@@ -32,6 +35,7 @@ from coordinator.errors import (
     NotFound,
 )
 from coordinator.leases import DOWNLOAD, POSTPROCESS, Leases
+from coordinator.metrics import CoordinatorMetrics, make_metrics, stats_source
 from coordinator.reaper import Reaper
 from coordinator.settings import CoordinatorSettings
 from coordinator.stats import farm_stats
@@ -124,12 +128,13 @@ Caller = Annotated[tokens.TokenInfo, Depends(_caller)]
 def create_app(settings: CoordinatorSettings, engine: sa.Engine, *,
                reaper: bool = True) -> FastAPI:
     """The ASGI app on ``engine``; with ``reaper`` it returns expired leases periodically
-    while it runs."""
-    leases = Leases(engine, settings.lease)
+    while it runs. Each app has its own metrics registry (``app.state.metrics``)."""
+    metrics = make_metrics(stats_source(engine, settings.alive_window_s))
+    leases = Leases(engine, settings.lease, metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = Reaper(leases, settings.reap_interval_s) if reaper else None
+        task = Reaper(leases, settings.reap_interval_s, metrics) if reaper else None
         if task:
             task.start()
         try:
@@ -141,8 +146,10 @@ def create_app(settings: CoordinatorSettings, engine: sa.Engine, *,
     app = FastAPI(title="pairfarm coordinator", version=__version__, lifespan=lifespan)
     app.state.leases = leases
     app.state.engine = engine
+    app.state.metrics = metrics
     _install_errors(app)
-    _routes(app, settings, engine, leases)
+    _routes(app, settings, engine, leases, metrics)
+    dashboard.mount(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
 
@@ -173,7 +180,7 @@ def _snake(name: str) -> str:
 
 
 def _routes(app: FastAPI, settings: CoordinatorSettings, engine: sa.Engine,
-            leases: Leases) -> None:
+            leases: Leases, metrics: CoordinatorMetrics) -> None:
     def worker_id(info: tokens.TokenInfo, *roles: Role) -> int:
         tokens.require(info, *roles)
         return tokens.touch_worker(engine, info)
@@ -195,7 +202,9 @@ def _routes(app: FastAPI, settings: CoordinatorSettings, engine: sa.Engine,
     @app.post(f"{API_PREFIX}/download/lease", response_model=DownloadLease,
               responses={204: {"description": "nothing left to lease"}})
     def lease_download(body: LeaseRequest, info: Caller) -> Response:
-        lease = leases.lease_download_raw(worker_id(info, Role.WORKER), body.max_size)
+        wid = worker_id(info, Role.WORKER)
+        with metrics.timed_lease(DOWNLOAD):
+            lease = leases.lease_download_raw(wid, body.max_size)
         if lease is None:
             return Response(status_code=204)
         return Response(content=lease.to_json(), media_type="application/json")
@@ -203,23 +212,36 @@ def _routes(app: FastAPI, settings: CoordinatorSettings, engine: sa.Engine,
     @app.post(f"{API_PREFIX}/postprocess/lease", response_model=PostprocessLease,
               responses={204: {"description": "no written shard waits"}})
     def lease_postprocess(body: LeaseRequest, info: Caller) -> Response:
-        return _json(leases.lease_postprocess(worker_id(info, Role.GPU)))
+        wid = worker_id(info, Role.GPU)
+        with metrics.timed_lease(POSTPROCESS):
+            return _json(leases.lease_postprocess(wid))
 
     for kind, role in ((DOWNLOAD, Role.WORKER), (POSTPROCESS, Role.GPU)):
-        _batch_routes(app, leases, kind=kind, role=role, worker_id=worker_id)
+        _batch_routes(app, leases, metrics, kind=kind, role=role, worker_id=worker_id)
 
     @app.post(f"{API_PREFIX}/download/{{batch_id}}/complete")
     def complete_download(batch_id: int, body: DownloadReport, info: Caller) -> BatchState:
-        return leases.complete_download(batch_id, worker_id(info, Role.WORKER), body)
+        wid = worker_id(info, Role.WORKER)
+        with metrics.fenced(DOWNLOAD, "complete"):
+            return leases.complete_download(batch_id, wid, body)
 
     @app.post(f"{API_PREFIX}/postprocess/{{batch_id}}/complete")
     def complete_postprocess(batch_id: int, body: PostprocessReport,
                              info: Caller) -> BatchState:
-        return leases.complete_postprocess(batch_id, worker_id(info, Role.GPU), body)
+        wid = worker_id(info, Role.GPU)
+        with metrics.fenced(POSTPROCESS, "complete"):
+            return leases.complete_postprocess(batch_id, wid, body)
 
     @app.get(f"{API_PREFIX}/stats")
-    def stats(info: Caller) -> FarmStats:
+    def stats() -> FarmStats:
+        """The farm's figures; read-only aggregates, so no token is needed."""
         return farm_stats(engine, settings.alive_window_s)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus() -> Response:
+        """Prometheus text exposition of ``app.state.metrics`` (no token needed)."""
+        body = generate_latest(metrics.registry)
+        return Response(content=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def _json(model: PostprocessLease | None) -> Response:
@@ -230,14 +252,18 @@ def _json(model: PostprocessLease | None) -> Response:
     return Response(content=model.model_dump_json(), media_type="application/json")
 
 
-def _batch_routes(app: FastAPI, leases: Leases, *, kind: str, role: Role,
-                  worker_id: Callable[..., int]) -> None:
+def _batch_routes(app: FastAPI, leases: Leases, metrics: CoordinatorMetrics, *, kind: str,
+                  role: Role, worker_id: Callable[..., int]) -> None:
     """Heartbeat and fail, the same for both kinds of client."""
 
     @app.post(f"{API_PREFIX}/{kind}/{{batch_id}}/heartbeat", name=f"{kind}_heartbeat")
     def heartbeat(batch_id: int, body: Heartbeat, info: Caller) -> HeartbeatResponse:
-        return leases.heartbeat(kind, batch_id, worker_id(info, role), body.lease_token)
+        wid = worker_id(info, role)
+        with metrics.fenced(kind, "heartbeat"):
+            return leases.heartbeat(kind, batch_id, wid, body.lease_token)
 
     @app.post(f"{API_PREFIX}/{kind}/{{batch_id}}/fail", name=f"{kind}_fail")
     def fail(batch_id: int, body: FailReport, info: Caller) -> BatchState:
-        return leases.fail(kind, batch_id, worker_id(info, role), body)
+        wid = worker_id(info, role)
+        with metrics.fenced(kind, "fail"):
+            return leases.fail(kind, batch_id, wid, body)

@@ -31,7 +31,7 @@ import random
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
@@ -53,11 +53,18 @@ from pairfarm.protocol import (
     ShardFiles,
 )
 
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
+    from coordinator.metrics import CoordinatorMetrics
+
 DOWNLOAD = "download"
 POSTPROCESS = "postprocess"
 #: the status a batch has while each kind of client holds it, and where it goes back to
 HELD = {DOWNLOAD: BatchStatus.LEASED, POSTPROCESS: BatchStatus.POSTPROCESSING}
 BACK_TO = {DOWNLOAD: BatchStatus.PENDING, POSTPROCESS: BatchStatus.DOWNLOADED}
+#: which kind of client holds a batch in each held status
+KIND_HOLDING = {status.value: kind for kind, status in HELD.items()}
 TABLE_STATS_MAX_AGE_S = 10.0
 CLAIM_ROUNDS = 3
 
@@ -78,6 +85,15 @@ class RawDownloadLease:
         """The ``DownloadLease`` body: the lease fields with the candidates spliced in."""
         head = self.info.model_dump_json()
         return f'{head[:-1]},"candidates":{self.candidates}}}'
+
+
+@dataclass(frozen=True)
+class Expired:
+    """A lease the reaper took back: the batch, its new status, the kind of lease."""
+
+    batch_id: int
+    status: str
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -109,9 +125,11 @@ class _TableRows:
 class Leases:
     """The lease operations of both kinds of client, on one engine."""
 
-    def __init__(self, engine: sa.Engine, settings: LeaseSettings) -> None:
+    def __init__(self, engine: sa.Engine, settings: LeaseSettings,
+                 metrics: CoordinatorMetrics | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self.metrics = metrics
         self.rate = SampleRate(oversample=settings.oversample, max_rows=settings.max_sample_rows)
         self._rows = _TableRows()
         self.last_form: FormStats | None = None
@@ -137,6 +155,7 @@ class Leases:
                     return None
                 conn.execute(Q.set_batch_size, {"batch_id": row.id, "size": claimed})
             found = conn.execute(Q.batch_candidates, {"batch_id": row.id}).one()
+            self._count("leases", DOWNLOAD)
             info = LeaseInfo(batch_id=row.id, lease_token=row.lease_token,
                              lease_expires_at=row.lease_expires_at, attempt=row.attempts)
             return RawDownloadLease(info=info, count=found.n, candidates=found.candidates)
@@ -185,6 +204,7 @@ class Leases:
                 "bytes_downloaded": report.bytes_downloaded,
                 "duration_s": report.duration_s, "digest": digest,
             }).one()
+            self._count("completions", DOWNLOAD)
             return BatchState(batch_id=row.id, status=row.status, attempts=row.attempts)
 
     # -- post-processing --------------------------------------------------------------
@@ -193,6 +213,7 @@ class Leases:
             row = conn.execute(Q.lease_downloaded_batch, self._lease_params(worker_id)).first()
             if row is None:
                 return None
+            self._count("leases", POSTPROCESS)
             ok = int((row.outcomes or {}).get("ok", 0))
             return PostprocessLease(
                 batch_id=row.id, lease_token=row.lease_token,
@@ -214,6 +235,7 @@ class Leases:
                 "report": report.model_dump_json(exclude={"lease_token"}),
                 "kept": report.kept, "dropped": report.dropped, "digest": digest,
             }).one()
+            self._count("completions", POSTPROCESS)
             return BatchState(batch_id=row.id, status=row.status, attempts=row.attempts)
 
     # -- both kinds ---------------------------------------------------------------------
@@ -245,13 +267,24 @@ class Leases:
                 "reason": f"{kind} {'released' if report.release else 'failed'}: "
                           f"{report.reason}",
             }).one()
+            self._count("failures", kind)
             return BatchState(batch_id=row.id, status=row.status, attempts=row.attempts)
 
     def reap(self) -> list[tuple[int, str]]:
         """Return expired leases to the queue (or fail them); the (id, new status) pairs."""
+        return [(e.batch_id, e.status) for e in self.reap_expired()]
+
+    def reap_expired(self) -> list[Expired]:
+        """``reap``, saying also which kind of lease each batch held."""
         with self.engine.begin() as conn:
             rows = conn.execute(Q.reap_expired, {"max_attempts": self.settings.max_attempts})
-            return [(r.id, r.status) for r in rows]
+            return [Expired(r.id, r.status, KIND_HOLDING[r.held]) for r in rows]
+
+    def _count(self, counter: str, kind: str) -> None:
+        """Count one event of ``kind`` in the metrics' counter of that name, if any."""
+        if self.metrics is not None:
+            metric: Counter = getattr(self.metrics, counter)
+            metric.labels(kind=kind).inc()
 
     def _lease_params(self, worker_id: int) -> dict[str, Any]:
         return {"worker_id": worker_id, "lease_token": new_lease_token(),

@@ -13,13 +13,16 @@ import threading
 import sqlalchemy as sa
 
 from coordinator.leases import Leases
+from coordinator.metrics import CoordinatorMetrics
 
 log = logging.getLogger(__name__)
 
 
 class Reaper:
-    def __init__(self, leases: Leases, interval_s: float) -> None:
+    def __init__(self, leases: Leases, interval_s: float,
+                 metrics: CoordinatorMetrics | None = None) -> None:
         self._leases = leases
+        self._metrics = metrics
         self._interval = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pairfarm-reaper", daemon=True)
@@ -37,9 +40,12 @@ class Reaper:
 
     def tick(self) -> None:
         try:
-            reaped = self._leases.reap()
+            reaped = self._leases.reap_expired()
         except sa.exc.SQLAlchemyError as exc:
             log.warning("reaper: %s", exc)
             return
-        for batch_id, status in reaped:
-            log.info("lease of batch %d expired: now %s", batch_id, status)
+        for expired in reaped:
+            if self._metrics:
+                self._metrics.expiries.labels(kind=expired.kind).inc()
+            log.info("%s lease of batch %d expired: now %s", expired.kind, expired.batch_id,
+                     expired.status)

@@ -85,8 +85,10 @@ def _raise_for(response: httpx.Response) -> None:
     raise Rejected(message, status)
 
 
-def _headers(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}", "User-Agent": USER_AGENT}
+def _headers(token: str | None) -> dict[str, str]:
+    """Request headers; without a token only ``stats`` (read-only, public) can succeed."""
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
+    return {**auth, "User-Agent": USER_AGENT}
 
 
 def _body(model: BaseModel | None) -> dict[str, Any] | None:
@@ -122,7 +124,7 @@ class _Paths:
 class AsyncCoordinatorClient:
     """Async client. ``kind`` in the batch methods is ``"download"`` or ``"postprocess"``."""
 
-    def __init__(self, base_url: str, token: str, *,
+    def __init__(self, base_url: str, token: str | None = None, *,
                  transport: httpx.AsyncBaseTransport | None = None,
                  timeout: httpx.Timeout = DEFAULT_TIMEOUT) -> None:
         self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(token),
@@ -178,7 +180,7 @@ class AsyncCoordinatorClient:
 class CoordinatorClient:
     """Blocking client with the same methods as ``AsyncCoordinatorClient``."""
 
-    def __init__(self, base_url: str, token: str, *,
+    def __init__(self, base_url: str, token: str | None = None, *,
                  transport: httpx.BaseTransport | None = None,
                  timeout: httpx.Timeout = DEFAULT_TIMEOUT) -> None:
         self._http = httpx.Client(base_url=base_url, headers=_headers(token),

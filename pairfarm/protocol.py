@@ -18,7 +18,7 @@ path                                  role     body -> response
 ``POST /postprocess/{batch}/heartbeat`` gpu    Heartbeat -> HeartbeatResponse | 409
 ``POST /postprocess/{batch}/complete``  gpu    PostprocessReport -> BatchState | 409 | 422
 ``POST /postprocess/{batch}/fail``    gpu      FailReport -> BatchState | 409
-``GET  /stats``                       any      -> FarmStats
+``GET  /stats``                       none     -> FarmStats (read-only aggregates)
 ``GET  /healthz`` (no prefix)         none     -> {"status": "ok"}
 ====================================  =======  ==========================================
 
@@ -38,6 +38,13 @@ API_PREFIX = "/api/v1"
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Figures(BaseModel):
+    """A response only read (dashboards, ``pairfarm status``, other versions of the
+    client): fields it does not know are ignored, so a newer coordinator may add some."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
 
 class Role(StrEnum):
@@ -161,7 +168,7 @@ class BatchState(_Model):
     attempts: int
 
 
-class WorkerStatus(_Model):
+class WorkerStatus(_Figures):
     """A client seen recently, for the dashboard."""
 
     id: int
@@ -171,9 +178,36 @@ class WorkerStatus(_Model):
     last_seen_at: datetime
     #: batches this client holds a lease on now
     batches: list[int] = Field(default_factory=list)
+    #: seconds since the client was last seen (the database's clock)
+    last_seen_s: float | None = None
+    #: download workers: candidates of the batches it completed within the rate window,
+    #: per second of that window (None for other roles)
+    rate_per_s: float | None = None
+    #: download workers: candidates of every batch it completed
+    downloaded: int = 0
 
 
-class FarmStats(_Model):
+class ThroughputPoint(_Figures):
+    """One minute of the throughput chart: batches whose download completed in it."""
+
+    start: datetime
+    #: candidates of those batches (every outcome)
+    candidates: int
+    #: of which ``ok`` (an image in the shard)
+    ok: int
+
+
+class SimilarityHistogram(_Figures):
+    """The post-processing reports' similarity histograms summed: ``counts[i]`` samples
+    in ``[edges[i], edges[i+1])``; empty before the first report with one."""
+
+    edges: list[float] = Field(default_factory=list)
+    counts: list[int] = Field(default_factory=list)
+
+
+class FarmStats(_Figures):
+    """``GET /stats``: the farm's figures, all computed over the batches table."""
+
     candidates_total: int
     #: candidates not downloaded yet: unbatched, or in a pending or leased batch
     candidates_pending: int
@@ -190,3 +224,22 @@ class FarmStats(_Model):
     candidates_by_status: dict[str, int] = Field(default_factory=dict)
     #: clients seen within the alive window, with the batches they hold
     workers: list[WorkerStatus] = Field(default_factory=list)
+    #: when the figures were read (the database's clock)
+    generated_at: datetime | None = None
+    #: share of the candidates no longer waiting for a download, in percent
+    progress_pct: float = 0.0
+    #: the window ``download_rate_per_s`` and the workers' rates are measured over
+    rate_window_s: float = 600.0
+    #: candidates downloaded per second over the rate window (or the farm's age if less)
+    download_rate_per_s: float = 0.0
+    #: seconds until every pending candidate is downloaded at that rate (None at rate 0)
+    eta_s: float | None = None
+    #: per-minute downloads of the last hour, oldest first, the current minute last
+    throughput: list[ThroughputPoint] = Field(default_factory=list)
+    #: batches post-processed (done) and those that got that far or are on the way
+    #: (downloaded, postprocessing or done)
+    postprocess_batches_done: int = 0
+    postprocess_batches_total: int = 0
+    #: kept / (kept + dropped); None before the first post-processed sample
+    kept_ratio: float | None = None
+    similarity: SimilarityHistogram = Field(default_factory=SimilarityHistogram)

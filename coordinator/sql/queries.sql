@@ -149,8 +149,9 @@ RETURNING id, status, attempts;
 -- name: reap_expired
 -- Expired leases go back (download: pending, post-processing: downloaded) or, once
 -- their attempts are spent, to failed with the reason. Rows being changed are skipped.
+-- "held" is the status the lease had (which kind of client held it).
 WITH expired AS (
-    SELECT id FROM batches
+    SELECT id, status AS held FROM batches
      WHERE status IN ('leased', 'postprocessing') AND lease_expires_at < now()
        FOR UPDATE SKIP LOCKED
 )
@@ -168,7 +169,7 @@ UPDATE batches b
        worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
   FROM expired
  WHERE b.id = expired.id
-RETURNING b.id, b.status;
+RETURNING b.id, b.status, expired.held;
 
 -- name: insert_token
 INSERT INTO tokens (role, name, token_sha256) VALUES (:role, :name, :token_sha256)
@@ -207,12 +208,63 @@ SELECT o.key AS outcome, sum(o.value::bigint) AS total
 SELECT COALESCE(sum(inserted), 0) AS inserted FROM ingests;
 
 -- name: stats_workers
+-- Clients seen within :window seconds, the batches they hold, and for how long (within
+-- :rate_window) they have been registered, the span their download rate is taken over.
 SELECT w.id, w.name, w.role, w.version, w.last_seen_at,
+       extract(epoch FROM now() - w.last_seen_at)::float8 AS last_seen_s,
+       GREATEST(1.0, LEAST(CAST(:rate_window AS float8),
+                           extract(epoch FROM now() - w.registered_at)::float8)) AS span_s,
        array_remove(array_agg(b.id ORDER BY b.id), NULL) AS batches
   FROM workers w LEFT JOIN batches b ON b.worker_id = w.id
  WHERE w.last_seen_at > now() - make_interval(secs => :window)
  GROUP BY w.id
  ORDER BY w.id;
+
+-- name: stats_worker_downloads
+-- Candidates each download worker completed: in all, and within :rate_window seconds.
+SELECT downloaded_by AS worker_id, sum(size) AS total,
+       COALESCE(sum(size) FILTER (
+           WHERE downloaded_at > now() - make_interval(secs => :rate_window)), 0) AS recent
+  FROM batches
+ WHERE downloaded_by IS NOT NULL
+ GROUP BY downloaded_by;
+
+-- name: stats_rate
+-- Candidates downloaded within :rate_window seconds, the span they are counted over (the
+-- window, or less while the farm's first batch is younger), and the database's clock.
+SELECT COALESCE(sum(size) FILTER (
+           WHERE downloaded_at > now() - make_interval(secs => :rate_window)), 0) AS recent,
+       GREATEST(1.0, LEAST(CAST(:rate_window AS float8),
+                           extract(epoch FROM now() - min(created_at))::float8)) AS span_s,
+       now() AS now
+  FROM batches;
+
+-- name: stats_throughput
+-- Per minute of the last :minutes (the current one last, empty minutes as 0): candidates
+-- and ok samples of the batches whose download completed in it. One pass over batches.
+WITH recent AS (
+    SELECT date_trunc('minute', downloaded_at) AS minute, sum(size) AS candidates,
+           sum(COALESCE((outcomes ->> 'ok')::bigint, 0)) AS ok
+      FROM batches
+     WHERE downloaded_at >= date_trunc('minute', now()) - make_interval(mins => :minutes - 1)
+     GROUP BY 1
+)
+SELECT m.minute AS start, COALESCE(r.candidates, 0) AS candidates, COALESCE(r.ok, 0) AS ok
+  FROM generate_series(date_trunc('minute', now()) - make_interval(mins => :minutes - 1),
+                       date_trunc('minute', now()), interval '1 minute') AS m(minute)
+  LEFT JOIN recent r ON r.minute = m.minute
+ ORDER BY m.minute;
+
+-- name: stats_similarity
+-- The similarity histograms of the stored post-processing reports, summed bin by bin for
+-- each set of edges (the reports of one farm normally share theirs).
+SELECT b.postprocess -> 'similarity_edges' AS edges, c.bin, sum(c.n::bigint) AS samples
+  FROM batches b,
+       jsonb_array_elements_text(b.postprocess -> 'similarity_counts')
+           WITH ORDINALITY AS c(n, bin)
+ WHERE b.postprocess IS NOT NULL
+ GROUP BY 1, 2
+ ORDER BY 1, 2;
 
 -- Ingest statements run on a raw psycopg connection (COPY): "%(name)s" parameters, and
 -- "{placeholders}" filled in with psycopg.sql composition for the file's extra columns.
