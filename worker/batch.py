@@ -13,7 +13,8 @@ run loop checks that it still holds the lease between the two.
 Resource handling: the httpx client, the DNS cache and the host gate live for one
 batch. Bodies waiting for a decode thread are bounded by a ``ByteBudget``; decoding
 runs in at most ``decode_threads`` threads at once. On any error or cancellation the
-temporary files are removed.
+temporary files are removed. The ``WorkerMetrics`` passed in (``worker.metrics``)
+see every fetch and decode, and every written sample's outcome.
 
 Error handling: each candidate's failure is a ``FetchFailure`` turned into its
 ``Sample`` outcome; anything else (a storage error, a bug) fails the whole batch.
@@ -37,6 +38,7 @@ from worker.errors import FetchFailure
 from worker.fetcher import Fetched, Fetcher
 from worker.hosts import HostGate
 from worker.imaging import ProcessedImage, process_image
+from worker.metrics import WorkerMetrics, build_metrics
 from worker.network import Dialer, GuardedBackend, TrioDialer
 from worker.resolver import CachingResolver, Resolver, SystemResolver
 from worker.settings import PipelineSettings
@@ -81,14 +83,18 @@ OnSample = Callable[[Sample], None]
 async def download_batch(batch_id: int, candidates: Sequence[Candidate], *,
                          settings: PipelineSettings, fs: fsspec.AbstractFileSystem,
                          directory: str, network: Network | None = None,
-                         on_sample: OnSample | None = None) -> PreparedShard:
-    """Fetch and process every candidate; every one ends in exactly one ``Sample``."""
+                         on_sample: OnSample | None = None,
+                         metrics: WorkerMetrics | None = None) -> PreparedShard:
+    """Fetch and process every candidate; every one ends in exactly one ``Sample``.
+
+    ``metrics`` (a fresh registry by default) records fetches, decodes and outcomes."""
     net = network or Network()
     writer = await trio.to_thread.run_sync(
         lambda: ShardWriter(fs, directory, batch_id, image_ext=settings.image.output_format))
     start = time.time()
+    recorder = _Recorder(metrics or build_metrics(), on_sample or _ignore)
     try:
-        wire = await _run(candidates, settings, net, writer, on_sample or _ignore)
+        wire = await _run(candidates, settings, net, writer, recorder)
     except BaseException:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(writer.abort)
@@ -101,19 +107,34 @@ def _ignore(sample: Sample) -> None:
     return None
 
 
+@dataclass(frozen=True)
+class _Recorder:
+    """What happens to a written sample: its outcome counted, then ``on_sample``."""
+
+    metrics: WorkerMetrics
+    on_sample: OnSample
+
+    def __call__(self, sample: Sample) -> None:
+        self.metrics.outcome(sample.outcome.value)
+        self.on_sample(sample)
+
+
 @asynccontextmanager
-async def open_stage(settings: PipelineSettings, network: Network) -> AsyncIterator[Stage]:
+async def open_stage(settings: PipelineSettings, network: Network,
+                     metrics: WorkerMetrics | None = None) -> AsyncIterator[Stage]:
     """A ``Stage`` with a fresh client, DNS cache and host gate; closed on exit."""
     backend = GuardedBackend(CachingResolver(network.resolver), settings.fetch.policy,
                              network.dialer)
+    recorded = metrics or build_metrics()
     async with build_client(settings.fetch, backend) as client:
-        fetcher = Fetcher(settings.fetch, client, HostGate(per_host=settings.fetch.per_host))
-        yield Stage(fetcher, settings)
+        fetcher = Fetcher(settings.fetch, client, HostGate(per_host=settings.fetch.per_host),
+                          recorded)
+        yield Stage(fetcher, settings, recorded)
 
 
 async def _run(candidates: Sequence[Candidate], settings: PipelineSettings, net: Network,
-               writer: ShardWriter, on_sample: OnSample) -> int:
-    async with open_stage(settings, net) as stage:
+               writer: ShardWriter, recorder: _Recorder) -> int:
+    async with open_stage(settings, net, recorder.metrics) as stage:
         jobs_send, jobs_recv = trio.open_memory_channel[tuple[int, Candidate]](0)
         done_send, done_recv = trio.open_memory_channel[Sample](64)
         async with trio.open_nursery() as nursery:
@@ -121,7 +142,7 @@ async def _run(candidates: Sequence[Candidate], settings: PipelineSettings, net:
             async with done_send, jobs_recv:
                 for _ in range(min(settings.fetch.concurrency, max(1, len(candidates)))):
                     nursery.start_soon(stage.work, jobs_recv.clone(), done_send.clone())
-            nursery.start_soon(_write, done_recv, writer, on_sample)
+            nursery.start_soon(_write, done_recv, writer, recorder)
         return stage.wire_bytes
 
 
@@ -161,11 +182,13 @@ def _add_all(writer: ShardWriter, samples: list[Sample]) -> None:
 class Stage:
     """Fetch + decode of a candidate; ``work`` runs it over a channel, one per task."""
 
-    def __init__(self, fetcher: Fetcher, settings: PipelineSettings) -> None:
+    def __init__(self, fetcher: Fetcher, settings: PipelineSettings,
+                 metrics: WorkerMetrics | None = None) -> None:
         self._fetcher = fetcher
         self._image = settings.image
         self._decoders = trio.CapacityLimiter(settings.decode_threads)
         self._budget = ByteBudget(_DECODE_BUDGET)
+        self._metrics = metrics or build_metrics()
 
     @property
     def wire_bytes(self) -> int:
@@ -183,8 +206,13 @@ class Stage:
     async def decode(self, fetched: Fetched) -> ProcessedImage:
         """Decode and resize in a thread; bodies waiting for a thread share a byte budget."""
         async with self._budget.hold(len(fetched.body)):
-            return await trio.to_thread.run_sync(process_image, fetched.body, self._image,
+            return await trio.to_thread.run_sync(self._timed_decode, fetched.body,
                                                  limiter=self._decoders)
+
+    def _timed_decode(self, body: bytes) -> ProcessedImage:
+        """``process_image`` in the decode thread, timed there (queueing excluded)."""
+        with self._metrics.decoding():
+            return process_image(body, self._image)
 
     async def one(self, index: int, candidate: Candidate) -> Sample:
         try:

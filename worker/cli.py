@@ -13,6 +13,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +75,10 @@ _PIPELINE_OPTIONS: list[Decorator] = [
          default=os.cpu_count() or 1, help="Threads that decode and resize."),
     _opt("--progress/--no-progress", env="PROGRESS", default=True,
          help="Show a progress bar."),
+    _opt("--metrics-port", env="METRICS_PORT", type=click.IntRange(0, 65535), default=0,
+         help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: off)."),
+    _opt("--metrics-host", env="METRICS_HOST", default="0.0.0.0",
+         help="Address the metrics server binds."),
 ]
 
 
@@ -102,6 +107,23 @@ def _pipeline_settings(opts: dict[str, Any]) -> Any:
         min_image_size=opts["min_image_size"], max_aspect_ratio=opts["max_aspect_ratio"],
         output_format=opts["output_format"], quality=opts["quality"])
     return PipelineSettings(fetch=fetch, image=image, decode_threads=opts["decode_threads"])
+
+
+def _metrics_settings(opts: dict[str, Any]) -> Any:
+    from worker.settings import MetricsSettings
+
+    return MetricsSettings.from_flag(opts["metrics_port"], opts["metrics_host"])
+
+
+def _serve_metrics(stack: ExitStack, settings: Any) -> Any:
+    """The process's ``WorkerMetrics``, served until ``stack`` closes when a port is set."""
+    from worker.metrics import build_metrics, serve_metrics
+
+    metrics = build_metrics()
+    port = _settings_or_exit(lambda: stack.enter_context(serve_metrics(metrics, settings)))
+    if port is not None:
+        log.info("metrics at http://%s:%d/metrics", settings.host, port)
+    return metrics
 
 
 def _settings_or_exit(build: Callable[[], Any]) -> Any:
@@ -161,10 +183,13 @@ def download_command(url_list: str, input_format: str | None, url_col: str, capt
     table = _settings_or_exit(lambda: inputs.read_table(url_list, fmt))
     caption = caption_col if caption_col and fmt != "txt" else None
     items = _settings_or_exit(lambda: inputs.candidates(table, url_col, caption))
+    metrics_settings = _settings_or_exit(lambda: _metrics_settings(opts))
     fs, directory = _storage(opts["output"])
-    job = _DownloadJob(items=items, shard_size=shard_size, settings=settings, fs=fs,
-                       directory=directory, opts=opts)
-    _print_totals(_run_trio(_download_all, job), len(items))
+    with ExitStack() as stack:
+        job = _DownloadJob(items=items, shard_size=shard_size, settings=settings, fs=fs,
+                           directory=directory, opts=opts,
+                           metrics=_serve_metrics(stack, metrics_settings))
+        _print_totals(_run_trio(_download_all, job), len(items))
 
 
 def _run_trio(func: Callable[..., Any], *args: Any) -> Any:
@@ -181,11 +206,13 @@ class _DownloadJob:
     fs: Any
     directory: str
     opts: dict[str, Any]
+    metrics: Any
 
 
 async def _download_all(job: _DownloadJob) -> tuple[Counter[str], float]:
     from worker import inputs
     from worker.batch import download_batch
+    from worker.metrics import BatchResult
 
     totals: Counter[str] = Counter()
     start = time.monotonic()
@@ -193,8 +220,10 @@ async def _download_all(job: _DownloadJob) -> tuple[Counter[str], float]:
         for number, chunk in inputs.shards_of(job.items, job.shard_size):
             prepared = await download_batch(number, chunk, settings=job.settings, fs=job.fs,
                                             directory=job.directory,
-                                            network=_network(job.opts), on_sample=advance)
+                                            network=_network(job.opts), on_sample=advance,
+                                            metrics=job.metrics)
             await prepared.commit()
+            job.metrics.batch(BatchResult.COMPLETED)
             totals.update(prepared.outcomes)
     return totals, time.monotonic() - start
 
@@ -256,22 +285,24 @@ def worker_command(**opts: Any) -> None:
         name=opts["name"], pipeline=_pipeline_settings(opts), max_batch=opts["max_batch"],
         idle_poll_s=opts["idle_poll"], exit_when_idle=opts["exit_when_idle"],
         max_batches=opts["max_batches"], drain_timeout_s=opts["drain_timeout"],
-        backoff_cap_s=opts["backoff_cap"]))
-    summary = _run_trio(_work, settings, opts)
+        backoff_cap_s=opts["backoff_cap"], metrics=_metrics_settings(opts)))
+    with ExitStack() as stack:
+        metrics = _serve_metrics(stack, settings.metrics)
+        summary = _run_trio(_work, settings, opts, metrics)
     click.echo(f"worker done: {summary.batches_completed} batches completed "
                f"({summary.samples} samples), {summary.batches_released} released, "
                f"{summary.batches_lost} lost, {summary.batches_failed} failed; "
                f"peak RSS {_peak_rss_mb():.0f} MB")
 
 
-async def _work(settings: Any, opts: dict[str, Any]) -> Any:
+async def _work(settings: Any, opts: dict[str, Any], metrics: Any) -> Any:
     from pairfarm.client import AsyncCoordinatorClient
     from worker.runloop import RunLoop, WorkerStopped
 
     fs, directory = _storage(settings.output)
     async with AsyncCoordinatorClient(settings.coordinator_url, settings.token) as client:
         loop = RunLoop(settings, client, fs, directory, network=_network(opts),
-                       progress=_batch_progress(opts["progress"]))
+                       progress=_batch_progress(opts["progress"]), metrics=metrics)
         try:
             return await loop.run()
         except WorkerStopped as exc:

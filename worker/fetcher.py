@@ -34,6 +34,7 @@ from worker.backoff import parse_retry_after
 from worker.decoding import BodyTooLarge, CappedBody, DecodeFailure, decoder_for
 from worker.errors import FetchFailure
 from worker.hosts import HostGate
+from worker.metrics import WorkerMetrics, build_metrics
 from worker.robots import opt_out_directive
 from worker.settings import FetchSettings
 
@@ -65,14 +66,20 @@ class Fetcher:
     """Fetches candidate URLs with a shared client, host gate and large-body slots."""
 
     def __init__(self, settings: FetchSettings, client: httpx.AsyncClient,
-                 gate: HostGate) -> None:
+                 gate: HostGate, metrics: WorkerMetrics | None = None) -> None:
         self._s = settings
         self._client = client
         self._gate = gate
         self._large = trio.CapacityLimiter(settings.large_body_slots)
+        self._metrics = metrics or build_metrics()
         self.wire_bytes = 0
 
     async def fetch(self, url: str) -> Fetched:
+        """The body at ``url``; in flight and timed in the metrics, failures included."""
+        with self._metrics.fetching():
+            return await self._fetch_within_deadline(url)
+
+    async def _fetch_within_deadline(self, url: str) -> Fetched:
         with trio.move_on_after(self._s.deadline):
             return await self._follow(url)
         raise FetchFailure(Outcome.TIMEOUT, f"total deadline of {self._s.deadline:g}s passed")
@@ -156,6 +163,7 @@ class Fetcher:
             chunks = await stack.enter_async_context(aclosing(raw_chunks))
             async for raw in chunks:
                 self.wire_bytes += len(raw)
+                self._metrics.add_bytes(len(raw))
                 body.feed(raw)
                 if body.size > self._s.large_body_bytes and not holding_large:
                     await stack.enter_async_context(self._large)

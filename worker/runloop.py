@@ -38,6 +38,7 @@ from pairfarm.protocol import DownloadLease, DownloadReport, FailReport
 from worker.backoff import backoff_delay
 from worker.batch import Network, OnSample, PreparedShard, download_batch
 from worker.errors import ShardWriteError, WorkerError
+from worker.metrics import BatchResult, WorkerMetrics, build_metrics
 from worker.settings import RunSettings
 
 log = logging.getLogger("pairfarm.worker")
@@ -81,7 +82,8 @@ class RunLoop:
     def __init__(self, settings: RunSettings, client: AsyncCoordinatorClient,
                  fs: fsspec.AbstractFileSystem, directory: str, *,
                  network: Network | None = None, rng: random.Random | None = None,
-                 progress: ProgressFactory | None = None) -> None:
+                 progress: ProgressFactory | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
         self._s = settings
         self._client = client
         self._fs = fs
@@ -89,9 +91,16 @@ class RunLoop:
         self._network = network or Network()
         self._rng = rng or random.Random()
         self._progress = progress
+        self._metrics = metrics or build_metrics()
         self._signals = _Signals()
         self._heartbeat_s = 30.0
         self.summary = RunSummary()
+
+    def _tally(self, result: BatchResult) -> None:
+        """One batch ended: in the summary and in ``pairfarm_worker_batches_total``."""
+        name = f"batches_{result.value}"
+        setattr(self.summary, name, getattr(self.summary, name) + 1)
+        self._metrics.batch(result)
 
     def request_stop(self) -> None:
         """First signal: drain. Second: abort the batch in hand."""
@@ -198,7 +207,8 @@ class RunLoop:
             try:
                 prepared = await download_batch(
                     lease.batch_id, lease.candidates, settings=self._s.pipeline, fs=self._fs,
-                    directory=self._dir, network=self._network, on_sample=on_sample)
+                    directory=self._dir, network=self._network, on_sample=on_sample,
+                    metrics=self._metrics)
             except ShardWriteError as exc:
                 failure = f"shard write failed: {exc}"
             nursery.cancel_scope.cancel()
@@ -224,7 +234,7 @@ class RunLoop:
         except LeaseLost as exc:
             log.warning("batch %d: lease lost (%s); discarding the work", lease.batch_id, exc)
             state.lost = True
-            self.summary.batches_lost += 1
+            self._tally(BatchResult.LOST)
             return False
         except Unavailable as exc:
             log.warning("batch %d: heartbeat failed (%s); keeping the batch", lease.batch_id,
@@ -248,7 +258,7 @@ class RunLoop:
         try:
             with trio.move_on_after(30):
                 await self._client.fail(KIND, lease.batch_id, report)
-                self.summary.batches_released += 1
+                self._tally(BatchResult.RELEASED)
                 return
             raise Unavailable("release timed out")
         except (Unavailable, LeaseLost, Rejected) as exc:
@@ -270,7 +280,7 @@ class RunLoop:
                 KIND, lease.batch_id, report))
         except LeaseLost as exc:
             log.warning("batch %d: completion refused, lease lost (%s)", lease.batch_id, exc)
-            self.summary.batches_lost += 1
+            self._tally(BatchResult.LOST)
             return
         except Rejected as exc:
             await self._fail(lease, f"report rejected: {exc}")
@@ -279,13 +289,13 @@ class RunLoop:
             log.error("batch %d: stopped before the coordinator took the report; it will be "
                       "re-leased when its lease expires", lease.batch_id)
             return
-        self.summary.batches_completed += 1
+        self._tally(BatchResult.COMPLETED)
         self.summary.samples += prepared.count
         log.info("batch %d done: %s", lease.batch_id, dict(prepared.outcomes))
 
     async def _fail(self, lease: DownloadLease, reason: str) -> None:
         log.error("batch %d failed: %s", lease.batch_id, reason)
-        self.summary.batches_failed += 1
+        self._tally(BatchResult.FAILED)
         report = FailReport(lease_token=lease.lease_token, reason=reason[:2000])
         try:
             await self._call("fail", lambda: self._client.fail(KIND, lease.batch_id, report))

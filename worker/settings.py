@@ -91,6 +91,25 @@ class PipelineSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MetricsSettings:
+    """Where ``/metrics`` is served: ``port`` None is off, 0 any free port (tests)."""
+
+    port: int | None = None
+    host: str = "0.0.0.0"
+
+    def __post_init__(self) -> None:
+        if self.port is not None and not 0 <= self.port <= 65535:
+            raise SettingsError(f"metrics port must be within 0..65535, got {self.port}")
+        if not self.host:
+            raise SettingsError("metrics host must not be empty")
+
+    @classmethod
+    def from_flag(cls, port: int, host: str) -> MetricsSettings:
+        """``--metrics-port 0`` (the default) means off."""
+        return cls(port=port or None, host=host)
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunSettings:
     """The ``pairfarm worker`` loop around the pipeline."""
 
@@ -106,6 +125,7 @@ class RunSettings:
     drain_timeout_s: float = 120.0
     exit_when_idle: bool = False
     max_batches: int | None = None
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def __post_init__(self) -> None:
         if not self.coordinator_url.startswith(("http://", "https://")):
