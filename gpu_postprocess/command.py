@@ -159,11 +159,18 @@ def _sigterm_stops() -> None:
               help="Stop when the coordinator has no downloaded shard to give.")
 @click.option("--poll-interval", envvar="PAIRFARM_POLL_INTERVAL", type=float, default=10.0,
               show_default=True, help="Seconds between lease attempts when idle.")
+@click.option("--metrics-port", envvar="PAIRFARM_METRICS_PORT", type=click.IntRange(0, 65535),
+              default=0, show_default=True,
+              help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: off).")
+@click.option("--metrics-host", envvar="PAIRFARM_METRICS_HOST", default="0.0.0.0",
+              show_default=True, help="Address the metrics server binds.")
 def postprocess(*, coordinator: str, token: str, workdir: Path, max_batches: int | None,
-                exit_when_idle: bool, poll_interval: float, **kw: Any) -> None:
+                exit_when_idle: bool, poll_interval: float, metrics_port: int,
+                metrics_host: str, **kw: Any) -> None:
     """Lease downloaded shards from the coordinator, filter them by CLIP similarity, tag
     NSFW and watermarks, write the outputs and complete each batch with its counts."""
     with click_errors():
+        from gpu_postprocess.metrics import build_metrics, serve_metrics
         from gpu_postprocess.node import Node, node_name
         from gpu_postprocess.pipeline import build_scorer
         from gpu_postprocess.settings import NodeSettings
@@ -172,14 +179,19 @@ def postprocess(*, coordinator: str, token: str, workdir: Path, max_batches: int
         _sigterm_stops()
         node_settings = NodeSettings(coordinator=coordinator, token=token, workdir=workdir,
                                      poll_interval_s=poll_interval, max_batches=max_batches,
-                                     exit_when_idle=exit_when_idle)
+                                     exit_when_idle=exit_when_idle,
+                                     metrics_port=metrics_port or None,
+                                     metrics_host=metrics_host)
         scoring, out = build_settings(kw)
-        with CoordinatorClient(coordinator, token) as client:
+        metrics = build_metrics()
+        with serve_metrics(metrics, node_settings.metrics_port, metrics_host), \
+                CoordinatorClient(coordinator, token) as client:
             reg = client.register(node_name())
             scorer = build_scorer(scoring)
             with progress_bar() as progress:
                 node = Node(client, scorer, node_settings, out=out,
-                            heartbeat_s=reg.heartbeat_interval_s, progress=progress)
+                            heartbeat_s=reg.heartbeat_interval_s, progress=progress,
+                            metrics=metrics)
                 results = node.run()
         for r in results:
             click.echo(json.dumps({"batch_id": r.batch_id, "kept": r.report.kept,

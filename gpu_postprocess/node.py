@@ -7,7 +7,8 @@ with the same content).
 
 Resource handling: one ``CoordinatorClient`` for the node's life; per batch a temporary
 work folder (remote shards are fetched into it) and a heartbeat thread, both ended when
-the batch ends, whatever the outcome.
+the batch ends, whatever the outcome. Every shard's end (completed, failed, lost), its
+counts, duration and the device's peak memory go to the ``NodeMetrics`` it is given.
 
 Error handling: ``ShardError`` (corrupt or inconsistent shard) and ``ModelLoadError`` /
 ``OutputError`` while processing report the batch as failed with the reason; an
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from gpu_postprocess.errors import PostprocessError
+from gpu_postprocess.metrics import NodeMetrics, ShardResult, build_metrics
 from gpu_postprocess.outputs import Written, write_outputs
 from gpu_postprocess.pipeline import Scorer, decide, score_shard
 from gpu_postprocess.settings import NodeSettings, OutputSettings
@@ -127,14 +129,17 @@ def with_retries(call: Callable[[], T], what: str, retries: int = RETRIES) -> T:
 
 
 class Node:
-    """The lease loop. ``progress(total)`` returns the per-batch progress callback."""
+    """The lease loop. ``progress(total)`` returns the per-batch progress callback;
+    ``metrics`` (a fresh registry by default) records every shard's end."""
 
     def __init__(self, client: CoordinatorClient, scorer: Scorer, settings: NodeSettings, *,
                  out: OutputSettings, heartbeat_s: float,
-                 progress: Callable[[int, int], Callable[[int], None]]) -> None:
+                 progress: Callable[[int, int], Callable[[int], None]],
+                 metrics: NodeMetrics | None = None) -> None:
         self.client, self.scorer, self.settings, self.out = client, scorer, settings, out
         self.heartbeat_s = heartbeat_s
         self.progress = progress
+        self.metrics = metrics or build_metrics()
 
     def run(self) -> list[BatchResult]:
         done: list[BatchResult] = []
@@ -151,6 +156,18 @@ class Node:
         return done
 
     def handle(self, lease: PostprocessLease) -> BatchResult | None:
+        """Work one lease; its result (None when lost or failed) is also in the metrics."""
+        try:
+            result = self._handle(lease)
+        finally:
+            self.metrics.record_memory(self.scorer.primary.device)
+        if result is not None:
+            summary = result.report
+            self.metrics.shard_completed(kept=summary.kept, dropped=summary.dropped,
+                                         duration_s=summary.duration_s)
+        return result
+
+    def _handle(self, lease: PostprocessLease) -> BatchResult | None:
         log.info("leased batch %d (%d samples)", lease.batch_id, lease.count)
         try:
             with LeaseKeeper(self.client, lease.batch_id, lease.lease_token,
@@ -169,12 +186,14 @@ class Node:
                              "complete")
         except LeaseLost as exc:
             log.warning("batch %d: lease lost, work discarded: %s", lease.batch_id, exc)
+            self.metrics.shard_ended(ShardResult.LOST)
             return None
         except (PostprocessError, Rejected) as exc:
             # Rejected: the coordinator refused the report; the batch fails with its reason
             # rather than the node exiting and being handed the same batch again.
             log.error("batch %d failed: %s", lease.batch_id, exc)
             self._fail(lease, str(exc), release=False)
+            self.metrics.shard_ended(ShardResult.FAILED)
             return None
         except (KeyboardInterrupt, SystemExit):
             self._fail(lease, "node interrupted", release=True)

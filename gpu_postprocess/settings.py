@@ -2,8 +2,8 @@
 
 ``ScoringSettings`` says how a shard is scored (models, thresholds, tags, batching),
 ``OutputSettings`` where results go, ``NodeSettings`` how the node talks to the
-coordinator. The click command builds them from flags / environment with
-``parse_thresholds`` and ``parse_text_models``; nothing here imports torch.
+coordinator and where it serves its metrics. The click command builds them from flags /
+environment with ``parse_thresholds`` and ``parse_text_models``; nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -55,12 +55,19 @@ class NodeSettings:
     poll_interval_s: float = 10.0
     max_batches: int | None = None
     exit_when_idle: bool = False
+    #: where ``/metrics`` is served: None is off, 0 any free port (``--metrics-port 0``
+    #: means off: the command passes None)
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
 
     def __post_init__(self) -> None:
         if not self.coordinator.startswith(("http://", "https://")):
             raise SettingsError(f"--coordinator must be an http(s) URL, not {self.coordinator!r}")
         if not self.token:
             raise SettingsError("--token is required (or PAIRFARM_TOKEN)")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise SettingsError(f"--metrics-port must be within 0..65535, not "
+                                f"{self.metrics_port}")
 
 
 def _pairs(items: Iterable[str], what: str) -> dict[str, str]:
