@@ -20,10 +20,8 @@ Error handling: a port that cannot be bound is a ``SettingsError``.
 
 from __future__ import annotations
 
-import resource
-import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -35,10 +33,11 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
 
 from gpu_postprocess.errors import SettingsError
+from pairfarm.metrics_http import exported_names, serve_registry
+from pairfarm.rss import peak_rss_bytes
 
 SHARD_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0)
 
@@ -78,7 +77,7 @@ class NodeMetrics:
         if device.type == "cuda":
             label, used = _cuda_peak(device)
         else:
-            label, used = device.type, _peak_rss_bytes()
+            label, used = device.type, peak_rss_bytes()
         self.device_memory.labels(device=label).set(used)
 
 
@@ -87,11 +86,6 @@ def _cuda_peak(device: Any) -> tuple[str, int]:
 
     index = device.index if device.index is not None else torch.cuda.current_device()
     return f"cuda:{index}", int(torch.cuda.max_memory_allocated(index))
-
-
-def _peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # Linux: KiB
 
 
 def build_metrics() -> NodeMetrics:
@@ -130,34 +124,14 @@ def _start_series(metrics: NodeMetrics) -> None:
 def serve_metrics(metrics: NodeMetrics, port: int | None, host: str) -> Iterator[int | None]:
     """Serve ``/metrics`` while the block runs (``port`` None: off, 0: any free port);
     yields the bound port."""
-    if port is None:
-        yield None
-        return
-    try:
-        server, thread = start_http_server(port, host, registry=metrics.registry)
-    except OSError as exc:
-        raise SettingsError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
-    try:
-        yield int(server.server_port)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with ExitStack() as stack:
+        try:
+            bound = stack.enter_context(serve_registry(metrics.registry, port, host))
+        except OSError as exc:
+            raise SettingsError(f"cannot serve metrics on {host}:{port}: {exc}") from exc
+        yield bound
 
 
 def metric_names() -> set[str]:
     """The sample names a fresh registry exports, as Prometheus sees them."""
-    names: set[str] = set()
-    for family in build_metrics().registry.collect():
-        names.update(_sample_names(family.name, family.type))
-    return names
-
-
-def _sample_names(name: str, kind: str) -> set[str]:
-    if kind == "counter":
-        return {f"{name}_total"}
-    if kind == "histogram":
-        return {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
-    if kind == "summary":
-        return {f"{name}_sum", f"{name}_count"}
-    return {name}
+    return exported_names(build_metrics().registry)

@@ -153,7 +153,7 @@ def _network(opts: dict[str, Any]) -> Any:
 
 
 def _peak_rss_mb() -> float:
-    from worker.rss import peak_rss_bytes
+    from pairfarm.rss import peak_rss_bytes
 
     return peak_rss_bytes() / 2**20
 

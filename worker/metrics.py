@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -34,9 +34,9 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
 
+from pairfarm.metrics_http import exported_names, serve_registry
 from pairfarm.outcomes import ALL_OUTCOMES
 from worker.errors import SettingsError
 from worker.settings import MetricsSettings
@@ -136,36 +136,16 @@ def _start_series(metrics: WorkerMetrics) -> None:
 @contextmanager
 def serve_metrics(metrics: WorkerMetrics, settings: MetricsSettings) -> Iterator[int | None]:
     """Serve ``/metrics`` while the block runs; yields the bound port (None when off)."""
-    if settings.port is None:
-        yield None
-        return
-    try:
-        server, thread = start_http_server(settings.port, settings.host,
-                                           registry=metrics.registry)
-    except OSError as exc:
-        raise SettingsError(f"cannot serve metrics on {settings.host}:{settings.port}: "
-                            f"{exc}") from exc
-    try:
-        yield int(server.server_port)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with ExitStack() as stack:
+        try:
+            port = stack.enter_context(
+                serve_registry(metrics.registry, settings.port, settings.host))
+        except OSError as exc:
+            raise SettingsError(f"cannot serve metrics on {settings.host}:{settings.port}: "
+                                f"{exc}") from exc
+        yield port
 
 
 def metric_names() -> set[str]:
     """The sample names a fresh registry exports, as Prometheus sees them."""
-    names: set[str] = set()
-    for family in build_metrics().registry.collect():
-        names.update(_sample_names(family.name, family.type))
-    return names
-
-
-def _sample_names(name: str, kind: str) -> set[str]:
-    if kind == "counter":
-        return {f"{name}_total"}
-    if kind == "histogram":
-        return {f"{name}_bucket", f"{name}_sum", f"{name}_count"}
-    if kind == "summary":
-        return {f"{name}_sum", f"{name}_count"}
-    return {name}
+    return exported_names(build_metrics().registry)

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from worker.rss import _vm_hwm, peak_rss_bytes
+from pairfarm.rss import _vm_hwm, peak_rss_bytes
 
-CHILD = "from worker.rss import peak_rss_bytes; print(peak_rss_bytes())"
+CHILD = "from pairfarm.rss import peak_rss_bytes; print(peak_rss_bytes())"
 
 
 def test_vm_hwm_is_read_in_bytes() -> None:
