@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "postprocess-shard": "gpu_postprocess.command:postprocess_shard",
     "worker": "worker.cli:worker_command",
     "download": "worker.cli:download_command",
+    "status": "pairfarm.status:status",
 }
 
 
