@@ -168,7 +168,8 @@ function drawBars(canvas, series, colors, labelAt) {
   for (let i = 0; i <= 4; i += 1) {
     const y = top + plotH - (plotH * i) / 4;
     ctx.beginPath(); ctx.moveTo(left, y); ctx.lineTo(width - right, y); ctx.stroke();
-    ctx.fillText(fmtInt(Math.round((max * i) / 4)), left - 4, y + 4);
+    const tick = (max * i) / 4;
+    ctx.fillText(tick.toLocaleString("en-US", { maximumFractionDigits: 1 }), left - 4, y + 4);
   }
   const step = n ? plotW / n : plotW;
   series.forEach((values, k) => {
