@@ -39,6 +39,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from coordinator.errors import LeaseConflict
+from pairfarm.metrics_http import exported_names
 from pairfarm.outcomes import ALL_OUTCOMES
 from pairfarm.protocol import BatchStatus, FarmStats, Role
 
@@ -226,13 +227,4 @@ def metric_names() -> set[str]:
     """The sample names a coordinator's registry exports, as Prometheus sees them."""
     empty = FarmStats(candidates_total=0, candidates_pending=0, batches={}, outcomes={},
                       bytes_downloaded=0, kept=0, dropped=0, workers_alive=0)
-    registry = make_metrics(lambda: empty).registry
-    return {name for family in registry.collect() for name in _sample_names(family)}
-
-
-def _sample_names(family: Metric) -> list[str]:
-    if family.type == "histogram":
-        return [f"{family.name}{suffix}" for suffix in ("_bucket", "_sum", "_count")]
-    if family.type == "counter":
-        return [f"{family.name}_total"]
-    return [family.name]
+    return exported_names(make_metrics(lambda: empty).registry)
