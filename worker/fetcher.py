@@ -19,10 +19,8 @@ Error handling: httpx and decoder errors are mapped to outcomes in ``_failure_fo
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
-from contextlib import AsyncExitStack, aclosing
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import cast
 from urllib.parse import urlsplit
 
 import httpx
@@ -37,6 +35,7 @@ from worker.hosts import HostGate
 from worker.metrics import WorkerMetrics, build_metrics
 from worker.robots import opt_out_directive
 from worker.settings import FetchSettings
+from worker.transport import FetchClient, raw_chunks
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _RETRYABLE = {429: Outcome.HTTP_429, 503: Outcome.HTTP_5XX}
@@ -65,7 +64,7 @@ class _RetryLater:
 class Fetcher:
     """Fetches candidate URLs with a shared client, host gate and large-body slots."""
 
-    def __init__(self, settings: FetchSettings, client: httpx.AsyncClient,
+    def __init__(self, settings: FetchSettings, client: FetchClient,
                  gate: HostGate, metrics: WorkerMetrics | None = None) -> None:
         self._s = settings
         self._client = client
@@ -88,9 +87,9 @@ class Fetcher:
         seen: set[str] = set()
         target = url
         for _hop in range(self._s.max_redirects + 1):
-            self._check_target(target)
+            host = self._check_target(target)
             seen.add(target)
-            result = await self._with_retries(target)
+            result = await self._with_retries(target, host)
             if isinstance(result, Fetched):
                 return result
             target = result.target
@@ -98,16 +97,17 @@ class Fetcher:
                 raise FetchFailure(Outcome.REDIRECT_LIMIT, f"redirect loop at {target}")
         raise FetchFailure(Outcome.REDIRECT_LIMIT, f"more than {self._s.max_redirects} redirects")
 
-    def _check_target(self, url: str) -> None:
+    def _check_target(self, url: str) -> str:
+        """The URL's host name, once the URL is http(s) and a numeric host is allowed."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise FetchFailure(Outcome.INVALID_URL, f"not an http(s) URL: {url[:200]}")
         literal = parse_numeric_host(parts.hostname)
         if literal is not None:
             self._s.policy.check(literal, parts.hostname)
+        return parts.hostname
 
-    async def _with_retries(self, url: str) -> Fetched | _Redirect:
-        host = urlsplit(url).hostname or ""
+    async def _with_retries(self, url: str, host: str) -> Fetched | _Redirect:
         attempt = 0
         while True:
             result = await self._hop(url, host)
@@ -121,7 +121,7 @@ class Fetcher:
 
     async def _hop(self, url: str, host: str) -> Fetched | _Redirect | _RetryLater:
         try:
-            async with self._gate.slot(host), self._client.stream("GET", url) as response:
+            async with self._gate.slot(host), self._client.stream(url) as response:
                 return await self._handle(response)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise _failure_for(exc) from exc
@@ -158,10 +158,7 @@ class Fetcher:
                           self._s.max_body_bytes)
         holding_large = False
         async with AsyncExitStack() as stack:
-            # aiter_raw() is an async generator, typed as a plain iterator by httpx
-            raw_chunks = cast(AsyncGenerator[bytes, None], response.aiter_raw())
-            chunks = await stack.enter_async_context(aclosing(raw_chunks))
-            async for raw in chunks:
+            async for raw in raw_chunks(response):
                 self.wire_bytes += len(raw)
                 self._metrics.add_bytes(len(raw))
                 body.feed(raw)

@@ -7,8 +7,9 @@ connection when any answer is not allowed by the ``AddressPolicy``, and then dia
 connection to an internal host. TLS still verifies and sends SNI for the URL's host
 name, because httpcore passes that name to ``start_tls``.
 
-How the validated address is dialled is a parameter too (``Dialer``): production dials
-it with Trio; tests map public-looking addresses onto loopback test servers, which
+How the validated address is dialled is a parameter too (``Dialer``): production
+connects a socket to it directly (``worker.streams``: no second lookup, no per-read
+context managers); tests map public-looking addresses onto loopback test servers, which
 keeps the guard on while the traffic stays on the machine.
 
 Error handling: refusals raise ``SSRFBlocked`` and resolution failures ``DNSFailure``
@@ -24,6 +25,7 @@ import httpcore
 
 from worker.addresses import AddressPolicy, IPAddress, parse_numeric_host
 from worker.resolver import Resolver
+from worker.streams import dial_tcp
 
 SocketOption = httpcore.SOCKET_OPTION
 
@@ -37,16 +39,12 @@ class Dialer(Protocol):
 
 
 class TrioDialer:
-    """Dials the address with httpcore's Trio backend (TCP_NODELAY, timeouts mapped)."""
-
-    def __init__(self) -> None:
-        self._backend = httpcore.TrioBackend()
+    """Connects a socket to the address itself, with Trio (``worker.streams.dial_tcp``)."""
 
     async def dial(self, address: IPAddress, port: int, connect_timeout: float | None,
                    socket_options: Iterable[SocketOption] | None
                    ) -> httpcore.AsyncNetworkStream:
-        return await self._backend.connect_tcp(str(address), port, timeout=connect_timeout,
-                                               socket_options=socket_options)
+        return await dial_tcp(address, port, connect_timeout, socket_options)
 
 
 class GuardedBackend(httpcore.AsyncNetworkBackend):

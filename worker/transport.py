@@ -1,4 +1,4 @@
-"""The fetcher's httpx client: one small httpcore pool per origin, dialling through the guard.
+"""The fetcher's HTTP client: one small httpcore pool per origin, dialling through the guard.
 
 A single pool for hundreds of connections costs a scan of every connection on every
 request (httpcore assigns requests to connections linearly); LAION-style batches touch
@@ -7,7 +7,11 @@ thousands of distinct hosts, each with a handful of requests, so one pool per or
 scan short. Every pool dials through the same ``GuardedBackend`` and shares one TLS
 context.
 
-Resource handling: ``build_client`` returns an ``httpx.AsyncClient`` the caller closes
+``build_client`` puts a ``FetchClient`` in front of the pools: httpx's request and
+response models and its transport interface, without ``httpx.AsyncClient``'s per-request
+layers (cookie jar, auth flow, redirects, hooks), which the fetcher does not use.
+
+Resource handling: ``build_client`` returns a ``FetchClient`` the caller closes
 (``async with``); closing it closes every pool. A pool is dropped as soon as a response
 ends and it holds no connection.
 
@@ -18,8 +22,9 @@ way httpx's own transport does, so callers see only httpx errors and the guard's
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from types import TracebackType
 
 import httpcore
 import httpx
@@ -48,15 +53,15 @@ _ERRORS: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
 _Origin = tuple[bytes, bytes, int | None]
 
 
-@contextmanager
-def _mapped() -> Iterator[None]:
-    try:
-        yield
-    except Exception as exc:
-        for source, target in _ERRORS:
-            if isinstance(exc, source):
-                raise target(str(exc)) from exc
-        raise
+_SOURCES = tuple(source for source, _ in _ERRORS)
+
+
+def _mapped(exc: Exception) -> Exception:
+    """The httpx error for an httpcore one (``exc`` itself when it is not httpcore's)."""
+    for source, target in _ERRORS:
+        if isinstance(exc, source):
+            return target(str(exc))
+    return exc
 
 
 class _Body(httpx.AsyncByteStream, AsyncIterator[bytes]):
@@ -67,21 +72,25 @@ class _Body(httpx.AsyncByteStream, AsyncIterator[bytes]):
     """
 
     def __init__(self, response: httpcore.Response, on_close: Callable[[], None]) -> None:
+        assert isinstance(response.stream, AsyncIterable)
         self._response = response
-        self._parts = response.aiter_stream()
+        self._parts = response.stream.__aiter__()
         self._on_close = on_close
 
     def __aiter__(self) -> _Body:
         return self
 
     async def __anext__(self) -> bytes:
-        with _mapped():
+        try:
             return await self._parts.__anext__()
+        except _SOURCES as exc:
+            raise _mapped(exc) from exc
 
     async def aclose(self) -> None:
         try:
-            with _mapped():
-                await self._response.aclose()
+            await self._response.aclose()
+        except _SOURCES as exc:
+            raise _mapped(exc) from exc
         finally:
             self._on_close()
 
@@ -122,8 +131,10 @@ class OriginPoolTransport(httpx.AsyncBaseTransport):
             headers=request.headers.raw, content=request.stream,
             extensions=request.extensions)
         pool = self._pool(origin)
-        with _mapped():
+        try:
             response = await pool.handle_async_request(core)
+        except _SOURCES as exc:
+            raise _mapped(exc) from exc
         body = _Body(response, lambda: self._forget_if_idle(origin))
         return httpx.Response(status_code=response.status, headers=response.headers,
                               stream=body, extensions=response.extensions)
@@ -137,11 +148,56 @@ class OriginPoolTransport(httpx.AsyncBaseTransport):
         return len(self._pools)
 
 
-def build_client(settings: FetchSettings, backend: GuardedBackend) -> httpx.AsyncClient:
+class FetchClient:
+    """GET requests sent straight to the ``OriginPoolTransport``, no ``httpx.AsyncClient``.
+
+    The client layer does per request what the fetcher never needs: a cookie jar (every
+    response's cookies extracted through ``urllib.request`` compatibility objects, then
+    sent back to the host), an auth flow, redirect handling (the fetcher follows
+    redirects itself, each hop through the guard), event hooks and a merge of the URL
+    with a base URL. Here a request is an ``httpx.Request`` with the default headers and
+    the timeouts, and the response is httpx's, its body an iterator of raw chunks.
+
+    Resource handling: ``stream`` closes the response on exit; closing the client
+    (``async with``) closes the transport and every pool.
+    """
+
+    def __init__(self, transport: OriginPoolTransport, headers: dict[str, str],
+                 timeout: httpx.Timeout) -> None:
+        self._transport = transport
+        self._headers = httpx.Headers(headers)
+        self._extensions = {"timeout": timeout.as_dict()}
+
+    @asynccontextmanager
+    async def stream(self, url: str) -> AsyncIterator[httpx.Response]:
+        """The response to ``GET url``, its body not yet read (see ``raw_chunks``)."""
+        request = httpx.Request("GET", url, headers=self._headers, extensions=self._extensions)
+        response = await self._transport.handle_async_request(request)
+        response.request = request
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def __aenter__(self) -> FetchClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self._transport.aclose()
+
+
+def raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body of a ``FetchClient`` response as it arrives, content coding untouched."""
+    assert isinstance(response.stream, _Body)
+    return response.stream
+
+
+def build_client(settings: FetchSettings, backend: GuardedBackend) -> FetchClient:
     timeout = httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,
                             write=settings.read_timeout, pool=settings.deadline)
-    headers = {"User-Agent": settings.user_agent, "Accept-Encoding": accept_encoding(),
-               "Accept": "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8"}
+    headers = {"Accept": "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8",
+               "Accept-Encoding": accept_encoding(), "Connection": "keep-alive",
+               "User-Agent": settings.user_agent}
     transport = OriginPoolTransport(backend, per_host=settings.per_host)
-    return httpx.AsyncClient(transport=transport, timeout=timeout, headers=headers,
-                             follow_redirects=False, trust_env=False)
+    return FetchClient(transport, headers, timeout)
