@@ -12,7 +12,11 @@ Forming a download batch (``lease_download``):
    ``FOR UPDATE SKIP LOCKED`` and re-check ``batch_id IS NULL`` on the locked rows; ids
    that a concurrent lease took are replaced from the rest of the sample;
 3. when the sample comes back short (or would be too costly), top it up from the partial
-   index ``candidates_unbatched`` starting at a random id, again ``SKIP LOCKED``.
+   index ``candidate_batches_unbatched`` starting at a random id, again ``SKIP LOCKED``.
+
+Sampling and claiming read and write only ``candidate_batches`` (one narrow row per
+candidate); the wide ``candidates`` rows are read once per lease, by primary key, to
+build the batch's JSON.
 
 Fencing: heartbeat, complete and fail name the batch, the caller (``worker_id``, from its
 bearer token) and the lease token. Anything else than "leased to this caller under this
@@ -106,7 +110,8 @@ class FormStats:
 
 
 class _TableRows:
-    """The candidates table's row count from planner statistics, cached for a few seconds."""
+    """The row count of ``candidate_batches`` (one row per candidate) from planner
+    statistics, cached for a few seconds."""
 
     def __init__(self) -> None:
         self._rows = 0

@@ -2,13 +2,14 @@
 
 Sizing for 10^9+ candidates:
 
-- ``candidates`` rows are narrow and written twice in their life: at ingest and when a
-  batch is formed (``batch_id`` set). Their per-URL outcome lives in the shard's parquet,
-  never here. A candidate's state is derived: unbatched (``batch_id IS NULL``) or the state
-  of its batch. ``batch_id`` has no foreign key: an RI trigger per row would double the cost
-  of forming a batch, and the lease statement is its only writer.
-- ``candidates_unbatched`` is a partial index on the rows no batch holds yet: the lease's
-  index fallback and the count of unbatched rows use it, and it shrinks as the farm drains.
+- ``candidates`` rows are wide (URL, caption, extra columns) and written once, at ingest.
+  Their per-URL outcome lives in the shard's parquet, never here.
+- ``candidate_batches`` holds what changes: one narrow (id, batch_id) row per candidate,
+  so forming a batch rewrites 40-byte rows and two bigint index entries each, and never
+  touches the wide rows or the text index on ``url``. A candidate's state is derived:
+  unbatched (``batch_id IS NULL``) or the state of its batch.
+- ``candidate_batches_unbatched`` is a partial index on the rows no batch holds yet: the
+  lease's index fallback uses it, and it shrinks as the farm drains.
 - ``batches`` carries every state change of a batch in one row, so completing a batch is
   one UPDATE however many URLs it holds.
 """
@@ -102,6 +103,8 @@ class Ingest(Base):
 
 
 class Candidate(Base):
+    """A (URL, caption) pair as ingested; its lease state is in ``candidate_batches``."""
+
     __tablename__ = "candidates"
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     url: Mapped[str] = mapped_column(Text, nullable=False)
@@ -109,12 +112,29 @@ class Candidate(Base):
     language: Mapped[str | None] = mapped_column(Text)
     ingest_id: Mapped[int | None] = mapped_column(Integer)
     extra: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    __table_args__ = (Index("candidates_url_key", "url", unique=True),)
+
+
+class CandidateBatch(Base):
+    """The batch a candidate is in (``batch_id``; NULL: none yet), one row per candidate.
+
+    Sampling and claiming read and write only this table: ``TABLESAMPLE`` finds ~220
+    rows a page (a ``candidates`` page holds ~45 short LAION-like rows), and a claim
+    rewrites 40 bytes instead of the wide row and its entry in the URL index. Both rows of a candidate are written by the same ingest statement
+    (``INSERT INTO candidates ... RETURNING id`` feeding ``INSERT INTO candidate_batches``),
+    so ``id`` has no foreign key to ``candidates``: its RI trigger would look up every
+    ingested row once more. ``batch_id`` has none to ``batches`` either: an RI trigger
+    per row would double the cost of forming a batch, and the lease statements are its
+    only writers.
+    """
+
+    __tablename__ = "candidate_batches"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     batch_id: Mapped[int | None] = mapped_column(BigInteger)
     __table_args__ = (
-        Index("candidates_url_key", "url", unique=True),
-        Index("candidates_batch_id_idx", "batch_id",
+        Index("candidate_batches_batch_id_idx", "batch_id",
               postgresql_where=text("batch_id IS NOT NULL")),
-        Index("candidates_unbatched", "id", postgresql_where=text("batch_id IS NULL")),
+        Index("candidate_batches_unbatched", "id", postgresql_where=text("batch_id IS NULL")),
     )
 
 

@@ -105,18 +105,20 @@ def db_url(pg_server: object, db_template: str, request: pytest.FixtureRequest) 
 
 def insert_candidates(db_url: str, count: int, *, start: int = 0, domains: int = 50) -> None:
     """Insert ``count`` synthetic candidates (``http://host{i % domains}.test/{i}.jpg``)
-    with one set-based INSERT, then ANALYZE so the planner knows the table's size."""
+    and their unbatched ``candidate_batches`` rows with one set-based statement, then
+    ANALYZE so the planner knows the tables' sizes."""
     import psycopg
 
     with psycopg.connect(db_url.replace("+psycopg", ""), autocommit=True) as conn:
         conn.execute(
-            "INSERT INTO candidates (url, caption) "
+            "WITH inserted AS (INSERT INTO candidates (url, caption) "
             "SELECT 'http://host' || (i %% %(d)s) || '.test/' || i || '.jpg', 'caption ' || i "
-            "FROM generate_series(%(a)s::bigint, %(b)s::bigint) AS i",
+            "FROM generate_series(%(a)s::bigint, %(b)s::bigint) AS i RETURNING id) "
+            "INSERT INTO candidate_batches (id) SELECT id FROM inserted",
             {"d": domains, "a": start, "b": start + count - 1})
         conn.execute("INSERT INTO ingests (source, rows_read, inserted, finished_at) "
                       "VALUES ('synthetic', %(n)s, %(n)s, now())", {"n": count})
-        conn.execute("ANALYZE candidates")
+        conn.execute("ANALYZE candidates, candidate_batches")
 
 
 # -- a running coordinator -------------------------------------------------------------

@@ -51,10 +51,12 @@ def expire(engine: sa.Engine, batch_id: int) -> None:
 
 
 def mark_batched(engine: sa.Engine, where: str) -> None:
-    """Put the candidates matching ``where`` into one finished batch (a drained farm)."""
+    """Put the candidates matching ``where`` (a condition on ``id`` and ``batch_id``) into
+    one finished batch (a drained farm)."""
     with engine.begin() as conn:
         batch = conn.execute(sa.text(
             "INSERT INTO batches (status, size) VALUES ('done', 0) RETURNING id")).scalar_one()
-        conn.execute(sa.text(f"UPDATE candidates SET batch_id = :b WHERE {where}"), {"b": batch})
+        conn.execute(sa.text(f"UPDATE candidate_batches SET batch_id = :b WHERE {where}"),
+                     {"b": batch})
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sa.text("VACUUM ANALYZE candidates"))
+        conn.execute(sa.text("VACUUM ANALYZE candidate_batches"))

@@ -163,12 +163,13 @@ def _wait_for_status(engine: sa.Engine, batch_id: int, status: str) -> bool:
 
 def test_unmigrated_database_is_refused_with_a_hint(pg_server: object, tmp_path: Path) -> None:
     from coordinator.db import ensure_database
+    from coordinator.migrate import head_revision
 
     ensure_database(pg_server.url(), "empty_db")  # type: ignore[attr-defined]
     url = pg_server.url("empty_db")  # type: ignore[attr-defined]
     out = run_cli("token", "list", env={**_env(url)}, check=False)
     assert out.returncode == 1 and "pairfarm db upgrade" in out.stderr
-    assert "-> 0001" in run_cli("db", "upgrade", env=_env(url)).stdout
+    assert f"-> {head_revision()}" in run_cli("db", "upgrade", env=_env(url)).stdout
     assert run_cli("token", "list", env=_env(url)).returncode == 0
 
 

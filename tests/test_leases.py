@@ -16,7 +16,9 @@ from tests.leasing import engine_for, expire, leases, mark_batched, new_worker, 
 
 def _all_ids(engine: sa.Engine, where: str = "true") -> set[int]:
     with engine.connect() as conn:
-        return set(conn.execute(sa.text(f"SELECT id FROM candidates WHERE {where}")).scalars())
+        return set(conn.execute(sa.text(
+            f"SELECT id FROM candidates c JOIN candidate_batches USING (id) WHERE {where}"
+        )).scalars())
 
 
 def _drain(service: Leases, worker_id: int) -> list[list[int]]:

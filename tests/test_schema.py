@@ -25,7 +25,7 @@ def test_drift_is_detected(db_url: str) -> None:
     engine = sa.create_engine(db_url)
     try:
         with engine.begin() as conn:
-            conn.execute(sa.text("DROP INDEX candidates_unbatched"))
+            conn.execute(sa.text("DROP INDEX candidate_batches_unbatched"))
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     finally:
         engine.dispose()
@@ -35,6 +35,49 @@ def test_drift_is_detected(db_url: str) -> None:
 def test_upgrade_is_idempotent(db_url: str) -> None:
     upgrade(db_url)
     assert current_revision(db_url) == head_revision() is not None
+
+
+EXPECTED = [(1, 7), (2, 7), (3, 7), (4, None), (5, None), (6, None)]
+
+
+def test_0002_moves_lease_state_to_candidate_batches_and_back(db_url: str) -> None:
+    """Downgrade to 0001 puts ``batch_id`` back on ``candidates``; upgrading again copies
+    it into ``candidate_batches`` (batched and unbatched rows alike)."""
+    from alembic import command
+
+    from tests.conftest import insert_candidates
+
+    insert_candidates(db_url, 6)
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE candidate_batches SET batch_id = 7 WHERE id <= 3"))
+        _alembic(engine, command.downgrade, "0001")
+        with engine.connect() as conn:
+            assert _pairs(conn, "candidates") == EXPECTED
+            assert not sa.inspect(conn).has_table("candidate_batches")
+        _alembic(engine, command.upgrade, "head")
+        with engine.connect() as conn:
+            assert _pairs(conn, "candidate_batches") == EXPECTED
+            columns = {c["name"] for c in sa.inspect(conn).get_columns("candidates")}
+            assert "batch_id" not in columns
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def _alembic(engine: sa.Engine, step: object, revision: str) -> None:
+    from coordinator.migrate import alembic_config
+
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        step(config, revision)  # type: ignore[operator]
+
+
+def _pairs(conn: sa.Connection, table: str) -> list[tuple[int, int | None]]:
+    rows = conn.execute(sa.text(f"SELECT id, batch_id FROM {table} ORDER BY id"))
+    return [(r.id, r.batch_id) for r in rows]
 
 
 def test_every_named_statement_is_valid_sql(db_url: str) -> None:
