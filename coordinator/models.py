@@ -120,10 +120,12 @@ class CandidateBatch(Base):
 
     Sampling and claiming read and write only this table: ``TABLESAMPLE`` finds ~220
     rows a page (a ``candidates`` page holds ~45 short LAION-like rows), and a claim
-    rewrites 40 bytes instead of the wide row and its entry in the URL index. Both rows of a candidate are written by the same ingest statement
-    (``INSERT INTO candidates ... RETURNING id`` feeding ``INSERT INTO candidate_batches``),
-    so ``id`` has no foreign key to ``candidates``: its RI trigger would look up every
-    ingested row once more. ``batch_id`` has none to ``batches`` either: an RI trigger
+    rewrites 40 bytes instead of the wide row and its entry in the URL index.
+
+    Both rows of a candidate are written by the same ingest statement (``INSERT INTO
+    candidates ... RETURNING id`` feeding ``INSERT INTO candidate_batches``), so ``id``
+    has no foreign key to ``candidates``: its RI trigger would look up every ingested
+    row once more. ``batch_id`` has none to ``batches`` either: an RI trigger
     per row would double the cost of forming a batch, and the lease statements are its
     only writers.
     """

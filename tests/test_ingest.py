@@ -167,3 +167,32 @@ def test_validate_counts_reasons_and_numbers_rows() -> None:
     assert checked.good.column("row").to_pylist() == [101]
     assert dict(checked.rejected) == {"not_http": 1, "missing_url": 1}
     assert checked.rejects.column("row").to_pylist() == [102, 103]
+
+
+def test_prefetched_keeps_order_raises_in_place_and_closes_its_source() -> None:
+    from collections.abc import Generator
+
+    from coordinator.errors import IngestError
+    from coordinator.ingest.run import prefetched
+
+    closed: list[int | None] = []
+
+    def chunks(fail_at: int | None) -> Generator[int, None, None]:
+        try:
+            for i in range(4):
+                if i == fail_at:
+                    raise IngestError(f"bad chunk {i}")
+                yield i
+        finally:
+            closed.append(fail_at)
+
+    assert list(prefetched(chunks(None))) == [0, 1, 2, 3]
+    got: list[int] = []
+    with pytest.raises(IngestError, match="bad chunk 2"):
+        for i in prefetched(chunks(2)):
+            got.append(i)
+    assert got == [0, 1], "the chunks before the bad one were handed over first"
+    early = prefetched(chunks(None))
+    assert next(early) == 0
+    early.close()
+    assert closed == [None, 2, None], "the source is closed however the caller stops"

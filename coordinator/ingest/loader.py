@@ -1,5 +1,10 @@
 """Bulk load of validated rows: ``COPY`` into a temporary staging table, then one
-``INSERT ... SELECT ... ON CONFLICT (url) DO NOTHING`` per chunk.
+``INSERT ... SELECT ... ON CONFLICT (url) DO NOTHING`` per chunk (which also writes each
+new candidate's ``candidate_batches`` row).
+
+A chunk goes in two steps: ``prepare`` (no database: cast to the staging types, CSV
+bytes) and ``write`` (COPY, INSERT). The caller may run ``prepare`` of the next chunk in
+another thread while ``write`` waits for the server (``coordinator.ingest.run``).
 
 One file is one transaction: a file that turns out malformed half-way loads nothing, and
 its ``ingests`` record disappears with it. Extra columns travel typed (bigint, double,
@@ -11,7 +16,6 @@ at commit. Error handling: driver errors become ``IngestError`` naming the file.
 
 from __future__ import annotations
 
-import io
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -35,6 +39,16 @@ PG_TYPES: tuple[tuple[Callable[[pa.DataType], bool], str], ...] = (
     (pa.types.is_floating, "double precision"),
 )
 MAX_PAIRS_PER_CALL = 50  # jsonb_build_object takes at most 100 arguments
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One validated chunk as CSV for COPY, and what it counts towards the summary."""
+
+    csv: memoryview
+    rows: int
+    read: int
+    rejected: Counter[str]
 
 
 @dataclass
@@ -64,25 +78,39 @@ class FileLoader:
         self.source = source
         self.summary = FileSummary(source=source.name)
         self._extras: list[tuple[str, str]] | None = None  # (input name, pg type)
+        self._staged = False
         self._ingest_id = int(self._one(Q.sql("ingest_insert_record"),
                                         {"source": source.name}))
 
     def load(self, chunk: Validated, read: int) -> None:
+        self.write(self.prepare(chunk, read))
+
+    def prepare(self, chunk: Validated, read: int) -> Prepared:
+        """The chunk as CSV in the staging table's column order (no database)."""
         good = chunk.good
-        self.summary.read += read
-        self.summary.rejected.update(chunk.rejected)
         if good.num_rows == 0:
-            return
+            return Prepared(memoryview(b""), 0, read, chunk.rejected)
         if self._extras is None:
-            self._create_staging(good.schema)
-        good = self._conform(good)
-        self._copy(good)
+            self._extras = [(f.name, pg_type(f.type)) for f in good.schema][4:]
+        sink = pa.BufferOutputStream()
+        pa_csv.write_csv(self._conform(good), sink, pa_csv.WriteOptions(include_header=False))
+        return Prepared(memoryview(sink.getvalue()), good.num_rows, read, chunk.rejected)
+
+    def write(self, chunk: Prepared) -> None:
+        """COPY the chunk into staging and insert its new candidates."""
+        self.summary.read += chunk.read
+        self.summary.rejected.update(chunk.rejected)
+        if chunk.rows == 0:
+            return
+        if not self._staged:
+            self._create_staging()
+        self._copy(chunk.csv)
         with self.conn.cursor() as cur:
             cur.execute(self._insert_sql(), {"ingest_id": self._ingest_id})
             inserted = cur.rowcount
             cur.execute(Q.sql("ingest_truncate"))
         self.summary.inserted += inserted
-        self.summary.duplicates += good.num_rows - inserted
+        self.summary.duplicates += chunk.rows - inserted
 
     def finish(self) -> FileSummary:
         s = self.summary
@@ -96,12 +124,13 @@ class FileLoader:
         assert row is not None
         return row[0]
 
-    def _create_staging(self, schema: pa.Schema) -> None:
-        self._extras = [(f.name, pg_type(f.type)) for f in schema][4:]
+    def _create_staging(self) -> None:
+        assert self._extras is not None
         extra = sql.SQL("").join(
             sql.SQL(", {} {}").format(sql.Identifier(f"e{i}"), sql.SQL(kind))
             for i, (_, kind) in enumerate(self._extras))
         self.conn.execute(sql.SQL(Q.sql("ingest_staging")).format(extra=extra))
+        self._staged = True
 
     def _conform(self, good: pa.Table) -> pa.Table:
         """Cast later chunks to the staging types chosen from the first one."""
@@ -114,13 +143,11 @@ class FileLoader:
                 good = good.set_column(i, name, good.column(i).cast(pa.string()))
         return good
 
-    def _copy(self, good: pa.Table) -> None:
-        buffer = io.BytesIO()
-        pa_csv.write_csv(good, buffer, pa_csv.WriteOptions(include_header=False))
+    def _copy(self, data: memoryview) -> None:
         columns = sql.SQL(", ").join(sql.Identifier(n) for n in self._staging_names())
         statement = sql.SQL(Q.sql("ingest_copy")).format(columns=columns)
         with self.conn.cursor() as cur, cur.copy(statement) as copy:
-            copy.write(buffer.getbuffer())
+            copy.write(data)
 
     def _staging_names(self) -> list[str]:
         assert self._extras is not None

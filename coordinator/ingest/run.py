@@ -1,17 +1,23 @@
 """Ingest files one after another, each in its own transaction, with a progress bar.
 
+Within a file, one worker thread reads, validates and prepares (CSV) the next chunk while
+the server copies and inserts the current one (``prefetched``): Arrow and psycopg release
+the GIL, so the Python side no longer adds to the database's time.
+
 Resource handling: one psycopg connection for the whole run, closed at the end; the
-rejects file (if asked for) is closed at the end. Error handling: the first malformed
+rejects file (if asked for) is closed at the end; the prefetch thread is joined when the
+file ends or fails (after the chunk it is preparing). Error handling: the first malformed
 file stops the run with ``IngestError`` (files before it stay loaded, it loads nothing).
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Generator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar, cast
 
 import psycopg
 from rich.console import Console
@@ -26,11 +32,13 @@ from rich.table import Table
 
 from coordinator.db import libpq_url
 from coordinator.errors import DatabaseUnavailable, IngestError
-from coordinator.ingest.loader import FileLoader, FileSummary
+from coordinator.ingest.loader import FileLoader, FileSummary, Prepared
 from coordinator.ingest.reader import InputFile, detect, read_batches
 from coordinator.ingest.validate import Columns, Validated, validate
 
 REJECT_FIELDS = ("file", "row", "reason", "url")
+_END = object()
+T = TypeVar("T")
 
 
 def ingest(database_url: str, paths: Sequence[Path], columns: Columns, *,
@@ -51,14 +59,12 @@ def _ingest_file(conn: psycopg.Connection, source: InputFile, columns: Columns,
     try:
         with conn.transaction():
             loader = FileLoader(conn, source)
-            row = 1
-            for batch in read_batches(source, columns.text_columns()):
-                checked = validate(batch, columns, row)
-                loader.load(checked, batch.num_rows)
-                _write_rejects(writer, source, checked)
-                row += batch.num_rows
-                if progress is not None and task is not None:
-                    progress.update(task, advance=batch.num_rows)
+            with closing(prefetched(_prepared(loader, source, columns))) as chunks:
+                for checked, chunk in chunks:
+                    loader.write(chunk)
+                    _write_rejects(writer, source, checked)
+                    if progress is not None and task is not None:
+                        progress.update(task, advance=chunk.read)
             return loader.finish()
     except IngestError as exc:
         message = str(exc)
@@ -70,6 +76,30 @@ def _ingest_file(conn: psycopg.Connection, source: InputFile, columns: Columns,
     finally:
         if progress is not None and task is not None:
             progress.stop_task(task)
+
+
+def _prepared(loader: FileLoader, source: InputFile,
+              columns: Columns) -> Generator[tuple[Validated, Prepared], None, None]:
+    """The file's chunks, validated and prepared for COPY (no database)."""
+    row = 1
+    for batch in read_batches(source, columns.text_columns()):
+        checked = validate(batch, columns, row)
+        yield checked, loader.prepare(checked, batch.num_rows)
+        row += batch.num_rows
+
+
+def prefetched(items: Generator[T, None, None]) -> Generator[T, None, None]:
+    """``items``, each computed in a worker thread while the caller handles the one
+    before; an exception raised by ``items`` is raised here, in order. Closing this
+    generator waits for the item being computed, then closes ``items``."""
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="ingest-prepare") as pool:
+            ahead = pool.submit(next, items, _END)
+            while (item := ahead.result()) is not _END:
+                ahead = pool.submit(next, items, _END)
+                yield cast(T, item)
+    finally:
+        items.close()
 
 
 @contextmanager
