@@ -35,6 +35,7 @@ from coordinator.errors import DatabaseUnavailable, IngestError
 from coordinator.ingest.loader import FileLoader, FileSummary, Prepared
 from coordinator.ingest.reader import InputFile, detect, read_batches
 from coordinator.ingest.validate import Columns, Validated, validate
+from coordinator.queries import Q
 
 REJECT_FIELDS = ("file", "row", "reason", "url")
 _END = object()
@@ -109,6 +110,7 @@ def _connect(database_url: str) -> Iterator[psycopg.Connection]:
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot reach the database: {exc}") from exc
     with conn:
+        conn.execute(Q.sql("ingest_session"))
         yield conn
 
 

@@ -275,6 +275,11 @@ SELECT b.postprocess -> 'similarity_edges' AS edges, c.bin, sum(c.n::bigint) AS 
 -- Ingest statements run on a raw psycopg connection (COPY): "%(name)s" parameters, and
 -- "{placeholders}" filled in with psycopg.sql composition for the file's extra columns.
 
+-- name: ingest_session
+-- A chunk's staging rows (~20 MB for 131k LAION-like rows) stay in memory instead of
+-- spilling past the default 8 MB; set before the session's first temporary table.
+SET temp_buffers = '64MB';
+
 -- name: ingest_staging
 CREATE TEMPORARY TABLE ingest_staging (
     row bigint NOT NULL, url text NOT NULL, caption text NOT NULL, language text{extra}
