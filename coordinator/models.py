@@ -107,7 +107,8 @@ class Candidate(Base):
 
     __tablename__ = "candidates"
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    url: Mapped[str] = mapped_column(Text, nullable=False)
+    #: "C" collation: the unique index compares bytes, whatever the database's locale
+    url: Mapped[str] = mapped_column(Text(collation="C"), nullable=False)
     caption: Mapped[str] = mapped_column(Text, nullable=False)
     language: Mapped[str | None] = mapped_column(Text)
     ingest_id: Mapped[int | None] = mapped_column(Integer)

@@ -113,3 +113,17 @@ def _positional(compiled: str) -> str:
 def test_parse_splits_named_statements() -> None:
     src = "-- name: a\n-- a comment\nSELECT 1;\n\n-- name: b\nSELECT\n  2;\n"
     assert parse(src) == {"a": "SELECT 1", "b": "SELECT\n  2"}
+
+
+def test_url_uses_the_c_collation_in_models_and_database(db_url: str) -> None:
+    """compare_metadata does not compare collations: check the one that matters here."""
+    assert Base.metadata.tables["candidates"].c.url.type.collation == "C"  # type: ignore[attr-defined]
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            collation = conn.execute(sa.text(
+                "SELECT collation_name FROM information_schema.columns "
+                "WHERE table_name = 'candidates' AND column_name = 'url'")).scalar_one()
+    finally:
+        engine.dispose()
+    assert collation == "C"
