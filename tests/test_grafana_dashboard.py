@@ -116,7 +116,6 @@ def exported_metric_names() -> set[str]:
     """What the coordinator, the download worker and the post-processing node export."""
     from coordinator.metrics import metric_names as coordinator_names
     from gpu_postprocess.metrics import metric_names as postprocess_names
-
     from worker.metrics import metric_names as worker_names
 
     return coordinator_names() | worker_names() | postprocess_names()
