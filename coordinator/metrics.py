@@ -27,8 +27,6 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
-    PlatformCollector,
-    ProcessCollector,
 )
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -39,7 +37,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from coordinator.errors import LeaseConflict
-from pairfarm.metrics_http import exported_names
+from pairfarm.metrics_http import exported_names, new_registry
 from pairfarm.outcomes import ALL_OUTCOMES
 from pairfarm.protocol import BatchStatus, FarmStats, Role
 
@@ -86,9 +84,7 @@ class CoordinatorMetrics:
 
 def make_metrics(stats: StatsSource | None = None) -> CoordinatorMetrics:
     """A fresh registry; with ``stats`` it also yields the farm's figures at scrape time."""
-    registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
+    registry = new_registry()
     metrics = CoordinatorMetrics(
         registry=registry,
         leases=Counter("pairfarm_leases_total", "Leases handed out by this coordinator.",

@@ -31,12 +31,10 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    PlatformCollector,
-    ProcessCollector,
 )
 
 from gpu_postprocess.errors import SettingsError
-from pairfarm.metrics_http import exported_names, serve_registry
+from pairfarm.metrics_http import exported_names, new_registry, serve_registry
 from pairfarm.rss import peak_rss_bytes
 
 SHARD_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 3600.0)
@@ -90,9 +88,7 @@ def _cuda_peak(device: Any) -> tuple[str, int]:
 
 def build_metrics() -> NodeMetrics:
     """A fresh registry with every family (labelled series start at 0)."""
-    registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
+    registry = new_registry()
     metrics = NodeMetrics(
         registry=registry,
         samples=Counter("pairfarm_postprocess_node_samples",

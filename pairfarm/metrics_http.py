@@ -1,6 +1,6 @@
-"""Serving a Prometheus registry, and the sample names it exports; shared by the worker
-and the post-processing node (each builds its own registry). Imports prometheus_client
-only when called.
+"""A process's Prometheus registry, serving it, and the sample names it exports; shared by
+the coordinator, the worker and the post-processing node (each builds its own registry).
+Imports prometheus_client only when called.
 
 Resource handling: ``serve_registry`` runs prometheus_client's HTTP server in a daemon
 thread and shuts it down and joins it when its ``with`` block ends.
@@ -13,6 +13,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+
+def new_registry() -> Any:
+    """A fresh ``CollectorRegistry`` with prometheus_client's process and platform
+    collectors (``process_resident_memory_bytes``, ``python_info``, ...) on it."""
+    from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
 
 
 @contextmanager

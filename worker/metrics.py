@@ -32,11 +32,9 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    PlatformCollector,
-    ProcessCollector,
 )
 
-from pairfarm.metrics_http import exported_names, serve_registry
+from pairfarm.metrics_http import exported_names, new_registry, serve_registry
 from pairfarm.outcomes import ALL_OUTCOMES
 from worker.errors import SettingsError
 from worker.settings import MetricsSettings
@@ -102,9 +100,7 @@ class WorkerMetrics:
 
 def build_metrics() -> WorkerMetrics:
     """A fresh registry with every family (labelled series start at 0)."""
-    registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
+    registry = new_registry()
     metrics = WorkerMetrics(
         registry=registry,
         in_flight=Gauge("pairfarm_worker_requests_in_flight",
