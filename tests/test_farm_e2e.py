@@ -48,14 +48,35 @@ def slow_server() -> Iterator[DemoServer]:
     server.stop()
 
 
-def start_up(out: Path, candidates: Path) -> subprocess.Popen[str]:
+@pytest.fixture
+def up_procs() -> Iterator[list[subprocess.Popen[str]]]:
+    """`pairfarm up` processes a test started: stopped and their pipes closed at teardown,
+    also when the test failed half-way."""
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def start_up(procs: list[subprocess.Popen[str]], out: Path, candidates: Path,
+             per_host: int = 2) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "pairfarm", "up", "--input", str(candidates),
             "--out", str(out), "--workers", "2", "--batch-size", "40", "--lease-ttl", "4",
             "--port", "0", "--no-progress",
-            "--worker-arg=--allow-cidr=127.0.0.0/8", "--worker-arg=--per-host=2",
+            "--worker-arg=--allow-cidr=127.0.0.0/8", f"--worker-arg=--per-host={per_host}",
             "--worker-arg=--backoff-cap=1", "--worker-arg=--deadline=10"]
-    return subprocess.Popen(argv, env=cli_env(), cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(argv, env=cli_env(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    procs.append(proc)
+    return proc
 
 
 def wait_for(what: str, check: Callable[[], bool], proc: subprocess.Popen[str],
@@ -126,10 +147,13 @@ def assert_complete(out: Path, count: int) -> None:
 
 @pytest.mark.slow
 def test_kill_worker_restart_coordinator_and_postgres_mid_run(
-        tmp_path: Path, farm_dir: Path, slow_server: DemoServer) -> None:
+        tmp_path: Path, farm_dir: Path, slow_server: DemoServer,
+        up_procs: list[subprocess.Popen[str]]) -> None:
     candidates = write_candidates(slow_server, COUNT, tmp_path / "candidates.parquet")
     out = farm_dir
-    proc = start_up(out, candidates)
+    # One request per host and worker: 8 in flight, about 40 s of downloads, so that
+    # batches are still pending when the third fault lands.
+    proc = start_up(up_procs, out, candidates, per_host=1)
     farm = Farm(out)
     wait_for("the farm to start", farm.ready, proc)
 
@@ -141,6 +165,7 @@ def test_kill_worker_restart_coordinator_and_postgres_mid_run(
 
     wait_for("the coordinator to be back", lambda: farm.stats() is not None, proc)
     before = farm.downloaded_batches()
+    assert before < COUNT // 40, "batches are left to download when PostgreSQL stops"
     EmbeddedPostgres(out / "pg").stop(mode="immediate")
     wait_for("progress after the database restart",
              lambda: farm.downloaded_batches() > before, proc)
@@ -152,10 +177,11 @@ def test_kill_worker_restart_coordinator_and_postgres_mid_run(
 
 @pytest.mark.slow
 def test_ctrl_c_then_rerun_resumes_without_duplicates(
-        tmp_path: Path, farm_dir: Path, slow_server: DemoServer) -> None:
+        tmp_path: Path, farm_dir: Path, slow_server: DemoServer,
+        up_procs: list[subprocess.Popen[str]]) -> None:
     candidates = write_candidates(slow_server, COUNT, tmp_path / "candidates.parquet")
     out = farm_dir
-    proc = start_up(out, candidates)
+    proc = start_up(up_procs, out, candidates)
     farm = Farm(out)
     wait_for("the farm to start", farm.ready, proc)
     wait_for("a downloaded batch", lambda: farm.downloaded_batches() >= 1, proc)
@@ -167,7 +193,7 @@ def test_ctrl_c_then_rerun_resumes_without_duplicates(
     partial = len(list((out / "shards").glob("*_stats.json")))
     assert partial >= 1
 
-    rerun = start_up(out, candidates)
+    rerun = start_up(up_procs, out, candidates)
     output = finish(rerun)
     assert "inserted 0" in output, "the rerun ingests nothing new"
     assert_complete(out, COUNT)
