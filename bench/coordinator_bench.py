@@ -108,9 +108,10 @@ def drain_to_one_percent(url: str) -> None:
         t0 = time.perf_counter()
         batch = conn.execute("INSERT INTO batches (status, size) VALUES ('done', 0) "
                              "RETURNING id").fetchone()[0]  # type: ignore[index]
-        conn.execute("UPDATE candidate_batches SET batch_id = %s "
-                     "WHERE batch_id IS NULL AND id %% 100 <> 0", [batch])
-        conn.execute("VACUUM ANALYZE candidate_batches")
+        conn.execute("WITH taken AS (DELETE FROM pending_candidates WHERE id %% 100 <> 0 "
+                     "RETURNING id) INSERT INTO batch_members (batch_id, ids) "
+                     "SELECT %s, array_agg(id) FROM taken", [batch])
+        conn.execute("VACUUM ANALYZE pending_candidates")
         print(f"  (99 % done set up in {time.perf_counter() - t0:.0f} s)", flush=True)
 
 
@@ -167,10 +168,10 @@ def bench_api(server_url: str, work: Path, rows: int, clients: int, seconds: flo
         conn.execute("WITH inserted AS (INSERT INTO candidates (url, caption) "
                      "SELECT 'http://img' || (i %% 100000) || '.example.com/' || i || '.jpg', "
                      "'a photo of item ' || i FROM generate_series(1, %s::bigint) i "
-                     "RETURNING id) INSERT INTO candidate_batches (id) SELECT id FROM inserted",
+                     "RETURNING id) INSERT INTO pending_candidates (id) SELECT id FROM inserted",
                      [rows])
         conn.execute("INSERT INTO ingests (source, inserted) VALUES ('bench', %s)", [rows])
-        conn.execute("VACUUM ANALYZE candidates, candidate_batches")
+        conn.execute("VACUUM ANALYZE candidates, pending_candidates")
     env = {**os.environ, "PYTHONPATH": str(REPO), "DATABASE_URL": url}
     tokens = [subprocess.run([sys.executable, "-m", "pairfarm", "token", "create", "--role",
                               "worker"], env=env, capture_output=True, text=True,

@@ -6,17 +6,19 @@ Forming a download batch (``lease_download``):
 
 1. re-lease the oldest ``pending`` batch (one that expired or was given back) with the
    same id and the same candidates, so its shard names stay stable;
-2. else create a batch and fill it from unbatched candidates: sample pages with
-   ``TABLESAMPLE SYSTEM (p)`` at a rate adapted to the unbatched fraction
-   (``coordinator.sampling``), shuffle the sample, claim the first batch-size ids with
-   ``FOR UPDATE SKIP LOCKED`` and re-check ``batch_id IS NULL`` on the locked rows; ids
-   that a concurrent lease took are replaced from the rest of the sample;
-3. when the sample comes back short (or would be too costly), top it up from the partial
-   index ``candidate_batches_unbatched`` starting at a random id, again ``SKIP LOCKED``.
+2. else create a batch and fill it from ``pending_candidates`` in one statement
+   (``claim_sampled``): sample pages with ``TABLESAMPLE SYSTEM (p)`` at a rate adapted
+   to the yield of earlier samples (``coordinator.sampling``), shuffle the sample, lock up
+   to batch-size rows with ``FOR UPDATE SKIP LOCKED`` (rows a concurrent lease holds or
+   took are passed over, and the rest of the sample stands in for them), delete them and
+   store their ids in ``batch_members``;
+3. when the sample comes back short (or would be too costly), top it up from the
+   primary key of ``pending_candidates`` starting at a random id, again ``SKIP LOCKED``.
 
-Sampling and claiming read and write only ``candidate_batches`` (one narrow row per
-candidate); the wide ``candidates`` rows are read once per lease, by primary key, to
-build the batch's JSON.
+A candidate leaves ``pending_candidates`` by a delete, which succeeds once: no two
+batches can hold it. Sampling and claiming read and write only ``pending_candidates``
+(one narrow row per candidate) and one ``batch_members`` row; the wide ``candidates``
+rows are read once per lease, by primary key, to build the batch's JSON.
 
 Fencing: heartbeat, complete and fail name the batch, the caller (``worker_id``, from its
 bearer token) and the lease token. Anything else than "leased to this caller under this
@@ -70,7 +72,8 @@ BACK_TO = {DOWNLOAD: BatchStatus.PENDING, POSTPROCESS: BatchStatus.DOWNLOADED}
 #: which kind of client holds a batch in each held status
 KIND_HOLDING = {status.value: kind for kind, status in HELD.items()}
 TABLE_STATS_MAX_AGE_S = 10.0
-CLAIM_ROUNDS = 3
+#: rows of pending_candidates (one bigint each) that a full 8 kB page holds
+PAGE_ROWS = 226
 
 
 def new_lease_token() -> str:
@@ -109,22 +112,31 @@ class FormStats:
     from_index: int
 
 
+@dataclass(frozen=True)
+class TableSize:
+    """Planner statistics of ``pending_candidates``: rows, and rows its pages hold."""
+
+    rows: int
+    capacity: int
+
+
 class _TableRows:
-    """The row count of ``candidate_batches`` (one row per candidate) from planner
-    statistics, cached for a few seconds."""
+    """The size of ``pending_candidates`` from planner statistics, cached for a few
+    seconds."""
 
     def __init__(self) -> None:
-        self._rows = 0
+        self._size = TableSize(0, 0)
         self._at = float("-inf")
 
-    def get(self, conn: sa.Connection) -> int:
+    def get(self, conn: sa.Connection) -> TableSize:
         if time.monotonic() - self._at > TABLE_STATS_MAX_AGE_S:
             row = conn.execute(Q.table_size_estimate).one()
             rows = int(row.rows)
             if rows < 0:  # never analyzed: the id range bounds the row count
                 rows = int(conn.execute(Q.max_candidate_id).scalar_one())
-            self._rows, self._at = rows, time.monotonic()
-        return self._rows
+            self._size = TableSize(rows, int(row.pages) * PAGE_ROWS)
+            self._at = time.monotonic()
+        return self._size
 
 
 class Leases:
@@ -166,16 +178,15 @@ class Leases:
             return RawDownloadLease(info=info, count=found.n, candidates=found.candidates)
 
     def _form(self, conn: sa.Connection, batch_id: int, want: int) -> int:
-        """Fill batch ``batch_id`` with up to ``want`` unbatched candidates; how many."""
-        table_rows = self._rows.get(conn)
-        pct = self.rate.percent(want, table_rows)
+        """Fill batch ``batch_id`` with up to ``want`` pending candidates; how many."""
+        size = self._rows.get(conn)
+        pct = self.rate.percent(want, size.rows, size.capacity)
         claimed = sampled = 0
         if pct is not None:
-            ids = list(conn.execute(Q.sample_unbatched, {"pct": pct}).scalar_one())
-            sampled = len(ids)
-            self.rate.observe(pct, table_rows, sampled)
-            random.shuffle(ids)
-            claimed = _claim_sampled(conn, batch_id, ids, want)
+            row = conn.execute(Q.claim_sampled,
+                               {"pct": pct, "n": want, "batch_id": batch_id}).one()
+            claimed, sampled = int(row.n), int(row.sampled)
+            self.rate.observe(pct, size.rows, sampled)
         else:
             self.rate.used_index()
         from_index = self._claim_by_index(conn, batch_id, want - claimed) if claimed < want else 0
@@ -294,21 +305,6 @@ class Leases:
     def _lease_params(self, worker_id: int) -> dict[str, Any]:
         return {"worker_id": worker_id, "lease_token": new_lease_token(),
                 "ttl": self.settings.lease_ttl_s}
-
-
-def _claim_sampled(conn: sa.Connection, batch_id: int, ids: list[int], want: int) -> int:
-    """Claim ``want`` of the shuffled ``ids``: the first ``want``, then, for those another
-    lease took meanwhile, the next ones, for at most ``CLAIM_ROUNDS`` rounds."""
-    claimed = offset = 0
-    for _ in range(CLAIM_ROUNDS):
-        need = want - claimed
-        chunk = ids[offset:offset + need]
-        if need <= 0 or not chunk:
-            break
-        offset += len(chunk)
-        claimed += int(conn.execute(Q.claim_candidates,
-                                    {"ids": chunk, "batch_id": batch_id}).scalar_one())
-    return claimed
 
 
 def _lock(conn: sa.Connection, batch_id: int) -> sa.Row[Any]:

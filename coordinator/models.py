@@ -4,12 +4,13 @@ Sizing for 10^9+ candidates:
 
 - ``candidates`` rows are wide (URL, caption, extra columns) and written once, at ingest.
   Their per-URL outcome lives in the shard's parquet, never here.
-- ``candidate_batches`` holds what changes: one narrow (id, batch_id) row per candidate,
-  so forming a batch rewrites 40-byte rows and two bigint index entries each, and never
-  touches the wide rows or the text index on ``url``. A candidate's state is derived:
-  unbatched (``batch_id IS NULL``) or the state of its batch.
-- ``candidate_batches_unbatched`` is a partial index on the rows no batch holds yet: the
-  lease's index fallback uses it, and it shrinks as the farm drains.
+- ``pending_candidates`` holds one narrow row (``id``) per candidate no batch holds yet.
+  Forming a batch samples it and deletes the rows it takes: a delete writes no index
+  entry, and the table (and its primary key, the lease's index fallback) shrinks as the
+  farm drains. Forming a batch never touches the wide rows or the text index on ``url``.
+- ``batch_members`` holds the ids of each batch as one array row, written once. A
+  candidate's state is derived: pending (in ``pending_candidates``) or the state of its
+  batch.
 - ``batches`` carries every state change of a batch in one row, so completing a batch is
   one UPDATE however many URLs it holds.
 """
@@ -35,7 +36,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from pairfarm.protocol import BatchStatus, Role
@@ -103,7 +104,8 @@ class Ingest(Base):
 
 
 class Candidate(Base):
-    """A (URL, caption) pair as ingested; its lease state is in ``candidate_batches``."""
+    """A (URL, caption) pair as ingested; its lease state is in ``pending_candidates`` /
+    ``batch_members``."""
 
     __tablename__ = "candidates"
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -116,29 +118,33 @@ class Candidate(Base):
     __table_args__ = (Index("candidates_url_key", "url", unique=True),)
 
 
-class CandidateBatch(Base):
-    """The batch a candidate is in (``batch_id``; NULL: none yet), one row per candidate.
+class PendingCandidate(Base):
+    """A candidate no batch holds yet (the row is deleted when a batch takes it).
 
-    Sampling and claiming read and write only this table: ``TABLESAMPLE`` finds ~220
-    rows a page (a ``candidates`` page holds ~45 short LAION-like rows), and a claim
-    rewrites 40 bytes instead of the wide row and its entry in the URL index.
+    Sampling reads only this table: ``TABLESAMPLE`` finds ~220 rows a page (a
+    ``candidates`` page holds ~45 short LAION-like rows), and claiming locks and deletes
+    rows here: two WAL records a row, no index entry written.
 
-    Both rows of a candidate are written by the same ingest statement (``INSERT INTO
-    candidates ... RETURNING id`` feeding ``INSERT INTO candidate_batches``), so ``id``
-    has no foreign key to ``candidates``: its RI trigger would look up every ingested
-    row once more. ``batch_id`` has none to ``batches`` either: an RI trigger
-    per row would double the cost of forming a batch, and the lease statements are its
-    only writers.
+    The ingest writes a candidate and its row here in one statement (``INSERT INTO
+    candidates ... RETURNING id`` feeding ``INSERT INTO pending_candidates``), so ``id``
+    has no foreign key to ``candidates``: its RI trigger would look up every ingested row
+    once more.
     """
 
-    __tablename__ = "candidate_batches"
+    __tablename__ = "pending_candidates"
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    batch_id: Mapped[int | None] = mapped_column(BigInteger)
-    __table_args__ = (
-        Index("candidate_batches_batch_id_idx", "batch_id",
-              postgresql_where=text("batch_id IS NOT NULL")),
-        Index("candidate_batches_unbatched", "id", postgresql_where=text("batch_id IS NULL")),
-    )
+
+
+class BatchMembers(Base):
+    """The candidate ids of a batch, one array (80 KB for 10k ids) per batch, written
+    when the batch is formed and read when it is (re-)leased. The elements have no
+    foreign key to ``candidates``: the lease statement that fills the array takes them
+    from ``pending_candidates``."""
+
+    __tablename__ = "batch_members"
+    batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"), primary_key=True,
+                                          autoincrement=False)
+    ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger), nullable=False)
 
 
 class Batch(Base):

@@ -1,13 +1,14 @@
-"""How much of the candidates table a lease samples (pure logic, no database).
+"""How much of the pending table a lease samples (pure logic, no database).
 
-``TABLESAMPLE SYSTEM (p)`` reads about p % of the table's pages and only then applies the
-``WHERE``: with a fraction f of rows still unbatched, a sample yields about
-``p/100 * rows * f`` usable rows. A fixed p therefore starves as the farm drains (at 99 %
-done, ``SYSTEM(0.5)`` over 3M rows yields about 150 rows). ``SampleRate`` keeps an estimate
-of f learned from the samples themselves and asks for
+``TABLESAMPLE SYSTEM (p)`` reads about p % of the table's pages. The table's planner row
+count lags behind the deletes of the leases, and the pages that emptied stay until VACUUM
+truncates the table's end, so with a fraction f of the counted rows still there, a sample
+yields about ``p/100 * rows * f`` rows. A fixed p therefore starves as the farm drains (at
+99 % done, ``SYSTEM(0.5)`` over 3M rows yields about 150 rows). ``SampleRate`` keeps an
+estimate of f learned from the samples themselves and asks for
 ``p = 100 * oversample * want / (f * rows)``. When that p would read more than
-``max_rows`` rows, sampling costs more than it is worth (the unbatched rows are too
-sparse) and the lease takes its rows from the partial index instead (``None``); the
+``max_rows`` rows' worth of pages, sampling costs more than it is worth (the pending rows
+are too sparse) and the lease takes its rows from the primary key instead (``None``); the
 estimate then creeps back up so that a later lease samples again if new candidates
 arrived.
 """
@@ -30,15 +31,19 @@ class SampleRate:
     fraction: float = 1.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def percent(self, want: int, table_rows: int) -> float | None:
-        """The sample percentage for ``want`` rows, or None to use the index instead."""
+    def percent(self, want: int, table_rows: int, capacity: int = 0) -> float | None:
+        """The sample percentage for ``want`` rows, or None to use the index instead.
+
+        ``capacity`` is the number of rows the table's pages hold when full: a sample
+        reads p % of the pages, empty or not, so its cost is p % of the larger of the two.
+        """
         if table_rows <= 0 or want <= 0:
             return None
         with self._lock:
             fraction = max(self.fraction, MIN_FRACTION)
         pct = 100.0 * self.oversample * want / (fraction * table_rows)
         pct = min(pct, 100.0)
-        if pct / 100.0 * table_rows > self.max_rows:
+        if pct / 100.0 * max(table_rows, capacity) > self.max_rows:
             return None
         return max(pct, MIN_PCT)
 

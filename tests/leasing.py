@@ -51,12 +51,14 @@ def expire(engine: sa.Engine, batch_id: int) -> None:
 
 
 def mark_batched(engine: sa.Engine, where: str) -> None:
-    """Put the candidates matching ``where`` (a condition on ``id`` and ``batch_id``) into
-    one finished batch (a drained farm)."""
+    """Put the pending candidates matching ``where`` (a condition on ``id``) into one
+    finished batch (a drained farm)."""
     with engine.begin() as conn:
         batch = conn.execute(sa.text(
             "INSERT INTO batches (status, size) VALUES ('done', 0) RETURNING id")).scalar_one()
-        conn.execute(sa.text(f"UPDATE candidate_batches SET batch_id = :b WHERE {where}"),
-                     {"b": batch})
+        conn.execute(sa.text(
+            f"WITH taken AS (DELETE FROM pending_candidates WHERE {where} RETURNING id) "
+            "INSERT INTO batch_members (batch_id, ids) "
+            "SELECT :b, array_agg(id) FROM taken HAVING count(*) > 0"), {"b": batch})
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sa.text("VACUUM ANALYZE candidate_batches"))
+        conn.execute(sa.text("VACUUM ANALYZE pending_candidates"))

@@ -117,9 +117,9 @@ def test_exact_duplicates_first_ingested_wins_and_rerun_adds_nothing(
                         "http://a.test/2.jpg": "new in the second"}
     with engine_for(db_url) as engine, engine.connect() as conn:
         lease_state = conn.execute(sa.text(
-            "SELECT count(*) AS n, count(cb.batch_id) AS batched FROM candidates c "
-            "JOIN candidate_batches cb USING (id)")).one()
-    assert tuple(lease_state) == (3, 0), "one unbatched candidate_batches row per candidate"
+            "SELECT count(*) AS n, count(p.id) AS pending FROM candidates c "
+            "LEFT JOIN pending_candidates p USING (id)")).one()
+    assert tuple(lease_state) == (3, 3), "one pending_candidates row per candidate"
 
 
 def test_malformed_csv_names_file_and_line_and_loads_nothing(db_url: str,

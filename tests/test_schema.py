@@ -25,7 +25,7 @@ def test_drift_is_detected(db_url: str) -> None:
     engine = sa.create_engine(db_url)
     try:
         with engine.begin() as conn:
-            conn.execute(sa.text("DROP INDEX candidate_batches_unbatched"))
+            conn.execute(sa.text("DROP INDEX candidates_url_key"))
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     finally:
         engine.dispose()
@@ -37,28 +37,33 @@ def test_upgrade_is_idempotent(db_url: str) -> None:
     assert current_revision(db_url) == head_revision() is not None
 
 
-EXPECTED = [(1, 7), (2, 7), (3, 7), (4, None), (5, None), (6, None)]
-
-
-def test_0002_moves_lease_state_to_candidate_batches_and_back(db_url: str) -> None:
-    """Downgrade to 0001 puts ``batch_id`` back on ``candidates``; upgrading again copies
-    it into ``candidate_batches`` (batched and unbatched rows alike)."""
+def test_0002_moves_lease_state_out_of_candidates_and_back(db_url: str) -> None:
+    """Downgrade to 0001 puts ``batch_id`` back on ``candidates``; upgrading again moves
+    the unbatched candidates into ``pending_candidates`` and the batched ones into one
+    ``batch_members`` array per batch."""
     from alembic import command
 
     from tests.conftest import insert_candidates
+    from tests.leasing import mark_batched
 
     insert_candidates(db_url, 6)
     engine = sa.create_engine(db_url)
     try:
-        with engine.begin() as conn:
-            conn.execute(sa.text("UPDATE candidate_batches SET batch_id = 7 WHERE id <= 3"))
+        mark_batched(engine, "id <= 3")
+        with engine.connect() as conn:
+            batch = conn.execute(sa.text("SELECT batch_id FROM batch_members")).scalar_one()
+        expected = [(1, batch), (2, batch), (3, batch), (4, None), (5, None), (6, None)]
         _alembic(engine, command.downgrade, "0001")
         with engine.connect() as conn:
-            assert _pairs(conn, "candidates") == EXPECTED
-            assert not sa.inspect(conn).has_table("candidate_batches")
+            assert _pairs(conn) == expected
+            assert not sa.inspect(conn).has_table("pending_candidates")
+            assert not sa.inspect(conn).has_table("batch_members")
         _alembic(engine, command.upgrade, "head")
         with engine.connect() as conn:
-            assert _pairs(conn, "candidate_batches") == EXPECTED
+            pending = conn.execute(sa.text("SELECT id FROM pending_candidates ORDER BY id"))
+            assert list(pending.scalars()) == [4, 5, 6]
+            members = conn.execute(sa.text("SELECT batch_id, ids FROM batch_members"))
+            assert [tuple(r) for r in members] == [(batch, [1, 2, 3])]
             columns = {c["name"] for c in sa.inspect(conn).get_columns("candidates")}
             assert "batch_id" not in columns
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
@@ -75,8 +80,8 @@ def _alembic(engine: sa.Engine, step: object, revision: str) -> None:
         step(config, revision)  # type: ignore[operator]
 
 
-def _pairs(conn: sa.Connection, table: str) -> list[tuple[int, int | None]]:
-    rows = conn.execute(sa.text(f"SELECT id, batch_id FROM {table} ORDER BY id"))
+def _pairs(conn: sa.Connection) -> list[tuple[int, int | None]]:
+    rows = conn.execute(sa.text("SELECT id, batch_id FROM candidates ORDER BY id"))
     return [(r.id, r.batch_id) for r in rows]
 
 

@@ -50,3 +50,11 @@ def test_rate_gives_way_to_the_index_when_a_sample_would_cost_too_much() -> None
     assert rate.fraction > before, "the estimate recovers so that sampling is retried"
     assert rate.percent(10_000, 0) is None, "an empty or unanalysed table uses the index"
     assert SampleRate().percent(10_000, 5_000) == 100.0, "a small table is sampled whole"
+
+
+def test_rate_counts_the_cost_of_empty_pages() -> None:
+    """A drained table whose statistics are fresh: 100k rows left on pages that held 10M.
+    Sampling 15 % of them would read 1.5M rows' worth of pages."""
+    rate = SampleRate(oversample=1.5, max_rows=200_000)
+    assert rate.percent(10_000, 100_000) == pytest.approx(15.0)
+    assert rate.percent(10_000, 100_000, capacity=10_000_000) is None

@@ -1,6 +1,6 @@
 """Bulk load of validated rows: ``COPY`` into a temporary staging table, then one
 ``INSERT ... SELECT ... ON CONFLICT (url) DO NOTHING`` per chunk (which also writes each
-new candidate's ``candidate_batches`` row).
+new candidate's ``pending_candidates`` row).
 
 A chunk goes in two steps: ``prepare`` (no database: cast to the staging types, CSV
 bytes) and ``write`` (COPY, INSERT). The caller may run ``prepare`` of the next chunk in

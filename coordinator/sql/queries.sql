@@ -34,65 +34,74 @@ RETURNING id, lease_token, lease_expires_at, attempts;
 UPDATE batches SET size = :size WHERE id = :batch_id;
 
 -- name: table_size_estimate
--- Planner statistics of the lease state table (one row per candidate): rows (-1 before
--- the first ANALYZE) and pages.
+-- Planner statistics of pending_candidates: rows (-1 before the first ANALYZE) and pages.
 SELECT reltuples::bigint AS rows, relpages::bigint AS pages
-  FROM pg_class WHERE oid = 'candidate_batches'::regclass;
+  FROM pg_class WHERE oid = 'pending_candidates'::regclass;
 
 -- name: max_candidate_id
-SELECT COALESCE(max(id), 0) AS max_id FROM candidate_batches;
+SELECT COALESCE(max(id), 0) AS max_id FROM pending_candidates;
 
--- name: sample_unbatched
--- TABLESAMPLE SYSTEM picks whole pages before the WHERE: the caller adapts the percentage
--- to the unbatched fraction it observes. The narrow table holds ~200 rows a page, so a
--- sample reads few pages. No lock here; claim_candidates locks.
-SELECT COALESCE(array_agg(id), '{}') AS ids
-  FROM candidate_batches TABLESAMPLE SYSTEM (CAST(:pct AS real))
- WHERE batch_id IS NULL;
-
--- name: claim_candidates
--- Claim the given ids that are still unbatched, skipping rows another lease holds, and
--- re-check that they are still unbatched once locked. Only candidate_batches is written.
-WITH picked AS (
-    SELECT id FROM candidate_batches
-     WHERE id = ANY (CAST(:ids AS bigint[])) AND batch_id IS NULL
+-- name: claim_sampled
+-- Form (part of) batch :batch_id from a sample: TABLESAMPLE SYSTEM picks whole pages of
+-- pending_candidates (the caller adapts the percentage to the yield it observes); the
+-- sampled rows are shuffled, up to :n of them locked (SKIP LOCKED: rows another lease
+-- holds are passed over) and deleted, and their ids stored in batch_members. A row that a
+-- concurrent lease deleted meanwhile cannot be locked and is passed over too; a row can be
+-- deleted only once, so no two batches share a candidate. "sampled" is the sample's size.
+WITH sample AS MATERIALIZED (
+    SELECT ctid FROM pending_candidates TABLESAMPLE SYSTEM (CAST(:pct AS real))
+), picked AS (
+    SELECT p.ctid FROM pending_candidates p
+     WHERE p.ctid = ANY (ARRAY(SELECT ctid FROM sample))
+     ORDER BY random()
+     LIMIT :n
        FOR UPDATE SKIP LOCKED
-), claimed AS (
-    UPDATE candidate_batches cb SET batch_id = :batch_id
-     WHERE cb.id = ANY (ARRAY(SELECT id FROM picked)) AND cb.batch_id IS NULL
+), taken AS (
+    DELETE FROM pending_candidates
+     WHERE ctid = ANY (ARRAY(SELECT ctid FROM picked))
+    RETURNING id
+), stored AS (
+    INSERT INTO batch_members (batch_id, ids)
+    SELECT :batch_id, array_agg(id) FROM taken HAVING count(*) > 0
+        ON CONFLICT (batch_id) DO UPDATE SET ids = batch_members.ids || EXCLUDED.ids
     RETURNING 1
 )
-SELECT count(*) AS n FROM claimed;
+SELECT (SELECT count(*) FROM taken) AS n, (SELECT count(*) FROM sample) AS sampled;
 
 -- name: claim_by_index
--- Fallback when a sample comes back short: unbatched rows in id order from :start
--- (partial index candidate_batches_unbatched), skipping locked rows, status re-checked.
+-- Fallback when a sample comes back short: pending rows in id order from :start (the
+-- primary key), skipping locked rows, deleted and stored as in claim_sampled.
 WITH picked AS (
-    SELECT id FROM candidate_batches
-     WHERE batch_id IS NULL AND id >= :start
+    SELECT ctid FROM pending_candidates
+     WHERE id >= :start
      ORDER BY id
      LIMIT :n
        FOR UPDATE SKIP LOCKED
-), claimed AS (
-    UPDATE candidate_batches cb SET batch_id = :batch_id
-     WHERE cb.id = ANY (ARRAY(SELECT id FROM picked)) AND cb.batch_id IS NULL
+), taken AS (
+    DELETE FROM pending_candidates
+     WHERE ctid = ANY (ARRAY(SELECT ctid FROM picked))
+    RETURNING id
+), stored AS (
+    INSERT INTO batch_members (batch_id, ids)
+    SELECT :batch_id, array_agg(id) FROM taken HAVING count(*) > 0
+        ON CONFLICT (batch_id) DO UPDATE SET ids = batch_members.ids || EXCLUDED.ids
     RETURNING 1
 )
-SELECT count(*) AS n FROM claimed;
+SELECT count(*) AS n FROM taken;
 
 -- name: batch_candidates
 -- A batch's candidates in key order (row i is written under key_of(i)), as one JSON
 -- array of pairfarm.protocol.Candidate built by the server: 10k rows never become
--- Python objects on the way to the worker. The batch's ids come from
--- candidate_batches_batch_id_idx; "c.id = ANY (ARRAY(...))" then walks candidates_pkey
--- once in id order (about 700 buffers for 10k rows, where a nested-loop join descends the
--- index 10k times: 40k buffers, ~20 ms more) and hands json_agg its rows presorted.
+-- Python objects on the way to the worker. "c.id = ANY (array)" walks candidates_pkey
+-- once in id order (about 700 buffers for 10k rows, where a nested-loop join over the
+-- unnested array descends the index 10k times) and hands json_agg its rows presorted.
 SELECT count(*) AS n,
        COALESCE(json_agg(json_build_object(
            'id', c.id, 'url', c.url, 'caption', c.caption, 'language', c.language,
            'extra', COALESCE(c.extra, '{}'::jsonb)) ORDER BY c.id), '[]')::text AS candidates
   FROM candidates c
- WHERE c.id = ANY (ARRAY(SELECT id FROM candidate_batches WHERE batch_id = :batch_id));
+ WHERE c.id = ANY (CAST((SELECT ids FROM batch_members WHERE batch_id = :batch_id)
+                        AS bigint[]));
 
 -- name: lock_batch
 SELECT id, status, size, worker_id, lease_token, attempts, pp_attempts, outcomes,
@@ -291,8 +300,8 @@ COPY ingest_staging ({columns}) FROM STDIN (FORMAT csv);
 -- name: ingest_insert
 -- Exact URL dedup: the first occurrence wins (earlier file, then earlier row); rows the
 -- unique index already holds are skipped, nothing is updated. Each inserted candidate
--- gets its (unbatched) candidate_batches row in the same statement; its row count is
--- the number of candidates inserted.
+-- gets its pending_candidates row in the same statement; its row count is the number of
+-- candidates inserted.
 WITH inserted AS (
     INSERT INTO candidates (url, caption, language, ingest_id, extra)
     SELECT url, caption, language, %(ingest_id)s, {extra}
@@ -301,7 +310,7 @@ WITH inserted AS (
         ON CONFLICT (url) DO NOTHING
     RETURNING id
 )
-INSERT INTO candidate_batches (id) SELECT id FROM inserted;
+INSERT INTO pending_candidates (id) SELECT id FROM inserted;
 
 -- name: ingest_truncate
 TRUNCATE ingest_staging;

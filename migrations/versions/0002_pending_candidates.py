@@ -1,14 +1,19 @@
-"""candidate_batches: the lease state of each candidate in a narrow table of its own
+"""pending_candidates and batch_members: the lease state out of the wide candidates rows
 
 Forming a batch used to set ``candidates.batch_id``: a non-HOT update of the wide row
 (``batch_id`` is indexed), so each claimed candidate got a new tuple and new entries in
-every index of ``candidates``, the text index on ``url`` included. ``candidate_batches``
-(``id``, ``batch_id``) takes that column and its two partial indexes; ``candidates`` is
-written once, at ingest.
+every index of ``candidates``, the text index on ``url`` included.
 
-The upgrade copies (id, batch_id) of every candidate (about 40 bytes a row) before
-building the indexes, so it takes a few seconds per million candidates and holds an
-ACCESS EXCLUSIVE lock on ``candidates`` for the drop at the end.
+- ``pending_candidates`` (``id`` primary key) holds one row per candidate no batch holds
+  yet. Forming a batch deletes rows from it (a delete touches no index) and a drained farm
+  leaves it empty.
+- ``batch_members`` holds each batch's candidate ids as one ``bigint[]`` row per batch,
+  written once when the batch is formed.
+
+The upgrade copies the ids of unbatched candidates into ``pending_candidates``, and those
+of batched candidates into one array per batch, before building the indexes. It takes a few
+seconds per million candidates and holds an ACCESS EXCLUSIVE lock on ``candidates`` for the
+drop at the end.
 
 ``candidates.url`` also takes the "C" collation, so its unique index compares bytes
 instead of calling the database locale's strcoll (the official image's default is
@@ -27,6 +32,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 revision: str = '0002'
 down_revision: str | None = '0001'
@@ -38,17 +44,21 @@ UNBATCHED = sa.text('batch_id IS NULL')
 
 
 def upgrade() -> None:
-    op.create_table('candidate_batches',
+    op.create_table('pending_candidates',
     sa.Column('id', sa.BigInteger(), autoincrement=False, nullable=False),
-    sa.Column('batch_id', sa.BigInteger(), nullable=True),
     )
-    op.execute('INSERT INTO candidate_batches (id, batch_id) '
-               'SELECT id, batch_id FROM candidates ORDER BY id')
-    op.create_primary_key('candidate_batches_pkey', 'candidate_batches', ['id'])
-    op.create_index('candidate_batches_batch_id_idx', 'candidate_batches', ['batch_id'],
-                    unique=False, postgresql_where=BATCHED)
-    op.create_index('candidate_batches_unbatched', 'candidate_batches', ['id'],
-                    unique=False, postgresql_where=UNBATCHED)
+    op.execute('INSERT INTO pending_candidates (id) '
+               'SELECT id FROM candidates WHERE batch_id IS NULL ORDER BY id')
+    op.create_primary_key('pending_candidates_pkey', 'pending_candidates', ['id'])
+    op.create_table('batch_members',
+    sa.Column('batch_id', sa.BigInteger(), autoincrement=False, nullable=False),
+    sa.Column('ids', postgresql.ARRAY(sa.BigInteger()), nullable=False),
+    sa.ForeignKeyConstraint(['batch_id'], ['batches.id'], name='batch_members_batch_id_fkey'),
+    sa.PrimaryKeyConstraint('batch_id', name='batch_members_pkey'),
+    )
+    op.execute('INSERT INTO batch_members (batch_id, ids) '
+               'SELECT batch_id, array_agg(id ORDER BY id) FROM candidates '
+               'WHERE batch_id IS NOT NULL GROUP BY batch_id')
     op.drop_index('candidates_unbatched', table_name='candidates',
                   postgresql_where=UNBATCHED)
     op.drop_index('candidates_batch_id_idx', table_name='candidates',
@@ -62,10 +72,11 @@ def downgrade() -> None:
     op.alter_column('candidates', 'url', type_=sa.Text(), existing_type=sa.Text(collation='C'),
                     existing_nullable=False)
     op.add_column('candidates', sa.Column('batch_id', sa.BigInteger(), nullable=True))
-    op.execute('UPDATE candidates c SET batch_id = cb.batch_id FROM candidate_batches cb '
-               'WHERE cb.id = c.id AND cb.batch_id IS NOT NULL')
+    op.execute('UPDATE candidates c SET batch_id = m.batch_id '
+               'FROM batch_members m, unnest(m.ids) AS u(id) WHERE c.id = u.id')
     op.create_index('candidates_batch_id_idx', 'candidates', ['batch_id'], unique=False,
                     postgresql_where=BATCHED)
     op.create_index('candidates_unbatched', 'candidates', ['id'], unique=False,
                     postgresql_where=UNBATCHED)
-    op.drop_table('candidate_batches')
+    op.drop_table('batch_members')
+    op.drop_table('pending_candidates')
