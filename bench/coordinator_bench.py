@@ -9,12 +9,16 @@ defaults, shared_buffers 1GB, max_wal_size 8GB):
    parquet files of 1M rows, loaded with ``coordinator.ingest.run.ingest`` (Arrow read,
    validation, COPY, INSERT ON CONFLICT); rows/s over the whole call;
 2. lease latency with N pending: --leases calls of ``Leases.lease_download`` (10k batch);
-3. lease latency at 99 % done: all but 1 % of the rows (every 100th id) put into a
-   finished batch, VACUUM ANALYZE, then --leases calls again.
+3. lease latency at 99 % done: all but 1 % of the pending chunks (every 100th chunk id
+   stays) put into a finished batch, VACUUM ANALYZE, then --leases calls again. Leases
+   take whole chunks and put what they do not need back as one chunk, so a drained farm
+   holds whole chunks spread over the table, as here.
 
 Then, on a separate database of --api-rows candidates, ``pairfarm coordinator`` runs in a
 subprocess and --clients client processes (``pairfarm.client.CoordinatorClient``) lease
-and complete 10k batches for --api-seconds; sustained leases/s and client-side latency.
+and complete 10k batches for --api-seconds, from the moment all of them have started and
+registered; sustained leases/s, client-side latency, and the CPU time per lease of the
+coordinator process, of PostgreSQL and of the clients (all on the same cores here).
 
 Prints one line per figure. Needs the [coordinator] extra.
 """
@@ -31,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -108,10 +113,11 @@ def drain_to_one_percent(url: str) -> None:
         t0 = time.perf_counter()
         batch = conn.execute("INSERT INTO batches (status, size) VALUES ('done', 0) "
                              "RETURNING id").fetchone()[0]  # type: ignore[index]
-        conn.execute("WITH taken AS (DELETE FROM pending_candidates WHERE id %% 100 <> 0 "
-                     "RETURNING id) INSERT INTO batch_members (batch_id, ids) "
-                     "SELECT %s, array_agg(id) FROM taken", [batch])
-        conn.execute("VACUUM ANALYZE pending_candidates")
+        conn.execute("WITH taken AS (DELETE FROM pending_chunks WHERE id %% 100 <> 0 "
+                     "RETURNING ids) INSERT INTO batch_members (batch_id, ids) "
+                     "SELECT %s, array_agg(u.id) FROM taken, unnest(taken.ids) AS u(id)",
+                     [batch])
+        conn.execute("VACUUM ANALYZE pending_chunks")
         print(f"  (99 % done set up in {time.perf_counter() - t0:.0f} s)", flush=True)
 
 
@@ -135,7 +141,10 @@ def bench_rows(server_url: str, work: Path, rows: int, leases: int) -> None:
     lease_latency(url, f"lease at {rows:,} rows, 99 % done", leases)
 
 
-def api_client(base: str, token: str, until: float, queue: multiprocessing.Queue) -> None:
+def api_client(base: str, token: str, seconds: float, sync: tuple[Any, Any],
+               queue: multiprocessing.Queue) -> None:
+    """One client process: imports and registers first, then waits for ``go`` so that
+    the measured window holds leases only (not 16 interpreter start-ups)."""
     from pairfarm.client import CoordinatorClient
     from pairfarm.protocol import DownloadReport, ShardFiles
 
@@ -145,6 +154,11 @@ def api_client(base: str, token: str, until: float, queue: multiprocessing.Queue
     times, done = [], 0
     with CoordinatorClient(base, token) as client:
         client.register(f"bench-{os.getpid()}")
+        ready, go = sync
+        ready.release()
+        go.wait()
+        start = os.times()
+        until = time.monotonic() + seconds
         while time.monotonic() < until:
             t0 = time.perf_counter()
             lease = client.lease_download()
@@ -155,7 +169,8 @@ def api_client(base: str, token: str, until: float, queue: multiprocessing.Queue
                 lease_token=lease.lease_token, shard=shard,
                 outcomes={"ok": len(lease.candidates)}, bytes_downloaded=0, duration_s=0))
             done += 1
-    queue.put((done, times))
+    usage = os.times()
+    queue.put((done, times, usage.user + usage.system - start.user - start.system))
 
 
 def bench_api(server_url: str, work: Path, rows: int, clients: int, seconds: float) -> None:
@@ -168,10 +183,11 @@ def bench_api(server_url: str, work: Path, rows: int, clients: int, seconds: flo
         conn.execute("WITH inserted AS (INSERT INTO candidates (url, caption) "
                      "SELECT 'http://img' || (i %% 100000) || '.example.com/' || i || '.jpg', "
                      "'a photo of item ' || i FROM generate_series(1, %s::bigint) i "
-                     "RETURNING id) INSERT INTO pending_candidates (id) SELECT id FROM inserted",
+                     "RETURNING id) INSERT INTO pending_chunks (ids) SELECT array_agg(id) "
+                     "FROM inserted GROUP BY id / 16",
                      [rows])
         conn.execute("INSERT INTO ingests (source, inserted) VALUES ('bench', %s)", [rows])
-        conn.execute("VACUUM ANALYZE candidates, pending_candidates")
+        conn.execute("VACUUM ANALYZE candidates, pending_chunks")
     env = {**os.environ, "PYTHONPATH": str(REPO), "DATABASE_URL": url}
     tokens = [subprocess.run([sys.executable, "-m", "pairfarm", "token", "create", "--role",
                               "worker"], env=env, capture_output=True, text=True,
@@ -184,26 +200,57 @@ def bench_api(server_url: str, work: Path, rows: int, clients: int, seconds: flo
         base = f"http://127.0.0.1:{port}"
         _wait(base)
         queue: multiprocessing.Queue = multiprocessing.Queue()
-        until = time.monotonic() + seconds
-        t0 = time.perf_counter()
-        procs = [multiprocessing.Process(target=api_client, args=(base, t, until, queue))
+        ready, go = multiprocessing.Semaphore(0), multiprocessing.Event()
+        procs = [multiprocessing.Process(target=api_client,
+                                         args=(base, t, seconds, (ready, go), queue))
                  for t in tokens]
         for p in procs:
             p.start()
+        for _ in procs:
+            ready.acquire()
+        cpu_before = cpu_split(proc.pid)
+        t0 = time.perf_counter()
+        go.set()
         results = [queue.get() for _ in procs]
         took = time.perf_counter() - t0
+        cpu_after = cpu_split(proc.pid)
         for p in procs:
             p.join()
     finally:
         proc.terminate()
         proc.wait(30)
         log.close()
-    leased = sum(n for n, _ in results)
-    times = [t for _, ts in results for t in ts]
+    leased = sum(r[0] for r in results)
+    times = [t for r in results for t in r[1]]
     print(f"API, {clients} client processes, {rows:,} candidates, {took:.1f} s: "
           f"{leased / took:.1f} leases/s (lease + complete of 10k batches, "
           f"{leased} batches)", flush=True)
     report_latency("API lease call (client side)", times, [10_000])
+    used = {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after}
+    print("API, CPU s per lease: " + ", ".join(
+        f"{k} {1000 * v / max(1, leased):.0f} ms" for k, v in used.items())
+        + f"; clients {1000 * sum(c for c, _ in results_cpu(results)) / max(1, leased):.0f} ms",
+        flush=True)
+
+
+def cpu_split(coordinator_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the coordinator process and of all PostgreSQL processes."""
+    import psutil
+
+    out = {"coordinator": 0.0, "postgres": 0.0}
+    for p in psutil.process_iter(["name", "cpu_times"]):
+        times = p.info["cpu_times"]
+        if times is None:
+            continue
+        if p.pid == coordinator_pid:
+            out["coordinator"] += times.user + times.system
+        elif (p.info["name"] or "").startswith("postgres"):
+            out["postgres"] += times.user + times.system
+    return out
+
+
+def results_cpu(results: list) -> list:
+    return [(r[2], r[0]) for r in results]
 
 
 def _wait(base: str) -> None:
@@ -226,6 +273,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--api-seconds", type=float, default=20.0)
     parser.add_argument("--skip-api", action="store_true")
+    parser.add_argument("--api-only", action="store_true")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pairfarm-bench-"))
     pg = EmbeddedPostgres(work / "data", settings=BENCH_SETTINGS)
@@ -233,7 +281,7 @@ def main() -> None:
     print(f"PostgreSQL in {work}; cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}",
           flush=True)
     try:
-        for rows in args.rows or [1_000_000]:
+        for rows in [] if args.api_only else args.rows or [1_000_000]:
             bench_rows(server.url(), work, rows, args.leases)
         if not args.skip_api:
             bench_api(server.url(), work, args.api_rows, args.clients, args.api_seconds)

@@ -82,7 +82,7 @@ def engine_for(settings: CoordinatorSettings, *, migrate: bool = False) -> Itera
               show_default=True, help="Seconds a lease lasts without a heartbeat.")
 @click.option("--max-attempts", default=3, type=int, envvar="PAIRFARM_MAX_ATTEMPTS",
               show_default=True, help="Leases of a batch before it fails for good.")
-@click.option("--max-sample-rows", default=200_000, type=int,
+@click.option("--max-sample-rows", default=500_000, type=int,
               envvar="PAIRFARM_MAX_SAMPLE_ROWS", show_default=True,
               help="Most rows a TABLESAMPLE may read; when a batch needs more (few rows "
                    "left unbatched), leases read the partial index instead.")

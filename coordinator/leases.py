@@ -6,19 +6,20 @@ Forming a download batch (``lease_download``):
 
 1. re-lease the oldest ``pending`` batch (one that expired or was given back) with the
    same id and the same candidates, so its shard names stay stable;
-2. else create a batch and fill it from ``pending_candidates`` in one statement
+2. else create a batch and fill it from ``pending_chunks`` in one statement
    (``claim_sampled``): sample pages with ``TABLESAMPLE SYSTEM (p)`` at a rate adapted
-   to the yield of earlier samples (``coordinator.sampling``), shuffle the sample, lock up
-   to batch-size rows with ``FOR UPDATE SKIP LOCKED`` (rows a concurrent lease holds or
-   took are passed over, and the rest of the sample stands in for them), delete them and
-   store their ids in ``batch_members``;
+   to the yield of earlier samples (``coordinator.sampling``), shuffle the sampled
+   chunks, lock enough of them for the batch with ``FOR UPDATE SKIP LOCKED`` (chunks a
+   concurrent lease holds or took are passed over, and the rest of the sample stands in
+   for them), delete them, store batch-size of their ids in ``batch_members`` and put
+   the rest back as a new chunk;
 3. when the sample comes back short (or would be too costly), top it up from the
-   primary key of ``pending_candidates`` starting at a random id, again ``SKIP LOCKED``.
+   primary key of ``pending_chunks`` starting at a random id, again ``SKIP LOCKED``.
 
-A candidate leaves ``pending_candidates`` by a delete, which succeeds once: no two
-batches can hold it. Sampling and claiming read and write only ``pending_candidates``
-(one narrow row per candidate) and one ``batch_members`` row; the wide ``candidates``
-rows are read once per lease, by primary key, to build the batch's JSON.
+A candidate leaves ``pending_chunks`` with the delete of its chunk, which succeeds once:
+no two batches can hold it. Sampling and claiming read and write only ``pending_chunks``
+(~625 rows for a 10k batch) and one ``batch_members`` row; the wide ``candidates`` rows
+are read once per lease, by primary key, to build the batch's JSON.
 
 Fencing: heartbeat, complete and fail name the batch, the caller (``worker_id``, from its
 bearer token) and the lease token. Anything else than "leased to this caller under this
@@ -33,6 +34,7 @@ errors pass through as SQLAlchemy errors (the API maps them to 503).
 from __future__ import annotations
 
 import json
+import math
 import random
 import secrets
 import time
@@ -43,6 +45,7 @@ import sqlalchemy as sa
 
 from coordinator import reports
 from coordinator.errors import LeaseConflict, NotFound
+from coordinator.models import CHUNK_SIZE
 from coordinator.queries import Q
 from coordinator.sampling import SampleRate
 from coordinator.settings import LeaseSettings
@@ -72,8 +75,10 @@ BACK_TO = {DOWNLOAD: BatchStatus.PENDING, POSTPROCESS: BatchStatus.DOWNLOADED}
 #: which kind of client holds a batch in each held status
 KIND_HOLDING = {status.value: kind for kind, status in HELD.items()}
 TABLE_STATS_MAX_AGE_S = 10.0
-#: rows of pending_candidates (one bigint each) that a full 8 kB page holds
-PAGE_ROWS = 226
+#: full pending_chunks rows (16 ids, ~188 bytes with their line pointer) in an 8 kB page
+PAGE_ROWS = 43
+#: rounds of the index fallback (each learns how full the chunks are)
+INDEX_ROUNDS = 8
 
 
 def new_lease_token() -> str:
@@ -114,14 +119,14 @@ class FormStats:
 
 @dataclass(frozen=True)
 class TableSize:
-    """Planner statistics of ``pending_candidates``: rows, and rows its pages hold."""
+    """Planner statistics of ``pending_chunks``: rows, and rows its pages hold."""
 
     rows: int
     capacity: int
 
 
 class _TableRows:
-    """The size of ``pending_candidates`` from planner statistics, cached for a few
+    """The size of ``pending_chunks`` from planner statistics, cached for a few
     seconds."""
 
     def __init__(self) -> None:
@@ -133,10 +138,25 @@ class _TableRows:
             row = conn.execute(Q.table_size_estimate).one()
             rows = int(row.rows)
             if rows < 0:  # never analyzed: the id range bounds the row count
-                rows = int(conn.execute(Q.max_candidate_id).scalar_one())
+                rows = int(conn.execute(Q.max_chunk_id).scalar_one())
             self._size = TableSize(rows, int(row.pages) * PAGE_ROWS)
             self._at = time.monotonic()
         return self._size
+
+
+class _ChunkFill:
+    """How many ids the pending chunks hold on average, learned from the last claim
+    (full chunks hold ``CHUNK_SIZE``; leftovers and the last chunk of an insert fewer)."""
+
+    def __init__(self) -> None:
+        self.ids_per_chunk = float(CHUNK_SIZE)
+
+    def chunks_for(self, ids: int) -> int:
+        return max(1, math.ceil(ids / self.ids_per_chunk))
+
+    def observe(self, chunks: int, ids: int) -> None:
+        if chunks > 0:
+            self.ids_per_chunk = max(1.0, ids / chunks)
 
 
 class Leases:
@@ -147,8 +167,10 @@ class Leases:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
-        self.rate = SampleRate(oversample=settings.oversample, max_rows=settings.max_sample_rows)
+        self.rate = SampleRate(oversample=settings.oversample,
+                               max_rows=settings.max_sample_rows // CHUNK_SIZE)
         self._rows = _TableRows()
+        self._fill = _ChunkFill()
         self.last_form: FormStats | None = None
 
     # -- download ---------------------------------------------------------------------
@@ -180,13 +202,16 @@ class Leases:
     def _form(self, conn: sa.Connection, batch_id: int, want: int) -> int:
         """Fill batch ``batch_id`` with up to ``want`` pending candidates; how many."""
         size = self._rows.get(conn)
-        pct = self.rate.percent(want, size.rows, size.capacity)
+        chunks = self._fill.chunks_for(want)
+        pct = self.rate.percent(chunks, size.rows, size.capacity)
         claimed = sampled = 0
         if pct is not None:
-            row = conn.execute(Q.claim_sampled,
-                               {"pct": pct, "n": want, "batch_id": batch_id}).one()
+            row = conn.execute(Q.claim_sampled, {
+                "pct": pct, "chunks": chunks, "n": want, "batch_id": batch_id,
+                "chunk_size": CHUNK_SIZE}).one()
             claimed, sampled = int(row.n), int(row.sampled)
             self.rate.observe(pct, size.rows, sampled)
+            self._fill.observe(int(row.chunks), int(row.ids))
         else:
             self.rate.used_index()
         from_index = self._claim_by_index(conn, batch_id, want - claimed) if claimed < want else 0
@@ -194,13 +219,23 @@ class Leases:
         return claimed + from_index
 
     def _claim_by_index(self, conn: sa.Connection, batch_id: int, want: int) -> int:
-        max_id = int(conn.execute(Q.max_candidate_id).scalar_one())
-        start = random.randint(0, max_id)
-        got = int(conn.execute(Q.claim_by_index,
-                               {"start": start, "n": want, "batch_id": batch_id}).scalar_one())
-        if got < want and start > 0:  # wrap around to the beginning
-            got += int(conn.execute(Q.claim_by_index, {
-                "start": 0, "n": want - got, "batch_id": batch_id}).scalar_one())
+        """Take ``want`` candidates from chunks in id order from a random id, wrapping
+        around once; each round asks for as many chunks as the fill learned so far needs."""
+        start = random.randint(0, int(conn.execute(Q.max_chunk_id).scalar_one()))
+        got = 0
+        for _ in range(INDEX_ROUNDS):
+            if got >= want:
+                break
+            chunks = self._fill.chunks_for(want - got)
+            row = conn.execute(Q.claim_by_index, {
+                "start": start, "chunks": chunks, "n": want - got, "batch_id": batch_id,
+                "chunk_size": CHUNK_SIZE}).one()
+            got += int(row.n)
+            self._fill.observe(int(row.chunks), int(row.ids))
+            if int(row.chunks) < chunks:  # the index ran out from ``start``
+                if start == 0:
+                    break
+                start = 0
         return got
 
     def complete_download(self, batch_id: int, worker_id: int,

@@ -4,13 +4,14 @@ Sizing for 10^9+ candidates:
 
 - ``candidates`` rows are wide (URL, caption, extra columns) and written once, at ingest.
   Their per-URL outcome lives in the shard's parquet, never here.
-- ``pending_candidates`` holds one narrow row (``id``) per candidate no batch holds yet.
-  Forming a batch samples it and deletes the rows it takes: a delete writes no index
-  entry, and the table (and its primary key, the lease's index fallback) shrinks as the
-  farm drains. Forming a batch never touches the wide rows or the text index on ``url``.
+- ``pending_chunks`` holds the candidates no batch holds yet, up to ``CHUNK_SIZE`` ids
+  a row. Forming a batch samples it and deletes the rows it takes (a delete writes no
+  index entry), so a 10k batch locks and deletes ~625 rows, and the table (with its
+  primary key, the lease's index fallback) shrinks as the farm drains. Forming a batch
+  never touches the wide rows or the text index on ``url``.
 - ``batch_members`` holds the ids of each batch as one array row, written once. A
-  candidate's state is derived: pending (in ``pending_candidates``) or the state of its
-  batch.
+  candidate's state is derived: pending (in a ``pending_chunks`` row) or the state of
+  its batch.
 - ``batches`` carries every state change of a batch in one row, so completing a batch is
   one UPDATE however many URLs it holds.
 """
@@ -104,7 +105,7 @@ class Ingest(Base):
 
 
 class Candidate(Base):
-    """A (URL, caption) pair as ingested; its lease state is in ``pending_candidates`` /
+    """A (URL, caption) pair as ingested; its lease state is in ``pending_chunks`` /
     ``batch_members``."""
 
     __tablename__ = "candidates"
@@ -118,28 +119,35 @@ class Candidate(Base):
     __table_args__ = (Index("candidates_url_key", "url", unique=True),)
 
 
-class PendingCandidate(Base):
-    """A candidate no batch holds yet (the row is deleted when a batch takes it).
+#: pending candidate ids a pending_chunks row holds (fewer in the last chunk of an insert)
+CHUNK_SIZE = 16
 
-    Sampling reads only this table: ``TABLESAMPLE`` finds ~220 rows a page (a
-    ``candidates`` page holds ~45 short LAION-like rows), and claiming locks and deletes
-    rows here: two WAL records a row, no index entry written.
 
-    The ingest writes a candidate and its row here in one statement (``INSERT INTO
-    candidates ... RETURNING id`` feeding ``INSERT INTO pending_candidates``), so ``id``
-    has no foreign key to ``candidates``: its RI trigger would look up every ingested row
-    once more.
+class PendingChunk(Base):
+    """Up to ``CHUNK_SIZE`` candidates no batch holds yet; the row is deleted when a
+    batch takes it (and what the batch did not need goes back as a new row).
+
+    The ingest fills each chunk with 16 consecutive ids, whose rows share a page or two
+    of ``candidates``. A page holds ~43 chunks (~690 ids); the lease samples ~4 times the
+    chunks it needs and takes its batch at random from them, ~11 chunks from each of ~58
+    pages for a 10k batch. Sampling reads only this table, and a 10k batch locks and
+    deletes ~625 rows here (~1.3k WAL records; 20k when each candidate had its own row).
+
+    The ingest writes the candidates and their chunks in one statement (``INSERT INTO
+    candidates ... RETURNING id`` feeding ``INSERT INTO pending_chunks``); the array
+    elements have no foreign key to ``candidates``.
     """
 
-    __tablename__ = "pending_candidates"
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    __tablename__ = "pending_chunks"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger), nullable=False)
 
 
 class BatchMembers(Base):
-    """The candidate ids of a batch, one array (80 KB for 10k ids) per batch, written
-    when the batch is formed and read when it is (re-)leased. The elements have no
-    foreign key to ``candidates``: the lease statement that fills the array takes them
-    from ``pending_candidates``."""
+    """The candidate ids of a batch, one array (80 kB for 10k ids, stored uncompressed:
+    ``STORAGE EXTERNAL`` in the migration) per batch, written when the batch is formed and
+    read when it is (re-)leased. The elements have no foreign key to ``candidates``: the
+    lease statement that fills the array takes them from ``pending_chunks``."""
 
     __tablename__ = "batch_members"
     batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"), primary_key=True,

@@ -99,7 +99,7 @@ def _parse(response: httpx.Response, model: type[M]) -> M | None:
     _raise_for(response)
     if response.status_code == 204:
         return None
-    return model.model_validate(response.json())
+    return model.model_validate_json(response.content)
 
 
 def _must(value: M | None) -> M:

@@ -27,11 +27,20 @@ Errors are JSON: ``{"error": "<class>", "detail": "<text>"}`` (``ErrorBody``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 API_PREFIX = "/api/v1"
 
@@ -86,12 +95,49 @@ class LeaseRequest(_Model):
     )
 
 
-class Candidate(_Model):
+NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
+
+
+class Candidate(NamedTuple):
+    """One candidate of a batch, as the worker holds it: a named tuple, because a batch
+    makes 10k of them (4 ms here; 10k pydantic models took 72 ms, frozen dataclasses 21)."""
+
     id: int
     url: str
     caption: str
     language: str | None = None
-    extra: dict[str, Any] = Field(default_factory=dict)
+    extra: Mapping[str, Any] = NO_EXTRA
+
+
+class CandidateColumns(_Model):
+    """A batch's candidates on the wire: one array per field, element i of each array
+    belongs to candidate i. Parsing 10k candidates this way took 15 ms here, where an
+    array of 10k objects took 76 ms (``model_validate_json``) or 119 ms (``json.loads``
+    then validate)."""
+
+    id: list[int]
+    url: list[str]
+    caption: list[str]
+    language: list[str | None]
+    extra: list[dict[str, Any]]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> CandidateColumns:
+        lengths = {len(self.id), len(self.url), len(self.caption), len(self.language),
+                   len(self.extra)}
+        if len(lengths) != 1:
+            raise ValueError(f"candidate columns differ in length: {sorted(lengths)}")
+        return self
+
+    def rows(self) -> list[Candidate]:
+        return list(map(Candidate._make, zip(self.id, self.url, self.caption, self.language,
+                                              self.extra, strict=True)))
+
+    @classmethod
+    def of(cls, rows: list[Candidate]) -> CandidateColumns:
+        return cls(id=[c.id for c in rows], url=[c.url for c in rows],
+                   caption=[c.caption for c in rows], language=[c.language for c in rows],
+                   extra=[dict(c.extra) for c in rows])
 
 
 class LeaseInfo(_Model):
@@ -102,9 +148,23 @@ class LeaseInfo(_Model):
 
 
 class DownloadLease(LeaseInfo):
-    """A batch to download. ``candidates[i]`` is written under key ``key_of(i)``."""
+    """A batch to download. ``candidates[i]`` is written under key ``key_of(i)``.
+
+    On the wire ``candidates`` is a ``CandidateColumns`` object; in Python a list of
+    ``Candidate``."""
 
     candidates: list[Candidate]
+
+    @field_validator("candidates", mode="plain", json_schema_input_type=CandidateColumns)
+    @classmethod
+    def _from_columns(cls, value: Any) -> list[Candidate]:
+        if isinstance(value, list) and all(isinstance(c, Candidate) for c in value):
+            return value
+        return CandidateColumns.model_validate(value).rows()
+
+    @field_serializer("candidates")
+    def _to_columns(self, value: list[Candidate]) -> CandidateColumns:
+        return CandidateColumns.of(value)
 
 
 class ShardFiles(_Model):

@@ -105,7 +105,7 @@ def db_url(pg_server: object, db_template: str, request: pytest.FixtureRequest) 
 
 def insert_candidates(db_url: str, count: int, *, start: int = 0, domains: int = 50) -> None:
     """Insert ``count`` synthetic candidates (``http://host{i % domains}.test/{i}.jpg``)
-    and their ``pending_candidates`` rows with one set-based statement, then
+    and their ``pending_chunks`` (16 consecutive ids each) with one set-based statement, then
     ANALYZE so the planner knows the tables' sizes."""
     import psycopg
 
@@ -114,11 +114,12 @@ def insert_candidates(db_url: str, count: int, *, start: int = 0, domains: int =
             "WITH inserted AS (INSERT INTO candidates (url, caption) "
             "SELECT 'http://host' || (i %% %(d)s) || '.test/' || i || '.jpg', 'caption ' || i "
             "FROM generate_series(%(a)s::bigint, %(b)s::bigint) AS i RETURNING id) "
-            "INSERT INTO pending_candidates (id) SELECT id FROM inserted",
+            "INSERT INTO pending_chunks (ids) SELECT array_agg(id ORDER BY id) FROM inserted "
+            "GROUP BY id / 16 ORDER BY id / 16",
             {"d": domains, "a": start, "b": start + count - 1})
         conn.execute("INSERT INTO ingests (source, rows_read, inserted, finished_at) "
                       "VALUES ('synthetic', %(n)s, %(n)s, now())", {"n": count})
-        conn.execute("ANALYZE candidates, pending_candidates")
+        conn.execute("ANALYZE candidates, pending_chunks")
 
 
 # -- a running coordinator -------------------------------------------------------------

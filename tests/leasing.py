@@ -52,13 +52,25 @@ def expire(engine: sa.Engine, batch_id: int) -> None:
 
 def mark_batched(engine: sa.Engine, where: str) -> None:
     """Put the pending candidates matching ``where`` (a condition on ``id``) into one
-    finished batch (a drained farm)."""
+    finished batch (a drained farm); the others stay in their chunks."""
     with engine.begin() as conn:
         batch = conn.execute(sa.text(
             "INSERT INTO batches (status, size) VALUES ('done', 0) RETURNING id")).scalar_one()
         conn.execute(sa.text(
-            f"WITH taken AS (DELETE FROM pending_candidates WHERE {where} RETURNING id) "
-            "INSERT INTO batch_members (batch_id, ids) "
-            "SELECT :b, array_agg(id) FROM taken HAVING count(*) > 0"), {"b": batch})
+            "INSERT INTO batch_members (batch_id, ids) SELECT :b, array_agg(id) "
+            f"FROM (SELECT unnest(ids) AS id FROM pending_chunks) AS s WHERE {where} "
+            "HAVING count(*) > 0"), {"b": batch})
+        conn.execute(sa.text(
+            "UPDATE pending_chunks SET ids = "
+            f"ARRAY(SELECT id FROM unnest(ids) AS u(id) WHERE NOT ({where}))"))
+        conn.execute(sa.text("DELETE FROM pending_chunks WHERE cardinality(ids) = 0"))
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sa.text("VACUUM ANALYZE pending_candidates"))
+        conn.execute(sa.text("VACUUM ANALYZE pending_chunks"))
+
+
+def pending_ids(engine: sa.Engine) -> list[int]:
+    """Every candidate id in ``pending_chunks``, repeats included, in id order."""
+    with engine.connect() as conn:
+        return list(conn.execute(sa.text(
+            "SELECT id FROM (SELECT unnest(ids) AS id FROM pending_chunks) AS s ORDER BY id"
+        )).scalars())

@@ -11,12 +11,20 @@ from coordinator.errors import InvalidReport, LeaseConflict, NotFound
 from coordinator.leases import Leases
 from pairfarm.protocol import BatchStatus, FailReport
 from tests.conftest import insert_candidates
-from tests.leasing import engine_for, expire, leases, mark_batched, new_worker, report
+from tests.leasing import (
+    engine_for,
+    expire,
+    leases,
+    mark_batched,
+    new_worker,
+    pending_ids,
+    report,
+)
 
 
-def _all_ids(engine: sa.Engine, table: str = "candidates") -> set[int]:
+def _all_ids(engine: sa.Engine) -> set[int]:
     with engine.connect() as conn:
-        return set(conn.execute(sa.text(f"SELECT id FROM {table}")).scalars())
+        return set(conn.execute(sa.text("SELECT id FROM candidates")).scalars())
 
 
 def _drain(service: Leases, worker_id: int) -> list[list[int]]:
@@ -58,7 +66,7 @@ def test_sixteen_concurrent_leasers_lease_every_url_exactly_once(db_url: str,
             mark_batched(engine, "id % 100 <> 0")
         elif layout == "clustered_at_end":
             mark_batched(engine, "id <= 59_400")
-        pending = _all_ids(engine, "pending_candidates")
+        pending = set(pending_ids(engine))
         service = leases(engine, batch_size=40 if layout != "all_pending" else 500)
         batches = _drain_concurrently(engine, service, 16)
         _assert_exactly_once(batches, pending)

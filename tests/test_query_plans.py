@@ -1,5 +1,5 @@
 """EXPLAIN guards: on 1M candidates no lease statement scans the candidates table or the
-lease state table (pending_candidates) sequentially."""
+lease state table (pending_chunks) sequentially."""
 
 from __future__ import annotations
 
@@ -31,10 +31,12 @@ def _plan(conn: sa.Connection, name: str, params: dict[str, Any]) -> str:
 
 
 CASES: dict[str, dict[str, Any]] = {
-    "claim_sampled": {"pct": 1.0, "n": 10_000, "batch_id": 1},
-    "claim_by_index": {"start": 500_000, "n": 10_000, "batch_id": 1},
+    "claim_sampled": {"pct": 1.0, "chunks": 625, "n": 10_000, "batch_id": 1,
+                      "chunk_size": 16},
+    "claim_by_index": {"start": 30_000, "chunks": 625, "n": 10_000, "batch_id": 1,
+                       "chunk_size": 16},
     "batch_candidates": {"batch_id": 12_345},
-    "max_candidate_id": {},
+    "max_chunk_id": {},
     "lease_pending_batch": {"worker_id": 1, "lease_token": "t", "ttl": 60.0,
                             "max_size": 10_000},
     "reap_expired": {"max_attempts": 3},
@@ -46,11 +48,11 @@ def test_lease_statements_never_scan_candidates_sequentially(big_engine: sa.Engi
         plans = {name: _plan(conn, name, params) for name, params in CASES.items()}
         conn.rollback()
     offenders = {n: p for n, p in plans.items()
-                 if re.search(r"Seq Scan on (candidates|pending_candidates)", p)}
+                 if re.search(r"Seq Scan on (candidates|pending_chunks)", p)}
     assert offenders == {}
-    assert "Sample Scan on pending_candidates" in plans["claim_sampled"]
-    assert "Tid Scan on pending_candidates" in plans["claim_sampled"]
-    assert "pending_candidates_pkey" in plans["claim_by_index"]
+    assert "Sample Scan on pending_chunks" in plans["claim_sampled"]
+    assert "Tid Scan on pending_chunks" in plans["claim_sampled"]
+    assert "pending_chunks_pkey" in plans["claim_by_index"]
     assert "batch_members_pkey" in plans["batch_candidates"]
     assert "candidates_pkey" in plans["batch_candidates"]
     for name in ("claim_sampled", "claim_by_index"):

@@ -39,12 +39,12 @@ def test_upgrade_is_idempotent(db_url: str) -> None:
 
 def test_0002_moves_lease_state_out_of_candidates_and_back(db_url: str) -> None:
     """Downgrade to 0001 puts ``batch_id`` back on ``candidates``; upgrading again moves
-    the unbatched candidates into ``pending_candidates`` and the batched ones into one
+    the unbatched candidates into ``pending_chunks`` and the batched ones into one
     ``batch_members`` array per batch."""
     from alembic import command
 
     from tests.conftest import insert_candidates
-    from tests.leasing import mark_batched
+    from tests.leasing import mark_batched, pending_ids
 
     insert_candidates(db_url, 6)
     engine = sa.create_engine(db_url)
@@ -56,17 +56,20 @@ def test_0002_moves_lease_state_out_of_candidates_and_back(db_url: str) -> None:
         _alembic(engine, command.downgrade, "0001")
         with engine.connect() as conn:
             assert _pairs(conn) == expected
-            assert not sa.inspect(conn).has_table("pending_candidates")
+            assert not sa.inspect(conn).has_table("pending_chunks")
             assert not sa.inspect(conn).has_table("batch_members")
         _alembic(engine, command.upgrade, "head")
         with engine.connect() as conn:
-            pending = conn.execute(sa.text("SELECT id FROM pending_candidates ORDER BY id"))
-            assert list(pending.scalars()) == [4, 5, 6]
+            storage = conn.execute(sa.text(
+                "SELECT attstorage FROM pg_attribute "
+                "WHERE attrelid = 'batch_members'::regclass AND attname = 'ids'")).scalar_one()
+            assert storage == "e", "batch_members.ids is stored uncompressed"
             members = conn.execute(sa.text("SELECT batch_id, ids FROM batch_members"))
             assert [tuple(r) for r in members] == [(batch, [1, 2, 3])]
             columns = {c["name"] for c in sa.inspect(conn).get_columns("candidates")}
             assert "batch_id" not in columns
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        assert pending_ids(engine) == [4, 5, 6]
     finally:
         engine.dispose()
 

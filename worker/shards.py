@@ -20,7 +20,7 @@ import json
 import tarfile
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
 
@@ -121,7 +121,7 @@ class ShardWriter:
     batch_id: int
     image_ext: str = "jpg"
     _rows: dict[int, dict[str, Any]] = field(default_factory=dict)
-    _extras: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _extras: dict[int, Mapping[str, Any]] = field(default_factory=dict)
     _tag: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def __post_init__(self) -> None:
@@ -223,7 +223,7 @@ class ShardWriter:
         return out.getvalue()
 
 
-def _extra_arrays(extras: list[dict[str, Any]], taken: set[str]) -> dict[str, pa.Array]:
+def _extra_arrays(extras: list[Mapping[str, Any]], taken: set[str]) -> dict[str, pa.Array]:
     names = sorted({name for extra in extras for name in extra} - taken)
     return {name: _column([extra.get(name) for extra in extras]) for name in names}
 

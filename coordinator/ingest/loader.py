@@ -1,6 +1,6 @@
 """Bulk load of validated rows: ``COPY`` into a temporary staging table, then one
 ``INSERT ... SELECT ... ON CONFLICT (url) DO NOTHING`` per chunk (which also writes each
-new candidate's ``pending_candidates`` row).
+new candidate into ``pending_chunks``).
 
 A chunk goes in two steps: ``prepare`` (no database: cast to the staging types, CSV
 bytes) and ``write`` (COPY, INSERT). The caller may run ``prepare`` of the next chunk in
@@ -30,6 +30,7 @@ from psycopg import sql
 from coordinator.errors import IngestError
 from coordinator.ingest.reader import InputFile
 from coordinator.ingest.validate import Validated
+from coordinator.models import CHUNK_SIZE
 from coordinator.queries import Q
 
 #: Arrow type test -> PostgreSQL type of a staging column
@@ -106,8 +107,11 @@ class FileLoader:
             self._create_staging()
         self._copy(chunk.csv)
         with self.conn.cursor() as cur:
-            cur.execute(self._insert_sql(), {"ingest_id": self._ingest_id})
-            inserted = cur.rowcount
+            cur.execute(self._insert_sql(),
+                        {"ingest_id": self._ingest_id, "chunk_size": CHUNK_SIZE})
+            answer = cur.fetchone()
+            assert answer is not None
+            inserted = int(answer[0])
             cur.execute(Q.sql("ingest_truncate"))
         self.summary.inserted += inserted
         self.summary.duplicates += chunk.rows - inserted

@@ -50,7 +50,7 @@ def ingest(database_url: str, paths: Sequence[Path], columns: Columns, *,
     with _connect(database_url) as conn, _rejects_writer(rejects) as writer:
         summaries = [_ingest_file(conn, source, columns, writer, progress)
                      for source in sources]
-        conn.execute("ANALYZE candidates, pending_candidates")
+        conn.execute("ANALYZE candidates, pending_chunks")
     return summaries
 
 

@@ -34,71 +34,91 @@ RETURNING id, lease_token, lease_expires_at, attempts;
 UPDATE batches SET size = :size WHERE id = :batch_id;
 
 -- name: table_size_estimate
--- Planner statistics of pending_candidates: rows (-1 before the first ANALYZE) and pages.
+-- Planner statistics of pending_chunks: rows (-1 before the first ANALYZE) and pages.
 SELECT reltuples::bigint AS rows, relpages::bigint AS pages
-  FROM pg_class WHERE oid = 'pending_candidates'::regclass;
+  FROM pg_class WHERE oid = 'pending_chunks'::regclass;
 
--- name: max_candidate_id
-SELECT COALESCE(max(id), 0) AS max_id FROM pending_candidates;
+-- name: max_chunk_id
+SELECT COALESCE(max(id), 0) AS max_id FROM pending_chunks;
 
 -- name: claim_sampled
--- Form (part of) batch :batch_id from a sample: TABLESAMPLE SYSTEM picks whole pages of
--- pending_candidates (the caller adapts the percentage to the yield it observes); the
--- sampled rows are shuffled, up to :n of them locked (SKIP LOCKED: rows another lease
--- holds are passed over) and deleted, and their ids stored in batch_members. A row that a
--- concurrent lease deleted meanwhile cannot be locked and is passed over too; a row can be
--- deleted only once, so no two batches share a candidate. "sampled" is the sample's size.
+-- Fill batch :batch_id with up to :n candidates from a sample: TABLESAMPLE SYSTEM picks
+-- whole pages of pending_chunks (the caller adapts the percentage to the yield it
+-- observes); the sampled chunks are shuffled, up to :chunks of them locked (SKIP LOCKED:
+-- chunks another lease holds are passed over) and deleted. Their first :n ids go to
+-- batch_members, the rest back into pending_chunks as new chunks of :chunk_size. A chunk
+-- that a concurrent lease deleted meanwhile cannot be locked and is passed over too; a
+-- row can be deleted only once, so no two batches share a candidate. Returns the ids
+-- stored (n), the chunks and ids taken, and the sample's size in chunks.
 WITH sample AS MATERIALIZED (
-    SELECT ctid FROM pending_candidates TABLESAMPLE SYSTEM (CAST(:pct AS real))
+    SELECT ctid FROM pending_chunks TABLESAMPLE SYSTEM (CAST(:pct AS real))
 ), picked AS (
-    SELECT p.ctid FROM pending_candidates p
+    SELECT p.ctid FROM pending_chunks p
      WHERE p.ctid = ANY (ARRAY(SELECT ctid FROM sample))
      ORDER BY random()
-     LIMIT :n
+     LIMIT :chunks
        FOR UPDATE SKIP LOCKED
 ), taken AS (
-    DELETE FROM pending_candidates
+    DELETE FROM pending_chunks
      WHERE ctid = ANY (ARRAY(SELECT ctid FROM picked))
-    RETURNING id
+    RETURNING ids
+), members AS (
+    SELECT u.id, row_number() OVER () AS k FROM taken, unnest(taken.ids) AS u(id)
+), leftover AS (
+    INSERT INTO pending_chunks (ids)
+    SELECT array_agg(id) FROM members WHERE k > :n
+     GROUP BY (k - :n - 1) / :chunk_size
 ), stored AS (
     INSERT INTO batch_members (batch_id, ids)
-    SELECT :batch_id, array_agg(id) FROM taken HAVING count(*) > 0
+    SELECT :batch_id, array_agg(id) FROM members WHERE k <= :n HAVING count(*) > 0
         ON CONFLICT (batch_id) DO UPDATE SET ids = batch_members.ids || EXCLUDED.ids
-    RETURNING 1
 )
-SELECT (SELECT count(*) FROM taken) AS n, (SELECT count(*) FROM sample) AS sampled;
+SELECT (SELECT count(*) FROM members WHERE k <= :n) AS n,
+       (SELECT count(*) FROM taken) AS chunks, (SELECT count(*) FROM members) AS ids,
+       (SELECT count(*) FROM sample) AS sampled;
 
 -- name: claim_by_index
--- Fallback when a sample comes back short: pending rows in id order from :start (the
--- primary key), skipping locked rows, deleted and stored as in claim_sampled.
+-- Fallback when a sample comes back short: :chunks pending chunks in id order from
+-- :start (the primary key), skipping locked rows; stored as in claim_sampled.
 WITH picked AS (
-    SELECT ctid FROM pending_candidates
+    SELECT ctid FROM pending_chunks
      WHERE id >= :start
      ORDER BY id
-     LIMIT :n
+     LIMIT :chunks
        FOR UPDATE SKIP LOCKED
 ), taken AS (
-    DELETE FROM pending_candidates
+    DELETE FROM pending_chunks
      WHERE ctid = ANY (ARRAY(SELECT ctid FROM picked))
-    RETURNING id
+    RETURNING ids
+), members AS (
+    SELECT u.id, row_number() OVER () AS k FROM taken, unnest(taken.ids) AS u(id)
+), leftover AS (
+    INSERT INTO pending_chunks (ids)
+    SELECT array_agg(id) FROM members WHERE k > :n
+     GROUP BY (k - :n - 1) / :chunk_size
 ), stored AS (
     INSERT INTO batch_members (batch_id, ids)
-    SELECT :batch_id, array_agg(id) FROM taken HAVING count(*) > 0
+    SELECT :batch_id, array_agg(id) FROM members WHERE k <= :n HAVING count(*) > 0
         ON CONFLICT (batch_id) DO UPDATE SET ids = batch_members.ids || EXCLUDED.ids
-    RETURNING 1
 )
-SELECT count(*) AS n FROM taken;
+SELECT (SELECT count(*) FROM members WHERE k <= :n) AS n,
+       (SELECT count(*) FROM taken) AS chunks, (SELECT count(*) FROM members) AS ids;
 
 -- name: batch_candidates
--- A batch's candidates in key order (row i is written under key_of(i)), as one JSON
--- array of pairfarm.protocol.Candidate built by the server: 10k rows never become
--- Python objects on the way to the worker. "c.id = ANY (array)" walks candidates_pkey
--- once in id order (about 700 buffers for 10k rows, where a nested-loop join over the
--- unnested array descends the index 10k times) and hands json_agg its rows presorted.
+-- A batch's candidates in key order (element i is written under key_of(i)), as the JSON
+-- of pairfarm.protocol.CandidateColumns built by the server: one array per field, so
+-- 10k rows never become Python objects on the way to the worker, and the worker parses
+-- five arrays instead of 10k objects. "c.id = ANY (ids)" walks candidates_pkey once in id
+-- order (a chunk's 16 candidates share a page or two) and hands the aggregates their rows
+-- presorted.
 SELECT count(*) AS n,
-       COALESCE(json_agg(json_build_object(
-           'id', c.id, 'url', c.url, 'caption', c.caption, 'language', c.language,
-           'extra', COALESCE(c.extra, '{}'::jsonb)) ORDER BY c.id), '[]')::text AS candidates
+       json_build_object(
+           'id', COALESCE(array_agg(c.id ORDER BY c.id), '{}'),
+           'url', COALESCE(array_agg(c.url ORDER BY c.id), '{}'),
+           'caption', COALESCE(array_agg(c.caption ORDER BY c.id), '{}'),
+           'language', COALESCE(array_agg(c.language ORDER BY c.id), '{}'),
+           'extra', COALESCE(array_agg(COALESCE(c.extra, '{}'::jsonb) ORDER BY c.id), '{}')
+       )::text AS candidates
   FROM candidates c
  WHERE c.id = ANY (CAST((SELECT ids FROM batch_members WHERE batch_id = :batch_id)
                         AS bigint[]));
@@ -299,9 +319,10 @@ COPY ingest_staging ({columns}) FROM STDIN (FORMAT csv);
 
 -- name: ingest_insert
 -- Exact URL dedup: the first occurrence wins (earlier file, then earlier row); rows the
--- unique index already holds are skipped, nothing is updated. Each inserted candidate
--- gets its pending_candidates row in the same statement; its row count is the number of
--- candidates inserted.
+-- unique index already holds are skipped, nothing is updated. The inserted candidates
+-- go into pending_chunks in the same statement, CHUNK_SIZE consecutive ids a chunk (a
+-- chunk's candidates then share a page or two of candidates, which the lease reads).
+-- Answers the number of candidates inserted.
 WITH inserted AS (
     INSERT INTO candidates (url, caption, language, ingest_id, extra)
     SELECT url, caption, language, %(ingest_id)s, {extra}
@@ -309,8 +330,15 @@ WITH inserted AS (
      ORDER BY row
         ON CONFLICT (url) DO NOTHING
     RETURNING id
+), chunks AS (
+    INSERT INTO pending_chunks (ids)
+    SELECT array_agg(id ORDER BY id)
+      FROM (SELECT id, (row_number() OVER (ORDER BY id) - 1) / %(chunk_size)s AS g
+              FROM inserted) AS numbered
+     GROUP BY g
+     ORDER BY g
 )
-INSERT INTO pending_candidates (id) SELECT id FROM inserted;
+SELECT count(*) FROM inserted;
 
 -- name: ingest_truncate
 TRUNCATE ingest_staging;
