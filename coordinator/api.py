@@ -181,9 +181,11 @@ def _snake(name: str) -> str:
 
 def _routes(app: FastAPI, settings: CoordinatorSettings, engine: sa.Engine,
             leases: Leases, metrics: CoordinatorMetrics) -> None:
+    seen = tokens.SeenCache(settings.touch_interval_s)
+
     def worker_id(info: tokens.TokenInfo, *roles: Role) -> int:
         tokens.require(info, *roles)
-        return tokens.touch_worker(engine, info)
+        return seen.worker_id(engine, info)
 
     @app.get("/healthz", include_in_schema=True)
     def healthz() -> dict[str, str]:
@@ -193,7 +195,7 @@ def _routes(app: FastAPI, settings: CoordinatorSettings, engine: sa.Engine,
 
     @app.post(f"{API_PREFIX}/register")
     def register(body: RegisterRequest, info: Caller) -> RegisterResponse:
-        wid = tokens.touch_worker(engine, info, body.name, body.version)
+        wid = seen.touch(engine, info, body.name, body.version)
         lease = settings.lease
         return RegisterResponse(worker_id=wid, role=info.role, batch_size=lease.batch_size,
                                 lease_ttl_s=lease.lease_ttl_s,

@@ -47,6 +47,8 @@ class CoordinatorSettings:
     max_body_bytes: int = 1 << 20
     #: a worker counts as alive when seen within this many seconds
     alive_window_s: float = 900.0
+    #: a client's calls mark it seen (a write) at most once per this many seconds
+    touch_interval_s: float = 5.0
 
 
 def make_lease_settings(*, batch_size: int = 10_000, lease_ttl_s: float = 600.0,

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -89,6 +91,33 @@ def touch_worker(engine: sa.Engine, info: TokenInfo, name: str | None = None,
         return int(conn.execute(Q.touch_worker, {
             "token_id": info.id, "role": info.role.value, "name": name or info.name,
             "version": version, "new_name": name, "new_version": version}).scalar_one())
+
+
+class SeenCache:
+    """Worker ids by token, so that a client calling several times a second marks itself
+    seen (one write transaction) at most once per ``interval_s`` instead of on every
+    call. ``last_seen_at`` is then at most ``interval_s`` old, against the 900 s window in
+    which a worker counts as alive. Registering always writes (it may rename)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._seen: dict[int, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+
+    def worker_id(self, engine: sa.Engine, info: TokenInfo) -> int:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._seen.get(info.id)
+        if cached is not None and now - cached[1] < self.interval_s:
+            return cached[0]
+        return self.touch(engine, info)
+
+    def touch(self, engine: sa.Engine, info: TokenInfo, name: str | None = None,
+              version: str | None = None) -> int:
+        wid = touch_worker(engine, info, name, version)
+        with self._lock:
+            self._seen[info.id] = (wid, time.monotonic())
+        return wid
 
 
 def list_tokens(engine: sa.Engine) -> list[TokenRow]:
