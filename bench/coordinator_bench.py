@@ -8,7 +8,9 @@ defaults, shared_buffers 1GB, max_wal_size 8GB):
 1. ingest: N synthetic candidates (100k hosts, LAION-like extra columns) written to
    parquet files of 1M rows, loaded with ``coordinator.ingest.run.ingest`` (Arrow read,
    validation, COPY, INSERT ON CONFLICT); rows/s over the whole call;
-2. lease latency with N pending: --leases calls of ``Leases.lease_download`` (10k batch);
+2. lease latency with N pending: 10 calls of ``Leases.lease_download`` (10k batch) right
+   after the ingest, then VACUUM ANALYZE and CHECKPOINT (what autovacuum and the
+   checkpointer do in the minutes after a large ingest) and --leases calls;
 3. lease latency at 99 % done: all but 1 % of the pending chunks (every 100th chunk id
    stays) put into a finished batch, VACUUM ANALYZE, then --leases calls again. Leases
    take whole chunks and put what they do not need back as one chunk, so a drained farm
@@ -56,6 +58,7 @@ from coordinator.tokens import authenticate, create_token, touch_worker  # noqa:
 BENCH_SETTINGS = {"shared_buffers": "1GB", "max_wal_size": "8GB",
                   "maintenance_work_mem": "512MB", "work_mem": "64MB"}
 FILE_ROWS = 1_000_000
+COLD_LEASES = 10
 HOSTS = 100_000
 
 
@@ -100,10 +103,30 @@ def lease_latency(url: str, label: str, count: int) -> None:
             sizes.append(lease.count)
             index_rows += service.last_form.from_index if service.last_form else 0
         report_latency(label, times, sizes)
+        slowest = sorted(range(len(times)), key=times.__getitem__)[-3:]
+        print(f"{label}: slowest " + ", ".join(
+            f"#{i + 1} {times[i] * 1000:.0f} ms" for i in reversed(slowest)), flush=True)
         print(f"{label}: rows from the index fallback {index_rows} of {sum(sizes)}; "
               f"learned unbatched fraction {service.rate.fraction:.4f}", flush=True)
     finally:
         engine.dispose()
+
+
+def vacuum(url: str) -> None:
+    """What the server does in the minutes after a large ingest: autovacuum (insert
+    threshold) sets the hint bits and visibility map of the new pages, and a checkpoint
+    writes the ingest's dirty buffers. Before that, each lease's first read of a
+    candidates page sets its hint bits (with data checksums, initdb's default since
+    PostgreSQL 18, a full-page image in the WAL), and the checkpoint of the ingest's
+    ~1.5 GB stalls commits while it syncs."""
+    import psycopg
+
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        t0 = time.perf_counter()
+        conn.execute("VACUUM ANALYZE candidates, pending_chunks")
+        conn.execute("CHECKPOINT")
+        print(f"  (VACUUM ANALYZE, CHECKPOINT in {time.perf_counter() - t0:.0f} s)",
+              flush=True)
 
 
 def drain_to_one_percent(url: str) -> None:
@@ -136,6 +159,8 @@ def bench_rows(server_url: str, work: Path, rows: int, leases: int) -> None:
           f"(inserted {inserted:,})", flush=True)
     for f in files:
         f.unlink()
+    lease_latency(url, f"lease at {rows:,} pending, right after the ingest", COLD_LEASES)
+    vacuum(url)
     lease_latency(url, f"lease at {rows:,} pending", leases)
     drain_to_one_percent(url)
     lease_latency(url, f"lease at {rows:,} rows, 99 % done", leases)

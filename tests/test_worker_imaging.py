@@ -9,7 +9,7 @@ from PIL import Image
 
 from pairfarm.outcomes import Outcome
 from tests import hostile_server as hs
-from worker.errors import ImageRejected
+from worker.errors import ImageRejected, SettingsError
 from worker.imaging import output_size, process_image
 from worker.settings import ImageSettings
 
@@ -118,3 +118,30 @@ def test_size_filters(size: tuple[int, int], settings: ImageSettings) -> None:
     with pytest.raises(ImageRejected) as info:
         process_image(hs.jpeg_bytes(*size), settings)
     assert info.value.outcome is Outcome.SIZE_FILTERED
+
+
+def _noise_png(side: int) -> bytes:
+    import numpy as np
+
+    pixels = np.random.default_rng(7).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_interpolation_follows_img2dataset_names_and_defaults() -> None:
+    """Shrinking noise 4x: area averaging (the default, OpenCV's INTER_AREA) averages 16
+    pixels into one and flattens the noise; nearest keeps it."""
+    import numpy as np
+
+    body = _noise_png(512)
+    std = {}
+    for name in ("area", "nearest"):
+        settings = ImageSettings(resize_mode="keep_ratio", image_size=128, quality=100,
+                                 downscale_interpolation=name)
+        std[name] = float(np.asarray(_open(process_image(body, settings).data)).std())
+    assert ImageSettings().downscale_interpolation == "area"
+    assert ImageSettings().upscale_interpolation == "lanczos"
+    assert std["area"] < 0.5 * std["nearest"]
+    with pytest.raises(SettingsError, match="interpolation"):
+        ImageSettings(upscale_interpolation="sinc")

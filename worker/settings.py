@@ -23,6 +23,9 @@ USER_AGENT = (
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 OUTPUT_FORMATS = ("jpg", "webp")
+#: img2dataset's interpolation names (its OpenCV flags; "area" is Pillow's BOX filter)
+INTERPOLATIONS = ("nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos",
+                  "lanczos4")
 #: Pillow formats we decode. No TIFF, PSD, EPS, SVG or other formats with a history of
 #: parser bugs or code paths we do not need for web images.
 SAFE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # JPEG includes MPO (phone photos)
@@ -67,6 +70,9 @@ class ImageSettings:
     max_aspect_ratio: float = math.inf
     output_format: str = "jpg"
     quality: int = 95
+    #: img2dataset's defaults: area averaging when shrinking, Lanczos when enlarging
+    downscale_interpolation: str = "area"
+    upscale_interpolation: str = "lanczos"
     min_bytes: int = 5 * 1024
     max_pixels: int = 40_000_000
     formats: tuple[str, ...] = SAFE_FORMATS
@@ -78,6 +84,10 @@ class ImageSettings:
             raise SettingsError(f"output format must be one of {OUTPUT_FORMATS}")
         if not 1 <= self.quality <= 100:
             raise SettingsError("quality must be within 1..100")
+        for name in (self.downscale_interpolation, self.upscale_interpolation):
+            if name not in INTERPOLATIONS:
+                raise SettingsError(f"interpolation must be one of {INTERPOLATIONS}, "
+                                    f"not {name!r}")
         _positive(self, ("image_size", "max_pixels", "max_aspect_ratio"))
 
 
