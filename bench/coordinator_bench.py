@@ -254,7 +254,7 @@ def bench_api(server_url: str, work: Path, rows: int, clients: int, seconds: flo
     used = {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after}
     print("API, CPU s per lease: " + ", ".join(
         f"{k} {1000 * v / max(1, leased):.0f} ms" for k, v in used.items())
-        + f"; clients {1000 * sum(c for c, _ in results_cpu(results)) / max(1, leased):.0f} ms",
+        + f"; clients {1000 * sum(r[2] for r in results) / max(1, leased):.0f} ms",
         flush=True)
 
 
@@ -273,9 +273,6 @@ def cpu_split(coordinator_pid: int) -> dict[str, float]:
             out["postgres"] += times.user + times.system
     return out
 
-
-def results_cpu(results: list) -> list:
-    return [(r[2], r[0]) for r in results]
 
 
 def _wait(base: str) -> None:

@@ -1,5 +1,8 @@
 """Named SQL: every statement lives in ``sql/queries.sql`` under a ``-- name:`` line.
 
+A name that starts with ``_`` is a fragment, not a statement: ``{_name}`` in a statement
+is replaced by it (other ``{...}`` are left for psycopg composition).
+
 ``Q.lease_pending_batch`` is the ``sqlalchemy.text`` of the statement of that name; an
 unknown name fails at attribute access, and the file is parsed once, on first use.
 """
@@ -23,7 +26,15 @@ def parse(source: str) -> dict[str, str]:
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
         lines = [ln for ln in body.splitlines() if not ln.lstrip().startswith("--")]
         statements[name] = "\n".join(lines).strip().rstrip(";")
-    return statements
+    fragments = {n: s for n, s in statements.items() if n.startswith("_")}
+    return {name: _splice(statement, fragments) for name, statement in statements.items()
+            if name not in fragments}
+
+
+def _splice(statement: str, fragments: dict[str, str]) -> str:
+    for name, body in fragments.items():
+        statement = statement.replace(f"{{{name}}}", body)
+    return statement
 
 
 @cache

@@ -240,3 +240,25 @@ def test_postprocess_leases_written_shards_and_completes_them(db_url: str) -> No
         done = service.complete_postprocess(pp2.batch_id, gpu, good)
         assert done.status == BatchStatus.DONE
         assert service.complete_postprocess(pp2.batch_id, gpu, good) == done
+
+
+def test_a_client_is_marked_seen_once_per_interval(db_url: str) -> None:
+    from coordinator.tokens import SeenCache, authenticate, create_token
+
+    def last_seen(engine: sa.Engine) -> object:
+        with engine.connect() as conn:
+            return conn.execute(sa.text("SELECT last_seen_at FROM workers")).scalar_one()
+
+    with engine_for(db_url) as engine:
+        info = authenticate(engine, create_token(engine, "worker", "w")[1])
+        cached = SeenCache(interval_s=3600)
+        wid = cached.worker_id(engine, info)
+        first = last_seen(engine)
+        assert cached.worker_id(engine, info) == wid
+        assert last_seen(engine) == first, "a second call within the interval writes nothing"
+        assert cached.touch(engine, info, name="renamed") == wid
+        assert last_seen(engine) != first, "register always writes"
+        every_call = SeenCache(interval_s=0)
+        before = last_seen(engine)
+        assert every_call.worker_id(engine, info) == wid
+        assert last_seen(engine) != before

@@ -123,6 +123,12 @@ def test_parse_splits_named_statements() -> None:
     assert parse(src) == {"a": "SELECT 1", "b": "SELECT\n  2"}
 
 
+def test_parse_splices_fragments_and_leaves_other_braces() -> None:
+    src = ("-- name: _tail\n-- shared\nFROM t\n\n-- name: a\nSELECT x {_tail};\n\n"
+           "-- name: b\nSELECT y {_tail} {extra};\n")
+    assert parse(src) == {"a": "SELECT x FROM t", "b": "SELECT y FROM t {extra}"}
+
+
 def test_url_uses_the_c_collation_in_models_and_database(db_url: str) -> None:
     """compare_metadata does not compare collations: check the one that matters here."""
     assert Base.metadata.tables["candidates"].c.url.type.collation == "C"  # type: ignore[attr-defined]

@@ -41,6 +41,26 @@ SELECT reltuples::bigint AS rows, relpages::bigint AS pages
 -- name: max_chunk_id
 SELECT COALESCE(max(id), 0) AS max_id FROM pending_chunks;
 
+-- name: _store_claimed
+-- The common tail of claim_sampled and claim_by_index, spliced in after their "picked"
+-- CTE (the ctids of the locked chunks): delete the chunks, store their first :n ids in
+-- batch_members and put the rest back into pending_chunks as chunks of :chunk_size.
+taken AS (
+    DELETE FROM pending_chunks
+     WHERE ctid = ANY (ARRAY(SELECT ctid FROM picked))
+    RETURNING ids
+), members AS (
+    SELECT u.id, row_number() OVER () AS k FROM taken, unnest(taken.ids) AS u(id)
+), leftover AS (
+    INSERT INTO pending_chunks (ids)
+    SELECT array_agg(id) FROM members WHERE k > :n
+     GROUP BY (k - :n - 1) / :chunk_size
+), stored AS (
+    INSERT INTO batch_members (batch_id, ids)
+    SELECT :batch_id, array_agg(id) FROM members WHERE k <= :n HAVING count(*) > 0
+        ON CONFLICT (batch_id) DO UPDATE SET ids = batch_members.ids || EXCLUDED.ids
+)
+
 -- name: claim_sampled
 -- Fill batch :batch_id with up to :n candidates from a sample: TABLESAMPLE SYSTEM picks
 -- whole pages of pending_chunks (the caller adapts the percentage to the yield it
@@ -58,21 +78,7 @@ WITH sample AS MATERIALIZED (
      ORDER BY random()
      LIMIT :chunks
        FOR UPDATE SKIP LOCKED
-), taken AS (
-    DELETE FROM pending_chunks
-     WHERE ctid = ANY (ARRAY(SELECT ctid FROM picked))
-    RETURNING ids
-), members AS (
-    SELECT u.id, row_number() OVER () AS k FROM taken, unnest(taken.ids) AS u(id)
-), leftover AS (
-    INSERT INTO pending_chunks (ids)
-    SELECT array_agg(id) FROM members WHERE k > :n
-     GROUP BY (k - :n - 1) / :chunk_size
-), stored AS (
-    INSERT INTO batch_members (batch_id, ids)
-    SELECT :batch_id, array_agg(id) FROM members WHERE k <= :n HAVING count(*) > 0
-        ON CONFLICT (batch_id) DO UPDATE SET ids = batch_members.ids || EXCLUDED.ids
-)
+), {_store_claimed}
 SELECT (SELECT count(*) FROM members WHERE k <= :n) AS n,
        (SELECT count(*) FROM taken) AS chunks, (SELECT count(*) FROM members) AS ids,
        (SELECT count(*) FROM sample) AS sampled;
@@ -86,21 +92,7 @@ WITH picked AS (
      ORDER BY id
      LIMIT :chunks
        FOR UPDATE SKIP LOCKED
-), taken AS (
-    DELETE FROM pending_chunks
-     WHERE ctid = ANY (ARRAY(SELECT ctid FROM picked))
-    RETURNING ids
-), members AS (
-    SELECT u.id, row_number() OVER () AS k FROM taken, unnest(taken.ids) AS u(id)
-), leftover AS (
-    INSERT INTO pending_chunks (ids)
-    SELECT array_agg(id) FROM members WHERE k > :n
-     GROUP BY (k - :n - 1) / :chunk_size
-), stored AS (
-    INSERT INTO batch_members (batch_id, ids)
-    SELECT :batch_id, array_agg(id) FROM members WHERE k <= :n HAVING count(*) > 0
-        ON CONFLICT (batch_id) DO UPDATE SET ids = batch_members.ids || EXCLUDED.ids
-)
+), {_store_claimed}
 SELECT (SELECT count(*) FROM members WHERE k <= :n) AS n,
        (SELECT count(*) FROM taken) AS chunks, (SELECT count(*) FROM members) AS ids;
 
