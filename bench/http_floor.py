@@ -1,0 +1,227 @@
+"""CPU per URL of fetching alone, from bare sockets up to the worker's fetcher.
+
+``python -m bench.http_floor --urls 3000`` starts ``bench.image_server`` (the worker
+benchmark's server: 16 loopback hosts, first byte after 50-300 ms, JPEGs of 20-400 KB,
+25 % failures, one request per connection), writes the worker benchmark's URL list,
+then fetches every URL with each client below, one after the other, each in its own
+process, on Trio with ``--concurrency`` requests in flight, reading every body to its
+end and decoding nothing:
+
+- ``trio-socket``: ``trio.open_tcp_stream``, one GET written by hand, the response read
+  until the server closes; no HTTP parsing at all: the event loop's and the kernel's part;
+- ``httpcore``: ``httpcore.AsyncConnectionPool`` (h11 parsing, connection pool);
+- ``httpx``: ``httpx.AsyncClient`` streaming each response;
+- ``pairfarm``: the worker's ``Stage.fetch`` (``worker.batch.open_stage``: SSRF guard,
+  DNS cache, host gate, redirects, deadline, opt-out and size checks, metrics).
+
+Prints CPU milliseconds per URL (user + system of the process, from ``wait4``) and wall
+seconds for each. Set beside ``bench.bench_decode``'s ceiling, these say how much CPU the
+network side of the worker needs whatever the image work costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = ("trio-socket", "httpcore", "httpx", "pairfarm")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--urls", type=int, default=3000)
+    parser.add_argument("--hosts", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=128)
+    parser.add_argument("--pool-dir", type=Path, default=Path("/tmp/pairfarm-bench-pool"))
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--listing", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:
+        fetch_all(args.mode, args.listing, args.concurrency)
+        return
+    compare(args)
+
+
+def compare(args: argparse.Namespace) -> None:
+    from bench.bench_worker import start_server, url_list
+    from bench.image_server import image_pool
+
+    image_pool(args.pool_dir, 48, 0)
+    server, port = start_server(args.hosts, args.pool_dir)
+    try:
+        with tempfile.TemporaryDirectory(prefix="pairfarm-floor-") as tmp:
+            listing = Path(tmp) / "urls.parquet"
+            url_list(listing, args.urls, args.hosts, port)
+            print(f"{args.urls} URLs over {args.hosts} loopback hosts, concurrency "
+                  f"{args.concurrency}, {os.cpu_count()} cores")
+            print(f"{'client':12s} {'complete':>8s} {'MB':>7s} {'wall s':>7s} {'CPU s':>7s} "
+                  f"{'CPU ms/URL':>10s}")
+            for mode in MODES:
+                run_mode(mode, listing, args)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def run_mode(mode: str, listing: Path, args: argparse.Namespace) -> None:
+    argv = [sys.executable, "-m", "bench.http_floor", "--mode", mode, "--listing",
+            str(listing), "--concurrency", str(args.concurrency)]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - start
+    assert proc.stdout is not None
+    answer = proc.stdout.read().split()
+    proc.stdout.close()
+    if os.waitstatus_to_exitcode(status) != 0 or len(answer) != 3:
+        sys.exit(f"{mode} failed: {answer}")
+    complete, megabytes, loop_cpu = int(answer[0]), float(answer[1]), float(answer[2])
+    cpu = usage.ru_utime + usage.ru_stime
+    urls = int(args.urls)
+    print(f"{mode:12s} {complete:8d} {megabytes:7.0f} {wall:7.1f} {cpu:7.1f} "
+          f"{1000 * cpu / urls:10.2f}   (fetch loop alone {1000 * loop_cpu / urls:.2f})",
+          flush=True)
+
+
+def fetch_all(mode: str, listing: Path, concurrency: int) -> None:
+    """Child process: fetch every URL of ``listing`` with ``mode``; prints the responses
+    read to the end, the megabytes read and the CPU seconds of the fetch loop."""
+    import pyarrow.parquet as pq
+    import trio
+
+    urls = pq.read_table(listing, columns=["url"]).column("url").to_pylist()
+    fetch = {"trio-socket": _socket_fetcher, "httpcore": _httpcore_fetcher,
+             "httpx": _httpx_fetcher, "pairfarm": _pairfarm_fetcher}[mode]
+    totals = [0, 0]
+
+    async def run() -> None:
+        limit = trio.CapacityLimiter(concurrency)
+        async with fetch() as get:
+            async def one(url: str) -> None:
+                async with limit:
+                    size = await get(url)
+                if size is not None:
+                    totals[0] += 1
+                    totals[1] += size
+
+            async with trio.open_nursery() as nursery:
+                for url in urls:
+                    nursery.start_soon(one, url)
+
+    before = time.process_time()
+    trio.run(run)
+    print(totals[0], totals[1] / 1e6, time.process_time() - before)
+
+
+def _socket_fetcher():  # type: ignore[no-untyped-def]
+    from contextlib import asynccontextmanager
+    from urllib.parse import urlsplit
+
+    import trio
+
+    @asynccontextmanager
+    async def opened():  # type: ignore[no-untyped-def]
+        async def get(url: str) -> int | None:
+            parts = urlsplit(url)
+            request = (f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                       "Connection: close\r\n\r\n").encode()
+            size = 0
+            try:
+                stream = await trio.open_tcp_stream(parts.hostname or "", parts.port or 80)
+                async with stream:
+                    await stream.send_all(request)
+                    while data := await stream.receive_some(65536):
+                        size += len(data)
+            except (OSError, trio.BrokenResourceError):
+                return None
+            return size
+
+        yield get
+
+    return opened()
+
+
+def _httpcore_fetcher():  # type: ignore[no-untyped-def]
+    from contextlib import asynccontextmanager
+
+    import httpcore
+
+    @asynccontextmanager
+    async def opened():  # type: ignore[no-untyped-def]
+        async with httpcore.AsyncConnectionPool(max_connections=1024) as pool:
+            async def get(url: str) -> int | None:
+                try:
+                    async with pool.stream("GET", url) as response:
+                        size = 0
+                        async for chunk in response.aiter_stream():
+                            size += len(chunk)
+                        return size
+                except httpcore.NetworkError:
+                    return None
+
+            yield get
+
+    return opened()
+
+
+def _httpx_fetcher():  # type: ignore[no-untyped-def]
+    from contextlib import asynccontextmanager
+
+    import httpx
+
+    @asynccontextmanager
+    async def opened():  # type: ignore[no-untyped-def]
+        limits = httpx.Limits(max_connections=1024)
+        async with httpx.AsyncClient(limits=limits) as client:
+            async def get(url: str) -> int | None:
+                try:
+                    async with client.stream("GET", url) as response:
+                        size = 0
+                        async for chunk in response.aiter_raw():
+                            size += len(chunk)
+                        return size
+                except httpx.TransportError:
+                    return None
+
+            yield get
+
+    return opened()
+
+
+def _pairfarm_fetcher():  # type: ignore[no-untyped-def]
+    from contextlib import asynccontextmanager
+
+    from worker.addresses import AddressPolicy, parse_cidrs
+    from worker.batch import Network, open_stage
+    from worker.errors import FetchFailure
+    from worker.resolver import SystemResolver
+    from worker.settings import FetchSettings, ImageSettings, PipelineSettings
+
+    fetch = FetchSettings(concurrency=1024, per_host=16, read_timeout=10,
+                          policy=AddressPolicy(allow_cidrs=parse_cidrs(["127.0.0.0/8"])))
+    settings = PipelineSettings(fetch=fetch, image=ImageSettings())
+
+    @asynccontextmanager
+    async def opened():  # type: ignore[no-untyped-def]
+        async with open_stage(settings, Network(resolver=SystemResolver())) as stage:
+            async def get(url: str) -> int | None:
+                try:
+                    return len((await stage.fetch(url)).body)
+                except FetchFailure:
+                    return None
+
+            yield get
+
+    return opened()
+
+
+if __name__ == "__main__":
+    main()
