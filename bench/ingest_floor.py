@@ -14,8 +14,9 @@ after a CHECKPOINT:
 3. the same with a unique index on ``url`` ("C" collation): exact dedup by the index,
    a duplicate would fail the statement;
 4. the same with ``ON CONFLICT (url) DO NOTHING`` (a duplicate is skipped);
-5. the ingest's own statement (``ingest_insert`` of ``coordinator/sql/queries.sql``,
-   extra columns to jsonb, ids into ``pending_chunks``) on the migrated schema.
+5. the whole ingest (``coordinator.ingest.run.ingest`` of the same rows as one parquet
+   file: read, validate, extra columns to JSON, COPY, ``ingest_insert`` with its
+   ``pending_chunks``) on the migrated schema, what ``bench/coordinator_bench.py`` times.
 
 Also the Python side alone: Arrow read of the parquet file, ``validate`` and the CSV
 ``prepare`` (``coordinator.ingest``), CPU seconds. Prints seconds and rows/s per line.
@@ -42,9 +43,9 @@ from coordinator.db import ensure_database, libpq_url  # noqa: E402
 from coordinator.embedded_pg import EmbeddedPostgres  # noqa: E402
 from coordinator.ingest.loader import FileLoader, FileSummary  # noqa: E402
 from coordinator.ingest.reader import detect, read_batches  # noqa: E402
+from coordinator.ingest.run import ingest  # noqa: E402
 from coordinator.ingest.validate import Columns, validate  # noqa: E402
 from coordinator.migrate import upgrade  # noqa: E402
-from coordinator.models import CHUNK_SIZE  # noqa: E402
 from coordinator.queries import Q  # noqa: E402
 
 CHUNK_ROWS = 131_072
@@ -58,8 +59,6 @@ STAGING = ("CREATE TEMPORARY TABLE ingest_staging (row bigint NOT NULL, url text
            "ON COMMIT DROP")
 PLAIN = ("INSERT INTO floor (url, caption, language, ingest_id) "
          "SELECT url, caption, language, 1 FROM ingest_staging")
-EXTRA = ("NULLIF(jsonb_strip_nulls(jsonb_build_object('width', e0, 'similarity', e1)), "
-         "'{}'::jsonb)")
 
 
 def csv_chunks(rows: int) -> list[bytes]:
@@ -93,22 +92,16 @@ def timed_load(url: str, chunks: list[bytes], setup: list[str],
         return time.perf_counter() - start
 
 
-def ingest_statement(url: str) -> Callable[[psycopg.Connection], None]:
-    """The ingest's INSERT for the two extra columns, on the migrated schema at ``url``."""
-    text = Q.sql("ingest_insert").replace("{extra}", EXTRA)
-    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
-        row = conn.execute("INSERT INTO ingests (source) VALUES ('floor') RETURNING id")
-        ingest_id = row.fetchone()[0]  # type: ignore[index]
-
-    def run(conn: psycopg.Connection) -> None:
-        conn.execute(text, {"ingest_id": ingest_id, "chunk_size": CHUNK_SIZE}).fetchone()
-
-    return run
+def whole_ingest(url: str, source: Path) -> float:
+    """Seconds of ``coordinator.ingest.run.ingest`` of ``source`` into ``url``."""
+    start = time.perf_counter()
+    ingest(url, [source], Columns())
+    return time.perf_counter() - start
 
 
-def python_side(work: Path, rows: int) -> float:
-    """CPU seconds of reading, validating and preparing ``rows`` synthetic rows."""
-    source = detect(synthetic_file(work / "floor.parquet", 0, rows), None)
+def python_side(path: Path) -> float:
+    """CPU seconds of reading, validating and preparing the rows of ``path``."""
+    source = detect(path, None)
     loader = object.__new__(FileLoader)  # prepare() needs no connection
     loader.source, loader.summary = source, FileSummary(source=source.name)
     loader._extras, loader._staged = None, False
@@ -135,7 +128,8 @@ def main() -> None:
     server = pg.start()
     print(f"{rows:,} rows; cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}", flush=True)
     try:
-        report("python: read + validate + CSV (CPU s)", python_side(work, rows), rows)
+        parquet = synthetic_file(work / "floor.parquet", 0, rows)
+        report("python: read + validate + JSON + CSV (CPU s)", python_side(parquet), rows)
         chunks = csv_chunks(rows)
         url = server.url()
         report("1. COPY into staging", timed_load(url, chunks, [TABLE], None), rows)
@@ -149,8 +143,7 @@ def main() -> None:
         ensure_database(url, "floor_ingest")
         migrated = url.rsplit("/", 1)[0] + "/floor_ingest"
         upgrade(migrated)
-        report("5. the ingest's statement (jsonb extra, pending_chunks)",
-               timed_load(migrated, chunks, [], ingest_statement(migrated)), rows)
+        report("5. the whole ingest of the parquet file", whole_ingest(migrated, parquet), rows)
     finally:
         pg.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -37,7 +37,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from pairfarm.protocol import BatchStatus, Role
@@ -115,7 +115,9 @@ class Candidate(Base):
     caption: Mapped[str] = mapped_column(Text, nullable=False)
     language: Mapped[str | None] = mapped_column(Text)
     ingest_id: Mapped[int | None] = mapped_column(Integer)
-    extra: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    #: ``json``, not ``jsonb``: the ingest writes the loader's text as it is and the lease
+    #: reads it back into its JSON body; no statement looks inside
+    extra: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     __table_args__ = (Index("candidates_url_key", "url", unique=True),)
 
 

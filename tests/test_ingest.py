@@ -196,3 +196,27 @@ def test_prefetched_keeps_order_raises_in_place_and_closes_its_source() -> None:
     assert next(early) == 0
     early.close()
     assert closed == [None, 2, None], "the source is closed however the caller stops"
+
+
+def test_extra_columns_become_one_json_object_per_row() -> None:
+    """Input order and kinds kept, missing values left out, no object when all are
+    missing, float32 by its shortest decimal, NaN and infinity as missing."""
+    from coordinator.ingest.loader import extra_json
+
+    batch = pa.record_batch({
+        "url": ["http://a.test/1.jpg", "http://a.test/2.jpg", "http://a.test/3.jpg"],
+        "caption": ["a red bicycle", "two cats on a sofa", "a bowl of soup"],
+        "width": pa.array([640, None, None], pa.int32()),
+        "score": pa.array([0.31, float("nan"), None], pa.float32()),
+        "ok": [True, False, None],
+        "note": ['say "hi"\\', None, None],
+        "big": pa.array([2**62, None, None], pa.int64()),
+        "far": pa.array([1.5, None, float("inf")], pa.float64()),
+    })
+    good = validate(batch, Columns(), 1).good
+    objects = extra_json(good, good.schema.names[4:]).to_pylist()
+    assert objects[0] == ('{"width":640,"score":0.31,"ok":true,"note":"say \\"hi\\"\\\\",'
+                          '"big":4611686018427387904,"far":1.5}')
+    assert objects[1] == '{"ok":false}'
+    assert objects[2] is None
+    assert json.loads(objects[0])["note"] == 'say "hi"\\'

@@ -74,6 +74,37 @@ def test_0002_moves_lease_state_out_of_candidates_and_back(db_url: str) -> None:
         engine.dispose()
 
 
+def test_0003_extra_becomes_json_and_back(db_url: str) -> None:
+    """``candidates.extra`` is jsonb up to 0002 and json from 0003; the values survive
+    both ways."""
+    from alembic import command
+
+    engine = sa.create_engine(db_url)
+    insert = sa.text("INSERT INTO candidates (url, caption, extra) VALUES "
+                     "('http://a.test/1.jpg', 'a caption', CAST(:extra AS json))")
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert, {"extra": '{"width": 640, "nsfw": "UNLIKELY"}'})
+        _alembic(engine, command.downgrade, "0002")
+        with engine.connect() as conn:
+            assert _extra_type(conn) == "jsonb"
+            assert conn.execute(sa.text("SELECT extra->>'width' FROM candidates")
+                                ).scalar_one() == "640"
+        _alembic(engine, command.upgrade, "head")
+        with engine.connect() as conn:
+            assert _extra_type(conn) == "json"
+            assert conn.execute(sa.text("SELECT extra FROM candidates")).scalar_one() == {
+                "width": 640, "nsfw": "UNLIKELY"}
+    finally:
+        engine.dispose()
+
+
+def _extra_type(conn: sa.Connection) -> str:
+    return str(conn.execute(sa.text(
+        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+        "WHERE attrelid = 'candidates'::regclass AND attname = 'extra'")).scalar_one())
+
+
 def _alembic(engine: sa.Engine, step: object, revision: str) -> None:
     from coordinator.migrate import alembic_config
 

@@ -140,8 +140,8 @@ def _language(batch: pa.RecordBatch, columns: Columns) -> pa.Array:
 def _extra(column: pa.Array | pa.ChunkedArray) -> pa.Array:
     values = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     kind = values.type
-    if pa.types.is_floating(kind):
-        return pc.if_else(pc.is_nan(values), pa.scalar(None, kind), values)
+    if pa.types.is_floating(kind):  # JSON has no NaN or infinity
+        return pc.if_else(pc.is_finite(values), values, pa.scalar(None, kind))
     if pa.types.is_integer(kind) or pa.types.is_boolean(kind):
         return values
     if pa.types.is_string(kind) or pa.types.is_large_string(kind):

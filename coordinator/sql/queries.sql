@@ -109,7 +109,7 @@ SELECT count(*) AS n,
            'url', COALESCE(array_agg(c.url ORDER BY c.id), '{}'),
            'caption', COALESCE(array_agg(c.caption ORDER BY c.id), '{}'),
            'language', COALESCE(array_agg(c.language ORDER BY c.id), '{}'),
-           'extra', COALESCE(array_agg(COALESCE(c.extra, '{}'::jsonb) ORDER BY c.id), '{}')
+           'extra', COALESCE(array_agg(COALESCE(c.extra, '{}'::json) ORDER BY c.id), '{}')
        )::text AS candidates
   FROM candidates c
  WHERE c.id = ANY (CAST((SELECT ids FROM batch_members WHERE batch_id = :batch_id)
@@ -293,8 +293,7 @@ SELECT b.postprocess -> 'similarity_edges' AS edges, c.bin, sum(c.n::bigint) AS 
  GROUP BY 1, 2
  ORDER BY 1, 2;
 
--- Ingest statements run on a raw psycopg connection (COPY): "%(name)s" parameters, and
--- "{placeholders}" filled in with psycopg.sql composition for the file's extra columns.
+-- Ingest statements run on a raw psycopg connection (COPY): "%(name)s" parameters.
 
 -- name: ingest_session
 -- A chunk's staging rows (~20 MB for 131k LAION-like rows) stay in memory instead of
@@ -302,12 +301,13 @@ SELECT b.postprocess -> 'similarity_edges' AS edges, c.bin, sum(c.n::bigint) AS 
 SET temp_buffers = '64MB';
 
 -- name: ingest_staging
+-- extra: the row's extra columns as one JSON object, built by the loader.
 CREATE TEMPORARY TABLE ingest_staging (
-    row bigint NOT NULL, url text NOT NULL, caption text NOT NULL, language text{extra}
+    row bigint NOT NULL, url text NOT NULL, caption text NOT NULL, language text, extra json
 ) ON COMMIT DROP;
 
 -- name: ingest_copy
-COPY ingest_staging ({columns}) FROM STDIN (FORMAT csv);
+COPY ingest_staging (row, url, caption, language, extra) FROM STDIN (FORMAT csv);
 
 -- name: ingest_insert
 -- Exact URL dedup: the first occurrence wins (earlier file, then earlier row); rows the
@@ -317,7 +317,7 @@ COPY ingest_staging ({columns}) FROM STDIN (FORMAT csv);
 -- Answers the number of candidates inserted.
 WITH inserted AS (
     INSERT INTO candidates (url, caption, language, ingest_id, extra)
-    SELECT url, caption, language, %(ingest_id)s, {extra}
+    SELECT url, caption, language, %(ingest_id)s, extra
       FROM ingest_staging
      ORDER BY row
         ON CONFLICT (url) DO NOTHING
