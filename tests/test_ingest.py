@@ -220,3 +220,20 @@ def test_extra_columns_become_one_json_object_per_row() -> None:
     assert objects[1] == '{"ok":false}'
     assert objects[2] is None
     assert json.loads(objects[0])["note"] == 'say "hi"\\'
+
+
+def test_new_candidates_go_pending_in_chunks_of_consecutive_ids(db_url: str,
+                                                                 tmp_path: Path) -> None:
+    """40 rows, two of them duplicates: 38 candidates in chunks of 16, 16 and 6, each
+    chunk a run of consecutive inserted ids."""
+    rows = [{"url": f"http://h{i % 7}.test/{i}.jpg", "caption": f"caption number {i}"}
+            for i in range(38)]
+    rows[10:10] = [dict(rows[3])]
+    rows[30:30] = [dict(rows[20])]
+    _ingest(db_url, str(_write(tmp_path / "in.parquet", rows)))
+    with engine_for(db_url) as engine, engine.connect() as conn:
+        ids = list(conn.execute(sa.text("SELECT id FROM candidates ORDER BY id")).scalars())
+        chunks = sorted(sorted(c) for c in conn.execute(
+            sa.text("SELECT ids FROM pending_chunks")).scalars())
+    assert [len(c) for c in chunks] == [16, 16, 6]
+    assert [i for c in chunks for i in c] == ids

@@ -76,8 +76,8 @@ class FileSummary:
         self.rejected.update(other.rejected)
 
 
-def kind_of(kind: pa.DataType) -> str:
-    return next((name for test, name in KINDS if test(kind)), "text")
+def kind_of(arrow_type: pa.DataType) -> str:
+    return next((name for test, name in KINDS if test(arrow_type)), "text")
 
 
 def extra_json(table: pa.Table, names: list[str]) -> pa.Array:

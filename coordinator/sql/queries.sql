@@ -312,8 +312,11 @@ COPY ingest_staging (row, url, caption, language, extra) FROM STDIN (FORMAT csv)
 -- name: ingest_insert
 -- Exact URL dedup: the first occurrence wins (earlier file, then earlier row); rows the
 -- unique index already holds are skipped, nothing is updated. The inserted candidates
--- go into pending_chunks in the same statement, CHUNK_SIZE consecutive ids a chunk (a
--- chunk's candidates then share a page or two of candidates, which the lease reads).
+-- go into pending_chunks in the same statement, CHUNK_SIZE a chunk in the order RETURNING
+-- gives them, which is the insertion order: consecutive ids (a chunk's candidates then
+-- share a page or two of candidates, which the lease reads). Numbering them in that
+-- order spares two sorts of the chunk's ids (~4 % of the statement); a chunk holds its
+-- ids in any order.
 -- Answers the number of candidates inserted.
 WITH inserted AS (
     INSERT INTO candidates (url, caption, language, ingest_id, extra)
@@ -324,11 +327,10 @@ WITH inserted AS (
     RETURNING id
 ), chunks AS (
     INSERT INTO pending_chunks (ids)
-    SELECT array_agg(id ORDER BY id)
-      FROM (SELECT id, (row_number() OVER (ORDER BY id) - 1) / %(chunk_size)s AS g
+    SELECT array_agg(id)
+      FROM (SELECT id, (row_number() OVER () - 1) / %(chunk_size)s AS g
               FROM inserted) AS numbered
      GROUP BY g
-     ORDER BY g
 )
 SELECT count(*) FROM inserted;
 
