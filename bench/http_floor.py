@@ -27,9 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 MODES = ("trio-socket", "httpcore", "httpx", "pairfarm")
+#: fetches one URL to the end of its body: the bytes read, None when it failed
+Get = Callable[[str], Awaitable[int | None]]
 
 
 def main() -> None:
@@ -98,8 +102,7 @@ def fetch_all(mode: str, listing: Path, concurrency: int) -> None:
     import trio
 
     urls = pq.read_table(listing, columns=["url"]).column("url").to_pylist()
-    fetch = {"trio-socket": _socket_fetcher, "httpcore": _httpcore_fetcher,
-             "httpx": _httpx_fetcher, "pairfarm": _pairfarm_fetcher}[mode]
+    fetch = FETCHERS[mode]
     totals = [0, 0]
 
     async def run() -> None:
@@ -121,84 +124,68 @@ def fetch_all(mode: str, listing: Path, concurrency: int) -> None:
     print(totals[0], totals[1] / 1e6, time.process_time() - before)
 
 
-def _socket_fetcher():  # type: ignore[no-untyped-def]
-    from contextlib import asynccontextmanager
+@asynccontextmanager
+async def _socket_fetcher() -> AsyncIterator[Get]:
     from urllib.parse import urlsplit
 
     import trio
 
-    @asynccontextmanager
-    async def opened():  # type: ignore[no-untyped-def]
+    async def get(url: str) -> int | None:
+        parts = urlsplit(url)
+        request = (f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                   "Connection: close\r\n\r\n").encode()
+        size = 0
+        try:
+            stream = await trio.open_tcp_stream(parts.hostname or "", parts.port or 80)
+            async with stream:
+                await stream.send_all(request)
+                while data := await stream.receive_some(65536):
+                    size += len(data)
+        except (OSError, trio.BrokenResourceError):
+            return None
+        return size
+
+    yield get
+
+
+@asynccontextmanager
+async def _httpcore_fetcher() -> AsyncIterator[Get]:
+    import httpcore
+
+    async with httpcore.AsyncConnectionPool(max_connections=1024) as pool:
         async def get(url: str) -> int | None:
-            parts = urlsplit(url)
-            request = (f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-                       "Connection: close\r\n\r\n").encode()
-            size = 0
             try:
-                stream = await trio.open_tcp_stream(parts.hostname or "", parts.port or 80)
-                async with stream:
-                    await stream.send_all(request)
-                    while data := await stream.receive_some(65536):
-                        size += len(data)
-            except (OSError, trio.BrokenResourceError):
+                async with pool.stream("GET", url) as response:
+                    size = 0
+                    async for chunk in response.aiter_stream():
+                        size += len(chunk)
+                    return size
+            except httpcore.NetworkError:
                 return None
-            return size
 
         yield get
 
-    return opened()
 
-
-def _httpcore_fetcher():  # type: ignore[no-untyped-def]
-    from contextlib import asynccontextmanager
-
-    import httpcore
-
-    @asynccontextmanager
-    async def opened():  # type: ignore[no-untyped-def]
-        async with httpcore.AsyncConnectionPool(max_connections=1024) as pool:
-            async def get(url: str) -> int | None:
-                try:
-                    async with pool.stream("GET", url) as response:
-                        size = 0
-                        async for chunk in response.aiter_stream():
-                            size += len(chunk)
-                        return size
-                except httpcore.NetworkError:
-                    return None
-
-            yield get
-
-    return opened()
-
-
-def _httpx_fetcher():  # type: ignore[no-untyped-def]
-    from contextlib import asynccontextmanager
-
+@asynccontextmanager
+async def _httpx_fetcher() -> AsyncIterator[Get]:
     import httpx
 
-    @asynccontextmanager
-    async def opened():  # type: ignore[no-untyped-def]
-        limits = httpx.Limits(max_connections=1024)
-        async with httpx.AsyncClient(limits=limits) as client:
-            async def get(url: str) -> int | None:
-                try:
-                    async with client.stream("GET", url) as response:
-                        size = 0
-                        async for chunk in response.aiter_raw():
-                            size += len(chunk)
-                        return size
-                except httpx.TransportError:
-                    return None
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=1024)) as client:
+        async def get(url: str) -> int | None:
+            try:
+                async with client.stream("GET", url) as response:
+                    size = 0
+                    async for chunk in response.aiter_raw():
+                        size += len(chunk)
+                    return size
+            except httpx.TransportError:
+                return None
 
-            yield get
-
-    return opened()
+        yield get
 
 
-def _pairfarm_fetcher():  # type: ignore[no-untyped-def]
-    from contextlib import asynccontextmanager
-
+@asynccontextmanager
+async def _pairfarm_fetcher() -> AsyncIterator[Get]:
     from worker.addresses import AddressPolicy, parse_cidrs
     from worker.batch import Network, open_stage
     from worker.errors import FetchFailure
@@ -208,19 +195,19 @@ def _pairfarm_fetcher():  # type: ignore[no-untyped-def]
     fetch = FetchSettings(concurrency=1024, per_host=16, read_timeout=10,
                           policy=AddressPolicy(allow_cidrs=parse_cidrs(["127.0.0.0/8"])))
     settings = PipelineSettings(fetch=fetch, image=ImageSettings())
+    async with open_stage(settings, Network(resolver=SystemResolver())) as stage:
+        async def get(url: str) -> int | None:
+            try:
+                return len((await stage.fetch(url)).body)
+            except FetchFailure:
+                return None
 
-    @asynccontextmanager
-    async def opened():  # type: ignore[no-untyped-def]
-        async with open_stage(settings, Network(resolver=SystemResolver())) as stage:
-            async def get(url: str) -> int | None:
-                try:
-                    return len((await stage.fetch(url)).body)
-                except FetchFailure:
-                    return None
+        yield get
 
-            yield get
 
-    return opened()
+FETCHERS: dict[str, Callable[[], AbstractAsyncContextManager[Get]]] = {
+    "trio-socket": _socket_fetcher, "httpcore": _httpcore_fetcher, "httpx": _httpx_fetcher,
+    "pairfarm": _pairfarm_fetcher}
 
 
 if __name__ == "__main__":
