@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from bench.bench_decode import ceiling
 from bench.image_server import image_pool
+from bench.options import server_arguments
 from worker.settings import ImageSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -153,12 +154,9 @@ def i2d_argv(listing: Path, out: Path, args: argparse.Namespace) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--urls", type=int, default=3000)
-    parser.add_argument("--hosts", type=int, default=16)
-    parser.add_argument("--concurrency", type=int, default=128)
+    server_arguments(parser)
     parser.add_argument("--i2d", type=Path, default=Path("/work/venv-i2d/bin/img2dataset"))
     parser.add_argument("--i2d-processes", type=int, default=1)
-    parser.add_argument("--pool-dir", type=Path, default=Path("/tmp/pairfarm-bench-pool"))
     parser.add_argument("--skip-i2d", action="store_true")
     args = parser.parse_args()
 

@@ -31,6 +31,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
+from bench.options import server_arguments
+
 MODES = ("trio-socket", "httpcore", "httpx", "pairfarm")
 #: fetches one URL to the end of its body: the bytes read, None when it failed
 Get = Callable[[str], Awaitable[int | None]]
@@ -39,10 +41,7 @@ Get = Callable[[str], Awaitable[int | None]]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--urls", type=int, default=3000)
-    parser.add_argument("--hosts", type=int, default=16)
-    parser.add_argument("--concurrency", type=int, default=128)
-    parser.add_argument("--pool-dir", type=Path, default=Path("/tmp/pairfarm-bench-pool"))
+    server_arguments(parser)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--listing", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -124,6 +123,14 @@ def fetch_all(mode: str, listing: Path, concurrency: int) -> None:
     print(totals[0], totals[1] / 1e6, time.process_time() - before)
 
 
+async def _drained(chunks: AsyncIterator[bytes]) -> int:
+    """The bytes of a body, read to its end."""
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+    return size
+
+
 @asynccontextmanager
 async def _socket_fetcher() -> AsyncIterator[Get]:
     from urllib.parse import urlsplit
@@ -156,10 +163,7 @@ async def _httpcore_fetcher() -> AsyncIterator[Get]:
         async def get(url: str) -> int | None:
             try:
                 async with pool.stream("GET", url) as response:
-                    size = 0
-                    async for chunk in response.aiter_stream():
-                        size += len(chunk)
-                    return size
+                    return await _drained(response.aiter_stream())
             except httpcore.NetworkError:
                 return None
 
@@ -174,10 +178,7 @@ async def _httpx_fetcher() -> AsyncIterator[Get]:
         async def get(url: str) -> int | None:
             try:
                 async with client.stream("GET", url) as response:
-                    size = 0
-                    async for chunk in response.aiter_raw():
-                        size += len(chunk)
-                    return size
+                    return await _drained(response.aiter_raw())
             except httpx.TransportError:
                 return None
 

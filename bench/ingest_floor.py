@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 from bench.coordinator_bench import BENCH_SETTINGS, synthetic_file  # noqa: E402
 from coordinator.db import ensure_database, libpq_url  # noqa: E402
 from coordinator.embedded_pg import EmbeddedPostgres  # noqa: E402
-from coordinator.ingest.loader import FileLoader, FileSummary  # noqa: E402
+from coordinator.ingest.loader import ChunkPreparer  # noqa: E402
 from coordinator.ingest.reader import detect, read_batches  # noqa: E402
 from coordinator.ingest.run import ingest  # noqa: E402
 from coordinator.ingest.validate import Columns, validate  # noqa: E402
@@ -102,14 +102,12 @@ def whole_ingest(url: str, source: Path) -> float:
 def python_side(path: Path) -> float:
     """CPU seconds of reading, validating and preparing the rows of ``path``."""
     source = detect(path, None)
-    loader = object.__new__(FileLoader)  # prepare() needs no connection
-    loader.source, loader.summary = source, FileSummary(source=source.name)
-    loader._extras, loader._staged = None, False
+    preparer = ChunkPreparer(source.name)
     columns = Columns()
     start = time.process_time()
     row = 1
     for batch in read_batches(source, columns.text_columns()):
-        loader.prepare(validate(batch, columns, row), batch.num_rows)
+        preparer.prepare(validate(batch, columns, row), batch.num_rows)
         row += batch.num_rows
     return time.process_time() - start
 

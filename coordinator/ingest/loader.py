@@ -102,23 +102,16 @@ def _python_values(column: pa.ChunkedArray) -> list[Any]:
     return column.to_pylist()
 
 
-class FileLoader:
-    """Loads the validated chunks of one file inside the caller's transaction."""
+class ChunkPreparer:
+    """The validated chunks of one file as CSV for the staging table (no database); the
+    first chunk fixes the kinds of the extra columns."""
 
-    def __init__(self, conn: psycopg.Connection, source: InputFile) -> None:
-        self.conn = conn
-        self.source = source
-        self.summary = FileSummary(source=source.name)
+    def __init__(self, source_name: str) -> None:
+        self.source_name = source_name
         self._extras: list[tuple[str, str]] | None = None  # (input name, kind)
-        self._staged = False
-        self._ingest_id = int(self._one(Q.sql("ingest_insert_record"),
-                                        {"source": source.name}))
-
-    def load(self, chunk: Validated, read: int) -> None:
-        self.write(self.prepare(chunk, read))
 
     def prepare(self, chunk: Validated, read: int) -> Prepared:
-        """The chunk as CSV in the staging table's column order (no database)."""
+        """The chunk as CSV in the staging table's column order."""
         good = chunk.good
         if good.num_rows == 0:
             return Prepared(memoryview(b""), 0, read, chunk.rejected)
@@ -131,6 +124,38 @@ class FileLoader:
         sink = pa.BufferOutputStream()
         pa_csv.write_csv(staged, sink, pa_csv.WriteOptions(include_header=False))
         return Prepared(memoryview(sink.getvalue()), good.num_rows, read, chunk.rejected)
+
+    def _conform(self, good: pa.Table) -> pa.Table:
+        """Cast a later chunk's extra column to text where its kind differs from the first
+        chunk's."""
+        assert self._extras is not None
+        names = [f.name for f in good.schema][4:]
+        if names != [n for n, _ in self._extras]:
+            raise IngestError(f"{self.source_name}: the columns change within the file")
+        for i, (name, kind) in enumerate(self._extras, start=4):
+            if kind_of(good.schema.field(i).type) != kind:
+                good = good.set_column(i, name, good.column(i).cast(pa.string()))
+        return good
+
+
+class FileLoader:
+    """Loads the validated chunks of one file inside the caller's transaction."""
+
+    def __init__(self, conn: psycopg.Connection, source: InputFile) -> None:
+        self.conn = conn
+        self.source = source
+        self.summary = FileSummary(source=source.name)
+        self._preparer = ChunkPreparer(source.name)
+        self._staged = False
+        self._ingest_id = int(self._one(Q.sql("ingest_insert_record"),
+                                        {"source": source.name}))
+
+    def load(self, chunk: Validated, read: int) -> None:
+        self.write(self.prepare(chunk, read))
+
+    def prepare(self, chunk: Validated, read: int) -> Prepared:
+        """The chunk as CSV for ``write`` (no database: may run in another thread)."""
+        return self._preparer.prepare(chunk, read)
 
     def write(self, chunk: Prepared) -> None:
         """COPY the chunk into staging and insert its new candidates."""
@@ -166,18 +191,6 @@ class FileLoader:
     def _create_staging(self) -> None:
         self.conn.execute(Q.sql("ingest_staging"))
         self._staged = True
-
-    def _conform(self, good: pa.Table) -> pa.Table:
-        """Cast a later chunk's extra column to text where its kind differs from the first
-        chunk's."""
-        assert self._extras is not None
-        names = [f.name for f in good.schema][4:]
-        if names != [n for n, _ in self._extras]:
-            raise IngestError(f"{self.source.name}: the columns change within the file")
-        for i, (name, kind) in enumerate(self._extras, start=4):
-            if kind_of(good.schema.field(i).type) != kind:
-                good = good.set_column(i, name, good.column(i).cast(pa.string()))
-        return good
 
     def _copy(self, data: memoryview) -> None:
         with self.conn.cursor() as cur, cur.copy(Q.sql("ingest_copy")) as copy:

@@ -1,0 +1,14 @@
+"""Command-line flags the worker benchmarks share (no heavy imports)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The URL list and server flags the worker benchmarks share."""
+    parser.add_argument("--urls", type=int, default=3000)
+    parser.add_argument("--hosts", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=128)
+    parser.add_argument("--pool-dir", type=Path, default=Path("/tmp/pairfarm-bench-pool"))
