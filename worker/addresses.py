@@ -2,15 +2,20 @@
 
 Workers run on cloud VMs where ``169.254.169.254`` hands out credentials and private
 networks hold databases. A candidate URL comes from the open web, so by default the
-worker connects only to *public* unicast addresses. An address is refused when it is
-loopback, private (RFC 1918, ULA), link-local, CGNAT (100.64.0.0/10), multicast,
-reserved, unspecified, documentation or benchmarking space, or an IPv6 address that
-hides a refused IPv4 address (IPv4-mapped ``::ffff:0:0/96``, IPv4-compatible ``::/96``,
-6to4 ``2002::/16``, Teredo ``2001::/32``, NAT64 ``64:ff9b::/96`` and ``64:ff9b:1::/48``).
+worker connects only to *public* unicast addresses. Refused: every block of the IANA IPv4
+and IPv6 Special-Purpose Address Registries (loopback, private, CGNAT, link-local,
+documentation, benchmarking, AS112, AMT, ORCHID, SRv6 SIDs ``5f00::/16``, the IETF
+protocol assignments ``192.0.0.0/24`` and ``2001::/23`` with Teredo inside, ...),
+multicast, reserved space, the SIIT block ``::ffff:0:0:0/96``, and every IPv6 address
+outside global unicast ``2000::/3``, including the deprecated IPv4-compatible ``::/96`` and
+the local-use NAT64 ``64:ff9b:1::/48``. Three IPv6 forms route to the IPv4 address they
+carry and are judged by it: IPv4-mapped ``::ffff:0:0/96``, 6to4 ``2002::/16`` and the
+well-known NAT64 prefix ``64:ff9b::/96``.
 
 Python's ``ipaddress.is_global`` is not enough on its own: in 3.11 it answers True for
-``64:ff9b::a9fe:a9fe`` (NAT64 of the metadata address) and ``2002:7f00:1::1`` (6to4 of
-loopback), so the embedded IPv4 address is extracted and checked as well.
+``64:ff9b::a9fe:a9fe`` (NAT64 of the metadata address), ``2002:7f00:1::1`` (6to4 of
+loopback), ``::ffff:0:7f00:1`` (SIIT) and ``5f00::1`` (SRv6), so the tables below are
+checked first and the embedded IPv4 address is extracted and checked as well.
 
 Numeric host forms that ``inet_aton`` accepts (``2852039166``, ``0xA9FEA9FE``,
 ``0251.0376.0251.0376``, ``127.1``) are parsed here too, so that they are judged as the
@@ -40,8 +45,11 @@ _V4_REFUSED: tuple[tuple[str, str], ...] = (
     ("172.16.0.0/12", "private"),
     ("192.0.0.0/24", "IETF protocol assignments"),
     ("192.0.2.0/24", "documentation"),
+    ("192.31.196.0/24", "AS112"),
+    ("192.52.193.0/24", "AMT"),
     ("192.88.99.0/24", "6to4 relay anycast"),
     ("192.168.0.0/16", "private"),
+    ("192.175.48.0/24", "AS112 direct delegation"),
     ("198.18.0.0/15", "benchmarking"),
     ("198.51.100.0/24", "documentation"),
     ("203.0.113.0/24", "documentation"),
@@ -50,12 +58,22 @@ _V4_REFUSED: tuple[tuple[str, str], ...] = (
     ("255.255.255.255/32", "broadcast"),
 )
 
+#: IPv6 blocks refused whatever they carry. The IPv4-carrying forms that route to the IPv4
+#: address (mapped, 6to4, well-known NAT64) are not here: they are judged by it.
 _V6_REFUSED: tuple[tuple[str, str], ...] = (
     ("::/128", "unspecified"),
     ("::1/128", "loopback"),
+    ("::/96", "IPv4-compatible (deprecated)"),
+    ("::ffff:0:0:0/96", "SIIT IPv4-translated"),
+    ("64:ff9b:1::/48", "local-use NAT64"),
     ("100::/64", "discard-only"),
+    ("100:0:0:1::/64", "dummy prefix"),
+    ("2001::/32", "Teredo"),
+    ("2001::/23", "IETF protocol assignments"),
     ("2001:db8::/32", "documentation"),
-    ("2001:10::/28", "ORCHID"),
+    ("2620:4f:8000::/48", "AS112 direct delegation"),
+    ("3fff::/20", "documentation"),
+    ("5f00::/16", "SRv6 SIDs"),
     ("fc00::/7", "unique local (private)"),
     ("fe80::/10", "link-local"),
     ("fec0::/10", "site-local (deprecated)"),
@@ -76,6 +94,7 @@ _V4_NETS = _nets(_V4_REFUSED)
 _V6_NETS = _nets(_V6_REFUSED)
 _NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 _V4_COMPAT = ipaddress.ip_network("::/96")
+_GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
 
 
 def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -96,14 +115,21 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | Non
 def refusal_class(address: IPAddress) -> str | None:
     """Why ``address`` is not a public unicast address, or None when it is."""
     if isinstance(address, ipaddress.IPv4Address):
-        return _lookup(address, _V4_NETS)
+        own = _lookup(address, _V4_NETS)
+        return own if own is not None or address.is_global else "not globally routable"
+    return _v6_refusal_class(address)
+
+
+def _v6_refusal_class(address: ipaddress.IPv6Address) -> str | None:
     own = _lookup(address, _V6_NETS)
     if own is not None:
         return own
     inner = embedded_ipv4(address)
     if inner is not None:
-        inner_class = _lookup(inner, _V4_NETS)
+        inner_class = refusal_class(inner)
         return None if inner_class is None else f"{inner_class} (IPv4 {inner} inside IPv6)"
+    if address not in _GLOBAL_UNICAST:
+        return "outside global unicast 2000::/3"
     return None if address.is_global else "not globally routable"
 
 
