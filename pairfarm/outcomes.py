@@ -15,7 +15,10 @@ class Outcome(StrEnum):
     DNS = "dns"  # name does not resolve, or resolution timed out
     SSRF_BLOCKED = "ssrf_blocked"  # resolves to a non-public address
     CONNECT = "connect"  # refused, reset, TLS failure
-    TIMEOUT = "timeout"  # connect/read timeout or the total deadline
+    TIMEOUT = "timeout"  # connect/read timeout, or the URL's network deadline
+    #: never requested: no slot of its host (busy, or backing off after a 429/503 to
+    #: another URL) within the queue bound (``--host-queue-timeout``)
+    HOST_BUSY = "host_busy"
     HTTP_4XX = "http_4xx"
     HTTP_429 = "http_429"  # rate limited, still limited after the retries allowed
     HTTP_5XX = "http_5xx"

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import trio
 import trio.testing
 
 from pairfarm.outcomes import Outcome
 from tests import hostile_server as hs
+from tests.conftest import run_cli
 from worker.batch import Network, Stage, open_stage
 from worker.errors import FetchFailure
 from worker.settings import FetchSettings, PipelineSettings
@@ -217,3 +222,122 @@ def test_a_slow_host_does_not_hold_up_other_hosts(path: str, cut_at: float) -> N
 
     done = run_virtual(main)
     assert done == {"slow": (Outcome.TIMEOUT, cut_at), "fast": (Outcome.OK, 0.0)}
+
+
+# -- queueing for a host: its own bound, never the URL's deadline ----------------------------
+
+
+async def _queued_behind(settings: PipelineSettings, first: hs.Handler, count: int,
+                         gap: float, each: float = 0.0
+                         ) -> tuple[dict[str, tuple[Outcome, float]], list[str]]:
+    """``/first`` of one host alone, then ``count`` URLs of that host ``gap`` s later,
+    each answered after ``each`` seconds.
+
+    Returns each URL's outcome and seconds, and the paths the server was asked for.
+    """
+    done: dict[str, tuple[Outcome, float]] = {}
+
+    async def timed(stage: Stage, path: str, url: str) -> None:
+        done[path] = await _one(stage, url)
+
+    dns, dialer = hs.fake_network()
+    queued = hs.route_slow_first_byte(each, JPEG)
+    routes = {"/first": first, **{f"/q{i}": queued for i in range(count)}}
+    async with trio.open_nursery() as nursery:
+        server = await hs.start_server(nursery, routes)
+        async with (open_stage(settings, Network(resolver=dns, dialer=dialer)) as stage,
+                    trio.open_nursery() as fetches):
+            fetches.start_soon(timed, stage, "/first", server.url("/first"))
+            await trio.sleep(gap)
+            for i in range(count):
+                fetches.start_soon(timed, stage, f"/q{i}", server.url(f"/q{i}"))
+        nursery.cancel_scope.cancel()
+    return done, [request.path for request in server.requests]
+
+
+def _per_host_1(**fetch: float) -> PipelineSettings:
+    return replace(SETTINGS, fetch=replace(FETCH, per_host=1, **fetch))  # type: ignore[arg-type]
+
+
+def test_urls_queued_behind_a_slow_url_of_their_host_are_not_timed_out() -> None:
+    """The drip holds the host's only slot for the whole 20 s deadline; the 30 URLs
+    behind it (1 s each) wait far longer than their own deadline, and each is fetched."""
+    drip = hs.route_drip(JPEG, every=1.0)
+    done, asked = run_virtual(  # type: ignore[misc]
+        lambda: _queued_behind(_per_host_1(), drip, 30, 0.1, each=1.0))
+    assert done["/first"] == (Outcome.TIMEOUT, FETCH.deadline)
+    queued = {path: outcome for path, (outcome, _) in done.items() if path != "/first"}
+    assert queued == {f"/q{i}": Outcome.OK for i in range(30)}
+    assert sorted(asked) == sorted(done)
+
+
+def test_urls_that_never_get_a_slot_end_host_busy_and_are_never_requested() -> None:
+    drip = hs.route_drip(JPEG, every=1.0)
+    settings = _per_host_1(host_queue_timeout=5)
+    done, asked = run_virtual(lambda: _queued_behind(settings, drip, 10, 0.1))  # type: ignore[misc]
+    assert done["/first"][0] is Outcome.TIMEOUT
+    assert {path: outcome for path, (outcome, _) in done.items() if path != "/first"} == {
+        f"/q{i}": Outcome.HOST_BUSY for i in range(10)}
+    assert asked == ["/first"]
+    assert all(4.9 <= seconds <= 5.1 for path, (_, seconds) in done.items() if path != "/first")
+
+
+# -- one Retry-After does not fail the host's queue ------------------------------------------
+
+
+def _a_year_ahead() -> str:
+    return format_datetime(datetime.now(UTC) + timedelta(days=365), usegmt=True)
+
+
+@pytest.mark.parametrize("cap", [45.0, 60.0])
+def test_a_year_long_retry_after_is_capped_and_charged_to_its_own_url_only(cap: float) -> None:
+    """A 503 with ``Retry-After`` a year ahead closes the host for ``max_retry_after``;
+    the 12 URLs of that host that had sent nothing yet wait, then are fetched."""
+    first = hs.route_status(503, {"Retry-After": _a_year_ahead()})
+    settings = replace(SETTINGS, fetch=replace(FETCH, max_retry_after=cap))
+    done, asked = run_virtual(lambda: _queued_behind(settings, first, 12, 1.0))  # type: ignore[misc]
+    assert done["/first"][0] is Outcome.HTTP_5XX  # its own answer
+    for i in range(12):
+        outcome, seconds = done[f"/q{i}"]
+        assert outcome is Outcome.OK
+        assert cap - 1.0 <= seconds <= cap - 1.0 + 0.5  # the window opens `cap` s after /first
+    assert sorted(asked) == sorted(done)
+
+
+def test_a_host_closed_past_the_queue_bound_gives_host_busy_not_its_status() -> None:
+    first = hs.route_status(503, {"Retry-After": _a_year_ahead()})
+    settings = replace(SETTINGS, fetch=replace(FETCH, max_retry_after=600, host_queue_timeout=120))
+    done, asked = run_virtual(lambda: _queued_behind(settings, first, 12, 1.0))  # type: ignore[misc]
+    assert done["/first"][0] is Outcome.HTTP_5XX
+    assert {done[f"/q{i}"][0] for i in range(12)} == {Outcome.HOST_BUSY}
+    assert asked == ["/first"]
+
+
+def test_a_retry_that_gets_no_slot_in_time_keeps_its_own_answer() -> None:
+    """Its own 429 asked for 10 s; the queue bound (5 s) ends first: http_429, not host_busy."""
+    limited = hs.Sequenced([hs.route_status(429, {"Retry-After": "10"}), hs.route_ok(JPEG)])
+    settings = replace(SETTINGS, fetch=replace(FETCH, host_queue_timeout=5))
+    done, asked = run_virtual(lambda: _queued_behind(settings, limited, 0, 0))  # type: ignore[misc]
+    assert done["/first"][0] is Outcome.HTTP_429
+    assert asked == ["/first"]
+
+
+def test_per_host_1_on_a_real_server_times_out_no_url_it_did_not_request(
+        tmp_path: Path) -> None:
+    """``pairfarm download --per-host 1``: 200 URLs of one host, a slow one first (it
+    answers after 60 s, past the 4 s deadline); every URL that ends ``timeout`` was
+    requested from the server."""
+    slow = hs.route_slow_first_byte(60, JPEG)
+    with hs.server_thread({"/slow": slow}, fallback=hs.route_ok(JPEG)) as server:
+        urls = [f"http://127.0.0.1:{server.port}/slow",
+                *(f"http://127.0.0.1:{server.port}/q{i}" for i in range(199))]
+        (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
+        run_cli("download", str(tmp_path / "urls.txt"), "-o", str(tmp_path / "out"),
+                "--allow-cidr", "127.0.0.0/8", "--no-progress", "--per-host", "1",
+                "--deadline", "4", timeout=240)
+        asked = {f"http://127.0.0.1:{server.port}{request.path}" for request in server.requests}
+    rows = pq.read_table(tmp_path / "out" / "00000000.parquet").to_pylist()
+    outcomes = {row["url"]: row["error_class"] or "ok" for row in rows}
+    assert outcomes[urls[0]] == "timeout"
+    assert {url for url, outcome in outcomes.items() if outcome == "timeout"} <= asked
+    assert len(rows) == 200 and "host_busy" not in outcomes.values()

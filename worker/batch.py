@@ -127,8 +127,9 @@ async def open_stage(settings: PipelineSettings, network: Network,
                              network.dialer)
     recorded = metrics or build_metrics()
     async with build_client(settings.fetch, backend) as client:
-        fetcher = Fetcher(settings.fetch, client, HostGate(per_host=settings.fetch.per_host),
-                          recorded)
+        gate = HostGate(per_host=settings.fetch.per_host,
+                        max_delay=settings.fetch.max_retry_after)
+        fetcher = Fetcher(settings.fetch, client, gate, recorded)
         yield Stage(fetcher, settings, recorded)
 
 

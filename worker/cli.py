@@ -52,6 +52,12 @@ _PIPELINE_OPTIONS: list[Decorator] = [
          help="Redirect hops followed per URL."),
     _opt("--retries", env="RETRIES", type=click.IntRange(0, 10), default=2,
          help="Retries after 429 / 503 (Retry-After honoured)."),
+    _opt("--max-retry-after", env="MAX_RETRY_AFTER", type=click.FloatRange(1, 3600),
+         default=60.0, help="Longest seconds a host is left alone after its 429 / 503, "
+                            "whatever its Retry-After says."),
+    _opt("--host-queue-timeout", env="HOST_QUEUE_TIMEOUT", type=click.FloatRange(0.1),
+         default=300.0, help="Seconds an URL may wait for a slot of its host (not counted "
+                             "in --deadline); then it ends host_busy, never requested."),
     _opt("--allow-private", env="ALLOW_PRIVATE", is_flag=True, default=False,
          help="Allow loopback, private and CGNAT targets (local farms, tests); "
               "never on cloud VMs."),
@@ -105,6 +111,7 @@ def _pipeline_settings(opts: dict[str, Any]) -> Any:
         deadline=opts["deadline"], dns_timeout=opts["dns_timeout"],
         max_body_bytes=int(opts["max_body_mb"] * 1024 * 1024),
         max_redirects=opts["max_redirects"], max_retries=opts["retries"],
+        max_retry_after=opts["max_retry_after"], host_queue_timeout=opts["host_queue_timeout"],
         policy=AddressPolicy(allow_private=opts["allow_private"],
                              allow_cidrs=parse_cidrs(cidrs)))
     image = ImageSettings(

@@ -1,9 +1,15 @@
 """Fetch one candidate URL: redirects, retries, politeness, opt-out, capped body.
 
 ``Fetcher.fetch(url)`` returns the decoded body of the final response or raises a
-``FetchFailure`` naming the outcome. The whole fetch, every redirect hop and retry
-included, runs under one total deadline, so a server dripping a byte a second cannot
-hold a slot; connect and read timeouts apply to each network step.
+``FetchFailure`` naming the outcome. Two allowances bound one URL (``_Clock``):
+
+- its network time, every redirect hop and retry included, runs under one deadline, so
+  a server dripping a byte a second cannot hold a slot; connect and read timeouts apply
+  to each network step;
+- the time it waits for a slot of its host (other URLs of that host in flight, or the
+  host's backoff window) stops that deadline and has its own bound,
+  ``host_queue_timeout``: hundreds of URLs of one CDN queued behind a slow one end
+  ``host_busy`` at worst, never ``timeout`` without having been requested.
 
 Redirects are followed here, not by httpx: at most ``max_redirects`` hops, a loop is
 caught as soon as a URL repeats, and every hop's target goes through the SSRF guard
@@ -19,7 +25,9 @@ Error handling: httpx and decoder errors are mapped to outcomes in ``_failure_fo
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
+import math
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -61,6 +69,33 @@ class _RetryLater:
     detail: str
 
 
+class _Clock:
+    """One URL's allowances: network seconds (the deadline scope) and queueing seconds.
+
+    ``queueing()`` stops the deadline while the block runs and charges the time to the
+    queue allowance instead; ``queue_until()`` is when that allowance runs out.
+    """
+
+    def __init__(self, scope: trio.CancelScope, queue_s: float) -> None:
+        self._scope = scope
+        self._queue_left = queue_s
+
+    def queue_until(self) -> float:
+        return trio.current_time() + self._queue_left
+
+    @contextmanager
+    def queueing(self) -> Iterator[None]:
+        start = trio.current_time()
+        network_left = self._scope.deadline - start
+        self._scope.deadline = math.inf
+        try:
+            yield
+        finally:
+            now = trio.current_time()
+            self._queue_left -= now - start
+            self._scope.deadline = now + network_left
+
+
 class Fetcher:
     """Fetches candidate URLs with a shared client, host gate and large-body slots."""
 
@@ -79,17 +114,18 @@ class Fetcher:
             return await self._fetch_within_deadline(url)
 
     async def _fetch_within_deadline(self, url: str) -> Fetched:
-        with trio.move_on_after(self._s.deadline):
-            return await self._follow(url)
-        raise FetchFailure(Outcome.TIMEOUT, f"total deadline of {self._s.deadline:g}s passed")
+        with trio.move_on_after(self._s.deadline) as scope:
+            return await self._follow(url, _Clock(scope, self._s.host_queue_timeout))
+        raise FetchFailure(Outcome.TIMEOUT,
+                           f"deadline of {self._s.deadline:g}s of network time passed")
 
-    async def _follow(self, url: str) -> Fetched:
+    async def _follow(self, url: str, clock: _Clock) -> Fetched:
         seen: set[str] = set()
         target = url
         for _hop in range(self._s.max_redirects + 1):
             host = self._check_target(target)
             seen.add(target)
-            result = await self._with_retries(target, host)
+            result = await self._with_retries(target, host, clock)
             if isinstance(result, Fetched):
                 return result
             target = result.target
@@ -107,10 +143,11 @@ class Fetcher:
             self._s.policy.check(literal, parts.hostname)
         return parts.hostname
 
-    async def _with_retries(self, url: str, host: str) -> Fetched | _Redirect:
+    async def _with_retries(self, url: str, host: str, clock: _Clock) -> Fetched | _Redirect:
         attempt = 0
+        last: _RetryLater | None = None
         while True:
-            result = await self._hop(url, host)
+            result = await self._retry(url, host, clock, last)
             if not isinstance(result, _RetryLater):
                 self._gate.recovered(host)
                 return result
@@ -118,10 +155,30 @@ class Fetcher:
             if attempt == self._s.max_retries or delay > self._s.max_retry_wait:
                 raise FetchFailure(result.outcome, f"{result.detail} after {attempt} retries")
             attempt += 1
+            last = result
 
-    async def _hop(self, url: str, host: str) -> Fetched | _Redirect | _RetryLater:
+    async def _retry(self, url: str, host: str, clock: _Clock,
+                     last: _RetryLater | None) -> Fetched | _Redirect | _RetryLater:
+        """One more hop; a retry that gets no slot in time ends in its own last answer."""
         try:
-            async with self._gate.slot(host), self._client.stream(url) as response:
+            return await self._hop(url, host, clock)
+        except FetchFailure as exc:
+            if last is None or exc.outcome is not Outcome.HOST_BUSY:
+                raise
+            raise FetchFailure(last.outcome, f"{last.detail}, then {exc.detail}") from exc
+
+    @asynccontextmanager
+    async def _slot(self, host: str, clock: _Clock) -> AsyncIterator[None]:
+        """A slot of ``host``; the wait counts against the queue bound, not the deadline."""
+        async with AsyncExitStack() as stack:
+            with clock.queueing():
+                await stack.enter_async_context(self._gate.slot(host, clock.queue_until()))
+            yield
+
+    async def _hop(self, url: str, host: str, clock: _Clock
+                   ) -> Fetched | _Redirect | _RetryLater:
+        try:
+            async with self._slot(host, clock), self._client.stream(url) as response:
                 return await self._handle(response)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise _failure_for(exc) from exc

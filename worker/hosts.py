@@ -2,10 +2,15 @@
 
 Resource handling: one ``HostGate`` lives for one batch; it holds a semaphore and a
 "not before" time per host seen in that batch.
+
+Error handling: a request that cannot get its host's slot by the time it was given
+(its queue bound) fails with ``host_busy``: it never sent a request, so it is not
+charged with a ``timeout`` nor with the status another request of that host received.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,9 +36,10 @@ class HostGate:
     """At most ``per_host`` requests in flight per host; hosts that asked us to wait wait.
 
     ``back_off(host, retry_after)`` pushes the host's window to ``retry_after`` seconds
-    from now (a server's ``Retry-After``), or to a jittered exponential delay when the
-    server named none. A request whose deadline ends before the window opens fails at
-    once with the outcome that closed the window, instead of holding a slot.
+    from now (a server's ``Retry-After``, capped at ``max_delay``), or to a jittered
+    exponential delay when the server named none. ``slot(host, until)`` waits for the
+    window and a free slot until the time ``until``; a request that would still wait
+    then (or whose ``until`` comes before the window opens) fails with ``host_busy``.
     """
 
     per_host: int
@@ -49,19 +55,34 @@ class HostGate:
         return state
 
     @asynccontextmanager
-    async def slot(self, host: str) -> AsyncIterator[None]:
+    async def slot(self, host: str, until: float = math.inf) -> AsyncIterator[None]:
         state = self._host(host)
-        await self._wait_window(host, state)
-        async with state.slots:
+        await self._enter(host, state, until)
+        try:
             yield
+        finally:
+            state.slots.release()
 
-    async def _wait_window(self, host: str, state: _Host) -> None:
+    async def _enter(self, host: str, state: _Host, until: float) -> None:
+        """A slot of ``host`` taken with its window open, or ``host_busy`` at ``until``."""
+        with trio.move_on_at(until):
+            while True:
+                await self._wait_window(host, state, until)
+                await state.slots.acquire()
+                if state.not_before <= trio.current_time():
+                    return
+                state.slots.release()  # closed again while this request queued
+        raise FetchFailure(Outcome.HOST_BUSY,
+                           f"no free slot of {host} (--per-host {self.per_host}) in time")
+
+    async def _wait_window(self, host: str, state: _Host, until: float) -> None:
         wait_until = state.not_before
         if wait_until <= trio.current_time():
             return
-        deadline = trio.current_effective_deadline()
-        if wait_until > deadline:
-            raise FetchFailure(state.outcome, f"{host} asked to wait past this request's deadline")
+        if wait_until > until:
+            raise FetchFailure(Outcome.HOST_BUSY,
+                               f"{host} asked to wait ({state.outcome.value} to another "
+                               f"request) past this request's queue bound")
         await trio.sleep_until(wait_until)
 
     def back_off(self, host: str, retry_after: float | None, outcome: Outcome) -> float:

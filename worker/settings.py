@@ -47,6 +47,11 @@ class FetchSettings:
     max_redirects: int = 5
     max_retries: int = 2
     max_retry_wait: float = 30.0
+    #: longest a host's backoff window stays closed, whatever its Retry-After says
+    max_retry_after: float = 60.0
+    #: seconds one URL may wait, over all its hops, for a slot of its host (not counted
+    #: against ``deadline``, which is network time); then ``host_busy``
+    host_queue_timeout: float = 300.0
     respect_opt_out: bool = True
     user_agent: str = USER_AGENT
     agent_token: str = AGENT_TOKEN
@@ -54,7 +59,8 @@ class FetchSettings:
 
     def __post_init__(self) -> None:
         _positive(self, ("concurrency", "per_host", "connect_timeout", "read_timeout",
-                         "deadline", "dns_timeout", "max_body_bytes", "large_body_slots"))
+                         "deadline", "dns_timeout", "max_body_bytes", "large_body_slots",
+                         "max_retry_after", "host_queue_timeout"))
         if self.max_redirects < 0 or self.max_retries < 0:
             raise SettingsError("max_redirects and max_retries must be >= 0")
 
