@@ -54,6 +54,7 @@ from pairfarm.protocol import (
     BatchStatus,
     DownloadLease,
     DownloadReport,
+    FailCause,
     FailReport,
     HeartbeatResponse,
     LeaseInfo,
@@ -302,21 +303,22 @@ class Leases:
             return HeartbeatResponse(lease_expires_at=row.lease_expires_at)
 
     def fail(self, kind: str, batch_id: int, worker_id: int, report: FailReport) -> BatchState:
-        """Give a batch back: ``release`` refunds the attempt; otherwise it counts, and the
-        batch fails for good once ``max_attempts`` are spent."""
+        """Give a batch back: a ``release`` or a failure whose cause is the worker's own
+        refunds the attempt; otherwise it counts, and the batch fails for good once
+        ``max_attempts`` are spent."""
+        refunded = report.release or report.cause is FailCause.WORKER
         with self.engine.begin() as conn:
             batch = _lock(conn, batch_id)
             _fence(batch, kind, worker_id, report.lease_token)
             spent = batch.attempts if kind == DOWNLOAD else batch.pp_attempts
-            refund = 1 if report.release else 0
+            refund = 1 if refunded else 0
             row = conn.execute(Q.give_back, {
                 "batch_id": batch_id, "status": HELD[kind].value, "worker_id": worker_id,
                 "lease_token": report.lease_token, "back_to": BACK_TO[kind].value,
-                "exhausted": not report.release and spent >= self.settings.max_attempts,
+                "exhausted": not refunded and spent >= self.settings.max_attempts,
                 "refund": refund if kind == DOWNLOAD else 0,
                 "pp_refund": refund if kind == POSTPROCESS else 0,
-                "reason": f"{kind} {'released' if report.release else 'failed'}: "
-                          f"{report.reason}",
+                "reason": f"{kind} {_failure_kind(report)}: {report.reason}",
             }).one()
             self._count("failures", kind)
             return BatchState(batch_id=row.id, status=row.status, attempts=row.attempts)
@@ -340,6 +342,16 @@ class Leases:
     def _lease_params(self, worker_id: int) -> dict[str, Any]:
         return {"worker_id": worker_id, "lease_token": new_lease_token(),
                 "ttl": self.settings.lease_ttl_s}
+
+
+def _failure_kind(report: FailReport) -> str:
+    """How ``last_error`` names a given-back batch (``pairfarm batches requeue --reason``
+    matches it)."""
+    if report.release:
+        return "released"
+    if report.cause is FailCause.WORKER:
+        return "failed on the worker (no attempt spent)"
+    return "failed"
 
 
 def _lock(conn: sa.Connection, batch_id: int) -> sa.Row[Any]:

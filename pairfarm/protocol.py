@@ -215,11 +215,21 @@ class PostprocessReport(_Model):
     duration_s: float = Field(ge=0)
 
 
+class FailCause(StrEnum):
+    """Whose fault a failed batch is."""
+
+    BATCH = "batch"  # the batch or its report: an attempt is spent
+    WORKER = "worker"  # the client's own machine (disk, output, settings): none is spent
+
+
 class FailReport(_Model):
     lease_token: str = Field(max_length=200)
     reason: str = Field(max_length=2000)
     #: True when the client gives the batch back unworked (shutdown): no attempt is charged.
     release: bool = False
+    #: ``worker``: the failure is the client's own (its disk, its output); the batch goes
+    #: back to the queue and no attempt is charged
+    cause: FailCause = FailCause.BATCH
 
 
 class BatchState(_Model):

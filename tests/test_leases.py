@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from coordinator.errors import InvalidReport, LeaseConflict, NotFound
 from coordinator.leases import Leases
-from pairfarm.protocol import BatchStatus, FailReport
+from pairfarm.protocol import BatchStatus, FailCause, FailReport
 from tests.conftest import insert_candidates
 from tests.leasing import (
     engine_for,
@@ -208,6 +208,30 @@ def test_release_refunds_the_attempt_and_failure_counts(db_url: str) -> None:
             state = service.fail("download", lease.batch_id, worker,
                                  FailReport(lease_token=lease.lease_token, reason="disk full"))
             assert state.status == expected
+
+
+def test_a_failure_caused_by_the_worker_spends_no_attempt(db_url: str) -> None:
+    """A worker that cannot write its shards fails the batch five times: the batch stays
+    pending with no attempt spent (max_attempts 2), then completes on a healthy worker."""
+    insert_candidates(db_url, 10)
+    with engine_for(db_url) as engine:
+        service = leases(engine, batch_size=10, max_attempts=2)
+        broken, healthy = new_worker(engine, "broken"), new_worker(engine, "healthy")
+        for _ in range(5):
+            lease = service.lease_download(broken)
+            assert lease is not None and lease.attempt == 1
+            state = service.fail("download", lease.batch_id, broken, FailReport(
+                lease_token=lease.lease_token, reason="create output directory: File exists",
+                cause=FailCause.WORKER))
+            assert (state.status, state.attempts) == (BatchStatus.PENDING, 0)
+        with engine.connect() as conn:
+            error = conn.execute(sa.text("SELECT last_error FROM batches")).scalar_one()
+        assert error == ("download failed on the worker (no attempt spent): "
+                         "create output directory: File exists")
+        lease = service.lease_download(healthy)
+        assert lease is not None and len(lease.candidates) == 10
+        done = service.complete_download(lease.batch_id, healthy, report(lease.lease_token, 10))
+        assert (done.status, done.attempts) == (BatchStatus.DOWNLOADED, 1)
 
 
 def test_postprocess_leases_written_shards_and_completes_them(db_url: str) -> None:

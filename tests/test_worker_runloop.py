@@ -32,6 +32,7 @@ from pairfarm.protocol import (
     Candidate,
     DownloadLease,
     DownloadReport,
+    FailCause,
     FailReport,
     Heartbeat,
     HeartbeatResponse,
@@ -61,6 +62,9 @@ class ScriptedCoordinator:
     completed: dict[int, DownloadReport] = field(default_factory=dict)
     failed: dict[int, FailReport] = field(default_factory=dict)
     heartbeats: list[tuple[float, int]] = field(default_factory=list)
+    #: called on register, and on each lease with the batch's number (1, 2, ...)
+    on_register: Callable[[], None] | None = None
+    on_lease: Callable[[int], None] | None = None
     _next: int = 0
 
     def transport(self) -> httpx.MockTransport:
@@ -81,6 +85,8 @@ class ScriptedCoordinator:
     def _route(self, path: str, body: Any) -> httpx.Response:
         if path == "/register":
             RegisterRequest.model_validate(body)
+            if self.on_register is not None:
+                self.on_register()
             return _ok(RegisterResponse(worker_id=1, role=Role.WORKER, batch_size=10,
                                         lease_ttl_s=60, heartbeat_interval_s=self.heartbeat_s))
         if path == "/download/lease":
@@ -95,6 +101,8 @@ class ScriptedCoordinator:
             return httpx.Response(204)
         urls = self.batches[self._next]
         self._next += 1
+        if self.on_lease is not None:
+            self.on_lease(self._next)
         lease = DownloadLease(
             batch_id=self._next, lease_token=f"lt-{self._next}", attempt=1,
             lease_expires_at=datetime.now(UTC) + timedelta(seconds=60),
@@ -277,5 +285,136 @@ def test_drain_timeout_releases_a_batch_that_takes_too_long(tmp_path: Path) -> N
 
 def test_a_refused_token_stops_the_worker(tmp_path: Path) -> None:
     coord = ScriptedCoordinator(batches=[], token="other")
-    with pytest.raises(WorkerStopped, match="refused our token"):
+    with pytest.raises(WorkerStopped, match="refused this worker's token"):
         _run(coord, tmp_path, settings=_settings(token="secret"), paths=[])
+
+
+def _every_file(out: Path) -> list[str]:
+    return sorted(p.name for p in out.rglob("*")) if out.is_dir() else []
+
+
+@pytest.mark.parametrize("heartbeat_s", [1, 100], ids=["on_a_heartbeat", "on_the_fence"])
+def test_a_token_revoked_mid_batch_stops_the_worker_and_leaves_no_partial_file(
+        tmp_path: Path, heartbeat_s: float) -> None:
+    """Revoked while the slow image is in flight: refused on the next heartbeat (every
+    1 s) or on the fence before the rename (heartbeats every 100 s)."""
+    coord = ScriptedCoordinator(batches=[], heartbeat_s=heartbeat_s)
+
+    async def revoke(loop: RunLoop, server: hs.HostileServer) -> None:
+        await trio.sleep(2)  # the slow image (8 s) is in flight
+        coord.token = "revoked"
+
+    with pytest.raises(WorkerStopped, match=r"refused this worker's token \(revoked\?\)"):
+        _run(coord, tmp_path, during=revoke, paths=[["/slow.jpg", "/a.jpg"]])
+    assert coord.completed == {} and coord.failed == {}
+    assert _every_file(tmp_path) == []  # no .tmp tar, no shard
+
+
+def test_an_unwritable_output_stops_the_worker_before_it_registers(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.touch()
+    coord = ScriptedCoordinator(batches=[])
+    with pytest.raises(WorkerStopped, match=r"cannot write shards to .*File exists"):
+        _run(coord, afile, paths=[["/a.jpg"], ["/b.jpg"]])
+    assert coord.calls == []  # no batch leased, none failed
+
+
+def _turn_into_a_file(out: Path) -> None:
+    """Put the output directory (and the shards in it) aside and a file in its place."""
+    out.rename(out.with_name("aside"))
+    out.write_bytes(b"")
+
+
+def _turn_into_a_directory(out: Path) -> None:
+    out.unlink()
+    out.with_name("aside").rename(out)
+
+
+def test_failures_on_this_machine_spend_no_attempt_and_stop_the_worker(tmp_path: Path) -> None:
+    """The output directory becomes a file once the worker registered (as a disk that
+    fails mid-run): each batch fails here, is given back with cause "worker", and the
+    third in a row stops the worker; batches 4 and 5 are never leased."""
+    out = tmp_path / "shards"
+    coord = ScriptedCoordinator(batches=[], on_register=lambda: _turn_into_a_file(out))
+    with pytest.raises(WorkerStopped, match=r"stopping: 3 batches in a row failed on this "
+                                            r"machine: shard write failed: .*File exists"):
+        _run(coord, out, paths=[["/a.jpg"], ["/b.jpg"], ["/a.jpg"], ["/b.jpg"], ["/a.jpg"]])
+    assert sorted(coord.failed) == [1, 2, 3]
+    assert {(r.cause, r.release) for r in coord.failed.values()} == {(FailCause.WORKER, False)}
+    assert coord.calls.count("/download/lease") == 3 and coord.completed == {}
+
+
+def test_a_completed_batch_resets_the_count_of_failures_here(tmp_path: Path) -> None:
+    """Odd batches fail here, even ones complete: never two failures in a row."""
+    out = tmp_path / "shards"
+
+    def flip(batch: int) -> None:
+        (_turn_into_a_file if batch % 2 else _turn_into_a_directory)(out)
+
+    coord = ScriptedCoordinator(batches=[], on_lease=flip)
+    loop = _run(coord, out, settings=_settings(stop_after_failures=2),
+                paths=[["/a.jpg"], ["/b.jpg"], ["/a.jpg"], ["/b.jpg"], ["/a.jpg"]])
+    assert sorted(coord.failed) == [1, 3, 5] and sorted(coord.completed) == [2, 4]
+    assert loop.summary.batches_failed == 3
+    assert {r.cause for r in coord.failed.values()} == {FailCause.WORKER}
+
+
+class _Unreachable:
+    """The coordinator's failure modes while a worker holds no batch."""
+
+    @staticmethod
+    async def register_503(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, json={"error": "unavailable", "detail": "db down"})
+
+    @staticmethod
+    async def register_hangs(request: httpx.Request) -> httpx.Response:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def lease_503(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/register"):
+            return _ok(RegisterResponse(worker_id=1, role=Role.WORKER, batch_size=10,
+                                        lease_ttl_s=60, heartbeat_interval_s=5))
+        return httpx.Response(503, json={"error": "unavailable", "detail": "db down"})
+
+    @staticmethod
+    async def idle(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/register"):
+            return await _Unreachable.lease_503(request)
+        return httpx.Response(204)
+
+
+@pytest.mark.parametrize("mode", ["register_503", "register_hangs", "lease_503", "idle"])
+def test_the_first_signal_stops_a_worker_that_holds_no_batch_at_once(
+        tmp_path: Path, mode: str) -> None:
+    """Backoff capped at 30 s, idle polls every 60 s: the signal at t=100 must end the run
+    at t=100, not at the next retry (the run is given an hour of virtual time)."""
+    ended: list[float] = []
+    requests: list[float] = []
+    handler = getattr(_Unreachable, mode)
+
+    async def counted(request: httpx.Request) -> httpx.Response:
+        requests.append(trio.current_time())
+        return await handler(request)  # type: ignore[no-any-return]
+
+    async def main() -> None:
+        client = AsyncCoordinatorClient("http://coordinator.test", "secret",
+                                        transport=httpx.MockTransport(counted))
+        loop = RunLoop(_settings(exit_when_idle=False, idle_poll_s=60), client,
+                       fsspec.filesystem("file"), str(tmp_path), rng=random.Random(0))
+
+        async def stop_later() -> None:
+            await trio.sleep(100)
+            loop.request_stop()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_later)
+            with trio.move_on_after(3600):
+                await loop.run()
+                ended.append(trio.current_time())
+        await client.aclose()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.3))
+    assert ended == [100.0]
+    assert requests and max(requests) < 100  # nothing asked after the signal

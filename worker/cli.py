@@ -286,12 +286,17 @@ def _print_totals(result: tuple[Counter[str], float], count: int) -> None:
       help="After SIGTERM, seconds to finish the batch in hand before releasing it.")
 @_opt("--backoff-cap", env="BACKOFF_CAP", type=click.FloatRange(0.1), default=60.0,
       help="Longest wait between retries while the coordinator is unreachable.")
+@_opt("--stop-after-failures", env="STOP_AFTER_FAILURES", type=click.IntRange(1), default=3,
+      help="Exit after this many batches in a row failed on this machine (its disk, "
+           "output or settings; no attempt is charged to them).")
 @pipeline_options
 def worker_command(**opts: Any) -> None:
     """Lease batches from the coordinator, download them into shards, report them.
 
-    SIGTERM / Ctrl-C once: finish the batch in hand (up to --drain-timeout), then exit.
-    Twice: release the batch to the coordinator now and exit.
+    SIGTERM / Ctrl-C once: finish the batch in hand (up to --drain-timeout), then exit
+    (at once when no batch is in hand). Twice: release the batch to the coordinator now
+    and exit. Exits with status 1 and one line saying why when the token is refused, the
+    output cannot be written, or --stop-after-failures batches in a row failed here.
     """
     from worker.settings import RunSettings
 
@@ -300,7 +305,8 @@ def worker_command(**opts: Any) -> None:
         name=opts["name"], pipeline=_pipeline_settings(opts), max_batch=opts["max_batch"],
         idle_poll_s=opts["idle_poll"], exit_when_idle=opts["exit_when_idle"],
         max_batches=opts["max_batches"], drain_timeout_s=opts["drain_timeout"],
-        backoff_cap_s=opts["backoff_cap"], metrics=_metrics_settings(opts)))
+        backoff_cap_s=opts["backoff_cap"], stop_after_failures=opts["stop_after_failures"],
+        metrics=_metrics_settings(opts)))
     with ExitStack() as stack:
         metrics = _serve_metrics(stack, settings.metrics)
         summary = _run_trio(_work, settings, opts, metrics)

@@ -7,18 +7,27 @@ One batch at a time::
                  +-- batch: download_batch  ||  heartbeat every interval
                        |-- LeaseLost (409) on a heartbeat: cancel, delete temp files, next
                        |-- shard written: one more heartbeat (the fence), rename, complete
-                       `-- storage error: report the batch as failed, next
+                       `-- storage error: give the batch back (cause "worker"), next
+
+Before it registers, the worker checks that its output location can be written
+(``worker.outputs``): a worker that cannot write shards stops before it takes a batch.
 
 Signals: the first SIGTERM / SIGINT stops leasing and lets the batch in hand finish
 within ``drain_timeout_s``; past that, or on a second signal, the batch is released
-(``fail`` with ``release=True``: no attempt is charged) and the worker exits. A batch is
-never dropped silently: it is completed, released, or (when even the release cannot
-reach the coordinator) logged as left to expire and be re-leased.
+(``fail`` with ``release=True``: no attempt is charged) and the worker exits. A worker
+that holds no batch (registering, waiting to retry, idle) stops at the first signal. A
+batch is never dropped silently: it is completed, released, or (when even the release
+cannot reach the coordinator) logged as left to expire and be re-leased.
 
 Error handling: ``Unavailable`` (network down, 5xx) is retried with capped exponential
 backoff and jitter while the batch is kept; ``Unauthorized`` ends the worker
-(``WorkerStopped``); ``LeaseLost`` discards the batch's work; ``Rejected`` on a report
-fails the batch with the coordinator's message.
+(``WorkerStopped``, its temporary files removed); ``LeaseLost`` discards the batch's work;
+``Rejected`` on a report fails the batch with the coordinator's message (an attempt is
+spent). A failure that is this machine's own (``ShardWriteError``, ``OSError``: its disk,
+its output) gives the batch back with cause ``worker``, which spends no attempt; after
+``stop_after_failures`` of them in a row, with no batch completed in between, the worker
+stops (``WorkerStopped``). ``run`` raises ``WorkerStopped`` itself, never inside Trio's
+``ExceptionGroup``.
 """
 
 from __future__ import annotations
@@ -26,7 +35,8 @@ from __future__ import annotations
 import logging
 import random
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -34,11 +44,12 @@ import fsspec
 import trio
 
 from pairfarm.client import AsyncCoordinatorClient, LeaseLost, Rejected, Unauthorized, Unavailable
-from pairfarm.protocol import DownloadLease, DownloadReport, FailReport
+from pairfarm.protocol import DownloadLease, DownloadReport, FailCause, FailReport
 from worker.backoff import backoff_delay
 from worker.batch import Network, OnSample, PreparedShard, download_batch
 from worker.errors import ShardWriteError, WorkerError
 from worker.metrics import BatchResult, WorkerMetrics, build_metrics
+from worker.outputs import check_output
 from worker.settings import RunSettings
 
 log = logging.getLogger("pairfarm.worker")
@@ -46,8 +57,14 @@ T = TypeVar("T")
 KIND = "download"
 
 
+#: failures that are this machine's own (its disk, its output location): not the batch's
+OWN_FAILURES = (ShardWriteError, OSError)
+REFUSED = "the coordinator refused this worker's token (revoked?): stopping"
+
+
 class WorkerStopped(WorkerError):
-    """The worker cannot go on (its token was refused)."""
+    """The worker cannot go on: its token was refused, its output cannot be written, or
+    its batches keep failing on this machine."""
 
 
 @dataclass
@@ -94,6 +111,9 @@ class RunLoop:
         self._metrics = metrics or build_metrics()
         self._signals = _Signals()
         self._heartbeat_s = 30.0
+        #: the scope of a wait while no batch is held; the first signal cancels it
+        self._unheld: trio.CancelScope | None = None
+        self._own_failures = 0
         self.summary = RunSummary()
 
     def _tally(self, result: BatchResult) -> None:
@@ -103,28 +123,48 @@ class RunLoop:
         self._metrics.batch(result)
 
     def request_stop(self) -> None:
-        """First signal: drain. Second: abort the batch in hand."""
+        """First signal: drain (and stop at once when no batch is held). Second: abort
+        the batch in hand."""
         if self._signals.draining.is_set():
             self._signals.abort.set()
         self._signals.draining.set()
+        if self._unheld is not None:
+            self._unheld.cancel()
 
     async def run(self) -> RunSummary:
         """Work until told to stop, idle (with ``exit_when_idle``) or out of batches.
 
-        Raises ``WorkerStopped`` (unwrapped) when the coordinator refuses the token.
+        Raises ``WorkerStopped`` (unwrapped) when the coordinator refuses the token, the
+        output cannot be written, or batches keep failing on this machine.
         """
-        stopped: WorkerStopped | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_signals)
-            try:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_signals)
+                await self._check_output()
                 await self._register()
                 await self._loop()
-            except WorkerStopped as exc:
-                stopped = exc
-            nursery.cancel_scope.cancel()
-        if stopped is not None:
-            raise stopped
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise _stopped_in(group) from None
         return self.summary
+
+    async def _check_output(self) -> None:
+        try:
+            await trio.to_thread.run_sync(check_output, self._fs, self._dir)
+        except ShardWriteError as exc:
+            raise WorkerStopped(f"cannot write shards to {self._s.output}: {exc}") from exc
+
+    @contextmanager
+    def _while_unheld(self) -> Iterator[trio.CancelScope]:
+        """A scope the first signal cancels: for waits while the worker holds no batch."""
+        with trio.CancelScope() as scope:
+            self._unheld = scope
+            if self._signals.draining.is_set():
+                scope.cancel()
+            try:
+                yield scope
+            finally:
+                self._unheld = None
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
@@ -135,7 +175,10 @@ class RunLoop:
                 self.request_stop()
 
     async def _register(self) -> None:
-        info = await self._call("register", lambda: self._client.register(self._s.name))
+        info = None
+        with self._while_unheld():
+            info = await self._call("register", lambda: self._client.register(self._s.name),
+                                    self._signals.draining)
         if info is not None:
             self._heartbeat_s = info.heartbeat_interval_s
             log.info("registered as worker %d (heartbeat every %.0fs)", info.worker_id,
@@ -147,7 +190,8 @@ class RunLoop:
             if self._s.max_batches is not None and done >= self._s.max_batches:
                 return
             lease = await self._call("lease",
-                                     lambda: self._client.lease_download(self._s.max_batch))
+                                     lambda: self._client.lease_download(self._s.max_batch),
+                                     self._signals.draining)
             if lease is None:
                 if self._s.exit_when_idle or self._signals.draining.is_set():
                     return
@@ -161,25 +205,28 @@ class RunLoop:
         with trio.move_on_after(self._s.idle_poll_s):
             await self._signals.draining.wait()
 
-    async def _call(self, what: str, call: Callable[[], Awaitable[T]]) -> T | None:
-        """``call`` retried on ``Unavailable`` with backoff; None when told to stop."""
+    async def _call(self, what: str, call: Callable[[], Awaitable[T]],
+                    stop: trio.Event) -> T | None:
+        """``call`` retried on ``Unavailable`` with backoff; None when ``stop`` is set
+        (the first signal while no batch is held, the second while one is)."""
         attempt = 0
         while True:
             try:
                 return await call()
             except Unauthorized as exc:
-                raise WorkerStopped(f"the coordinator refused our token: {exc}") from exc
+                raise WorkerStopped(f"{REFUSED} ({exc})") from exc
             except Unavailable as exc:
                 delay = backoff_delay(attempt, base=self._s.backoff_base_s,
                                       cap=self._s.backoff_cap_s, rng=self._rng)
                 log.warning("%s: coordinator unavailable (%s); retry %d in %.1fs", what, exc,
                             attempt + 1, delay)
-            if await self._sleep_or_abort(delay, what):
+            if await self._sleep_unless(delay, stop):
                 return None
             attempt += 1
 
-    async def _sleep_or_abort(self, delay: float, what: str) -> bool:
-        stop = self._signals.abort if what != "lease" else self._signals.draining
+    @staticmethod
+    async def _sleep_unless(delay: float, stop: trio.Event) -> bool:
+        """Wait ``delay`` seconds; True (at once) when ``stop`` is or gets set."""
         with trio.move_on_after(delay):
             await stop.wait()
             return True
@@ -192,10 +239,12 @@ class RunLoop:
         prepared = await self._download(lease, state)
         if prepared is None:
             return
-        if not await self._fence(lease, state):
+        try:
+            if await self._fence(lease, state):
+                await self._complete(lease, prepared)
+        finally:
+            # whatever is left under temporary names (nothing once committed)
             await prepared.abort()
-            return
-        await self._complete(lease, prepared)
 
     async def _download(self, lease: DownloadLease, state: _BatchState) -> PreparedShard | None:
         prepared: PreparedShard | None = None
@@ -209,11 +258,13 @@ class RunLoop:
                     lease.batch_id, lease.candidates, settings=self._s.pipeline, fs=self._fs,
                     directory=self._dir, network=self._network, on_sample=on_sample,
                     metrics=self._metrics)
-            except ShardWriteError as exc:
-                failure = f"shard write failed: {exc}"
+            except (*OWN_FAILURES, BaseExceptionGroup) as exc:
+                failure = _own_failure(exc)
+                if failure is None:
+                    raise
             nursery.cancel_scope.cancel()
         if failure is not None:
-            await self._fail(lease, failure)
+            await self._failed_here(lease, failure)
             return None
         if state.lost or state.released:
             return None
@@ -231,6 +282,8 @@ class RunLoop:
         """One heartbeat; False when the lease is lost (the work must be discarded)."""
         try:
             await self._client.heartbeat(KIND, lease.batch_id, lease.lease_token)
+        except Unauthorized as exc:
+            raise WorkerStopped(f"{REFUSED} ({exc})") from exc
         except LeaseLost as exc:
             log.warning("batch %d: lease lost (%s); discarding the work", lease.batch_id, exc)
             state.lost = True
@@ -261,7 +314,7 @@ class RunLoop:
                 self._tally(BatchResult.RELEASED)
                 return
             raise Unavailable("release timed out")
-        except (Unavailable, LeaseLost, Rejected) as exc:
+        except (Unavailable, LeaseLost, Rejected, Unauthorized) as exc:
             log.error("batch %d: could not release it (%s); it will be re-leased when its "
                       "lease expires at %s", lease.batch_id, exc, lease.lease_expires_at)
 
@@ -270,14 +323,18 @@ class RunLoop:
         return await self._beat(lease, state)
 
     async def _complete(self, lease: DownloadLease, prepared: PreparedShard) -> None:
-        files = await prepared.commit()
+        try:
+            files = await prepared.commit()
+        except OWN_FAILURES as exc:
+            await self._failed_here(lease, f"shard write failed: {exc}")
+            return
         report = DownloadReport(lease_token=lease.lease_token, shard=files,
                                 outcomes=dict(prepared.outcomes),
                                 bytes_downloaded=prepared.stats.bytes_downloaded,
                                 duration_s=prepared.stats.end_time - prepared.stats.start_time)
         try:
             state = await self._call("complete", lambda: self._client.complete(
-                KIND, lease.batch_id, report))
+                KIND, lease.batch_id, report), self._signals.abort)
         except LeaseLost as exc:
             log.warning("batch %d: completion refused, lease lost (%s)", lease.batch_id, exc)
             self._tally(BatchResult.LOST)
@@ -290,14 +347,55 @@ class RunLoop:
                       "re-leased when its lease expires", lease.batch_id)
             return
         self._tally(BatchResult.COMPLETED)
+        self._own_failures = 0
         self.summary.samples += prepared.count
         log.info("batch %d done: %s", lease.batch_id, dict(prepared.outcomes))
 
-    async def _fail(self, lease: DownloadLease, reason: str) -> None:
-        log.error("batch %d failed: %s", lease.batch_id, reason)
+    async def _failed_here(self, lease: DownloadLease, reason: str) -> None:
+        """The batch failed for this machine's own reasons: give it back without spending
+        an attempt; stop after ``stop_after_failures`` in a row."""
+        await self._fail(lease, reason, FailCause.WORKER)
+        self._own_failures += 1
+        if self._own_failures >= self._s.stop_after_failures:
+            raise WorkerStopped(f"stopping: {self._own_failures} batches in a row failed on "
+                                f"this machine: {reason}")
+
+    async def _fail(self, lease: DownloadLease, reason: str,
+                    cause: FailCause = FailCause.BATCH) -> None:
+        log.error("batch %d failed (%s): %s", lease.batch_id,
+                  "on this machine" if cause is FailCause.WORKER else "the batch", reason)
         self._tally(BatchResult.FAILED)
-        report = FailReport(lease_token=lease.lease_token, reason=reason[:2000])
+        report = FailReport(lease_token=lease.lease_token, reason=reason[:2000], cause=cause)
         try:
-            await self._call("fail", lambda: self._client.fail(KIND, lease.batch_id, report))
+            await self._call("fail", lambda: self._client.fail(KIND, lease.batch_id, report),
+                             self._signals.abort)
         except (LeaseLost, Rejected) as exc:
             log.warning("batch %d: failure report refused (%s)", lease.batch_id, exc)
+
+
+def _own_failure(exc: BaseException) -> str | None:
+    """The message of a failure that is this machine's own (alone or the only kind in
+    a group, as Trio's nurseries raise it); None for anything else."""
+    if isinstance(exc, BaseExceptionGroup):
+        mine, rest = exc.split(OWN_FAILURES)
+        if mine is None or rest is not None:
+            return None
+        return _own_failure(_leaves(mine)[0])
+    return f"shard write failed: {exc}" if isinstance(exc, OWN_FAILURES) else None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
+def _stopped_in(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What ``run`` raises for a group out of its nursery: the ``WorkerStopped`` in it,
+    else the one exception it holds, else the group itself."""
+    leaves = _leaves(group)
+    stopped = [exc for exc in leaves if isinstance(exc, WorkerStopped)]
+    if stopped:
+        return stopped[0]
+    return leaves[0] if len(leaves) == 1 else group

@@ -141,6 +141,9 @@ class RunSettings:
     drain_timeout_s: float = 120.0
     exit_when_idle: bool = False
     max_batches: int | None = None
+    #: exit after this many batches in a row failed on this machine (its disk, output or
+    #: settings) with no batch completed in between
+    stop_after_failures: int = 3
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def __post_init__(self) -> None:
@@ -148,6 +151,9 @@ class RunSettings:
             raise SettingsError("the coordinator URL must start with http:// or https://")
         if not self.token:
             raise SettingsError("a worker token is required")
+        if self.stop_after_failures < 1:
+            raise SettingsError(f"stop_after_failures must be >= 1, "
+                                f"got {self.stop_after_failures}")
 
 
 def _positive(obj: object, names: tuple[str, ...]) -> None:
