@@ -1,4 +1,5 @@
-"""The coordinator's commands: ``coordinator``, ``db upgrade``, ``token create|list|revoke``.
+"""The coordinator's commands: ``coordinator``, ``db upgrade``, ``token create|list|revoke``,
+``batches list|requeue``.
 
 Each reads its settings from flags or the environment and turns the coordinator's errors
 into ``click.ClickException`` (a one-line message, exit status 1).
@@ -205,3 +206,84 @@ def token_revoke(database_url: str | None, data_dir: Path, ident: str) -> None:
 
 def _ts(value: Any) -> str:
     return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+# -- pairfarm batches -------------------------------------------------------------------
+
+@click.group("batches")
+def batches() -> None:
+    """Batches for an operator: list them, give failed ones back to the queue."""
+
+
+def batch_filter_options(func: F) -> F:
+    """``--state``, ``--reason``, ``--worker``, ``--id``: which batches (all must match)."""
+    func = click.option("--id", "ids", type=click.IntRange(1), multiple=True,
+                        help="Only this batch (repeatable).")(func)
+    func = click.option("--worker", default=None, metavar="NAME_OR_ID",
+                        help="Only batches this client held last (worker id, worker "
+                             "name or token name).")(func)
+    func = click.option("--reason", default=None, metavar="TEXT",
+                        help="Only batches whose recorded failure reason contains TEXT "
+                             "(case-insensitive).")(func)
+    return click.option(
+        "--state", "states", multiple=True, default=("failed",), show_default=True,
+        type=click.Choice(["pending", "leased", "downloaded", "postprocessing", "done",
+                           "failed"]),
+        help="Only batches in this state (repeatable).")(func)
+
+
+def _filter(states: tuple[str, ...], reason: str | None, worker: str | None,
+            ids: tuple[int, ...]) -> Any:
+    from coordinator.batches import BatchFilter
+    from pairfarm.protocol import BatchStatus
+
+    return BatchFilter(states=tuple(BatchStatus(s) for s in states), reason=reason,
+                       worker=worker, ids=ids)
+
+
+@batches.command("list")
+@database_options
+@batch_filter_options
+@friendly_errors
+def batches_list(*, database_url: str | None, data_dir: Path, states: tuple[str, ...],
+                 reason: str | None, worker: str | None, ids: tuple[int, ...]) -> None:
+    """List batches (failed ones by default): id, state, size, attempts, last client,
+    updated, last error."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from coordinator.batches import list_batches
+
+    with engine_for(settings_from(database_url=database_url, data_dir=data_dir)) as engine:
+        rows = list_batches(engine, _filter(states, reason, worker, ids))
+    table = Table("id", "state", "size", "attempts", "client", "updated", "last error")
+    for r in rows:
+        client = "-" if r.worker_id is None else f"{r.worker_id} ({r.worker_name})"
+        table.add_row(str(r.id), r.status, str(r.size), f"{r.attempts}/{r.pp_attempts}",
+                      client, _ts(r.updated_at), r.last_error or "-")
+    Console(width=160).print(table)
+    click.echo(f"{len(rows)} batches ({sum(r.size for r in rows)} candidates)")
+
+
+@batches.command("requeue")
+@database_options
+@batch_filter_options
+@click.option("--dry-run", is_flag=True, default=False,
+              help="Say what would be requeued; change nothing.")
+@friendly_errors
+def batches_requeue(*, database_url: str | None, data_dir: Path, states: tuple[str, ...],
+                    reason: str | None, worker: str | None, ids: tuple[int, ...],
+                    dry_run: bool) -> None:
+    """Give batches back to the queue (failed ones by default), attempts reset.
+
+    A batch without a shard goes back to pending, one with a shard (failed in
+    post-processing) to downloaded. Each keeps its candidates, so none is downloaded
+    twice. A held batch (--state leased / postprocessing) is taken from its holder,
+    whose lease is fenced out (409).
+    """
+    from coordinator.batches import requeue
+
+    with engine_for(settings_from(database_url=database_url, data_dir=data_dir)) as engine:
+        done = requeue(engine, _filter(states, reason, worker, ids), dry_run=dry_run)
+    verb = "would requeue" if dry_run else "requeued"
+    click.echo(f"{verb} {done.batches} batches ({done.candidates} candidates)")

@@ -87,6 +87,13 @@ class Worker(Base):
     version: Mapped[str | None] = mapped_column(Text)
     registered_at: Mapped[datetime] = _now()
     last_seen_at: Mapped[datetime] = _now()
+    #: failures reported with no completion in between, and when that run began
+    failures_in_row: Mapped[int] = mapped_column(SmallInteger, nullable=False,
+                                                 server_default="0")
+    failing_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: no lease for this client until then (its run of failures reached the limit)
+    quarantined_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    quarantine_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class Ingest(Base):
@@ -171,6 +178,8 @@ class Batch(Base):
     attempts: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default="0")
     pp_attempts: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)
+    #: the client of the batch's last lease, kept when the lease ends
+    last_worker_id: Mapped[int | None] = mapped_column(ForeignKey("workers.id"))
     downloaded_by: Mapped[int | None] = mapped_column(ForeignKey("workers.id"))
     shard: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     tar_sha256: Mapped[str | None] = mapped_column(Text)

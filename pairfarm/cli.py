@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "extract": "extract.cli:extract_command",
     "ingest": "coordinator.ingest.cli:ingest",
     "token": "coordinator.cli:token",
+    "batches": "coordinator.cli:batches",
     "postprocess": "gpu_postprocess.command:postprocess",
     "postprocess-shard": "gpu_postprocess.command:postprocess_shard",
     "worker": "worker.cli:worker_command",

@@ -167,8 +167,8 @@ UPDATE batches
    SET status = CASE WHEN :exhausted THEN 'failed' ELSE CAST(:back_to AS text) END,
        attempts = attempts - CAST(:refund AS int),
        pp_attempts = pp_attempts - CAST(:pp_refund AS int),
-       last_error = :reason, worker_id = NULL, lease_token = NULL, lease_expires_at = NULL,
-       updated_at = now()
+       last_error = :reason, last_worker_id = worker_id, worker_id = NULL,
+       lease_token = NULL, lease_expires_at = NULL, updated_at = now()
  WHERE id = :batch_id AND status = :status AND worker_id = :worker_id
    AND lease_token = :lease_token
 RETURNING id, status, attempts;
@@ -193,10 +193,50 @@ UPDATE batches b
                 || b.attempts || ' of ' || :max_attempts || ')'
            ELSE 'post-processing lease expired (attempt '
                 || b.pp_attempts || ' of ' || :max_attempts || ')' END,
-       worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+       last_worker_id = b.worker_id, worker_id = NULL, lease_token = NULL,
+       lease_expires_at = NULL, updated_at = now()
   FROM expired
  WHERE b.id = expired.id
 RETURNING b.id, b.status, expired.held;
+
+-- name: _selected_batches
+-- The batches an operator names (pairfarm batches list|requeue): in one of :states;
+-- when given, whose last_error contains :reason (case-insensitive), held last by the
+-- client :worker (its id, its registered name or its token's name), with an id in :ids.
+batches b
+  LEFT JOIN workers w ON w.id = COALESCE(b.worker_id, b.last_worker_id)
+  LEFT JOIN tokens t ON t.id = w.token_id
+ WHERE b.status = ANY (CAST(:states AS text[]))
+   AND (CAST(:reason AS text) IS NULL
+        OR strpos(lower(b.last_error), lower(CAST(:reason AS text))) > 0)
+   AND (CAST(:worker AS text) IS NULL OR CAST(w.id AS text) = :worker
+        OR w.name = :worker OR t.name = :worker)
+   AND (cardinality(CAST(:ids AS bigint[])) = 0 OR b.id = ANY (CAST(:ids AS bigint[])))
+
+-- name: select_batches
+SELECT b.id, b.status, b.size, b.attempts, b.pp_attempts, b.last_error, b.updated_at,
+       w.id AS worker_id, w.name AS worker_name
+  FROM {_selected_batches}
+ ORDER BY b.id;
+
+-- name: requeue_batches
+-- Give the selected batches back to the queue: a batch without a shard to pending
+-- (download attempts reset), one with a shard (it failed in post-processing) to
+-- downloaded (post-processing attempts reset). A lease it held is fenced out: its lease
+-- token is cleared, so the holder's heartbeat, completion or failure gets 409. The batch
+-- keeps its candidates (batch_members), so each candidate stays in exactly one batch.
+WITH chosen AS (
+    SELECT b.id FROM {_selected_batches}
+       FOR UPDATE OF b
+)
+UPDATE batches
+   SET status = CASE WHEN shard IS NULL THEN 'pending' ELSE 'downloaded' END,
+       attempts = CASE WHEN shard IS NULL THEN 0 ELSE attempts END,
+       pp_attempts = 0, last_worker_id = COALESCE(worker_id, last_worker_id),
+       worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, updated_at = now()
+  FROM chosen
+ WHERE batches.id = chosen.id
+RETURNING batches.id, batches.status, batches.size;
 
 -- name: insert_token
 INSERT INTO tokens (role, name, token_sha256) VALUES (:role, :name, :token_sha256)
