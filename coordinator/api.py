@@ -7,8 +7,10 @@ Read-only aggregates need no token: ``GET /api/v1/stats``, ``GET /metrics`` (Pro
 and the dashboard at ``GET /`` (``coordinator.dashboard``).
 
 Error handling: the coordinator's errors map to HTTP statuses in ``STATUS``; request
-validation gives 422; a database that cannot be reached gives 503; every error body is
-``{"error": <class>, "detail": <text>}``.
+validation gives 422 (the wire models are strict: no NUL, no number beyond PostgreSQL's
+column, no ``Infinity``), and so does a value the database refuses all the same
+(``DataError``); a body over the cap gives 413, declared or chunked; a database that cannot
+be reached gives 503; every error body is ``{"error": <class>, "detail": <text>}``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -35,6 +37,7 @@ from coordinator.errors import (
     NotFound,
 )
 from coordinator.leases import DOWNLOAD, POSTPROCESS, Leases
+from coordinator.locations import check_shard
 from coordinator.metrics import CoordinatorMetrics, make_metrics, stats_source
 from coordinator.reaper import Reaper
 from coordinator.settings import CoordinatorSettings
@@ -42,6 +45,7 @@ from coordinator.stats import farm_stats
 from pairfarm import __version__
 from pairfarm.protocol import (
     API_PREFIX,
+    BIGINT_MAX,
     BatchState,
     DownloadLease,
     DownloadReport,
@@ -73,7 +77,10 @@ def error_response(status: int, error: str, detail: str,
 
 class BodyLimit:
     """ASGI middleware: refuse request bodies over ``max_bytes`` with 413, whether the size
-    is declared (Content-Length) or only seen while streaming."""
+    is declared (Content-Length) or only seen while streaming (chunked).
+
+    The body is read here, up to the cap, and handed to the app in one piece: a request
+    over the cap never reaches the app (where FastAPI would turn the error into a 400)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -88,20 +95,28 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._refuse(scope, receive, send)
             return
-        seen = 0
-
-        async def counting_receive() -> Scope:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, counting_receive, send)
-        except _TooLarge:
+        body = await self._read(receive)
+        if body is None:
             await self._refuse(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read(self, receive: Callable[[], Awaitable[Scope]]) -> Scope | None:
+        """The whole request body as one ``http.request`` message (or the disconnect that
+        ended it); None when it grows over the cap."""
+        chunks: list[bytes] = []
+        seen = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return message
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
     async def _refuse(self, scope: Scope, receive: Callable[[], Awaitable[Scope]],
                       send: Callable[[Scope], Awaitable[None]]) -> None:
@@ -111,8 +126,15 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+def _replay(first: Scope, receive: Callable[[], Awaitable[Scope]]
+            ) -> Callable[[], Awaitable[Scope]]:
+    """A ``receive`` that answers ``first`` once, then whatever the server says next."""
+    pending = [first]
+
+    async def replay() -> Scope:
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 def _caller(request: Request) -> tokens.TokenInfo:
@@ -123,6 +145,8 @@ def _caller(request: Request) -> tokens.TokenInfo:
 
 
 Caller = Annotated[tokens.TokenInfo, Depends(_caller)]
+#: a batch id in a path: a bigint
+BatchId = Annotated[int, Path(ge=1, le=BIGINT_MAX)]
 
 
 def create_app(settings: CoordinatorSettings, engine: sa.Engine, *,
@@ -169,6 +193,11 @@ def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return error_response(exc.status_code, "http_error", str(exc.detail))
+
+    @app.exception_handler(sa.exc.DataError)
+    async def bad_value(request: Request, exc: sa.exc.DataError) -> JSONResponse:
+        return error_response(422, "invalid_value",
+                              f"the database refused a value: {str(exc.orig).strip()}")
 
     @app.exception_handler(sa.exc.OperationalError)
     async def db_down(request: Request, exc: sa.exc.OperationalError) -> JSONResponse:
@@ -222,13 +251,14 @@ def _routes(app: FastAPI, settings: CoordinatorSettings, engine: sa.Engine,
         _batch_routes(app, leases, metrics, kind=kind, role=role, worker_id=worker_id)
 
     @app.post(f"{API_PREFIX}/download/{{batch_id}}/complete")
-    def complete_download(batch_id: int, body: DownloadReport, info: Caller) -> BatchState:
+    def complete_download(batch_id: BatchId, body: DownloadReport, info: Caller) -> BatchState:
         wid = worker_id(info, Role.WORKER)
+        check_shard(body.shard, settings.shard_prefixes)
         with metrics.fenced(DOWNLOAD, "complete"):
             return leases.complete_download(batch_id, wid, body)
 
     @app.post(f"{API_PREFIX}/postprocess/{{batch_id}}/complete")
-    def complete_postprocess(batch_id: int, body: PostprocessReport,
+    def complete_postprocess(batch_id: BatchId, body: PostprocessReport,
                              info: Caller) -> BatchState:
         wid = worker_id(info, Role.GPU)
         with metrics.fenced(POSTPROCESS, "complete"):
@@ -259,13 +289,13 @@ def _batch_routes(app: FastAPI, leases: Leases, metrics: CoordinatorMetrics, *, 
     """Heartbeat and fail, the same for both kinds of client."""
 
     @app.post(f"{API_PREFIX}/{kind}/{{batch_id}}/heartbeat", name=f"{kind}_heartbeat")
-    def heartbeat(batch_id: int, body: Heartbeat, info: Caller) -> HeartbeatResponse:
+    def heartbeat(batch_id: BatchId, body: Heartbeat, info: Caller) -> HeartbeatResponse:
         wid = worker_id(info, role)
         with metrics.fenced(kind, "heartbeat"):
             return leases.heartbeat(kind, batch_id, wid, body.lease_token)
 
     @app.post(f"{API_PREFIX}/{kind}/{{batch_id}}/fail", name=f"{kind}_fail")
-    def fail(batch_id: int, body: FailReport, info: Caller) -> BatchState:
+    def fail(batch_id: BatchId, body: FailReport, info: Caller) -> BatchState:
         wid = worker_id(info, role)
         with metrics.fenced(kind, "fail"):
             return leases.fail(kind, batch_id, wid, body)

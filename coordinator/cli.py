@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from coordinator.errors import CoordinatorError
+from coordinator.locations import DEFAULT_SHARD_PREFIXES
 from coordinator.settings import (
     DEFAULT_DATA_DIR,
     CoordinatorSettings,
@@ -91,6 +92,11 @@ def engine_for(settings: CoordinatorSettings, *, migrate: bool = False) -> Itera
               show_default=True, help="Seconds between two passes of the lease reaper.")
 @click.option("--max-body-bytes", default=1 << 20, type=int, envvar="PAIRFARM_MAX_BODY_BYTES",
               show_default=True, help="Largest request body accepted (413 above).")
+@click.option("--shard-prefix", "shard_prefixes", multiple=True,
+              default=DEFAULT_SHARD_PREFIXES, envvar="PAIRFARM_SHARD_PREFIXES",
+              show_default=True,
+              help="A reported shard's files must start with one of these (repeatable; "
+                   "a plain path counts as file://PATH), e.g. s3://my-bucket/shards/.")
 @click.option("--migrate/--no-migrate", default=False, envvar="PAIRFARM_MIGRATE",
               help="Upgrade a DATABASE_URL database before serving (the embedded one "
                    "always is).")
@@ -99,7 +105,7 @@ def engine_for(settings: CoordinatorSettings, *, migrate: bool = False) -> Itera
 def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path, host: str,
                 port: int, batch_size: int, lease_ttl: float, max_attempts: int,
                 max_sample_rows: int, reap_interval: float, max_body_bytes: int,
-                migrate: bool) -> None:
+                shard_prefixes: tuple[str, ...], migrate: bool) -> None:
     """Serve the coordinator's REST API (OpenAPI at /docs).
 
     Without DATABASE_URL it starts an embedded PostgreSQL in --data-dir, migrates it, and
@@ -111,7 +117,7 @@ def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path,
                                 max_attempts=max_attempts, max_sample_rows=max_sample_rows)
     settings = make_settings(database_url=database_url, data_dir=data_dir, host=host,
                              port=port, lease=lease, reap_interval_s=reap_interval,
-                             max_body_bytes=max_body_bytes)
+                             max_body_bytes=max_body_bytes, shard_prefixes=shard_prefixes)
     verbose = ctx.find_root().params.get("verbose", 0)
     click.echo(f"pairfarm coordinator on http://{host}:{port} "
                f"({'DATABASE_URL' if database_url else f'embedded PostgreSQL in {data_dir}'})",

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.errors import SettingsError
+from coordinator.locations import DEFAULT_SHARD_PREFIXES, parse_prefixes
 
 DEFAULT_DATA_DIR = Path("farm-data/pg")
 DEFAULT_DATABASE = "pairfarm"
@@ -49,6 +50,8 @@ class CoordinatorSettings:
     alive_window_s: float = 900.0
     #: a client's calls mark it seen (a write) at most once per this many seconds
     touch_interval_s: float = 5.0
+    #: a reported shard's files must start with one of these (``coordinator.locations``)
+    shard_prefixes: tuple[str, ...] = DEFAULT_SHARD_PREFIXES
 
 
 def make_lease_settings(*, batch_size: int = 10_000, lease_ttl_s: float = 600.0,
@@ -65,7 +68,8 @@ def make_lease_settings(*, batch_size: int = 10_000, lease_ttl_s: float = 600.0,
 def make_settings(*, database_url: str | None = None, data_dir: Path = DEFAULT_DATA_DIR,
                   host: str = "127.0.0.1", port: int = 8600,
                   lease: LeaseSettings | None = None, reap_interval_s: float = 10.0,
-                  max_body_bytes: int = 1 << 20) -> CoordinatorSettings:
+                  max_body_bytes: int = 1 << 20,
+                  shard_prefixes: tuple[str, ...] = DEFAULT_SHARD_PREFIXES) -> CoordinatorSettings:
     """Validate and build the settings; ``SettingsError`` says what is wrong."""
     _check(0 <= port <= 65535, f"port must be in 0..65535, not {port}")
     _check(reap_interval_s > 0, "the reap interval must be positive")
@@ -73,7 +77,8 @@ def make_settings(*, database_url: str | None = None, data_dir: Path = DEFAULT_D
     return CoordinatorSettings(
         database_url=normalize_url(database_url) if database_url else None,
         data_dir=Path(data_dir), host=host, port=port, lease=lease or LeaseSettings(),
-        reap_interval_s=reap_interval_s, max_body_bytes=max_body_bytes)
+        reap_interval_s=reap_interval_s, max_body_bytes=max_body_bytes,
+        shard_prefixes=parse_prefixes(shard_prefixes))
 
 
 def normalize_url(url: str) -> str:

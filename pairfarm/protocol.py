@@ -31,18 +31,46 @@ from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
     field_serializer,
     field_validator,
     model_validator,
 )
 
 API_PREFIX = "/api/v1"
+
+#: PostgreSQL's ``bigint`` and ``integer`` maxima: a number a request carries into one of
+#: those columns (or compares with one) is refused above them, never passed on.
+BIGINT_MAX = 2**63 - 1
+INT_MAX = 2**31 - 1
+
+
+def _storable(value: str) -> str:
+    """PostgreSQL text and jsonb hold no NUL character: refuse it at the door (a lone
+    surrogate, the other string they cannot hold, is refused by pydantic's strict str)."""
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+# The request models' field types are strict: ``10.0``, ``true`` and ``"5"`` are not
+# counts, ``1`` is not a flag, ``Infinity`` and ``NaN`` are not durations.
+Text = Annotated[StrictStr, AfterValidator(_storable)]
+Key = Annotated[Text, Field(max_length=100)]
+Count = Annotated[StrictInt, Field(ge=0, le=BIGINT_MAX)]
+SmallCount = Annotated[StrictInt, Field(ge=0, le=INT_MAX)]
+Seconds = Annotated[StrictFloat, Field(ge=0, allow_inf_nan=False)]
+Finite = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 
 
 class _Model(BaseModel):
@@ -77,8 +105,8 @@ class ErrorBody(_Model):
 
 
 class RegisterRequest(_Model):
-    name: str = Field(max_length=200, description="host name or label of the client")
-    version: str = Field(max_length=50)
+    name: Text = Field(max_length=200, description="host name or label of the client")
+    version: Text = Field(max_length=50)
 
 
 class RegisterResponse(_Model):
@@ -90,9 +118,9 @@ class RegisterResponse(_Model):
 
 
 class LeaseRequest(_Model):
-    max_size: int | None = Field(
-        default=None, ge=1, description="take at most this many candidates (server caps it)"
-    )
+    max_size: StrictInt | None = Field(
+        default=None, ge=1, le=INT_MAX,
+        description="take at most this many candidates (server caps it)")
 
 
 NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
@@ -170,12 +198,12 @@ class DownloadLease(LeaseInfo):
 class ShardFiles(_Model):
     """Where a download shard's files are, as fsspec URLs or paths, with the tar's digest."""
 
-    tar: str = Field(max_length=2000)
-    parquet: str = Field(max_length=2000)
-    stats: str = Field(max_length=2000)
-    tar_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    parquet_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    tar_bytes: int = Field(ge=0)
+    tar: Text = Field(min_length=1, max_length=2000)
+    parquet: Text = Field(min_length=1, max_length=2000)
+    stats: Text = Field(min_length=1, max_length=2000)
+    tar_sha256: StrictStr = Field(pattern=r"^[0-9a-f]{64}$")
+    parquet_sha256: StrictStr = Field(pattern=r"^[0-9a-f]{64}$")
+    tar_bytes: Count
 
 
 class PostprocessLease(LeaseInfo):
@@ -185,7 +213,7 @@ class PostprocessLease(LeaseInfo):
 
 
 class Heartbeat(_Model):
-    lease_token: str = Field(max_length=200)
+    lease_token: Text = Field(max_length=200)
 
 
 class HeartbeatResponse(_Model):
@@ -196,23 +224,24 @@ class DownloadReport(_Model):
     """A finished download batch. ``outcomes`` maps each outcome class
     (``pairfarm.outcomes.Outcome``) to its count; the counts sum to the batch size."""
 
-    lease_token: str = Field(max_length=200)
+    lease_token: Text = Field(max_length=200)
     shard: ShardFiles
-    outcomes: dict[str, int]
-    bytes_downloaded: int = Field(ge=0)
-    duration_s: float = Field(ge=0)
+    outcomes: dict[Key, Count] = Field(max_length=100)
+    bytes_downloaded: Count
+    duration_s: Seconds
 
 
 class PostprocessReport(_Model):
-    lease_token: str = Field(max_length=200)
-    kept: int = Field(ge=0)
-    dropped: int = Field(ge=0)
-    drop_reasons: dict[str, int] = Field(default_factory=dict)
+    lease_token: Text = Field(max_length=200)
+    kept: SmallCount
+    dropped: SmallCount
+    drop_reasons: dict[Key, Count] = Field(default_factory=dict, max_length=1000)
     #: similarity histogram: ``counts[i]`` samples in ``[edges[i], edges[i+1])``
-    similarity_edges: list[float] = Field(default_factory=list, max_length=1001)
-    similarity_counts: list[int] = Field(default_factory=list, max_length=1000)
-    outputs: dict[str, str] = Field(default_factory=dict, description="name -> location")
-    duration_s: float = Field(ge=0)
+    similarity_edges: list[Finite] = Field(default_factory=list, max_length=1001)
+    similarity_counts: list[Count] = Field(default_factory=list, max_length=1000)
+    outputs: dict[Key, Annotated[Text, Field(max_length=2000)]] = Field(
+        default_factory=dict, max_length=100, description="name -> location")
+    duration_s: Seconds
 
 
 class FailCause(StrEnum):
@@ -223,10 +252,10 @@ class FailCause(StrEnum):
 
 
 class FailReport(_Model):
-    lease_token: str = Field(max_length=200)
-    reason: str = Field(max_length=2000)
+    lease_token: Text = Field(max_length=200)
+    reason: Text = Field(max_length=2000)
     #: True when the client gives the batch back unworked (shutdown): no attempt is charged.
-    release: bool = False
+    release: StrictBool = False
     #: ``worker``: the failure is the client's own (its disk, its output); the batch goes
     #: back to the queue and no attempt is charged
     cause: FailCause = FailCause.BATCH

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -177,3 +179,206 @@ def _env(url: str) -> dict[str, str]:
     from tests.conftest import cli_env
 
     return cli_env(DATABASE_URL=url)
+
+
+# -- bad input: a clear 422 / 413, the connection kept, nothing stored -------------------
+
+UNTOUCHED = ("leased", 1, None, None, None, None)
+
+
+def _leased(coord: RunningCoordinator, size: int = 10) -> tuple[str, str, int]:
+    """A worker token and a new batch of ``size`` leased to it: (token, lease token, id)."""
+    with engine_for(coord.database_url) as engine, engine.connect() as conn:
+        start = conn.execute(sa.text("SELECT count(*) FROM candidates")).scalar_one()
+    insert_candidates(coord.database_url, size, start=start)
+    token = coord.token("worker")
+    with CoordinatorClient(coord.url, token) as client:
+        lease = client.lease_download()
+    assert lease is not None and len(lease.candidates) == size
+    return token, lease.lease_token, lease.batch_id
+
+
+def _batch(coord: RunningCoordinator, batch_id: int) -> tuple[object, ...]:
+    with engine_for(coord.database_url) as engine, engine.connect() as conn:
+        return tuple(conn.execute(sa.text(
+            "SELECT status, attempts, last_error, shard, outcomes, bytes_downloaded "
+            "FROM batches WHERE id = :i"), {"i": batch_id}).one())
+
+
+def _complete_body(lease_token: str, **changes: object) -> dict[str, object]:
+    body: dict[str, object] = report(lease_token, 10).model_dump(mode="json")
+    shard = dict(body["shard"])  # type: ignore[call-overload]
+    for key, value in changes.items():
+        if key.startswith("shard."):
+            shard[key.removeprefix("shard.")] = value
+        else:
+            body[key] = value
+    body["shard"] = shard
+    return body
+
+
+def _refused(coord: RunningCoordinator, token: str, path: str, body: object,
+             *fields: str) -> str:
+    """POST ``body`` as Python's json writes it (NaN, Infinity, ``\\u0000`` and lone
+    surrogates included); assert a 422 naming every one of ``fields`` on a connection that
+    still serves the next request. Returns the detail."""
+    with httpx.Client(base_url=f"{coord.url}{API_PREFIX}", timeout=30,
+                      headers={"Authorization": f"Bearer {token}",
+                               "Content-Type": "application/json"}) as http:
+        answer = http.post(path, content=json.dumps(body).encode())
+        assert answer.status_code == 422, answer.text
+        assert answer.json()["error"] in ("invalid_request", "invalid_report"), answer.text
+        detail = str(answer.json()["detail"])
+        for field in fields:
+            assert field in detail, detail
+        assert http.get("/stats").status_code == 200, "the connection serves on"
+    return detail
+
+
+def test_register_name_with_nul_or_lone_surrogate_is_refused(
+        coordinator: RunningCoordinator) -> None:
+    token = coordinator.token("worker", "nul-test")
+    for name, why in (("vm\x001", "NUL"), ("vm\ud8001", "unicode")):
+        detail = _refused(coordinator, token, "/register", {"name": name, "version": "1"},
+                          "body.name")
+        assert why in detail, detail
+    with engine_for(coordinator.database_url) as engine, engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM workers")).scalar_one() == 0
+
+
+def test_fail_reason_with_nul_is_refused(coordinator: RunningCoordinator) -> None:
+    token, lease_token, batch_id = _leased(coordinator)
+    detail = _refused(coordinator, token, f"/download/{batch_id}/fail",
+                      {"lease_token": lease_token, "reason": "disk\x00full"}, "body.reason")
+    assert "NUL" in detail
+    assert _batch(coordinator, batch_id) == UNTOUCHED
+
+
+def test_shard_path_with_nul_is_refused(coordinator: RunningCoordinator) -> None:
+    token, lease_token, batch_id = _leased(coordinator)
+    body = _complete_body(lease_token, **{"shard.tar": "s/0000\x000001.tar"})
+    assert "NUL" in _refused(coordinator, token, f"/download/{batch_id}/complete", body,
+                             "body.shard.tar")
+    assert _batch(coordinator, batch_id) == UNTOUCHED
+
+
+def test_bytes_downloaded_beyond_bigint_is_refused(coordinator: RunningCoordinator) -> None:
+    token, lease_token, batch_id = _leased(coordinator)
+    body = _complete_body(lease_token, bytes_downloaded=2**63)
+    _refused(coordinator, token, f"/download/{batch_id}/complete", body,
+             "body.bytes_downloaded", str(2**63 - 1))
+    assert _batch(coordinator, batch_id) == UNTOUCHED
+
+
+def test_counts_must_be_json_integers(coordinator: RunningCoordinator) -> None:
+    cases = [("outcomes", {"ok": 10.0}), ("outcomes", {"ok": True, "timeout": 9}),
+             ("outcomes", {"ok": "5", "timeout": 5}), ("bytes_downloaded", 10.0),
+             ("bytes_downloaded", True), ("bytes_downloaded", "5"),
+             ("shard.tar_bytes", "5")]
+    for field, value in cases:
+        token, lease_token, batch_id = _leased(coordinator)
+        body = _complete_body(lease_token, **{field: value})
+        _refused(coordinator, token, f"/download/{batch_id}/complete", body, f"body.{field}")
+        assert _batch(coordinator, batch_id) == UNTOUCHED, (field, value)
+
+
+def test_lease_sizes_and_flags_are_strict_too(coordinator: RunningCoordinator) -> None:
+    token, lease_token, batch_id = _leased(coordinator)
+    insert_candidates(coordinator.database_url, 10, start=10)
+    for max_size in (5.0, "5", True, 2**31):
+        _refused(coordinator, token, "/download/lease", {"max_size": max_size},
+                 "body.max_size")
+    for release in (1, "true"):
+        _refused(coordinator, token, f"/download/{batch_id}/fail",
+                 {"lease_token": lease_token, "reason": "r", "release": release},
+                 "body.release")
+    assert _batch(coordinator, batch_id) == UNTOUCHED
+    with engine_for(coordinator.database_url) as engine, engine.connect() as conn:
+        leased = conn.execute(sa.text(
+            "SELECT count(*) FROM batches WHERE status = 'leased'")).scalar_one()
+    assert leased == 1, "the refused lease requests leased nothing"
+
+
+def test_infinite_or_nan_duration_is_refused(coordinator: RunningCoordinator) -> None:
+    for duration in (float("inf"), float("-inf"), float("nan")):
+        token, lease_token, batch_id = _leased(coordinator)
+        body = _complete_body(lease_token, duration_s=duration)
+        assert "finite" in _refused(coordinator, token, f"/download/{batch_id}/complete",
+                                    body, "body.duration_s")
+        assert _batch(coordinator, batch_id) == UNTOUCHED
+
+
+def test_shard_locations_outside_the_storage_schemes_are_refused(
+        coordinator: RunningCoordinator) -> None:
+    cases = [("file:///etc/passwd", "not a .tar file"), ("/etc/passwd", "not a .tar file"),
+             ("file:///srv/farm/../../etc/00000001.tar", "'..'"),
+             ("http://169.254.169.254/latest/00000001.tar", "outside the allowed"),
+             ("gs://bucket/00000001.tar", "outside the allowed")]
+    for tar, why in cases:
+        token, lease_token, batch_id = _leased(coordinator)
+        body = _complete_body(lease_token, **{"shard.tar": tar})
+        assert why in _refused(coordinator, token, f"/download/{batch_id}/complete", body,
+                               "shard.tar")
+        assert _batch(coordinator, batch_id) == UNTOUCHED, tar
+
+
+def test_shard_prefix_setting_limits_the_locations(db_url: str, tmp_path: Path) -> None:
+    insert_candidates(db_url, 20)
+    coord = start_coordinator(db_url, tmp_path / "log", "--shard-prefix", "s3://farm/shards/",
+                              "--batch-size", "10")
+    try:
+        token = coord.token("worker")
+        with CoordinatorClient(coord.url, token) as client:
+            leases = [client.lease_download(), client.lease_download()]
+        assert leases[0] is not None and leases[1] is not None
+        outside = _complete_body(leases[0].lease_token,
+                                 **{"shard.tar": "file:///srv/farm/00000001.tar"})
+        _refused(coord, token, f"/download/{leases[0].batch_id}/complete", outside,
+                 "s3://farm/shards/")
+        inside = {f"shard.{name}": f"s3://farm/shards/00000001.{ext}" for name, ext in
+                  (("tar", "tar"), ("parquet", "parquet"), ("stats", "json"))}
+        done = httpx.post(f"{coord.url}{API_PREFIX}/download/{leases[1].batch_id}/complete",
+                          json=_complete_body(leases[1].lease_token, **inside), timeout=30,
+                          headers={"Authorization": f"Bearer {token}"})
+        assert done.status_code == 200, done.text
+    finally:
+        coord.stop()
+
+
+def test_a_chunked_body_over_the_cap_gets_413(coordinator: RunningCoordinator) -> None:
+    token = coordinator.token("worker")
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"lease_token": "t", "reason": "'
+        for _ in range(32):
+            yield b"x" * 65536
+        yield b'"}'
+
+    answer = httpx.post(f"{coordinator.url}{API_PREFIX}{BATCH}/fail", content=chunks(),
+                        headers=headers, timeout=30)
+    assert answer.status_code == 413 and answer.json()["error"] == "body_too_large"
+    small = httpx.post(f"{coordinator.url}{API_PREFIX}/register", headers=headers,
+                       content=iter([b'{"name": "chunked", ', b'"version": "1"}']), timeout=30)
+    assert small.status_code == 200, "a chunked body under the cap is served"
+
+
+def test_a_value_the_database_refuses_is_a_422_not_a_500(db_url: str) -> None:
+    from fastapi.testclient import TestClient
+
+    from coordinator.api import create_app
+    from coordinator.settings import make_settings
+
+    with engine_for(db_url) as engine:
+        app = create_app(make_settings(database_url=db_url), engine, reaper=False)
+
+        @app.get("/test-data-error")
+        def data_error() -> None:  # a real DataError from PostgreSQL: 'x' is no integer
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT CAST(:v AS integer)"), {"v": "x"})
+
+        with TestClient(app, raise_server_exceptions=False) as client:
+            answer = client.get("/test-data-error")
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["error"] == "invalid_value"
+    assert "integer" in answer.json()["detail"]
