@@ -174,7 +174,8 @@ def api_client(base: str, token: str, seconds: float, sync: tuple[Any, Any],
     from pairfarm.protocol import DownloadReport, ShardFiles
 
     sha = "0" * 64
-    shard = ShardFiles(tar="t", parquet="p", stats="s", tar_sha256=sha, parquet_sha256=sha,
+    shard = ShardFiles(tar="s3://bench/0.tar", parquet="s3://bench/0.parquet",
+                       stats="s3://bench/0_stats.json", tar_sha256=sha, parquet_sha256=sha,
                        tar_bytes=0)
     times, done = [], 0
     with CoordinatorClient(base, token) as client:
