@@ -145,6 +145,64 @@ def test_malformed_jsonl_names_the_line(db_url: str, tmp_path: Path) -> None:
     assert _candidates(db_url) == []
 
 
+def _with_bad_byte(path: Path, lines: int, bad_line: int) -> Path:
+    """A file of ``lines`` lines (CSV/TSV: the header is line 1) whose line ``bad_line``
+    holds the byte 0xff inside its caption; captions of ~120 bytes put line 90,001 past
+    Arrow's first 8 MB block and far past any text decoder's chunk."""
+    name = path.name.removesuffix(".gz")
+    pad = "x" * 100
+    if name.endswith(".jsonl"):
+        text = [json.dumps({"url": f"http://x.test/{i}.jpg", "caption": f"caption {i} {pad}"})
+                .encode() for i in range(1, lines + 1)]
+    else:
+        sep = "\t" if name.endswith(".tsv") else ","
+        text = [f"url{sep}caption".encode()] + [
+            f"http://x.test/{i}.jpg{sep}caption {i} {pad}".encode() for i in range(2, lines + 1)]
+    text[bad_line - 1] = text[bad_line - 1].replace(b"caption ", b"caption \xff", 1)
+    data = b"\n".join(text) + b"\n"
+    path.write_bytes(gzip.compress(data, compresslevel=1) if path.suffix == ".gz" else data)
+    return path
+
+
+@pytest.mark.parametrize("name", ["in.csv", "in.tsv", "in.jsonl", "in.csv.gz", "in.tsv.gz",
+                                  "in.jsonl.gz"])
+@pytest.mark.parametrize(("lines", "bad_line"), [(30, 15), (90_010, 90_001)])
+def test_invalid_utf8_names_its_own_line_in_every_format(
+        db_url: str, tmp_path: Path, name: str, lines: int, bad_line: int) -> None:
+    path = _with_bad_byte(tmp_path / name, lines, bad_line)
+    out = _ingest(db_url, str(path), check=False)
+    assert out.returncode == 1
+    assert (f"{path}: line {bad_line}: not valid UTF-8 (byte 0xff in column 'caption') "
+            "(nothing of this file was loaded)") in out.stderr, out.stderr
+    assert "codec" not in out.stderr and "COPY" not in out.stderr, "pairfarm's own words"
+    assert _candidates(db_url) == []
+
+
+def test_invalid_utf8_in_parquet_names_row_and_column(db_url: str, tmp_path: Path) -> None:
+    urls = pa.array([f"http://x.test/{i}.jpg".encode() for i in range(1, 31)], pa.binary())
+    raw = urls.to_pylist()
+    raw[14] = b"http://x.test/\xff.jpg"
+    as_bytes = pa.array(raw, pa.binary())
+    # a string column holding the bytes as they are: what a careless writer leaves
+    url = pa.Array.from_buffers(pa.string(), len(as_bytes), as_bytes.buffers())
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"url": url, "caption": [f"caption {i}" for i in range(30)]}),
+                   path)
+    out = _ingest(db_url, str(path), check=False)
+    assert out.returncode == 1
+    assert f"{path}: row 15, column 'url': not valid UTF-8 (byte 0xff)" in out.stderr, \
+        out.stderr
+    assert _candidates(db_url) == []
+
+
+def test_a_header_that_is_not_utf8_is_line_1(db_url: str, tmp_path: Path) -> None:
+    path = tmp_path / "in.csv"
+    path.write_bytes(b"url,capt\xe9ion\nhttp://x.test/1.jpg,a caption\n")
+    out = _ingest(db_url, str(path), check=False)
+    assert out.returncode == 1
+    assert f"{path}: line 1: not valid UTF-8 (byte 0xe9)" in out.stderr, out.stderr
+
+
 def test_missing_column_and_unknown_format_are_clear_errors(db_url: str,
                                                            tmp_path: Path) -> None:
     path = _write(tmp_path / "in.csv", ROWS)

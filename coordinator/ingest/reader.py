@@ -5,8 +5,13 @@ line), each optionally gzipped (``.gz``; parquet compresses inside). The format 
 from the file name unless given.
 
 Error handling: a file that cannot be parsed raises ``IngestError`` naming the file and,
-where it can be found, the line: Arrow does not report line numbers, so after a failure
-the file is scanned again with the standard library to find the first bad line.
+where it can be found, the line (1-based, the header line of CSV/TSV is line 1): Arrow does
+not report line numbers, so after a failure the file is scanned again with the standard
+library to find the first bad line. Text that is not valid UTF-8 is such a failure in every
+format: each batch is checked (Arrow's CSV reader checks its own; its JSON and Parquet
+readers do not, and PostgreSQL would refuse the bytes later); the scan decodes with
+``surrogateescape`` so a bad byte is found on its own line, not at the start of the
+decoder's chunk. Parquet has no lines: the row and the column are named instead.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import csv
 import gzip
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +71,51 @@ def read_batches(source: InputFile, text_columns: tuple[str, ...] = ()
     """The file's rows as record batches; ``IngestError`` on a malformed file.
     ``text_columns`` are read as strings whatever their values look like."""
     try:
-        yield from _READERS[source.format](source, text_columns)
+        first_row = 1
+        for batch in _READERS[source.format](source, text_columns):
+            _check_utf8(source, batch, first_row)
+            first_row += batch.num_rows
+            yield batch
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, EOFError, ValueError) as exc:
         where = locate_error(source)
-        raise IngestError(f"{source.name}: {where or 'malformed'}: {_short(exc)}") from exc
+        raise IngestError(f"{source.name}: {where}" if where else
+                          f"{source.name}: malformed: {_short(exc)}") from exc
+
+
+def _check_utf8(source: InputFile, batch: pa.RecordBatch, first_row: int) -> None:
+    """Raise ``ArrowInvalid`` (a file with lines: the scan names the line) or
+    ``IngestError`` (parquet: naming row and column) when a string is not UTF-8."""
+    try:
+        batch.validate(full=True)
+    except pa.ArrowInvalid:
+        if source.format != "parquet":
+            raise
+        raise IngestError(f"{source.name}: {_locate_in_batch(batch, first_row)}") from None
+
+
+def _locate_in_batch(batch: pa.RecordBatch, first_row: int) -> str:
+    """``"row N, column 'c': ..."`` of the first string in ``batch`` that is not UTF-8."""
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid as exc:
+            return _locate_in_column(name, column, first_row) or f"column {name!r}: {exc}"
+    return "a value is not valid UTF-8"
+
+
+def _locate_in_column(name: str, column: pa.Array, first_row: int) -> str | None:
+    binary = {pa.string(): pa.binary(), pa.large_string(): pa.large_binary()}.get(column.type)
+    if binary is None:
+        return None
+    for index, raw in enumerate(column.view(binary).to_pylist()):
+        if raw is None:
+            continue
+        try:
+            raw.decode()
+        except UnicodeDecodeError as exc:
+            return (f"row {first_row + index}, column {name!r}: not valid UTF-8 "
+                    f"(byte 0x{raw[exc.start]:02x})")
+    return None
 
 
 def _short(exc: Exception) -> str:
@@ -108,6 +155,9 @@ def _header(source: InputFile, delimiter: str) -> list[str]:
         row = next(csv.reader(handle, delimiter=delimiter), None)
     if not row:
         raise IngestError(f"{source.name}: empty file (a header line is needed)")
+    bad = _undecoded_in_row(row, 1, [])
+    if bad:
+        raise IngestError(f"{source.name}: {bad}")
     return row
 
 
@@ -128,7 +178,34 @@ def _binary(source: InputFile) -> IO[bytes]:
 
 
 def _text(source: InputFile) -> IO[str]:
-    return io.TextIOWrapper(_binary(source), encoding="utf-8", newline="")
+    """The file as text; a byte that is not UTF-8 becomes a lone surrogate (U+DC80-U+DCFF),
+    found by ``_UNDECODED`` on the line that holds it."""
+    return io.TextIOWrapper(_binary(source), encoding="utf-8", errors="surrogateescape",
+                            newline="")
+
+
+#: what ``surrogateescape`` decodes an invalid byte to
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
+def _not_utf8(line: int, char: str, column: str | None) -> str:
+    named = column is not None and not _UNDECODED.search(column)
+    where = f" in column {column!r}" if named else ""
+    return f"line {line}: not valid UTF-8 (byte 0x{ord(char) - 0xDC00:02x}{where})"
+
+
+def _undecoded_in_row(row: list[str], first_line: int, header: list[str]) -> str | None:
+    """The line and column of the first undecodable byte of a record that began on
+    ``first_line`` (a quoted field may span lines), or None."""
+    newlines = 0
+    for index, value in enumerate(row):
+        found = _UNDECODED.search(value)
+        if found is not None:
+            line = first_line + newlines + value[:found.start()].count("\n")
+            return _not_utf8(line, found.group(), header[index] if index < len(header)
+                             else None)
+        newlines += value.count("\n")
+    return None
 
 
 def locate_error(source: InputFile) -> str | None:
@@ -146,15 +223,19 @@ def locate_error(source: InputFile) -> str | None:
 def _locate_delimited(source: InputFile, delimiter: str) -> str | None:
     with _text(source) as handle:
         reader = csv.reader(handle, delimiter=delimiter)
-        width = None
+        header: list[str] | None = None
         line = 0
         try:
             for row in reader:
-                width = len(row) if width is None else width
-                if len(row) != width:
-                    return f"line {reader.line_num}: {len(row)} fields, the header has {width}"
+                header = row if header is None else header
+                bad = _undecoded_in_row(row, line + 1, header)
+                if bad:
+                    return bad
+                if len(row) != len(header):
+                    return (f"line {reader.line_num}: {len(row)} fields, the header has "
+                            f"{len(header)}")
                 line = reader.line_num
-        except (csv.Error, UnicodeDecodeError) as exc:
+        except csv.Error as exc:
             return f"line {line + 1}: {exc}"
     return None
 
@@ -164,10 +245,26 @@ def _locate_jsonl(source: InputFile) -> str | None:
         for number, line in enumerate(raw, start=1):
             if not line.strip():
                 continue
-            try:
-                value: Any = json.loads(line)
-            except (ValueError, UnicodeDecodeError) as exc:
-                return f"line {number}: {exc}"
-            if not isinstance(value, dict):
-                return f"line {number}: a JSON object is needed, not {type(value).__name__}"
+            found = _jsonl_line_error(number, line.decode("utf-8", "surrogateescape"))
+            if found:
+                return found
+    return None
+
+
+def _jsonl_line_error(number: int, text: str) -> str | None:
+    try:
+        value: Any = json.loads(text)
+    except ValueError as exc:
+        return f"line {number}: {exc}"
+    if not isinstance(value, dict):
+        return f"line {number}: a JSON object is needed, not {type(value).__name__}"
+    undecoded = _UNDECODED.search(text)
+    if undecoded is not None:
+        column = next((k for k, v in value.items()
+                       if isinstance(v, str) and _UNDECODED.search(v)), None)
+        return _not_utf8(number, undecoded.group(), column)
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return f"line {number}: a \\u escape that is no character (a lone surrogate)"
     return None
