@@ -17,8 +17,12 @@ Kinds (share of URLs):
   tiny        a 2 KB image (under LAION's 5 KB floor)                -> too_small
   reset       the connection is closed before any answer            -> connect
 
-Resource handling: ``start()`` runs one thread per listener; ``stop()`` shuts them down
-and closes the sockets.
+``AnswerGate`` lets a test hold the farm's progress: every request waits at the gate until
+it is open or the test lets a counted number of answers through (``allow``), so a fault
+drill lands while batches are in flight on a fast machine as on a slow one.
+
+Resource handling: ``start()`` runs one thread per listener; ``stop()`` opens the gate
+(held requests are answered), shuts the listeners down and closes the sockets.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -113,9 +118,58 @@ def tiny_jpeg() -> bytes:
     return out.getvalue()
 
 
+class AnswerGate:
+    """Which answers the server may give: all (open), none (closed), or ``allow(n)`` more.
+
+    ``passed`` counts the requests let through, ``requested`` them by URL number;
+    ``waiting`` counts those held right now.
+    """
+
+    def __init__(self, *, is_open: bool = True) -> None:
+        self._cond = threading.Condition()
+        self._open = is_open
+        self._allowance = 0
+        self.passed = 0
+        self.waiting = 0
+        self.requested: Counter[int] = Counter()
+
+    @property
+    def allowance(self) -> int:
+        with self._cond:
+            return self._allowance
+
+    def open(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._open = False
+            self._allowance = 0
+
+    def allow(self, n: int) -> None:
+        """Let ``n`` more requests through while closed."""
+        with self._cond:
+            self._allowance += n
+            self._cond.notify_all()
+
+    def pass_through(self, n: int) -> None:
+        """Block the request for URL ``n`` until the gate lets it through."""
+        with self._cond:
+            self.waiting += 1
+            self._cond.wait_for(lambda: self._open or self._allowance > 0)
+            self.waiting -= 1
+            if not self._open:
+                self._allowance -= 1
+            self.passed += 1
+            self.requested[n] += 1
+
+
 class _Handler(BaseHTTPRequestHandler):
     plan: DemoPlan
     delay: tuple[float, float]
+    gate: AnswerGate
     server_version = "pairfarm-demo/1"
 
     def log_message(self, format: str, *args: object) -> None:  # quiet
@@ -127,6 +181,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._send(404, b"no such picture", "text/plain")
             return
+        self.gate.pass_through(n)
         item = self.plan.item(n)
         time.sleep(random.Random(item.seed).uniform(*self.delay))
         self._answer(item)
@@ -173,12 +228,16 @@ class _QuietServer(ThreadingHTTPServer):
 
 
 class DemoServer:
-    """The plan served on ``hosts`` loopback addresses, all on one port."""
+    """The plan served on ``hosts`` loopback addresses, all on one port, behind ``gate``
+    (open by default)."""
 
     def __init__(self, plan: DemoPlan, *, hosts: int = 8, port: int = 0,
-                 delay: tuple[float, float] = (0.02, 0.2)) -> None:
+                 delay: tuple[float, float] = (0.02, 0.2),
+                 gate: AnswerGate | None = None) -> None:
         self.plan = plan
-        handler = type("DemoHandler", (_Handler,), {"plan": plan, "delay": delay})
+        self.gate = gate or AnswerGate()
+        handler = type("DemoHandler", (_Handler,),
+                       {"plan": plan, "delay": delay, "gate": self.gate})
         first = _QuietServer(("127.0.0.1", port), handler)
         self.port = int(first.server_address[1])
         self.servers = [first] + [_QuietServer((f"127.0.0.{h}", self.port), handler)
@@ -197,6 +256,7 @@ class DemoServer:
         return self
 
     def stop(self) -> None:
+        self.gate.open()
         for server in self.servers:
             server.shutdown()
             server.server_close()

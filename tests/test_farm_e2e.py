@@ -4,6 +4,11 @@ Each drill runs a real farm (embedded PostgreSQL, coordinator, worker processes)
 the demo image server on loopback, breaks something mid-run, and then checks the dataset:
 every candidate URL appears exactly once across the shards' parquet files, with the
 outcome the server's plan says it must have.
+
+The farm moves only as far as the test lets it: the server's ``AnswerGate`` holds every
+request until the test opens it or lets a counted number of answers through (``pump``),
+so a fault lands while batches are in flight on a fast machine as on a slow one. The
+workers' read timeout and deadline are long enough for a held request not to time out.
 """
 
 from __future__ import annotations
@@ -23,12 +28,15 @@ import pytest
 
 from coordinator.embedded_pg import EmbeddedPostgres
 from localfarm.demo import check_dataset, write_candidates
-from localfarm.demo_server import DemoPlan, DemoServer
+from localfarm.demo_server import AnswerGate, DemoPlan, DemoServer
 from pairfarm.client import ClientError, CoordinatorClient
 from pairfarm.protocol import FarmStats
 from tests.conftest import REPO, cli_env, run_cli
 
 COUNT = 600
+SMALL = 240
+BATCH = 40
+HELD = ["--worker-arg=--read-timeout=600", "--worker-arg=--deadline=600"]
 
 
 @pytest.fixture
@@ -41,24 +49,27 @@ def farm_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def slow_server() -> Iterator[DemoServer]:
-    """The demo plan served slowly enough (0.3-0.8 s an answer) for a drill to land."""
-    server = DemoServer(DemoPlan(seed=11), hosts=4, delay=(0.3, 0.8)).start()
+def server() -> Iterator[DemoServer]:
+    """The demo plan on 4 hosts, behind a closed gate: nothing is answered until the test
+    says so."""
+    server = DemoServer(DemoPlan(seed=11), hosts=4, delay=(0.01, 0.05),
+                        gate=AnswerGate(is_open=False)).start()
     yield server
     server.stop()
 
 
 @pytest.fixture
-def up_procs() -> Iterator[list[subprocess.Popen[str]]]:
-    """`pairfarm up` processes a test started: stopped and their pipes closed at teardown,
-    also when the test failed half-way."""
+def up_procs(server: DemoServer) -> Iterator[list[subprocess.Popen[str]]]:
+    """`pairfarm up` processes a test started: stopped (gate open, so that their workers
+    finish at once) and their pipes closed at teardown, also when the test failed."""
     procs: list[subprocess.Popen[str]] = []
     yield procs
+    server.gate.open()
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             try:
-                proc.wait(timeout=120)
+                proc.wait(timeout=180)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -66,14 +77,18 @@ def up_procs() -> Iterator[list[subprocess.Popen[str]]]:
             proc.stdout.close()
 
 
-def start_up(procs: list[subprocess.Popen[str]], out: Path, candidates: Path,
-             per_host: int = 2) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "pairfarm", "up", "--input", str(candidates),
-            "--out", str(out), "--workers", "2", "--batch-size", "40", "--lease-ttl", "4",
-            "--port", "0", "--no-progress",
+def up_argv(out: Path, candidates: Path, *extra: str, per_host: int = 2) -> list[str]:
+    return [sys.executable, "-m", "pairfarm", "up", "--input", str(candidates),
+            "--out", str(out), "--workers", "2", "--batch-size", str(BATCH),
+            "--lease-ttl", "4", "--port", "0", "--no-progress",
             "--worker-arg=--allow-cidr=127.0.0.0/8", f"--worker-arg=--per-host={per_host}",
-            "--worker-arg=--backoff-cap=1", "--worker-arg=--deadline=10"]
-    proc = subprocess.Popen(argv, env=cli_env(), cwd=REPO, stdout=subprocess.PIPE,
+            "--worker-arg=--backoff-cap=1", *HELD, *extra]
+
+
+def start_up(procs: list[subprocess.Popen[str]], out: Path, candidates: Path, *extra: str,
+             per_host: int = 2) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(up_argv(out, candidates, *extra, per_host=per_host),
+                            env=cli_env(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     procs.append(proc)
     return proc
@@ -92,6 +107,17 @@ def wait_for(what: str, check: Callable[[], bool], proc: subprocess.Popen[str],
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def pump(gate: AnswerGate, what: str, check: Callable[[], bool],
+         proc: subprocess.Popen[str], step: int = 8) -> None:
+    """Let answers through ``step`` at a time until ``check()`` holds, then close the gate:
+    the farm gets no further than the answers let through."""
+    while not check():
+        if gate.allowance == 0:
+            gate.allow(step)
+        wait_for(what, lambda: check() or gate.allowance == 0, proc)
+    gate.close()
+
+
 class Farm:
     """What a test can see of a running `pairfarm up`: its files and its API."""
 
@@ -106,11 +132,14 @@ class Farm:
     def pid(self, name: str) -> int:
         return int(json.loads((self.out / "run.json").read_text())["children"][name])
 
-    def stats(self) -> FarmStats | None:
+    def url(self) -> str:
         port = json.loads((self.out / "farm.json").read_text())["coordinator_port"]
+        return f"http://127.0.0.1:{port}"
+
+    def stats(self) -> FarmStats | None:
         admin = json.loads((self.out / "tokens.json").read_text())["admin"]
         try:
-            with CoordinatorClient(f"http://127.0.0.1:{port}", admin) as client:
+            with CoordinatorClient(self.url(), admin) as client:
                 return client.stats()
         except ClientError:
             return None
@@ -125,12 +154,13 @@ class Farm:
         return 0 if stats is None else stats.batches.get("downloaded", 0)
 
 
+
 def finish(proc: subprocess.Popen[str], timeout: float = 300) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
+        out, _ = proc.communicate(timeout=180)
         raise AssertionError(f"pairfarm up did not finish:\n{out}") from None
     assert proc.returncode == 0, out
     return out
@@ -146,13 +176,12 @@ def assert_complete(out: Path, count: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_kill_worker_restart_coordinator_and_postgres_mid_run(
-        tmp_path: Path, farm_dir: Path, slow_server: DemoServer,
+        tmp_path: Path, farm_dir: Path, server: DemoServer,
         up_procs: list[subprocess.Popen[str]]) -> None:
-    candidates = write_candidates(slow_server, COUNT, tmp_path / "candidates.parquet")
-    out = farm_dir
-    # One request per host and worker: 8 in flight, about 40 s of downloads, so that
-    # batches are still pending when the third fault lands.
+    candidates = write_candidates(server, COUNT, tmp_path / "candidates.parquet")
+    out, gate = farm_dir, server.gate
     proc = start_up(up_procs, out, candidates, per_host=1)
     farm = Farm(out)
     wait_for("the farm to start", farm.ready, proc)
@@ -160,33 +189,37 @@ def test_kill_worker_restart_coordinator_and_postgres_mid_run(
     wait_for("worker-1 to hold a batch", lambda: farm.holds_batch("up-worker-1"), proc)
     os.kill(farm.pid("worker-1"), signal.SIGKILL)
 
-    wait_for("a downloaded batch", lambda: farm.downloaded_batches() >= 2, proc)
+    pump(gate, "two downloaded batches", lambda: farm.downloaded_batches() >= 2, proc)
     os.kill(farm.pid("coordinator"), signal.SIGKILL)
 
     wait_for("the coordinator to be back", lambda: farm.stats() is not None, proc)
     before = farm.downloaded_batches()
-    assert before < COUNT // 40, "batches are left to download when PostgreSQL stops"
+    # a batch needs one answer per URL: the gate bounds how far the farm got
+    assert before <= gate.passed // BATCH < COUNT // BATCH, "batches are left to download"
     EmbeddedPostgres(out / "pg").stop(mode="immediate")
-    wait_for("progress after the database restart",
-             lambda: farm.downloaded_batches() > before, proc)
+    pump(gate, "progress after the database restart",
+         lambda: farm.downloaded_batches() > before, proc)
 
+    gate.open()
     output = finish(proc)
     assert "restarts:" in output  # the worker and the coordinator were brought back
     assert_complete(out, COUNT)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_ctrl_c_then_rerun_resumes_without_duplicates(
-        tmp_path: Path, farm_dir: Path, slow_server: DemoServer,
+        tmp_path: Path, farm_dir: Path, server: DemoServer,
         up_procs: list[subprocess.Popen[str]]) -> None:
-    candidates = write_candidates(slow_server, COUNT, tmp_path / "candidates.parquet")
-    out = farm_dir
+    candidates = write_candidates(server, SMALL, tmp_path / "candidates.parquet")
+    out, gate = farm_dir, server.gate
     proc = start_up(up_procs, out, candidates)
     farm = Farm(out)
     wait_for("the farm to start", farm.ready, proc)
-    wait_for("a downloaded batch", lambda: farm.downloaded_batches() >= 1, proc)
+    pump(gate, "a downloaded batch", lambda: farm.downloaded_batches() >= 1, proc)
     proc.send_signal(signal.SIGINT)
-    output, _ = proc.communicate(timeout=180)
+    gate.open()
+    output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 1, output
     assert "Run the same command again to resume" in output
     assert not (out / "run.json").exists(), "every child was stopped"
@@ -196,7 +229,7 @@ def test_ctrl_c_then_rerun_resumes_without_duplicates(
     rerun = start_up(up_procs, out, candidates)
     output = finish(rerun)
     assert "inserted 0" in output, "the rerun ingests nothing new"
-    assert_complete(out, COUNT)
+    assert_complete(out, SMALL)
 
 
 @pytest.mark.slow

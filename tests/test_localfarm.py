@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,7 +15,7 @@ import httpx
 import pytest
 
 from localfarm.children import Child, Supervisor
-from localfarm.demo_server import EXPECTED, KINDS, DemoPlan, DemoServer, bomb_png
+from localfarm.demo_server import EXPECTED, KINDS, AnswerGate, DemoPlan, DemoServer, bomb_png
 from localfarm.progress import is_finished
 from pairfarm.protocol import FarmStats
 
@@ -65,6 +66,37 @@ def test_supervisor_kills_what_ignores_sigterm(tmp_path: Path) -> None:
         time.sleep(0.05)
     sup.stop(grace=0.5)
     assert child.exit_code() == -signal.SIGKILL
+
+
+def test_gate_holds_requests_until_allowed_or_opened() -> None:
+    gate = AnswerGate(is_open=False)
+    server = DemoServer(DemoPlan(seed=2), hosts=1, delay=(0, 0), gate=gate).start()
+    answers: list[int] = []
+
+    def get(n: int) -> None:
+        try:
+            answers.append(httpx.get(server.url(n), timeout=60).status_code)
+        except httpx.TransportError:  # the plan's "reset" kind
+            answers.append(0)
+
+    threads = [threading.Thread(target=get, args=(n,)) for n in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        while gate.waiting < 3:
+            time.sleep(0.01)
+        assert answers == [] and gate.passed == 0
+        gate.allow(1)
+        while len(answers) < 1:
+            time.sleep(0.01)
+        assert gate.waiting == 2 and gate.passed == 1 and gate.allowance == 0
+        gate.open()
+        for t in threads:
+            t.join(60)
+        assert len(answers) == 3 and gate.passed == 3
+        assert gate.requested == Counter({0: 1, 1: 1, 2: 1})
+    finally:
+        server.stop()
 
 
 def test_demo_plan_is_deterministic_and_mixed() -> None:
