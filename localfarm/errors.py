@@ -13,3 +13,7 @@ class ChildFailed(FarmError):
 
 class StartupFailed(FarmError):
     """A part of the farm did not come up (database, coordinator, ingest)."""
+
+
+class FarmBusy(FarmError):
+    """Another ``pairfarm up`` runs on the same farm directory."""

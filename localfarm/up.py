@@ -15,6 +15,9 @@ so that a rerun resumes on the same URLs) and ``run.json`` (PIDs of the running 
 Running ``up`` again on the same OUT resumes: ingest inserts nothing new, expired or
 released batches are leased again, finished shards are kept.
 
+One farm per directory: ``farm.lock`` (lock.py) is held while ``up`` runs; a second
+``up`` on the same OUT raises ``FarmBusy`` before starting anything.
+
 Error handling: a child that dies is restarted (``max_restarts`` times in all); the
 database going away is waited for and, when it is ours, restarted; a failed ingest or a
 coordinator that never answers raises ``StartupFailed``.
@@ -37,6 +40,7 @@ from coordinator.embedded_pg import EmbeddedPostgres, read_running
 from coordinator.errors import CoordinatorError
 from localfarm.children import Child, Supervisor, pairfarm_argv
 from localfarm.errors import ChildFailed, StartupFailed
+from localfarm.lock import FarmLock
 from localfarm.progress import FarmProgress, is_finished
 from pairfarm.client import ClientError, CoordinatorClient
 from pairfarm.protocol import FarmStats
@@ -223,26 +227,28 @@ def wait_healthy(url: str, child: Child, timeout: float = 120.0) -> None:
 @contextmanager
 def _farm(settings: UpSettings) -> Iterator[tuple[Supervisor, _Database, str, dict[str, str]]]:
     settings.out.mkdir(parents=True, exist_ok=True)
-    state = _State.load(settings.out / "farm.json")
-    db = open_database(settings, state)
-    supervisor = Supervisor(run_file=settings.out / "run.json")
-    try:
-        tokens = farm_tokens(settings, db.url)
-        ingest(settings, db.url)
-        port = state.port("coordinator_port", settings.port)
-        url = f"http://127.0.0.1:{port}"
-        coord = supervisor.add(coordinator_child(settings, db, port))
-        wait_healthy(url, coord)
-        for i in range(1, settings.workers + 1):
-            supervisor.add(worker_child(settings, url, tokens[f"worker-{i}"], i))
-        if settings.postprocess:
-            supervisor.add(postprocess_child(settings, url, tokens["gpu"]))
-        yield supervisor, db, url, tokens
-    finally:
-        supervisor.stop(grace=settings.stop_grace_s)
-        supervisor.run_file.unlink(missing_ok=True)
-        if db.embedded is not None and db.started_here:
-            db.embedded.stop()
+    with FarmLock(settings.out) as lock:
+        state = _State.load(settings.out / "farm.json")
+        db = open_database(settings, state)
+        supervisor = Supervisor(run_file=settings.out / "run.json")
+        try:
+            tokens = farm_tokens(settings, db.url)
+            ingest(settings, db.url)
+            port = state.port("coordinator_port", settings.port)
+            url = f"http://127.0.0.1:{port}"
+            lock.record(url)
+            coord = supervisor.add(coordinator_child(settings, db, port))
+            wait_healthy(url, coord)
+            for i in range(1, settings.workers + 1):
+                supervisor.add(worker_child(settings, url, tokens[f"worker-{i}"], i))
+            if settings.postprocess:
+                supervisor.add(postprocess_child(settings, url, tokens["gpu"]))
+            yield supervisor, db, url, tokens
+        finally:
+            supervisor.stop(grace=settings.stop_grace_s)
+            supervisor.run_file.unlink(missing_ok=True)
+            if db.embedded is not None and db.started_here:
+                db.embedded.stop()
 
 
 def _watch(settings: UpSettings, supervisor: Supervisor, db: _Database,

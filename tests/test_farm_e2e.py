@@ -129,8 +129,12 @@ class Farm:
         return run.exists() and (self.out / "tokens.json").exists() and \
             "worker-1" in json.loads(run.read_text())["children"]
 
+    def children(self) -> dict[str, int]:
+        return {k: int(v) for k, v in
+                json.loads((self.out / "run.json").read_text())["children"].items()}
+
     def pid(self, name: str) -> int:
-        return int(json.loads((self.out / "run.json").read_text())["children"][name])
+        return self.children()[name]
 
     def url(self) -> str:
         port = json.loads((self.out / "farm.json").read_text())["coordinator_port"]
@@ -230,6 +234,41 @@ def test_ctrl_c_then_rerun_resumes_without_duplicates(
     output = finish(rerun)
     assert "inserted 0" in output, "the rerun ingests nothing new"
     assert_complete(out, SMALL)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_second_up_on_the_same_out_is_refused(
+        tmp_path: Path, farm_dir: Path, server: DemoServer,
+        up_procs: list[subprocess.Popen[str]]) -> None:
+    candidates = write_candidates(server, SMALL, tmp_path / "candidates.parquet")
+    out, gate = farm_dir, server.gate
+    first = start_up(up_procs, out, candidates)
+    farm = Farm(out)
+    wait_for("the farm to start", farm.ready, first)
+    children, logs = farm.children(), sorted((out / "logs").iterdir())
+
+    second = start_up(up_procs, out, candidates)
+    output, _ = second.communicate(timeout=120)
+    assert second.returncode != 0, output
+    assert f"another `pairfarm up` is running on {out.resolve()}" in output, output
+    assert f"pid {first.pid}, coordinator {farm.url()}" in output, output
+    assert "inserted" not in output, "nothing was ingested"
+    assert farm.children() == children and all(_alive(pid) for pid in children.values())
+    assert sorted((out / "logs").iterdir()) == logs, "no child was started"
+    assert farm.stats() is not None
+
+    gate.open()
+    finish(first)
+    assert_complete(out, SMALL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.mark.slow

@@ -4,7 +4,9 @@ demo's plan and server (real HTTP on loopback)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -16,6 +18,8 @@ import pytest
 
 from localfarm.children import Child, Supervisor
 from localfarm.demo_server import EXPECTED, KINDS, AnswerGate, DemoPlan, DemoServer, bomb_png
+from localfarm.errors import FarmBusy
+from localfarm.lock import FarmLock
 from localfarm.progress import is_finished
 from pairfarm.protocol import FarmStats
 
@@ -66,6 +70,37 @@ def test_supervisor_kills_what_ignores_sigterm(tmp_path: Path) -> None:
         time.sleep(0.05)
     sup.stop(grace=0.5)
     assert child.exit_code() == -signal.SIGKILL
+
+
+def test_farm_lock_refuses_a_second_holder_and_names_the_first(tmp_path: Path) -> None:
+    with FarmLock(tmp_path) as lock:
+        lock.record("http://127.0.0.1:8611")
+        with pytest.raises(FarmBusy) as refused, FarmLock(tmp_path):
+            pass
+    message = str(refused.value)
+    assert f"pid {os.getpid()}, coordinator http://127.0.0.1:8611" in message
+    assert str(tmp_path.resolve()) in message and "nothing was started" in message
+    with FarmLock(tmp_path):  # given back on exit
+        pass
+
+
+def test_farm_lock_goes_with_a_killed_holder(tmp_path: Path) -> None:
+    code = ("import sys, time; from pathlib import Path; from localfarm.lock import FarmLock\n"
+            "with FarmLock(Path(sys.argv[1])):\n"
+            "    print('locked', flush=True); time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        with pytest.raises(FarmBusy, match=f"pid {holder.pid}"), FarmLock(tmp_path):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+        assert holder.stdout is not None
+        holder.stdout.close()
+    with FarmLock(tmp_path):  # kill -9 released it; the stale file does not block
+        pass
 
 
 def test_gate_holds_requests_until_allowed_or_opened() -> None:
