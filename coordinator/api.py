@@ -15,6 +15,7 @@ be reached gives 503; every error body is ``{"error": <class>, "detail": <text>}
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -35,6 +36,7 @@ from coordinator.errors import (
     InvalidReport,
     LeaseConflict,
     NotFound,
+    Quarantined,
 )
 from coordinator.leases import DOWNLOAD, POSTPROCESS, Leases
 from coordinator.locations import check_shard
@@ -63,7 +65,7 @@ from pairfarm.protocol import (
 
 STATUS: dict[type[CoordinatorError], int] = {
     Forbidden: 403, AuthError: 401, LeaseConflict: 409, NotFound: 404, InvalidReport: 422,
-    DatabaseUnavailable: 503,
+    DatabaseUnavailable: 503, Quarantined: 429,
 }
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Scope]], Callable[[Scope], Awaitable[None]]],
@@ -183,6 +185,8 @@ def _install_errors(app: FastAPI) -> None:
     async def coordinator_error(request: Request, exc: CoordinatorError) -> JSONResponse:
         status = next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if isinstance(exc, Quarantined):
+            headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         return error_response(status, _snake(type(exc).__name__), str(exc), headers)
 
     @app.exception_handler(RequestValidationError)

@@ -88,6 +88,15 @@ def engine_for(settings: CoordinatorSettings, *, migrate: bool = False) -> Itera
               envvar="PAIRFARM_MAX_SAMPLE_ROWS", show_default=True,
               help="Most rows a TABLESAMPLE may read; when a batch needs more (few rows "
                    "left unbatched), leases read the partial index instead.")
+@click.option("--quarantine-after", default=5, type=int, envvar="PAIRFARM_QUARANTINE_AFTER",
+              show_default=True,
+              help="Refuse leases (429) to a worker whose last N batches failed, with no "
+                   "completion in between, within --quarantine-window (0: never).")
+@click.option("--quarantine-window", default=600.0, type=float,
+              envvar="PAIRFARM_QUARANTINE_WINDOW", show_default=True,
+              help="Seconds within which those failures must fall.")
+@click.option("--quarantine-for", default=900.0, type=float, envvar="PAIRFARM_QUARANTINE_FOR",
+              show_default=True, help="Seconds a quarantined worker gets no lease.")
 @click.option("--reap-interval", default=10.0, type=float, envvar="PAIRFARM_REAP_INTERVAL",
               show_default=True, help="Seconds between two passes of the lease reaper.")
 @click.option("--max-body-bytes", default=1 << 20, type=int, envvar="PAIRFARM_MAX_BODY_BYTES",
@@ -104,7 +113,8 @@ def engine_for(settings: CoordinatorSettings, *, migrate: bool = False) -> Itera
 @friendly_errors
 def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path, host: str,
                 port: int, batch_size: int, lease_ttl: float, max_attempts: int,
-                max_sample_rows: int, reap_interval: float, max_body_bytes: int,
+                max_sample_rows: int, quarantine_after: int, quarantine_window: float,
+                quarantine_for: float, reap_interval: float, max_body_bytes: int,
                 shard_prefixes: tuple[str, ...], migrate: bool) -> None:
     """Serve the coordinator's REST API (OpenAPI at /docs).
 
@@ -114,7 +124,10 @@ def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path,
     from coordinator.server import serve
 
     lease = make_lease_settings(batch_size=batch_size, lease_ttl_s=lease_ttl,
-                                max_attempts=max_attempts, max_sample_rows=max_sample_rows)
+                                max_attempts=max_attempts, max_sample_rows=max_sample_rows,
+                                quarantine_after=quarantine_after,
+                                quarantine_window_s=quarantine_window,
+                                quarantine_s=quarantine_for)
     settings = make_settings(database_url=database_url, data_dir=data_dir, host=host,
                              port=port, lease=lease, reap_interval_s=reap_interval,
                              max_body_bytes=max_body_bytes, shard_prefixes=shard_prefixes)

@@ -9,6 +9,7 @@
     │   └── Forbidden         a valid token of the wrong role (HTTP 403)
     ├── LeaseConflict         the batch is not leased to this caller with this token (409)
     ├── NotFound              no such batch (404)
+    ├── Quarantined           a worker whose batches keep failing gets no lease (429)
     ├── InvalidReport         a completion report that cannot be true for the batch (422)
     └── IngestError           a file that cannot be read; names the file and the line
 """
@@ -42,6 +43,14 @@ class LeaseConflict(CoordinatorError):
 
 class NotFound(CoordinatorError):
     """No such batch."""
+
+
+class Quarantined(CoordinatorError):
+    """The worker's recent batches all failed: no lease for it until ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class InvalidReport(CoordinatorError):

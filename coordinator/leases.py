@@ -27,7 +27,11 @@ token" raises ``LeaseConflict`` and changes nothing; a repeated completion with 
 report is recognised by its digest and answered with the batch's current state.
 
 Resource handling: each call borrows one pooled connection for one transaction.
-Error handling: ``LeaseConflict`` / ``NotFound`` / ``InvalidReport`` as above; driver
+Quarantine: a download worker whose failure reports (not releases) come
+``quarantine_after`` in a row, with no completion in between, within
+``quarantine_window_s``, gets ``Quarantined`` instead of a lease for ``quarantine_s``.
+
+Error handling: ``LeaseConflict`` / ``NotFound`` / ``InvalidReport`` / ``Quarantined``; driver
 errors pass through as SQLAlchemy errors (the API maps them to 503).
 """
 
@@ -44,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 
 from coordinator import reports
-from coordinator.errors import LeaseConflict, NotFound
+from coordinator.errors import LeaseConflict, NotFound, Quarantined
 from coordinator.models import CHUNK_SIZE
 from coordinator.queries import Q
 from coordinator.sampling import SampleRate
@@ -186,6 +190,7 @@ class Leases:
         size = min(max_size or self.settings.batch_size, self.settings.batch_size)
         params = self._lease_params(worker_id)
         with self.engine.begin() as conn:
+            _check_quarantine(conn, worker_id)
             row = conn.execute(Q.lease_pending_batch, {**params, "max_size": size}).first()
             if row is None:
                 row = conn.execute(Q.insert_leased_batch, params).one()
@@ -256,6 +261,7 @@ class Leases:
                 "bytes_downloaded": report.bytes_downloaded,
                 "duration_s": report.duration_s, "digest": digest,
             }).one()
+            conn.execute(Q.worker_completed, {"worker_id": worker_id})
             self._count("completions", DOWNLOAD)
             return BatchState(batch_id=row.id, status=row.status, attempts=row.attempts)
 
@@ -320,8 +326,18 @@ class Leases:
                 "pp_refund": refund if kind == POSTPROCESS else 0,
                 "reason": f"{kind} {_failure_kind(report)}: {report.reason}",
             }).one()
+            if kind == DOWNLOAD and not report.release:
+                self._count_failure(conn, worker_id, report.reason)
             self._count("failures", kind)
             return BatchState(batch_id=row.id, status=row.status, attempts=row.attempts)
+
+    def _count_failure(self, conn: sa.Connection, worker_id: int, reason: str) -> None:
+        """One more failure in the worker's run; quarantined when the run is long enough."""
+        s = self.settings
+        conn.execute(Q.worker_failed, {
+            "worker_id": worker_id, "window": s.quarantine_window_s,
+            "after": s.quarantine_after, "quarantine": s.quarantine_s,
+            "reason": reason[:500]})
 
     def reap(self) -> list[tuple[int, str]]:
         """Return expired leases to the queue (or fail them); the (id, new status) pairs."""
@@ -352,6 +368,14 @@ def _failure_kind(report: FailReport) -> str:
     if report.cause is FailCause.WORKER:
         return "failed on the worker (no attempt spent)"
     return "failed"
+
+
+def _check_quarantine(conn: sa.Connection, worker_id: int) -> None:
+    row = conn.execute(Q.worker_quarantine, {"worker_id": worker_id}).first()
+    if row is not None:
+        left = float(row.seconds_left)
+        raise Quarantined(f"this worker is quarantined for {left:.0f} s more: {row.reason}",
+                          left)
 
 
 def _lock(conn: sa.Connection, batch_id: int) -> sa.Row[Any]:

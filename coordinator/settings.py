@@ -31,6 +31,11 @@ class LeaseSettings:
     #: a sample reading more candidates' worth of pages than this costs more than the
     #: index fallback (with the defaults: once fewer than 8 % of the candidates are pending)
     max_sample_rows: int = 500_000
+    #: a download worker that reports this many failures in a row (no completion in
+    #: between) within ``quarantine_window_s`` gets no lease for ``quarantine_s``; 0: never
+    quarantine_after: int = 5
+    quarantine_window_s: float = 600.0
+    quarantine_s: float = 900.0
 
     @property
     def heartbeat_interval_s(self) -> float:
@@ -55,14 +60,22 @@ class CoordinatorSettings:
 
 
 def make_lease_settings(*, batch_size: int = 10_000, lease_ttl_s: float = 600.0,
-                        max_attempts: int = 3, max_sample_rows: int = 500_000) -> LeaseSettings:
+                        max_attempts: int = 3, max_sample_rows: int = 500_000,
+                        quarantine_after: int = 5, quarantine_window_s: float = 600.0,
+                        quarantine_s: float = 900.0) -> LeaseSettings:
     _check(1 <= batch_size <= 1_000_000, f"batch size must be in 1..1000000, not {batch_size}")
+    _check(0 <= quarantine_after <= 1000,
+           f"quarantine-after must be in 0..1000 (0: off), not {quarantine_after}")
+    _check(quarantine_window_s > 0 and quarantine_s > 0,
+           "the quarantine window and duration must be positive")
     _check(lease_ttl_s >= 1, f"lease TTL must be at least 1 s, not {lease_ttl_s}")
     _check(1 <= max_attempts <= 100, f"max attempts must be in 1..100, not {max_attempts}")
     _check(max_sample_rows >= batch_size,
            f"max sample rows must be at least the batch size, not {max_sample_rows}")
     return LeaseSettings(batch_size=batch_size, lease_ttl_s=lease_ttl_s,
-                         max_attempts=max_attempts, max_sample_rows=max_sample_rows)
+                         max_attempts=max_attempts, max_sample_rows=max_sample_rows,
+                         quarantine_after=quarantine_after,
+                         quarantine_window_s=quarantine_window_s, quarantine_s=quarantine_s)
 
 
 def make_settings(*, database_url: str | None = None, data_dir: Path = DEFAULT_DATA_DIR,

@@ -83,7 +83,8 @@ def _worker(row: sa.Row[Any], downloads: dict[int, _Downloads]) -> WorkerStatus:
     return WorkerStatus(id=row.id, name=row.name, role=role, version=row.version,
                         last_seen_at=row.last_seen_at, batches=list(row.batches),
                         last_seen_s=max(0.0, float(row.last_seen_s)), rate_per_s=rate,
-                        downloaded=done.total)
+                        downloaded=done.total, quarantined_until=row.quarantined_until,
+                        quarantine_reason=row.quarantine_reason)
 
 
 def _similarity(rows: list[sa.Row[Any]]) -> SimilarityHistogram:

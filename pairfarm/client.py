@@ -9,6 +9,7 @@ Error handling: every failure is converted here into one of the ``ClientError`` 
     ClientError
     ├── Unauthorized        401 / 403: a wrong or revoked token; retrying will not help
     ├── LeaseLost           409: the batch is no longer ours; discard the work
+    ├── Throttled           429: not now (a quarantined worker); ``retry_after`` seconds
     ├── Rejected            422 / 413 / other 4xx: the request itself is wrong
     └── Unavailable         network failure, 5xx or a malformed answer: retry with
                             backoff, keep the batch
@@ -69,6 +70,15 @@ class LeaseLost(ClientError):
     """The batch is not (or no longer) leased to us (409)."""
 
 
+class Throttled(ClientError):
+    """The coordinator refuses for a while (429); ``retry_after`` from its header."""
+
+    def __init__(self, message: str, status: int | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, status)
+        self.retry_after = retry_after
+
+
 class Rejected(ClientError):
     """The coordinator rejected the request as invalid (4xx other than the above)."""
 
@@ -90,9 +100,18 @@ def _raise_for(response: httpx.Response) -> None:
         raise Unauthorized(message, status)
     if status == 409:
         raise LeaseLost(message, status)
+    if status == 429:
+        raise Throttled(message, status, _seconds(response.headers.get("retry-after")))
     if status >= 500:
         raise Unavailable(message, status)
     raise Rejected(message, status)
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _headers(token: str | None) -> dict[str, str]:

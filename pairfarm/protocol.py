@@ -284,6 +284,9 @@ class WorkerStatus(_Figures):
     rate_per_s: float | None = None
     #: download workers: candidates of every batch it completed
     downloaded: int = 0
+    #: set while the coordinator refuses this worker leases (its batches kept failing)
+    quarantined_until: datetime | None = None
+    quarantine_reason: str | None = None
 
 
 class ThroughputPoint(_Figures):

@@ -111,6 +111,8 @@ def workers_table(stats: FarmStats) -> Table:
 def worker_row(w: WorkerStatus) -> list[str]:
     seen = "-" if w.last_seen_s is None else f"{duration(w.last_seen_s)} ago"
     batches = ", ".join(str(b) for b in w.batches) or "-"
+    if w.quarantined_until is not None:
+        batches = f"quarantined until {w.quarantined_until:%H:%M:%S}: {w.quarantine_reason}"
     downloaded = f"{w.downloaded:,}" if w.rate_per_s is not None else "-"
     return [w.name, w.role.value, seen, rate(w.rate_per_s), batches, downloaded]
 

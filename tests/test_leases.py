@@ -234,6 +234,46 @@ def test_a_failure_caused_by_the_worker_spends_no_attempt(db_url: str) -> None:
         assert (done.status, done.attempts) == (BatchStatus.DOWNLOADED, 1)
 
 
+def _fail_one(service: Leases, worker: int, reason: str = "disk full") -> None:
+    lease = service.lease_download(worker)
+    assert lease is not None
+    service.fail("download", lease.batch_id, worker,
+                 FailReport(lease_token=lease.lease_token, reason=reason, cause=FailCause.WORKER))
+
+
+def test_a_worker_whose_batches_keep_failing_is_quarantined(db_url: str) -> None:
+    """quarantine_after 3: two failures, a completion, two failures: still leasing; a
+    third failure in a row: 429-like refusal, in the stats, while others lease on."""
+    from coordinator.errors import Quarantined
+    from coordinator.stats import farm_stats
+
+    insert_candidates(db_url, 100)
+    with engine_for(db_url) as engine:
+        service = leases(engine, batch_size=10, quarantine_after=3, quarantine_s=900)
+        broken, healthy = new_worker(engine, "broken"), new_worker(engine, "healthy")
+        _fail_one(service, broken)
+        _fail_one(service, broken)
+        lease = service.lease_download(broken)
+        assert lease is not None
+        service.complete_download(lease.batch_id, broken, report(lease.lease_token, 10))
+        _fail_one(service, broken)
+        _fail_one(service, broken)
+        _fail_one(service, broken, "create output directory: File exists")
+        with pytest.raises(Quarantined, match="3 batches in a row failed on this worker, "
+                                              "the last: create output directory") as info:
+            service.lease_download(broken)
+        assert 890 < info.value.retry_after_s <= 900
+        assert service.lease_download(healthy) is not None
+        listed = {w.name: w for w in farm_stats(engine, 900).workers}
+        assert listed["broken"].quarantined_until is not None
+        assert "File exists" in (listed["broken"].quarantine_reason or "")
+        assert listed["healthy"].quarantined_until is None
+        with engine.begin() as conn:  # the quarantine ends
+            conn.execute(sa.text("UPDATE workers SET quarantined_until = now() "
+                                 "- interval '1 s' WHERE name = 'broken'"))
+        assert service.lease_download(broken) is not None
+
+
 def test_postprocess_leases_written_shards_and_completes_them(db_url: str) -> None:
     insert_candidates(db_url, 20)
     with engine_for(db_url) as engine:

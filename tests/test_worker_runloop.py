@@ -65,6 +65,9 @@ class ScriptedCoordinator:
     #: called on register, and on each lease with the batch's number (1, 2, ...)
     on_register: Callable[[], None] | None = None
     on_lease: Callable[[int], None] | None = None
+    #: the first N leases answer 429 (a quarantine) with Retry-After: 120
+    refuse_leases: int = 0
+    lease_times: list[float] = field(default_factory=list)
     _next: int = 0
 
     def transport(self) -> httpx.MockTransport:
@@ -97,6 +100,11 @@ class ScriptedCoordinator:
         return getattr(self, f"_{action}")(batch_id, body)
 
     def _lease(self) -> httpx.Response:
+        self.lease_times.append(trio.current_time())
+        if self.refuse_leases > 0:
+            self.refuse_leases -= 1
+            return httpx.Response(429, headers={"Retry-After": "120"}, json={
+                "error": "quarantined", "detail": "this worker is quarantined for 120 s"})
         if self._next >= len(self.batches):
             return httpx.Response(204)
         urls = self.batches[self._next]
@@ -418,3 +426,10 @@ def test_the_first_signal_stops_a_worker_that_holds_no_batch_at_once(
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.3))
     assert ended == [100.0]
     assert requests and max(requests) < 100  # nothing asked after the signal
+
+
+def test_a_quarantined_worker_waits_out_the_retry_after_then_leases(tmp_path: Path) -> None:
+    coord = ScriptedCoordinator(batches=[], refuse_leases=2)
+    loop = _run(coord, tmp_path, paths=[["/a.jpg"]])
+    assert loop.summary.batches_completed == 1
+    assert [round(t) for t in coord.lease_times[:3]] == [0, 120, 240]

@@ -20,14 +20,15 @@ batch is never dropped silently: it is completed, released, or (when even the re
 cannot reach the coordinator) logged as left to expire and be re-leased.
 
 Error handling: ``Unavailable`` (network down, 5xx) is retried with capped exponential
-backoff and jitter while the batch is kept; ``Unauthorized`` ends the worker
-(``WorkerStopped``, its temporary files removed); ``LeaseLost`` discards the batch's work;
-``Rejected`` on a report fails the batch with the coordinator's message (an attempt is
-spent). A failure that is this machine's own (``ShardWriteError``, ``OSError``: its disk,
-its output) gives the batch back with cause ``worker``, which spends no attempt; after
-``stop_after_failures`` of them in a row, with no batch completed in between, the worker
-stops (``WorkerStopped``). ``run`` raises ``WorkerStopped`` itself, never inside Trio's
-``ExceptionGroup``.
+backoff and jitter while the batch is kept; ``Throttled`` (429: the coordinator
+quarantined this worker) is retried after its ``Retry-After``, the reason logged;
+``Unauthorized`` ends the worker (``WorkerStopped``, its temporary files removed);
+``LeaseLost`` discards the batch's work; ``Rejected`` on a report fails the batch with
+the coordinator's message (an attempt is spent). A failure that is this machine's own
+(``ShardWriteError``, ``OSError``: its disk, its output) gives the batch back with cause
+``worker``, which spends no attempt; after ``stop_after_failures`` of them in a row, with
+no batch completed in between, the worker stops (``WorkerStopped``). ``run`` raises
+``WorkerStopped`` itself, never inside Trio's ``ExceptionGroup``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,14 @@ from typing import TypeVar
 import fsspec
 import trio
 
-from pairfarm.client import AsyncCoordinatorClient, LeaseLost, Rejected, Unauthorized, Unavailable
+from pairfarm.client import (
+    AsyncCoordinatorClient,
+    LeaseLost,
+    Rejected,
+    Throttled,
+    Unauthorized,
+    Unavailable,
+)
 from pairfarm.protocol import DownloadLease, DownloadReport, FailCause, FailReport
 from worker.backoff import backoff_delay
 from worker.batch import Network, OnSample, PreparedShard, download_batch
@@ -60,6 +68,8 @@ KIND = "download"
 #: failures that are this machine's own (its disk, its output location): not the batch's
 OWN_FAILURES = (ShardWriteError, OSError)
 REFUSED = "the coordinator refused this worker's token (revoked?): stopping"
+#: the longest a 429 (a quarantine) makes the worker wait before it asks again
+MAX_THROTTLE_S = 3600.0
 
 
 class WorkerStopped(WorkerError):
@@ -220,6 +230,9 @@ class RunLoop:
                                       cap=self._s.backoff_cap_s, rng=self._rng)
                 log.warning("%s: coordinator unavailable (%s); retry %d in %.1fs", what, exc,
                             attempt + 1, delay)
+            except Throttled as exc:
+                delay = min(MAX_THROTTLE_S, exc.retry_after or self._s.idle_poll_s)
+                log.error("%s: refused for now (%s); trying again in %.0fs", what, exc, delay)
             if await self._sleep_unless(delay, stop):
                 return None
             attempt += 1

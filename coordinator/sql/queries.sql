@@ -199,6 +199,44 @@ UPDATE batches b
  WHERE b.id = expired.id
 RETURNING b.id, b.status, expired.held;
 
+-- name: worker_quarantine
+-- The quarantine a download worker is in now, if any (pairfarm's lease refuses it).
+SELECT quarantine_reason AS reason,
+       extract(epoch FROM quarantined_until - now())::float8 AS seconds_left
+  FROM workers
+ WHERE id = :worker_id AND quarantined_until > now();
+
+-- name: worker_failed
+-- A failure the worker reported: one more in its run (a run older than :window seconds
+-- starts again at 1). At :after failures in a row (0: never) the worker is quarantined
+-- for :quarantine seconds, with :reason, and its run starts again.
+WITH run AS (
+    SELECT id,
+           CASE WHEN failing_since > now() - make_interval(secs => :window)
+                THEN failures_in_row + 1 ELSE 1 END AS n,
+           CASE WHEN failing_since > now() - make_interval(secs => :window)
+                THEN failing_since ELSE now() END AS since
+      FROM workers WHERE id = :worker_id
+), judged AS (
+    SELECT id, n, since, :after > 0 AND n >= :after AS quarantine FROM run
+)
+UPDATE workers w
+   SET failures_in_row = CASE WHEN j.quarantine THEN 0 ELSE j.n END,
+       failing_since = CASE WHEN j.quarantine THEN NULL ELSE j.since END,
+       quarantined_until = CASE WHEN j.quarantine
+           THEN now() + make_interval(secs => :quarantine) ELSE w.quarantined_until END,
+       quarantine_reason = CASE WHEN j.quarantine
+           THEN j.n || ' batches in a row failed on this worker, the last: ' || :reason
+           ELSE w.quarantine_reason END
+  FROM judged j
+ WHERE w.id = j.id
+RETURNING j.quarantine;
+
+-- name: worker_completed
+-- A completed batch ends the worker's run of failures.
+UPDATE workers SET failures_in_row = 0, failing_since = NULL
+ WHERE id = :worker_id AND failures_in_row > 0;
+
 -- name: _selected_batches
 -- The batches an operator names (pairfarm batches list|requeue): in one of :states;
 -- when given, whose last_error contains :reason (case-insensitive), held last by the
@@ -279,6 +317,10 @@ SELECT COALESCE(sum(inserted), 0) AS inserted FROM ingests;
 -- :rate_window) they have been registered, the span their download rate is taken over.
 SELECT w.id, w.name, w.role, w.version, w.last_seen_at,
        extract(epoch FROM now() - w.last_seen_at)::float8 AS last_seen_s,
+       CASE WHEN w.quarantined_until > now() THEN w.quarantined_until END
+           AS quarantined_until,
+       CASE WHEN w.quarantined_until > now() THEN w.quarantine_reason END
+           AS quarantine_reason,
        GREATEST(1.0, LEAST(CAST(:rate_window AS float8),
                            extract(epoch FROM now() - w.registered_at)::float8)) AS span_s,
        array_remove(array_agg(b.id ORDER BY b.id), NULL) AS batches
