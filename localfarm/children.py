@@ -2,8 +2,9 @@
 
 Resource handling: every child runs in its own session (so a Ctrl-C on the terminal
 reaches only ``pairfarm up``, which then stops the children in order), writes its output
-to ``logs/<name>.log`` in the farm directory, and is stopped with SIGTERM, then SIGKILL
-after a grace period. Its PID is written to the farm's run file so that an operator (or a
+to ``logs/<name>.log`` in the farm directory, and is stopped in stages (a signal, a
+wait; a worker gets SIGTERM to finish its batch, then SIGTERM again to release it), then
+SIGKILL. Its PID is written to the farm's run file so that an operator (or a
 fault drill) can find it.
 """
 
@@ -16,10 +17,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger("pairfarm.up")
+POLL_S = 0.1
+Stage = tuple[int, float]  # (signal, seconds to wait for the children to exit)
 
 
 def pairfarm_argv(*args: str) -> list[str]:
@@ -103,18 +107,30 @@ class Supervisor:
             self.write_run_file()
         return revived
 
-    def stop(self, names: set[str] | None = None, grace: float = 30.0) -> None:
-        """Stop the children named (all by default), in reverse start order, in parallel."""
+    def stop(self, names: set[str] | None = None, grace: float = 30.0, *,
+             stages: Sequence[Stage] | None = None,
+             hurried: Callable[[], int] = lambda: 0) -> list[str]:
+        """Stop the children named (all by default) together; the names that had to be killed.
+
+        Each stage sends its signal to the children still running and waits up to its
+        seconds for them to exit (default: one SIGTERM stage of ``grace`` s); whoever is
+        left after the last stage gets SIGKILL. ``hurried`` counts the operator's extra
+        stop requests (another Ctrl-C): one more ends the current stage at once.
+        """
         chosen = [c for c in reversed(self.children) if names is None or c.name in names]
         for child in chosen:
             child.restart = False
-            child.signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for child in chosen:
-            if not child.wait(max(0.0, deadline - time.monotonic())):
-                log.warning("%s did not stop within %.0f s: killing it", child.name, grace)
-                child.signal(signal.SIGKILL)
-                child.wait(10)
+        for signum, seconds in stages or ((signal.SIGTERM, grace),):
+            alive = [c for c in chosen if c.running()]
+            for child in alive:
+                child.signal(signum)
+            _wait_all(alive, seconds, hurried)
+        killed = [c for c in chosen if c.running()]
+        for child in killed:
+            log.warning("%s did not stop in time: killing it", child.name)
+            child.signal(signal.SIGKILL)
+            child.wait(10)
+        return [c.name for c in killed]
 
     def write_run_file(self) -> None:
         data = {"pid": os.getpid(),
@@ -122,3 +138,13 @@ class Supervisor:
         tmp = self.run_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(self.run_file)
+
+
+def _wait_all(children: list[Child], seconds: float, hurried: Callable[[], int]) -> None:
+    """Until every child exited, ``seconds`` passed, or ``hurried()`` went up."""
+    deadline = time.monotonic() + seconds
+    start = hurried()
+    for child in children:
+        while not child.wait(min(POLL_S, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline or hurried() > start:
+                return

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from localfarm.errors import FarmError
+from localfarm.stopping import FarmStopped, Shutdown
 from localfarm.up import FarmResult, UpSettings, run_farm
 
 log = logging.getLogger("pairfarm.up")
@@ -28,16 +29,41 @@ def _summary(result: FarmResult) -> str:
                      f"{result.out / 'postprocessed'}")
     if result.restarts:
         lines.append(f"restarts: {result.restarts} (see {result.out / 'logs'})")
+    if result.shutdown.killed:
+        lines.append(f"killed:   {', '.join(result.shutdown.killed)} (did not stop in time)")
     return "\n".join(lines)
+
+
+def _batches(n: int) -> str:
+    return f"{n} batch{'es' if n != 1 else ''}"
+
+
+def stop_report(stop: Shutdown, lease_ttl_s: float) -> str:
+    """What became of the batches in hand when the farm was stopped: only what is known."""
+    if stop.in_hand is None or stop.still_leased is None:
+        fate = (f"what became of the batches in hand is unknown ({stop.stats_error}); any "
+                f"still leased is leased again when its lease expires ({lease_ttl_s:.0f} s)")
+    else:
+        done = (f"{stop.finished} finished, {stop.released} released"
+                + (f", {stop.failed} failed" if stop.failed else ""))
+        fate = (f"every batch in hand was finished or released ({done})" if stop.accounted
+                else f"{_batches(stop.in_hand)} in hand: {done}; {stop.still_leased} still "
+                     f"leased, leased again when the lease expires ({lease_ttl_s:.0f} s)")
+    killed = f"; killed (did not stop in time): {', '.join(stop.killed)}" if stop.killed else ""
+    return f"{fate}{killed}"
 
 
 def run_and_report(settings: UpSettings) -> FarmResult:
     try:
         result = run_farm(settings)
+    except FarmStopped as exc:
+        raise click.ClickException(
+            f"{exc}; {stop_report(exc.shutdown, settings.lease_ttl_s)}. "
+            f"Run the same command again to resume ({settings.out}).") from None
     except KeyboardInterrupt:
         raise click.ClickException(
-            f"stopped; every batch in hand was finished or released. "
-            f"Run the same command again to resume ({settings.out}).") from None
+            f"stopped before the farm started. Run the same command again to resume "
+            f"({settings.out}).") from None
     except FarmError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(_summary(result))
@@ -65,6 +91,10 @@ def run_and_report(settings: UpSettings) -> FarmResult:
 @click.option("--lease-ttl", default=120.0, show_default=True, type=click.FloatRange(1),
               help="Seconds a lease lasts without a heartbeat (a killed worker's batch is "
                    "leased again after this).")
+@click.option("--drain-timeout", "drain_timeout_s", default=60.0, show_default=True,
+              type=click.FloatRange(0), envvar="PAIRFARM_UP_DRAIN_TIMEOUT",
+              help="On Ctrl-C / SIGTERM: seconds the workers get to finish the batch in hand "
+                   "before they are told to release it (a second Ctrl-C: release now).")
 @click.option("--url-col", default="url", show_default=True, help="Input URL column.")
 @click.option("--caption-col", default="caption", show_default=True,
               help="Input caption column.")
@@ -81,8 +111,10 @@ def up(**options: Any) -> None:
 
     Starts an embedded PostgreSQL (or uses DATABASE_URL), ingests --input, then runs the
     coordinator, N download workers and, with --postprocess, a post-processing process,
-    restarting any that dies. Ctrl-C stops every child cleanly; running the same command
-    again resumes where it stopped, with no duplicate samples.
+    restarting any that dies. Ctrl-C (or SIGTERM) stops the workers first (each finishes
+    or releases its batch), then the coordinator and the database, and says what became of
+    the batches in hand; running the same command again resumes where it stopped, with no
+    duplicate samples. A second `up` on the same --out is refused.
     """
     run_and_report(up_settings(**options))
 

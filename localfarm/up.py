@@ -16,7 +16,9 @@ Running ``up`` again on the same OUT resumes: ingest inserts nothing new, expire
 released batches are leased again, finished shards are kept.
 
 One farm per directory: ``farm.lock`` (lock.py) is held while ``up`` runs; a second
-``up`` on the same OUT raises ``FarmBusy`` before starting anything.
+``up`` on the same OUT raises ``FarmBusy`` before starting anything. SIGINT / SIGTERM stop
+the farm in order, workers first and the database last (stopping.py), and raise
+``FarmStopped`` with what the stop did.
 
 Error handling: a child that dies is restarted (``max_restarts`` times in all); the
 database going away is waited for and, when it is ours, restarted; a failed ingest or a
@@ -42,6 +44,14 @@ from localfarm.children import Child, Supervisor, pairfarm_argv
 from localfarm.errors import ChildFailed, StartupFailed
 from localfarm.lock import FarmLock
 from localfarm.progress import FarmProgress, is_finished
+from localfarm.stopping import (
+    FarmStopped,
+    Shutdown,
+    StopRequested,
+    StopSignals,
+    StopTimes,
+    stop_farm,
+)
 from pairfarm.client import ClientError, CoordinatorClient
 from pairfarm.protocol import FarmStats
 
@@ -62,6 +72,8 @@ class UpSettings:
     reap_interval_s: float = 2.0
     poll_s: float = 0.5
     max_restarts: int = 50
+    drain_timeout_s: float = 60.0
+    release_s: float = 45.0
     stop_grace_s: float = 60.0
     progress: bool = True
     ingest_args: tuple[str, ...] = ()
@@ -76,6 +88,7 @@ class FarmResult:
     dashboard: str
     restarts: int
     seconds: float
+    shutdown: Shutdown
 
 
 @dataclass
@@ -224,45 +237,72 @@ def wait_healthy(url: str, child: Child, timeout: float = 120.0) -> None:
 
 # -- the run ----------------------------------------------------------------------------------
 
+@dataclass
+class _Farm:
+    """The running farm's parts, and what stopping it did."""
+
+    settings: UpSettings
+    signals: StopSignals
+    supervisor: Supervisor
+    url: str = ""
+    client: CoordinatorClient | None = None
+    shutdown: Shutdown | None = None
+
+    def stop(self) -> Shutdown:
+        """Stop the children in order (stopping.py), once."""
+        if self.shutdown is None:
+            s = self.settings
+            times = StopTimes(drain_timeout_s=s.drain_timeout_s, release_s=s.release_s,
+                              stop_grace_s=s.stop_grace_s)
+            self.shutdown = stop_farm(self.supervisor, self.client, times, self.signals)
+            self.supervisor.run_file.unlink(missing_ok=True)
+            if self.client is not None:
+                self.client.close()
+        return self.shutdown
+
+
 @contextmanager
-def _farm(settings: UpSettings) -> Iterator[tuple[Supervisor, _Database, str, dict[str, str]]]:
+def _farm(settings: UpSettings, signals: StopSignals) -> Iterator[tuple[_Farm, _Database]]:
     settings.out.mkdir(parents=True, exist_ok=True)
     with FarmLock(settings.out) as lock:
         state = _State.load(settings.out / "farm.json")
         db = open_database(settings, state)
-        supervisor = Supervisor(run_file=settings.out / "run.json")
+        farm = _Farm(settings, signals, Supervisor(run_file=settings.out / "run.json"))
         try:
             tokens = farm_tokens(settings, db.url)
             ingest(settings, db.url)
             port = state.port("coordinator_port", settings.port)
-            url = f"http://127.0.0.1:{port}"
+            url = farm.url = f"http://127.0.0.1:{port}"
             lock.record(url)
-            coord = supervisor.add(coordinator_child(settings, db, port))
+            farm.client = CoordinatorClient(url, tokens["admin"])
+            coord = farm.supervisor.add(coordinator_child(settings, db, port))
             wait_healthy(url, coord)
             for i in range(1, settings.workers + 1):
-                supervisor.add(worker_child(settings, url, tokens[f"worker-{i}"], i))
+                farm.supervisor.add(worker_child(settings, url, tokens[f"worker-{i}"], i))
             if settings.postprocess:
-                supervisor.add(postprocess_child(settings, url, tokens["gpu"]))
-            yield supervisor, db, url, tokens
+                farm.supervisor.add(postprocess_child(settings, url, tokens["gpu"]))
+            yield farm, db
+        except StopRequested as exc:
+            raise FarmStopped(str(exc), farm.stop(), settings.out) from None
         finally:
-            supervisor.stop(grace=settings.stop_grace_s)
-            supervisor.run_file.unlink(missing_ok=True)
+            farm.stop()
             if db.embedded is not None and db.started_here:
                 db.embedded.stop()
 
 
-def _watch(settings: UpSettings, supervisor: Supervisor, db: _Database,
-           client: CoordinatorClient, progress: FarmProgress) -> FarmStats:
+def _watch(settings: UpSettings, farm: _Farm, db: _Database,
+           progress: FarmProgress) -> FarmStats:
     """Keep the farm alive until it is finished; the last stats."""
     last: FarmStats | None = None
+    assert farm.client is not None
     while True:
         db.ensure_running()
-        supervisor.revive()
-        if supervisor.restarts > settings.max_restarts:
-            raise ChildFailed(f"children died {supervisor.restarts} times: see "
+        farm.supervisor.revive()
+        if farm.supervisor.restarts > settings.max_restarts:
+            raise ChildFailed(f"children died {farm.supervisor.restarts} times: see "
                               f"{settings.out / 'logs'}")
         try:
-            last = client.stats()
+            last = farm.client.stats()
         except ClientError as exc:
             log.info("stats unavailable: %s", exc)
         if last is not None:
@@ -273,13 +313,18 @@ def _watch(settings: UpSettings, supervisor: Supervisor, db: _Database,
 
 
 def run_farm(settings: UpSettings) -> FarmResult:
-    """Run the farm until every candidate has its outcome (see the module docstring)."""
+    """Run the farm until every candidate has its outcome (see the module docstring).
+
+    Raises ``FarmStopped`` (with what the stop did) on SIGINT / SIGTERM, ``FarmBusy`` when
+    another ``up`` runs on the same directory.
+    """
     started = time.monotonic()
-    with _farm(settings) as (supervisor, db, url, tokens), \
-            CoordinatorClient(url, tokens["admin"]) as client, \
-            FarmProgress(enabled=settings.progress, postprocess=settings.postprocess,
-                         dashboard=f"{url}/") as progress:
-        stats = _watch(settings, supervisor, db, client, progress)
-        restarts = supervisor.restarts
-    return FarmResult(stats=stats, out=settings.out, dashboard=f"{url}/", restarts=restarts,
-                      seconds=time.monotonic() - started)
+    signals = StopSignals()
+    with signals.installed(), _farm(settings, signals) as (farm, db):
+        dashboard = f"{farm.url}/"
+        with FarmProgress(enabled=settings.progress, postprocess=settings.postprocess,
+                          dashboard=dashboard) as progress:
+            stats = _watch(settings, farm, db, progress)
+    return FarmResult(stats=stats, out=settings.out, dashboard=dashboard,
+                      restarts=farm.supervisor.restarts, seconds=time.monotonic() - started,
+                      shutdown=farm.stop())

@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psycopg
+import pyarrow.parquet as pq
 import pytest
 
 from coordinator.embedded_pg import EmbeddedPostgres
@@ -37,6 +41,8 @@ COUNT = 600
 SMALL = 240
 BATCH = 40
 HELD = ["--worker-arg=--read-timeout=600", "--worker-arg=--deadline=600"]
+STOP_LINE = re.compile(r"every batch in hand was finished or released "
+                       r"\((\d+) finished, (\d+) released\)")
 
 
 @pytest.fixture
@@ -86,10 +92,10 @@ def up_argv(out: Path, candidates: Path, *extra: str, per_host: int = 2) -> list
 
 
 def start_up(procs: list[subprocess.Popen[str]], out: Path, candidates: Path, *extra: str,
-             per_host: int = 2) -> subprocess.Popen[str]:
+             per_host: int = 2, new_session: bool = False) -> subprocess.Popen[str]:
     proc = subprocess.Popen(up_argv(out, candidates, *extra, per_host=per_host),
                             env=cli_env(), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=new_session)
     procs.append(proc)
     return proc
 
@@ -157,6 +163,30 @@ class Farm:
         stats = self.stats()
         return 0 if stats is None else stats.batches.get("downloaded", 0)
 
+    def log(self, name: str) -> str:
+        path = self.out / "logs" / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def batch_statuses(self) -> Counter[str]:
+        """The batches table by status, read from the farm's database once `up` exited."""
+        pg = EmbeddedPostgres(self.out / "pg")
+        port = json.loads((self.out / "farm.json").read_text())["pg_port"]
+        server = pg.start(port=port)
+        try:
+            url = server.url("pairfarm").replace("postgresql+psycopg", "postgresql")
+            with psycopg.connect(url) as conn:
+                rows = conn.execute("SELECT status, count(*) FROM batches GROUP BY status")
+                return Counter({status: count for status, count in rows})
+        finally:
+            pg.stop()
+
+    def shard_urls(self) -> set[int]:
+        """URL numbers in the shards written so far (completed batches only)."""
+        numbers: set[int] = set()
+        for path in (self.out / "shards").glob("*.parquet"):
+            for url in pq.read_table(path, columns=["url"]).column("url").to_pylist():
+                numbers.add(int(url.rsplit("/", 1)[-1].split(".")[0]))
+        return numbers
 
 
 def finish(proc: subprocess.Popen[str], timeout: float = 300) -> str:
@@ -177,6 +207,13 @@ def assert_complete(out: Path, count: int) -> None:
     assert check.mismatched == [], "every URL ended in the outcome the server planned"
     stats_files = sorted((out / "shards").glob("*_stats.json"))
     assert sum(json.loads(f.read_text())["count"] for f in stats_files) == count
+
+
+def stop_counts(output: str) -> tuple[int, int]:
+    """(finished, released) from `up`'s stop message; fails if it does not claim both."""
+    found = STOP_LINE.search(output)
+    assert found is not None, output
+    return int(found.group(1)), int(found.group(2))
 
 
 @pytest.mark.slow
@@ -207,33 +244,76 @@ def test_kill_worker_restart_coordinator_and_postgres_mid_run(
     gate.open()
     output = finish(proc)
     assert "restarts:" in output  # the worker and the coordinator were brought back
+    assert "killed:" not in output, "every child stopped when asked"
     assert_complete(out, COUNT)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_ctrl_c_then_rerun_resumes_without_duplicates(
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_releases_the_batches_in_hand_then_rerun_resumes(
         tmp_path: Path, farm_dir: Path, server: DemoServer,
-        up_procs: list[subprocess.Popen[str]]) -> None:
+        up_procs: list[subprocess.Popen[str]], signum: int) -> None:
     candidates = write_candidates(server, SMALL, tmp_path / "candidates.parquet")
     out, gate = farm_dir, server.gate
-    proc = start_up(up_procs, out, candidates)
+    proc = start_up(up_procs, out, candidates, "--drain-timeout", "1")
     farm = Farm(out)
     wait_for("the farm to start", farm.ready, proc)
     pump(gate, "a downloaded batch", lambda: farm.downloaded_batches() >= 1, proc)
-    proc.send_signal(signal.SIGINT)
-    gate.open()
+    wait_for("both workers to hold a batch", lambda: farm.holds_batch("up-worker-1")
+             and farm.holds_batch("up-worker-2"), proc)
+
+    # the gate stays closed: the batches in hand cannot finish, so they must be released
+    proc.send_signal(signum)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 1, output
     assert "Run the same command again to resume" in output
+    assert "killed" not in output, output
+    finished, released = stop_counts(output)
+    assert finished + released == 2 and released >= 1, output
     assert not (out / "run.json").exists(), "every child was stopped"
-    partial = len(list((out / "shards").glob("*_stats.json")))
-    assert partial >= 1
+    statuses = farm.batch_statuses()
+    assert statuses["leased"] == 0, statuses
+    assert statuses["downloaded"] == len(list((out / "shards").glob("*_stats.json"))) >= 1
+    first_run = farm.shard_urls()
 
+    gate.requested.clear()
+    gate.open()
     rerun = start_up(up_procs, out, candidates)
     output = finish(rerun)
     assert "inserted 0" in output, "the rerun ingests nothing new"
     assert_complete(out, SMALL)
+    again = sorted(n for n in first_run if gate.requested[n])
+    assert again == [], "the rerun downloads no URL of a batch finished before Ctrl-C"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ctrl_c_on_the_process_group_lets_workers_finish_their_batches(
+        tmp_path: Path, farm_dir: Path, server: DemoServer,
+        up_procs: list[subprocess.Popen[str]]) -> None:
+    """A terminal's Ctrl-C reaches the whole foreground process group: only `up` may act
+    on it; the workers get SIGTERM from `up` while the coordinator and PostgreSQL still
+    take their reports."""
+    candidates = write_candidates(server, SMALL, tmp_path / "candidates.parquet")
+    out, gate = farm_dir, server.gate
+    proc = start_up(up_procs, out, candidates, new_session=True)
+    farm = Farm(out)
+    wait_for("the farm to start", farm.ready, proc)
+    wait_for("both workers to hold a batch", lambda: farm.holds_batch("up-worker-1")
+             and farm.holds_batch("up-worker-2"), proc)
+
+    os.killpg(proc.pid, signal.SIGINT)
+    wait_for("both workers to be told to finish", lambda: all(
+        "got SIGTERM" in farm.log(w) for w in ("worker-1", "worker-2")), proc)
+    gate.open()
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 1, output
+    assert stop_counts(output) == (2, 0), output
+    assert "killed" not in output, output
+    assert not any("got SIGINT" in farm.log(w) for w in ("worker-1", "worker-2"))
+    statuses = farm.batch_statuses()
+    assert statuses["leased"] == 0 and statuses["downloaded"] == 2, statuses
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ demo's plan and server (real HTTP on loopback)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -17,10 +18,12 @@ import httpx
 import pytest
 
 from localfarm.children import Child, Supervisor
+from localfarm.cli import stop_report
 from localfarm.demo_server import EXPECTED, KINDS, AnswerGate, DemoPlan, DemoServer, bomb_png
 from localfarm.errors import FarmBusy
 from localfarm.lock import FarmLock
 from localfarm.progress import is_finished
+from localfarm.stopping import Shutdown
 from pairfarm.protocol import FarmStats
 
 
@@ -72,6 +75,49 @@ def test_supervisor_kills_what_ignores_sigterm(tmp_path: Path) -> None:
     assert child.exit_code() == -signal.SIGKILL
 
 
+def _wait_log(path: Path, text: str) -> None:
+    while text not in (path.read_text() if path.exists() else ""):
+        time.sleep(0.05)
+
+
+# A worker's signal contract: the first SIGTERM drains (keeps running here), the second
+# makes it exit.
+TWO_SIGNALS = ("import signal, sys, time\n"
+               "seen = []\n"
+               "def on_term(n, f):\n"
+               "    seen.append(n); print('term', len(seen), flush=True)\n"
+               "    if len(seen) == 2: sys.exit(0)\n"
+               "signal.signal(signal.SIGTERM, on_term)\n"
+               "print('ready', flush=True)\n"
+               "while True: time.sleep(0.05)\n")
+
+
+def test_staged_stop_sends_the_second_signal_after_the_first_stage(tmp_path: Path) -> None:
+    child = Child("w", [sys.executable, "-c", TWO_SIGNALS], {}, tmp_path / "w.log")
+    sup = Supervisor(run_file=tmp_path / "run.json")
+    sup.add(child)
+    _wait_log(child.log_path, "ready")
+    killed = sup.stop(stages=((signal.SIGTERM, 0.5), (signal.SIGTERM, 60)))
+    assert killed == [] and child.exit_code() == 0
+    assert "term 2" in child.log_path.read_text()
+
+
+def test_another_stop_request_ends_the_stage_in_progress(tmp_path: Path) -> None:
+    child = Child("w", [sys.executable, "-c", TWO_SIGNALS], {}, tmp_path / "w.log")
+    sup = Supervisor(run_file=tmp_path / "run.json")
+    sup.add(child)
+    _wait_log(child.log_path, "ready")
+    presses = itertools.count()  # every look finds one more Ctrl-C
+    result: list[list[str]] = []
+    stopper = threading.Thread(target=lambda: result.append(sup.stop(
+        stages=((signal.SIGTERM, 600), (signal.SIGTERM, 600)),
+        hurried=lambda: next(presses))))
+    stopper.start()
+    stopper.join(120)
+    assert not stopper.is_alive(), "the 600 s stages were cut short"
+    assert result == [[]] and child.exit_code() == 0
+
+
 def test_farm_lock_refuses_a_second_holder_and_names_the_first(tmp_path: Path) -> None:
     with FarmLock(tmp_path) as lock:
         lock.record("http://127.0.0.1:8611")
@@ -101,6 +147,25 @@ def test_farm_lock_goes_with_a_killed_holder(tmp_path: Path) -> None:
         holder.stdout.close()
     with FarmLock(tmp_path):  # kill -9 released it; the stale file does not block
         pass
+
+
+def test_stop_report_claims_only_what_the_stats_show() -> None:
+    released = Shutdown()
+    released.account(_stats(leased=3, downloaded=2), _stats(pending=2, downloaded=3))
+    assert stop_report(released, 120) == (
+        "every batch in hand was finished or released (1 finished, 2 released)")
+
+    killed = Shutdown(killed=["worker-2"])
+    killed.account(_stats(leased=2), _stats(leased=1, downloaded=1))
+    report = stop_report(killed, 120)
+    assert "finished or released" not in report
+    assert report == ("2 batches in hand: 1 finished, 0 released; 1 still leased, leased "
+                      "again when the lease expires (120 s); killed (did not stop in time): "
+                      "worker-2")
+
+    unknown = Shutdown(stats_error="the coordinator did not answer: refused")
+    assert "finished or released" not in stop_report(unknown, 30)
+    assert "unknown (the coordinator did not answer: refused)" in stop_report(unknown, 30)
 
 
 def test_gate_holds_requests_until_allowed_or_opened() -> None:
