@@ -146,7 +146,7 @@ class FarmCollector(Collector):
 
 def farm_families(stats: FarmStats) -> list[Metric]:
     return [_candidates(stats), _batches(stats), _outcomes(stats), _bytes(stats),
-            _workers(stats), _samples(stats), _similarity(stats)]
+            _workers(stats), _quarantined(stats), _samples(stats), _similarity(stats)]
 
 
 def _candidates(stats: FarmStats) -> Metric:
@@ -186,6 +186,14 @@ def _workers(stats: FarmStats) -> Metric:
     for role in Role:
         family.add_metric([role.value], sum(1 for w in stats.workers if w.role is role))
     return family
+
+
+def _quarantined(stats: FarmStats) -> Metric:
+    """Clients the coordinator refuses leases to now (their batches kept failing)."""
+    return GaugeMetricFamily(
+        "pairfarm_workers_quarantined",
+        "Clients seen within the alive window that are quarantined now (no lease).",
+        value=sum(1 for w in stats.workers if w.quarantined_until is not None))
 
 
 def _samples(stats: FarmStats) -> Metric:

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.metrics import make_metrics, metric_names, stats_source
-from pairfarm.client import CoordinatorClient, LeaseLost
+from pairfarm.client import CoordinatorClient, LeaseLost, Throttled
 from pairfarm.protocol import FailReport, PostprocessReport
 from tests.conftest import insert_candidates, start_coordinator
 from tests.leasing import engine_for, expire, report
@@ -26,7 +26,8 @@ SPEC_NAMES = {
     "pairfarm_fencing_rejections_total", "pairfarm_lease_duration_seconds_bucket",
     "pairfarm_lease_duration_seconds_sum", "pairfarm_lease_duration_seconds_count",
     "pairfarm_url_outcomes_total", "pairfarm_downloaded_bytes_total",
-    "pairfarm_workers_alive", "pairfarm_postprocess_samples_total",
+    "pairfarm_workers_alive", "pairfarm_workers_quarantined",
+    "pairfarm_postprocess_samples_total",
     "pairfarm_similarity_bucket", "pairfarm_similarity_sum", "pairfarm_similarity_count",
     "process_resident_memory_bytes",
 }
@@ -83,6 +84,34 @@ def test_metrics_count_leases_completions_failures_fencing_and_expiry(
         coord.stop()
     _check_counters(after)
     _check_database_families(after)
+
+
+def test_quarantined_workers_gauge(db_url: str, tmp_path: Path) -> None:
+    """--quarantine-after 2: a worker that fails two batches in a row is refused leases
+    (429) and counted by pairfarm_workers_quarantined; a healthy worker is not."""
+    insert_candidates(db_url, 40)
+    coord = start_coordinator(db_url, tmp_path / "coordinator.log", "--batch-size", "10",
+                              "--quarantine-after", "2")
+    try:
+        with CoordinatorClient(coord.url, coord.token("worker", "broken")) as broken, \
+                CoordinatorClient(coord.url, coord.token("worker", "healthy")) as healthy:
+            healthy.register("healthy")
+            broken.register("broken")
+            assert value(scrape(coord.url), "pairfarm_workers_quarantined") == 0
+            for _ in range(2):
+                lease = broken.lease_download()
+                assert lease is not None
+                assert value(scrape(coord.url), "pairfarm_workers_quarantined") == 0
+                broken.fail("download", lease.batch_id, FailReport(
+                    lease_token=lease.lease_token, reason="create output directory: File exists"))
+            with pytest.raises(Throttled):
+                broken.lease_download()
+            assert healthy.lease_download() is not None
+            after = scrape(coord.url)
+    finally:
+        coord.stop()
+    assert value(after, "pairfarm_workers_quarantined") == 1
+    assert value(after, "pairfarm_workers_alive", role="worker") == 2
 
 
 def _run_farm(a: CoordinatorClient, b: CoordinatorClient, gpu: CoordinatorClient,
