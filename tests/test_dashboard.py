@@ -4,9 +4,11 @@ Chromium against a real coordinator, compared with ``GET /api/v1/stats``."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import struct
 import subprocess
+from datetime import datetime
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -14,8 +16,9 @@ import httpx
 import pytest
 
 from coordinator.dashboard import ASSETS, DIR, INDEX
-from pairfarm.protocol import API_PREFIX, FarmStats
-from tests.conftest import RunningCoordinator
+from pairfarm.client import CoordinatorClient
+from pairfarm.protocol import API_PREFIX, FailReport, FarmStats
+from tests.conftest import RunningCoordinator, insert_candidates, start_coordinator
 from tests.test_status_cli import build_farm
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -36,7 +39,8 @@ needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(),
 
 class Page(HTMLParser):
     """Attributes of every element with an id, text of the ``dd`` / ``span`` ones, the
-    data rows of the tables and the cells of each worker's row."""
+    data rows of the tables and the cells of each worker's row (``quarantine:NAME`` for
+    its row in the quarantine table)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -61,7 +65,9 @@ class Page(HTMLParser):
                 self.text[ident] = ""
         elif tag == "tr" and any(k.startswith("data-") for k in found):
             self.rows.append(found)
-            self._worker = found.get("data-worker")
+            quarantine = found.get("data-quarantine")
+            self._worker = f"quarantine:{quarantine}" if quarantine else found.get(
+                "data-worker")
         elif tag == "td" and self._worker:
             self.cells.setdefault(self._worker, []).append("")
 
@@ -151,6 +157,52 @@ def test_dashboard_in_headless_chromium_shows_the_api_figures(
     assert (name, role, batch, downloaded) == ("vm-1", "worker", str(ids["held"]), "30")
     assert seen.endswith("s ago") and rate.endswith("/s")
     assert page.cells["gpu-1"][4] == "\u2013", "no batch held"
+    assert page.by_id["workers-quarantined"]["data-value"] == "0"
+    assert not [r for r in page.rows if "data-quarantine" in r or
+                "data-quarantined-until" in r]
+
+
+@needs_chromium
+def test_dashboard_shows_quarantined_workers_who_until_when_and_why(
+        db_url: str, tmp_path: Path) -> None:
+    """--quarantine-after 1: vm-bad's one failure quarantines it for 900 s; the page lists
+    it (name, the API's quarantined_until, time left, reason), vm-good not."""
+    insert_candidates(db_url, 30)
+    coord = start_coordinator(db_url, tmp_path / "coordinator.log", "--batch-size", "10",
+                              "--quarantine-after", "1")
+    try:
+        with CoordinatorClient(coord.url, coord.token("worker", "vm-bad")) as bad, \
+                CoordinatorClient(coord.url, coord.token("worker", "vm-good")) as good:
+            bad.register("vm-bad")
+            good.register("vm-good")
+            lease = bad.lease_download()
+            assert lease is not None
+            bad.fail("download", lease.batch_id, FailReport(
+                lease_token=lease.lease_token, reason="create output directory: File exists"))
+            assert good.lease_download() is not None
+        dom = chromium(f"{coord.url}/", tmp_path, "--dump-dom")
+        stats = api_stats(coord)
+    finally:
+        coord.stop()
+    page = Page()
+    page.feed(dom)
+    assert page.body.get("data-loaded") == "1", dom[:2000]
+    held = {w.name: w for w in stats.workers if w.quarantined_until is not None}
+    assert set(held) == {"vm-bad"}
+    assert page.by_id["workers-quarantined"]["data-value"] == "1"
+    rows = [r for r in page.rows if "data-quarantine" in r]
+    assert [r["data-quarantine"] for r in rows] == ["vm-bad"]
+    until = held["vm-bad"].quarantined_until
+    assert until is not None
+    assert datetime.fromisoformat(rows[0]["data-until"] or "") == until
+    name, shown_until, left, why = page.cells["quarantine:vm-bad"]
+    assert name == "vm-bad" and shown_until
+    assert re.fullmatch(r"1[45]m \d\ds", left), left  # 900 s, less the render's time
+    assert why == held["vm-bad"].quarantine_reason
+    assert "File exists" in why
+    marked = {r["data-worker"]: r.get("data-quarantined-until") for r in page.rows
+              if "data-worker" in r}
+    assert marked["vm-good"] is None and marked["vm-bad"]
 
 
 @needs_chromium

@@ -131,7 +131,32 @@ function renderWorkers(s) {
   ]);
   fillTable("workers-table", rows, 6, "no worker seen recently");
   const body = $("workers-table").tBodies[0];
-  s.workers.forEach((w, i) => { body.rows[i].dataset.worker = w.name; });
+  s.workers.forEach((w, i) => {
+    body.rows[i].dataset.worker = w.name;
+    if (w.quarantined_until) {
+      body.rows[i].dataset.quarantinedUntil = w.quarantined_until;
+      body.rows[i].classList.add("quarantined");
+    }
+  });
+}
+
+// Workers the coordinator refuses leases to (their batches kept failing): who, until
+// when (with the time left by the coordinator's clock) and why.
+function renderQuarantine(s) {
+  const now = s.generated_at ? Date.parse(s.generated_at) : Date.now();
+  const held = s.workers.filter((w) => w.quarantined_until);
+  setFigure("workers-quarantined", held.length, fmtInt(held.length));
+  const rows = held.map((w) => {
+    const until = Date.parse(w.quarantined_until);
+    return [[w.name], [new Date(until).toLocaleString()],
+      [fmtDuration(Math.max(0, (until - now) / 1000)), "num"], [w.quarantine_reason || ""]];
+  });
+  fillTable("quarantine-table", rows, 4, "no worker quarantined");
+  const body = $("quarantine-table").tBodies[0];
+  held.forEach((w, i) => {
+    body.rows[i].dataset.quarantine = w.name;
+    body.rows[i].dataset.until = w.quarantined_until;
+  });
 }
 
 // A canvas sized to its box at the device's pixel ratio; returns its 2D context.
@@ -222,6 +247,7 @@ function render(s) {
   renderOutcomes(s);
   renderPostprocess(s);
   renderWorkers(s);
+  renderQuarantine(s);
   renderThroughput(s);
   renderSimilarity(s);
   const at = s.generated_at ? new Date(s.generated_at) : new Date();
