@@ -164,11 +164,19 @@ def _sigterm_stops() -> None:
               help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: off).")
 @click.option("--metrics-host", envvar="PAIRFARM_METRICS_HOST", default="0.0.0.0",
               show_default=True, help="Address the metrics server binds.")
+@click.option("--stop-after-failures", envvar="PAIRFARM_STOP_AFTER_FAILURES",
+              type=click.IntRange(1), default=3, show_default=True,
+              help="Exit after this many batches in a row failed on this machine (its "
+                   "output, disk, settings, models or memory; no attempt is charged to them).")
 def postprocess(*, coordinator: str, token: str, workdir: Path, max_batches: int | None,
                 exit_when_idle: bool, poll_interval: float, metrics_port: int,
-                metrics_host: str, **kw: Any) -> None:
+                metrics_host: str, stop_after_failures: int, **kw: Any) -> None:
     """Lease downloaded shards from the coordinator, filter them by CLIP similarity, tag
-    NSFW and watermarks, write the outputs and complete each batch with its counts."""
+    NSFW and watermarks, write the outputs and complete each batch with its counts.
+
+    A batch that fails on this machine (its output, disk, settings, models or memory) is
+    given back without spending an attempt; after --stop-after-failures of them in a row
+    the node exits with status 1 and one line naming the cause."""
     with click_errors():
         from gpu_postprocess.metrics import build_metrics, serve_metrics
         from gpu_postprocess.node import Node, node_name
@@ -181,7 +189,8 @@ def postprocess(*, coordinator: str, token: str, workdir: Path, max_batches: int
                                      poll_interval_s=poll_interval, max_batches=max_batches,
                                      exit_when_idle=exit_when_idle,
                                      metrics_port=metrics_port or None,
-                                     metrics_host=metrics_host)
+                                     metrics_host=metrics_host,
+                                     stop_after_failures=stop_after_failures)
         scoring, out = build_settings(kw)
         metrics = build_metrics()
         with serve_metrics(metrics, node_settings.metrics_port, metrics_host), \

@@ -10,9 +10,14 @@ work folder (remote shards are fetched into it) and a heartbeat thread, both end
 the batch ends, whatever the outcome. Every shard's end (completed, failed, lost), its
 counts, duration and the device's peak memory go to the ``NodeMetrics`` it is given.
 
-Error handling: ``ShardError`` (corrupt or inconsistent shard) and ``ModelLoadError`` /
-``OutputError`` while processing report the batch as failed with the reason; an
-interrupt (Ctrl-C, SIGTERM) gives the batch back unworked (``release=True``) and stops;
+Error handling: ``ShardError`` (corrupt or inconsistent shard) and a report the
+coordinator rejects are the batch's failure: reported with the reason, one of the batch's
+post-processing attempts is spent. A failure that is this machine's own (``own_failure``:
+its output location or scratch disk, its settings, a model that does not load, the device
+or the host out of memory) is reported with cause ``worker``: the batch goes back to
+``downloaded`` and no attempt is spent; after ``stop_after_failures`` of them in a row,
+with no batch completed in between, the node stops (``NodeStopped``). An interrupt
+(Ctrl-C, SIGTERM) gives the batch back unworked (``release=True``) and stops;
 ``Unauthorized`` stops the node; ``Unavailable`` is retried with backoff.
 """
 
@@ -28,19 +33,43 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from gpu_postprocess.errors import PostprocessError
+import torch
+
+from gpu_postprocess.errors import (
+    ModelLoadError,
+    OutputError,
+    PostprocessError,
+    SettingsError,
+)
 from gpu_postprocess.metrics import NodeMetrics, ShardResult, build_metrics
 from gpu_postprocess.outputs import Written, write_outputs
 from gpu_postprocess.pipeline import Scorer, decide, score_shard
 from gpu_postprocess.settings import NodeSettings, OutputSettings
 from gpu_postprocess.shardio import Shard, open_shard
 from pairfarm.client import CoordinatorClient, LeaseLost, Rejected, Unavailable
-from pairfarm.protocol import FailReport, PostprocessLease, PostprocessReport
+from pairfarm.protocol import FailCause, FailReport, PostprocessLease, PostprocessReport
 
 log = logging.getLogger(__name__)
 KIND = "postprocess"
 T = TypeVar("T")
 RETRIES = 5
+#: failures that are this machine's own, not the shard's: its output location or scratch
+#: disk (``OSError``), its settings, its models, its memory (CUDA: ``OutOfMemoryError``)
+OWN_FAILURES = (
+    OutputError, SettingsError, ModelLoadError, OSError, MemoryError, torch.OutOfMemoryError)
+#: how PyTorch's CPU allocator words a failed allocation (a plain ``RuntimeError``)
+CPU_OOM_MESSAGES = ("can't allocate memory", "not enough memory")
+
+
+class NodeStopped(PostprocessError):
+    """The node cannot go on: its batches keep failing on this machine."""
+
+
+def own_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is this machine's failure rather than the shard's."""
+    if isinstance(exc, OWN_FAILURES):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in CPU_OOM_MESSAGES)
 
 
 class LeaseKeeper:
@@ -140,6 +169,7 @@ class Node:
         self.heartbeat_s = heartbeat_s
         self.progress = progress
         self.metrics = metrics or build_metrics()
+        self._own_failures = 0
 
     def run(self) -> list[BatchResult]:
         done: list[BatchResult] = []
@@ -162,6 +192,7 @@ class Node:
         finally:
             self.metrics.record_memory(self.scorer.primary.device)
         if result is not None:
+            self._own_failures = 0
             summary = result.report
             self.metrics.shard_completed(kept=summary.kept, dropped=summary.dropped,
                                          duration_s=summary.duration_s)
@@ -188,6 +219,11 @@ class Node:
             log.warning("batch %d: lease lost, work discarded: %s", lease.batch_id, exc)
             self.metrics.shard_ended(ShardResult.LOST)
             return None
+        except (*OWN_FAILURES, RuntimeError) as exc:
+            if not own_failure(exc):
+                raise
+            self._failed_here(lease, f"{type(exc).__name__}: {exc}")
+            return None
         except (PostprocessError, Rejected) as exc:
             # Rejected: the coordinator refused the report; the batch fails with its reason
             # rather than the node exiting and being handed the same batch again.
@@ -200,8 +236,21 @@ class Node:
             raise
         return BatchResult(lease.batch_id, written, report)
 
-    def _fail(self, lease: PostprocessLease, reason: str, *, release: bool) -> None:
-        body = FailReport(lease_token=lease.lease_token, reason=reason[:2000], release=release)
+    def _failed_here(self, lease: PostprocessLease, reason: str) -> None:
+        """The batch failed for this machine's own reasons: give it back without spending
+        an attempt; stop after ``stop_after_failures`` in a row."""
+        log.error("batch %d failed on this machine: %s", lease.batch_id, reason)
+        self._fail(lease, reason, release=False, cause=FailCause.WORKER)
+        self.metrics.shard_ended(ShardResult.FAILED)
+        self._own_failures += 1
+        if self._own_failures >= self.settings.stop_after_failures:
+            raise NodeStopped(f"stopping: {self._own_failures} batches in a row failed on "
+                              f"this machine: {reason}")
+
+    def _fail(self, lease: PostprocessLease, reason: str, *, release: bool,
+              cause: FailCause = FailCause.BATCH) -> None:
+        body = FailReport(lease_token=lease.lease_token, reason=reason[:2000], release=release,
+                          cause=cause)
         try:
             self.client.fail(KIND, lease.batch_id, body)
         except (LeaseLost, Unavailable) as exc:

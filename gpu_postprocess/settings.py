@@ -59,6 +59,9 @@ class NodeSettings:
     #: means off: the command passes None)
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"
+    #: stop after this many batches in a row failed on this machine (its output, disk,
+    #: settings, models or memory) with no batch completed in between
+    stop_after_failures: int = 3
 
     def __post_init__(self) -> None:
         if not self.coordinator.startswith(("http://", "https://")):
@@ -68,6 +71,9 @@ class NodeSettings:
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise SettingsError(f"--metrics-port must be within 0..65535, not "
                                 f"{self.metrics_port}")
+        if self.stop_after_failures < 1:
+            raise SettingsError(f"--stop-after-failures must be at least 1, not "
+                                f"{self.stop_after_failures}")
 
 
 def _pairs(items: Iterable[str], what: str) -> dict[str, str]:

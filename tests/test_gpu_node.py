@@ -11,9 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from gpu_postprocess.models import ModelSpec
-from gpu_postprocess.node import Node
+from gpu_postprocess.node import Node, NodeStopped
 from gpu_postprocess.pipeline import Scorer, build_scorer
 from gpu_postprocess.settings import (
     NodeSettings,
@@ -91,11 +92,13 @@ class Script:
         return [p for p, _ in self.requests]
 
 
-def node(script: Script, scorer: Scorer, tmp_path: Path, heartbeat_s: float = 30.0) -> Node:
+def node(script: Script, scorer: Scorer, tmp_path: Path, heartbeat_s: float = 30.0,
+         stop_after_failures: int = 3) -> Node:
     client = CoordinatorClient("http://coordinator.test", "gpu-token",
                                transport=httpx.MockTransport(script))
     settings = NodeSettings(coordinator="http://coordinator.test", token="gpu-token",
-                            workdir=tmp_path / "work", exit_when_idle=True)
+                            workdir=tmp_path / "work", exit_when_idle=True,
+                            stop_after_failures=stop_after_failures)
     return Node(client, scorer, settings, out=OutputSettings(out_dir=tmp_path / "out"),
                 heartbeat_s=heartbeat_s, progress=lambda batch, total: lambda n: None)
 
@@ -135,6 +138,54 @@ def test_corrupt_shard_is_reported_failed(scorer: Scorer, files: ShardFiles,
     fail = [b for p, b in script.requests if p == "/postprocess/11/fail"]
     assert len(fail) == 1
     assert fail[0]["release"] is False and "sha256" in str(fail[0]["reason"])
+    assert fail[0]["cause"] == "batch", "a corrupt shard is the batch's failure"
+
+
+def fails(script: Script) -> list[dict[str, object]]:
+    return [b for p, b in script.requests if p == "/postprocess/11/fail"]
+
+
+@pytest.mark.parametrize("broken", ["out", "work"])
+def test_own_failures_spend_no_attempt_and_stop_the_node(
+        scorer: Scorer, files: ShardFiles, tmp_path: Path, broken: str) -> None:
+    """--out (or --workdir) names a file: every batch fails on this machine. Each is given
+    back with cause "worker"; after 3 in a row the node stops, 2 leases left untaken."""
+    (tmp_path / broken).write_text("a file, not a folder")
+    script = Script(files)
+    script.leases_left = 5
+    with pytest.raises(NodeStopped, match="3 batches in a row failed on this machine"):
+        node(script, scorer, tmp_path).run()
+    assert script.paths() == ["/postprocess/lease", "/postprocess/11/fail"] * 3
+    assert [(f["cause"], f["release"]) for f in fails(script)] == [("worker", False)] * 3
+    assert all(str(tmp_path / broken) in str(f["reason"]) for f in fails(script))
+    assert script.leases_left == 2
+
+
+def test_out_of_memory_is_the_machines_and_a_completion_resets_the_count(
+        scorer: Scorer, files: ShardFiles, tmp_path: Path) -> None:
+    """Batches 1, 2, 4, 5 run out of memory (a real allocation PyTorch's CPU allocator
+    refuses, made while scoring), batch 3 completes: never 3 own failures in a row, so
+    the node works all 5 leases; the 4 failures are the machine's (no attempt spent)."""
+    calls = iter(range(1, 6))
+
+    def progress(batch: int, total: int) -> Callable[[int], None]:
+        n = next(calls)
+
+        def tick(done: int) -> None:
+            if n != 3:
+                torch.empty(2**62, dtype=torch.uint8)  # 4 EiB: refused
+
+        return tick
+
+    script = Script(files)
+    script.leases_left = 5
+    worker = node(script, scorer, tmp_path)
+    worker.progress = progress
+    assert [r.batch_id for r in worker.run()] == [11]
+    assert [(f["cause"], f["release"]) for f in fails(script)] == [("worker", False)] * 4
+    assert all("allocate memory" in str(f["reason"]) for f in fails(script))
+    assert script.paths().count("/postprocess/11/complete") == 1
+    assert script.leases_left == 0
 
 
 def test_refused_token_stops_the_node(scorer: Scorer, files: ShardFiles,

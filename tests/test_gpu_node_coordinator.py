@@ -6,16 +6,20 @@ filters it with the tiny CLIP and completes it; the coordinator's stats show the
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import sqlalchemy as sa
 
 from pairfarm.client import CoordinatorClient
 from pairfarm.protocol import BatchStatus, DownloadReport
 from tests.conftest import RunningCoordinator, run_cli, start_coordinator
 from tests.gpu_shards import Row, write_shard
 from tests.gpu_tiny import TINY_MODEL, evaluation_rows, gap
+from tests.leasing import engine_for
 
 PAIRS = 20
 
@@ -55,13 +59,8 @@ def test_postprocess_node_against_the_real_coordinator(db_url: str, tmp_path: Pa
         batch_id, match = _download_as_a_worker(coordinator.url, coordinator.token("worker"),
                                                 by_url, tmp_path / "shards")
         gpu_token = coordinator.token("gpu")
-        t = gap()["threshold"]
         out = tmp_path / "out"
-        proc = run_cli("postprocess", "--coordinator", coordinator.url, "--token", gpu_token,
-                       "--model", TINY_MODEL, "--device", "cpu", "--workers", "1",
-                       "--threshold", f"en={t}", "--threshold", f"*={t}",
-                       "--watermark", "off", "--out", str(out), "--workdir",
-                       str(tmp_path / "work"), "--exit-when-idle", timeout=300)
+        proc = _postprocess(coordinator.url, gpu_token, out, tmp_path / "work")
         done = json.loads(proc.stdout.strip().splitlines()[-1])
         assert done == {"batch_id": batch_id, "kept": sum(match),
                         "dropped": PAIRS - sum(match)}
@@ -73,5 +72,57 @@ def test_postprocess_node_against_the_real_coordinator(db_url: str, tmp_path: Pa
         kept = pq.read_table(out / f"{batch_id:08d}.parquet").to_pylist()
         assert [r["keep"] for r in kept] == match
         assert {r["language"] for r in kept} == {"en", "de"}
+    finally:
+        coordinator.stop()
+
+
+def _postprocess(url: str, token: str, out: Path, work: Path, *extra: str,
+                 check: bool = True) -> subprocess.CompletedProcess[str]:
+    t = gap()["threshold"]
+    return run_cli("postprocess", "--coordinator", url, "--token", token,
+                   "--model", TINY_MODEL, "--device", "cpu", "--workers", "1",
+                   "--threshold", f"en={t}", "--threshold", f"*={t}",
+                   "--watermark", "off", "--out", str(out), "--workdir", str(work),
+                   "--exit-when-idle", *extra, timeout=300, check=check)
+
+
+def _batch(db_url: str, batch_id: int) -> sa.Row[Any]:
+    with engine_for(db_url) as engine, engine.connect() as conn:
+        return conn.execute(sa.text("SELECT status, pp_attempts, last_error FROM batches "
+                                    "WHERE id = :id"), {"id": batch_id}).one()
+
+
+def test_a_node_whose_output_is_a_file_spends_no_attempt_and_stops(
+        db_url: str, tmp_path: Path) -> None:
+    """--max-attempts 1 and an output folder the node cannot write into (its
+    ``embeddings`` is a file): the node fails the shard twice on its own machine (cause
+    worker), then exits 1 with one line; the batch is back in ``downloaded`` with no
+    post-processing attempt spent, and once the output is fixed a node completes it."""
+    coordinator = start_coordinator(db_url, tmp_path / "coordinator.log", "--batch-size",
+                                    str(PAIRS), "--max-attempts", "1")
+    try:
+        by_url = _ingest(coordinator, tmp_path)
+        batch_id, match = _download_as_a_worker(coordinator.url, coordinator.token("worker"),
+                                                by_url, tmp_path / "shards")
+        gpu_token = coordinator.token("gpu")
+        out = tmp_path / "out"
+        afile = out / "embeddings"
+        out.mkdir()
+        afile.write_text("not a folder")
+        proc = _postprocess(coordinator.url, gpu_token, out, tmp_path / "work",
+                            "--stop-after-failures", "2", check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert "NodeStopped: stopping: 2 batches in a row failed on this machine" in proc.stderr
+        assert str(afile) in proc.stderr and "Traceback" not in proc.stderr
+        row = _batch(db_url, batch_id)
+        assert (row.status, row.pp_attempts) == (BatchStatus.DOWNLOADED.value, 0)
+        assert row.last_error.startswith("postprocess failed on the worker (no attempt spent)")
+        afile.unlink()
+        proc = _postprocess(coordinator.url, gpu_token, out, tmp_path / "work")
+        done = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert done == {"batch_id": batch_id, "kept": sum(match),
+                        "dropped": PAIRS - sum(match)}
+        row = _batch(db_url, batch_id)
+        assert (row.status, row.pp_attempts) == (BatchStatus.DONE.value, 1)
     finally:
         coordinator.stop()
