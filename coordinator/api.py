@@ -40,7 +40,12 @@ from coordinator.errors import (
 )
 from coordinator.leases import DOWNLOAD, POSTPROCESS, Leases
 from coordinator.locations import check_shard
-from coordinator.metrics import CoordinatorMetrics, make_metrics, stats_source
+from coordinator.metrics import (
+    CoordinatorMetrics,
+    make_metrics,
+    shared_registry,
+    stats_source,
+)
 from coordinator.reaper import Reaper
 from coordinator.settings import CoordinatorSettings
 from coordinator.stats import farm_stats
@@ -152,10 +157,16 @@ BatchId = Annotated[int, Path(ge=1, le=BIGINT_MAX)]
 
 
 def create_app(settings: CoordinatorSettings, engine: sa.Engine, *,
-               reaper: bool = True) -> FastAPI:
+               reaper: bool = True, metrics_dir: str | None = None,
+               on_exit: Callable[[], None] | None = None) -> FastAPI:
     """The ASGI app on ``engine``; with ``reaper`` it returns expired leases periodically
-    while it runs. Each app has its own metrics registry (``app.state.metrics``)."""
-    metrics = make_metrics(stats_source(engine, settings.alive_window_s))
+    while it runs. Each app has its own metrics registry (``app.state.metrics``); with
+    ``metrics_dir`` (one of several server processes, prometheus_client in multiprocess
+    mode) ``/metrics`` serves the counters of every process summed from that directory.
+    ``on_exit`` runs when the app shuts down (after the reaper stopped)."""
+    stats = stats_source(engine, settings.alive_window_s)
+    metrics = make_metrics(stats)
+    exposed = metrics.registry if metrics_dir is None else shared_registry(metrics_dir, stats)
     leases = Leases(engine, settings.lease, metrics)
 
     @asynccontextmanager
@@ -168,12 +179,15 @@ def create_app(settings: CoordinatorSettings, engine: sa.Engine, *,
         finally:
             if task:
                 task.stop()
+            if on_exit:
+                on_exit()
 
     app = FastAPI(title="pairfarm coordinator", version=__version__, lifespan=lifespan)
     app.state.leases = leases
     app.state.engine = engine
     app.state.metrics = metrics
     _install_errors(app)
+    app.state.exposed = exposed
     _routes(app, settings, engine, leases, metrics)
     dashboard.mount(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
@@ -275,8 +289,9 @@ def _routes(app: FastAPI, settings: CoordinatorSettings, engine: sa.Engine,
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> Response:
-        """Prometheus text exposition of ``app.state.metrics`` (no token needed)."""
-        body = generate_latest(metrics.registry)
+        """Prometheus text exposition of ``app.state.metrics``, or of every server
+        process's counters summed (no token needed)."""
+        body = generate_latest(app.state.exposed)
         return Response(content=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -106,6 +106,10 @@ def engine_for(settings: CoordinatorSettings, *, migrate: bool = False) -> Itera
               show_default=True,
               help="A reported shard's files must start with one of these (repeatable; "
                    "a plain path counts as file://PATH), e.g. s3://my-bucket/shards/.")
+@click.option("--processes", default=1, type=click.IntRange(1, 64),
+              envvar="PAIRFARM_PROCESSES", show_default=True,
+              help="Server processes sharing the port (each with its own connection pool "
+                   "of up to 30; PostgreSQL's max_connections must allow them all).")
 @click.option("--migrate/--no-migrate", default=False, envvar="PAIRFARM_MIGRATE",
               help="Upgrade a DATABASE_URL database before serving (the embedded one "
                    "always is).")
@@ -115,11 +119,13 @@ def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path,
                 port: int, batch_size: int, lease_ttl: float, max_attempts: int,
                 max_sample_rows: int, quarantine_after: int, quarantine_window: float,
                 quarantine_for: float, reap_interval: float, max_body_bytes: int,
-                shard_prefixes: tuple[str, ...], migrate: bool) -> None:
+                shard_prefixes: tuple[str, ...], processes: int, migrate: bool) -> None:
     """Serve the coordinator's REST API (OpenAPI at /docs).
 
     Without DATABASE_URL it starts an embedded PostgreSQL in --data-dir, migrates it, and
-    stops it on exit. Expired leases are reaped every --reap-interval seconds.
+    stops it on exit. Expired leases are reaped every --reap-interval seconds. With
+    --processes N, N server processes share the port (the database is started and
+    migrated once) and /metrics sums their counters.
     """
     from coordinator.server import serve
 
@@ -132,10 +138,11 @@ def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path,
                              port=port, lease=lease, reap_interval_s=reap_interval,
                              max_body_bytes=max_body_bytes, shard_prefixes=shard_prefixes)
     verbose = ctx.find_root().params.get("verbose", 0)
-    click.echo(f"pairfarm coordinator on http://{host}:{port} "
-               f"({'DATABASE_URL' if database_url else f'embedded PostgreSQL in {data_dir}'})",
-               err=True)
-    serve(settings, migrate=migrate, log_level="debug" if verbose > 1 else "info")
+    where = 'DATABASE_URL' if database_url else f'embedded PostgreSQL in {data_dir}'
+    click.echo(f"pairfarm coordinator on http://{host}:{port} ({where}"
+               f"{f', {processes} processes' if processes > 1 else ''})", err=True)
+    serve(settings, migrate=migrate, log_level="debug" if verbose > 1 else "info",
+          processes=processes)
 
 
 # -- pairfarm db ------------------------------------------------------------------------

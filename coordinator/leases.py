@@ -344,8 +344,11 @@ class Leases:
         return [(e.batch_id, e.status) for e in self.reap_expired()]
 
     def reap_expired(self) -> list[Expired]:
-        """``reap``, saying also which kind of lease each batch held."""
+        """``reap``, saying also which kind of lease each batch held. A pass finds
+        nothing while another process's pass holds the reaper's advisory lock."""
         with self.engine.begin() as conn:
+            if not conn.execute(Q.reap_lock).scalar_one():
+                return []
             rows = conn.execute(Q.reap_expired, {"max_attempts": self.settings.max_attempts})
             return [Expired(r.id, r.status, KIND_HOLDING[r.held]) for r in rows]
 

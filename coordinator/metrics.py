@@ -111,6 +111,22 @@ def make_metrics(stats: StatsSource | None = None) -> CoordinatorMetrics:
     return metrics
 
 
+def shared_registry(metrics_dir: str, stats: StatsSource) -> CollectorRegistry:
+    """What ``/metrics`` serves when several server processes share the port (a scrape
+    reaches any one of them): the counters and histogram of every process, summed from
+    the files prometheus_client writes in ``metrics_dir`` (its multiprocess mode; a dead
+    process's counts stay in the sums), ``python_info``, and the farm's figures.
+    ``process_*`` is left out: it would describe whichever process answered."""
+    from prometheus_client import PlatformCollector
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=metrics_dir)
+    PlatformCollector(registry=registry)
+    registry.register(FarmCollector(stats))
+    return registry
+
+
 def _zero(metrics: CoordinatorMetrics) -> None:
     """Create every label combination, so that each series exists (at 0) from the start."""
     for kind in KINDS:

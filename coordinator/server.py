@@ -1,18 +1,33 @@
 """``pairfarm coordinator``: the API on uvicorn, over the embedded or a given Postgres.
 
+One process (``processes=1``) serves the app in this process. Several (``--processes N``)
+share one listening socket: this process starts the embedded PostgreSQL and migrates it
+(or checks a ``DATABASE_URL`` schema) once, binds the socket, and uvicorn's supervisor
+spawns N server processes on it (a process that dies is replaced). Each server process
+builds its own engine (pool), ``SeenCache`` and reaper; the reapers take turns through an
+advisory lock (``Leases.reap_expired``). The Prometheus counters of all N are summed at
+each scrape from files in a private ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's
+multiprocess mode), so whichever process answers ``/metrics`` gives the totals.
+
 Resource handling: the embedded server (no ``DATABASE_URL``) is started, migrated and
-stopped again when uvicorn exits (SIGINT / SIGTERM shut down gracefully); the engine's
-pool is disposed on exit; the reaper thread lives as long as the app.
+stopped again when uvicorn exits (SIGINT / SIGTERM shut down gracefully, the server
+processes first); each engine's pool is disposed on exit; the reaper thread lives as long
+as its app; the metrics directory is removed on exit.
 Error handling: an unmigrated ``DATABASE_URL`` database is refused with a message naming
-``pairfarm db upgrade``.
+``pairfarm db upgrade``; a server process that fails at start stops the supervisor.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
@@ -21,7 +36,12 @@ from coordinator.errors import DatabaseUnavailable
 from coordinator.migrate import current_revision, head_revision
 from coordinator.settings import CoordinatorSettings
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
 log = logging.getLogger(__name__)
+#: the variable prometheus_client reads, when it is imported, to count in shared files
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def check_schema(url: str) -> None:
@@ -62,19 +82,73 @@ def sigterm_unwinds() -> Iterator[None]:
 
 
 def serve(settings: CoordinatorSettings, *, migrate: bool = False,
-          log_level: str = "info") -> None:
+          log_level: str = "info", processes: int = 1) -> None:
+    with sigterm_unwinds(), open_database(settings, migrate=migrate) as url:
+        check_schema(url)
+        if processes == 1:
+            _serve_one(settings, url, log_level)
+        else:
+            _serve_many(settings, url, log_level, processes)
+
+
+def _uvicorn_config(settings: CoordinatorSettings, app: object, log_level: str,
+                    **extra: object) -> object:
+    import uvicorn
+
+    return uvicorn.Config(app, host=settings.host, port=settings.port,  # type: ignore[arg-type]
+                          log_level=log_level, access_log=log_level == "debug",
+                          timeout_graceful_shutdown=10, **extra)  # type: ignore[arg-type]
+
+
+def _serve_one(settings: CoordinatorSettings, url: str, log_level: str) -> None:
     import uvicorn
 
     from coordinator.api import create_app
 
-    with sigterm_unwinds(), open_database(settings, migrate=migrate) as url:
-        check_schema(url)
-        engine = make_engine(url)
+    engine = make_engine(url)
+    try:
+        config = _uvicorn_config(settings, create_app(settings, engine), log_level)
+        uvicorn.Server(config).run()  # type: ignore[arg-type]
+    finally:
+        engine.dispose()
+
+
+def _serve_many(settings: CoordinatorSettings, url: str, log_level: str,
+                processes: int) -> None:
+    """N spawned server processes on one socket bound here, counting metrics in a fresh
+    directory (set in the environment the processes inherit, before they import
+    prometheus_client)."""
+    from uvicorn.supervisors import Multiprocess
+
+    metrics_dir = tempfile.mkdtemp(prefix="pairfarm-metrics-")
+    previous = os.environ.get(MULTIPROC_ENV)
+    os.environ[MULTIPROC_ENV] = metrics_dir
+    try:
+        config = _uvicorn_config(settings, partial(process_app, settings, url, metrics_dir),
+                                 log_level, factory=True, workers=processes)
+        sock = config.bind_socket()  # type: ignore[attr-defined]
         try:
-            app = create_app(settings, engine)
-            config = uvicorn.Config(app, host=settings.host, port=settings.port,
-                                    log_level=log_level, access_log=log_level == "debug",
-                                    timeout_graceful_shutdown=10)
-            uvicorn.Server(config).run()
+            Multiprocess(config, sockets=[sock]).run()  # type: ignore[arg-type]
         finally:
-            engine.dispose()
+            sock.close()
+    finally:
+        _restore_env(MULTIPROC_ENV, previous)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def process_app(settings: CoordinatorSettings, url: str, metrics_dir: str) -> FastAPI:
+    """The app of one server process of ``--processes N`` (called in that process): its
+    own engine, named after the process in ``pg_stat_activity``, disposed on exit."""
+    from coordinator.api import create_app
+
+    named = sa.engine.make_url(url).update_query_dict(
+        {"application_name": f"pairfarm coordinator {os.getpid()}"})
+    engine = make_engine(named.render_as_string(hide_password=False))
+    return create_app(settings, engine, metrics_dir=metrics_dir, on_exit=engine.dispose)
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value

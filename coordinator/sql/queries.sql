@@ -173,6 +173,12 @@ UPDATE batches
    AND lease_token = :lease_token
 RETURNING id, status, attempts;
 
+-- name: reap_lock
+-- Taken by a reaper pass before reap_expired, until its transaction ends: with several
+-- coordinator processes on one database one of them reaps at a time, the others skip
+-- their pass (false). The key is pairfarm's own ('pfreap' in ASCII).
+SELECT pg_try_advisory_xact_lock(112102114101097112) AS got;
+
 -- name: reap_expired
 -- Expired leases go back (download: pending, post-processing: downloaded) or, once
 -- their attempts are spent, to failed with the reason. Rows being changed are skipped.
@@ -295,19 +301,31 @@ UPDATE tokens SET revoked_at = now()
 RETURNING id, role, name;
 
 -- name: stats_batches
-SELECT status, count(*) AS batches, COALESCE(sum(size), 0) AS candidates
-  FROM batches GROUP BY status;
+-- Batches and their candidates by status: the hot ones plus the archived totals.
+SELECT status, sum(batches) AS batches, sum(candidates) AS candidates
+  FROM (SELECT status, count(*) AS batches, COALESCE(sum(size), 0) AS candidates
+          FROM batches GROUP BY status
+        UNION ALL
+        SELECT status, batches, candidates FROM archived_totals) AS s
+ GROUP BY status;
 
 -- name: stats_totals
-SELECT COALESCE(sum(bytes_downloaded), 0) AS bytes_downloaded,
-       COALESCE(sum(kept), 0) AS kept, COALESCE(sum(dropped), 0) AS dropped
-  FROM batches;
+SELECT (SELECT COALESCE(sum(bytes_downloaded), 0) FROM batches)
+           + (SELECT COALESCE(sum(bytes_downloaded), 0) FROM archived_totals)
+           AS bytes_downloaded,
+       (SELECT COALESCE(sum(kept), 0) FROM batches)
+           + (SELECT COALESCE(sum(kept), 0) FROM archived_totals) AS kept,
+       (SELECT COALESCE(sum(dropped), 0) FROM batches)
+           + (SELECT COALESCE(sum(dropped), 0) FROM archived_totals) AS dropped;
 
 -- name: stats_outcomes
-SELECT o.key AS outcome, sum(o.value::bigint) AS total
-  FROM batches b, jsonb_each_text(b.outcomes) AS o
- WHERE b.outcomes IS NOT NULL
- GROUP BY o.key;
+SELECT outcome, sum(total) AS total
+  FROM (SELECT o.key AS outcome, o.value::bigint AS total
+          FROM batches b, jsonb_each_text(b.outcomes) AS o
+         WHERE b.outcomes IS NOT NULL
+        UNION ALL
+        SELECT outcome, total FROM archived_outcomes) AS s
+ GROUP BY outcome;
 
 -- name: stats_ingested
 SELECT COALESCE(sum(inserted), 0) AS inserted FROM ingests;
@@ -330,21 +348,31 @@ SELECT w.id, w.name, w.role, w.version, w.last_seen_at,
  ORDER BY w.id;
 
 -- name: stats_worker_downloads
--- Candidates each download worker completed: in all, and within :rate_window seconds.
-SELECT downloaded_by AS worker_id, sum(size) AS total,
-       COALESCE(sum(size) FILTER (
-           WHERE downloaded_at > now() - make_interval(secs => :rate_window)), 0) AS recent
-  FROM batches
- WHERE downloaded_by IS NOT NULL
- GROUP BY downloaded_by;
+-- Candidates each download worker completed: in all (archived batches included), and
+-- within :rate_window seconds.
+SELECT worker_id, sum(total) AS total, sum(recent) AS recent
+  FROM (SELECT downloaded_by AS worker_id, sum(size) AS total,
+               COALESCE(sum(size) FILTER (
+                   WHERE downloaded_at > now() - make_interval(secs => :rate_window)), 0)
+                   AS recent
+          FROM batches
+         WHERE downloaded_by IS NOT NULL
+         GROUP BY downloaded_by
+        UNION ALL
+        SELECT worker_id, candidates, 0 FROM archived_worker_downloads) AS s
+ GROUP BY worker_id;
 
 -- name: stats_rate
 -- Candidates downloaded within :rate_window seconds, the span they are counted over (the
--- window, or less while the farm's first batch is younger), and the database's clock.
+-- window, or less while the farm's first batch, archived or not, is younger), and the
+-- database's clock.
 SELECT COALESCE(sum(size) FILTER (
            WHERE downloaded_at > now() - make_interval(secs => :rate_window)), 0) AS recent,
        GREATEST(1.0, LEAST(CAST(:rate_window AS float8),
-                           extract(epoch FROM now() - min(created_at))::float8)) AS span_s,
+                           extract(epoch FROM now() - LEAST(
+                               min(created_at),
+                               (SELECT min(first_created_at) FROM archived_totals)))::float8))
+           AS span_s,
        now() AS now
   FROM batches;
 
@@ -352,10 +380,17 @@ SELECT COALESCE(sum(size) FILTER (
 -- Per minute of the last :minutes (the current one last, empty minutes as 0): candidates
 -- and ok samples of the batches whose download completed in it. One pass over batches.
 WITH recent AS (
-    SELECT date_trunc('minute', downloaded_at) AS minute, sum(size) AS candidates,
-           sum(COALESCE((outcomes ->> 'ok')::bigint, 0)) AS ok
-      FROM batches
-     WHERE downloaded_at >= date_trunc('minute', now()) - make_interval(mins => :minutes - 1)
+    SELECT minute, sum(candidates) AS candidates, sum(ok) AS ok
+      FROM (SELECT date_trunc('minute', downloaded_at) AS minute, size AS candidates,
+                   COALESCE((outcomes ->> 'ok')::bigint, 0) AS ok
+              FROM batches
+             WHERE downloaded_at
+                   >= date_trunc('minute', now()) - make_interval(mins => :minutes - 1)
+            UNION ALL
+            SELECT minute, candidates, ok FROM archived_minutes
+             WHERE minute
+                   >= date_trunc('minute', now()) - make_interval(mins => :minutes - 1)
+           ) AS s
      GROUP BY 1
 )
 SELECT m.minute AS start, COALESCE(r.candidates, 0) AS candidates, COALESCE(r.ok, 0) AS ok
@@ -365,13 +400,16 @@ SELECT m.minute AS start, COALESCE(r.candidates, 0) AS candidates, COALESCE(r.ok
  ORDER BY m.minute;
 
 -- name: stats_similarity
--- The similarity histograms of the stored post-processing reports, summed bin by bin for
--- each set of edges (the reports of one farm normally share theirs).
-SELECT b.postprocess -> 'similarity_edges' AS edges, c.bin, sum(c.n::bigint) AS samples
-  FROM batches b,
-       jsonb_array_elements_text(b.postprocess -> 'similarity_counts')
-           WITH ORDINALITY AS c(n, bin)
- WHERE b.postprocess IS NOT NULL
+-- The similarity histograms of the stored post-processing reports (hot and archived),
+-- summed bin by bin for each set of edges (the reports of one farm normally share theirs).
+SELECT edges, bin, sum(samples) AS samples
+  FROM (SELECT b.postprocess -> 'similarity_edges' AS edges, c.bin, c.n::bigint AS samples
+          FROM batches b,
+               jsonb_array_elements_text(b.postprocess -> 'similarity_counts')
+                   WITH ORDINALITY AS c(n, bin)
+         WHERE b.postprocess IS NOT NULL
+        UNION ALL
+        SELECT edges, bin, samples FROM archived_similarity) AS s
  GROUP BY 1, 2
  ORDER BY 1, 2;
 
@@ -427,3 +465,133 @@ UPDATE ingests
    SET rows_read = %(rows_read)s, inserted = %(inserted)s, duplicates = %(duplicates)s,
        rejected = %(rejected)s::jsonb, finished_at = now()
  WHERE id = %(ingest_id)s;
+
+-- Archive statements (coordinator.archive) run on a raw psycopg connection (COPY):
+-- "%(name)s" parameters.
+
+-- name: archive_lock
+-- One archive run at a time per database (pairfarm archive, the coordinators' automatic
+-- mode): a session lock, released at the end of the run or when its connection dies.
+-- The key is pairfarm's own ('pfarch' in ASCII).
+SELECT pg_try_advisory_lock(112102097114099104) AS got;
+
+-- name: archive_unlock
+SELECT pg_advisory_unlock(112102097114099104);
+
+-- name: archive_hot_candidates
+-- Candidates in the hot tables: every one ingested, less those archived.
+SELECT (SELECT COALESCE(sum(inserted), 0) FROM ingests)
+       - (SELECT COALESCE(sum(candidates), 0) FROM archived_totals) AS hot;
+
+-- name: archive_recorded
+-- The files recorded in a folder: any other file there with an archive's name is garbage.
+SELECT name FROM archives WHERE directory = %(directory)s;
+
+-- name: archive_pick
+-- The next file's batches: finished (done, failed) and unchanged for %(min_age)s seconds,
+-- in id order, as many as fit in %(max_candidates)s candidates (at least one), locked until
+-- the run's transaction ends. A batch requeued meanwhile is rechecked after its lock and
+-- left out; one that is locked waits (a requeue takes milliseconds).
+SELECT id, size, status FROM batches
+ WHERE id = ANY (ARRAY(
+           SELECT id FROM (
+               SELECT id, sum(size) OVER (ORDER BY id) - size AS before
+                 FROM batches
+                WHERE status IN ('done', 'failed')
+                  AND updated_at < now() - make_interval(secs => %(min_age)s)) AS s
+            WHERE before < %(max_candidates)s))
+   AND status IN ('done', 'failed')
+ ORDER BY id
+   FOR UPDATE;
+
+-- name: archive_copy
+-- One batch's candidates in id order, with their batch's final state, as CSV for the
+-- parquet file (timestamps as microseconds since the epoch). The coordinator holds no
+-- per-URL outcome (it is in the shard's parquet): each row carries its batch's outcome
+-- counts.
+COPY (
+    SELECT c.id, c.url, c.caption, c.language, c.extra::text, c.ingest_id,
+           b.id, b.status, b.outcomes::text, b.shard::text, b.attempts, b.pp_attempts,
+           b.last_error, b.kept, b.dropped, b.downloaded_by,
+           (extract(epoch FROM b.downloaded_at) * 1e6)::bigint,
+           (extract(epoch FROM b.done_at) * 1e6)::bigint,
+           (extract(epoch FROM b.updated_at) * 1e6)::bigint
+      FROM batches b, candidates c
+     WHERE b.id = %(batch_id)s
+       AND c.id = ANY (CAST((SELECT ids FROM batch_members WHERE batch_id = %(batch_id)s)
+                            AS bigint[]))
+     ORDER BY c.id
+) TO STDOUT (FORMAT csv);
+
+-- name: archive_delete_candidates
+-- A batch's candidates leave the hot tables (their URL hashes stay: the dedup holds).
+DELETE FROM candidates
+ WHERE id = ANY (CAST((SELECT ids FROM batch_members WHERE batch_id = %(batch_id)s)
+                      AS bigint[]));
+
+-- name: archive_record
+INSERT INTO archives (directory, name, first_batch_id, last_batch_id, batches, candidates,
+                      file_bytes)
+VALUES (%(directory)s, %(name)s, %(first)s, %(last)s, %(batches)s, %(candidates)s,
+        %(file_bytes)s);
+
+-- name: archive_add_totals
+INSERT INTO archived_totals (status, batches, candidates, bytes_downloaded, kept, dropped,
+                             first_created_at)
+SELECT status, count(*), COALESCE(sum(size), 0), COALESCE(sum(bytes_downloaded), 0),
+       COALESCE(sum(kept), 0), COALESCE(sum(dropped), 0), min(created_at)
+  FROM batches WHERE id = ANY (%(batch_ids)s)
+ GROUP BY status
+    ON CONFLICT (status) DO UPDATE
+   SET batches = archived_totals.batches + EXCLUDED.batches,
+       candidates = archived_totals.candidates + EXCLUDED.candidates,
+       bytes_downloaded = archived_totals.bytes_downloaded + EXCLUDED.bytes_downloaded,
+       kept = archived_totals.kept + EXCLUDED.kept,
+       dropped = archived_totals.dropped + EXCLUDED.dropped,
+       first_created_at = LEAST(archived_totals.first_created_at, EXCLUDED.first_created_at);
+
+-- name: archive_add_outcomes
+INSERT INTO archived_outcomes (outcome, total)
+SELECT o.key, sum(o.value::bigint)
+  FROM batches b, jsonb_each_text(b.outcomes) AS o
+ WHERE b.id = ANY (%(batch_ids)s) AND b.outcomes IS NOT NULL
+ GROUP BY o.key
+    ON CONFLICT (outcome) DO UPDATE SET total = archived_outcomes.total + EXCLUDED.total;
+
+-- name: archive_add_minutes
+INSERT INTO archived_minutes (minute, candidates, ok)
+SELECT date_trunc('minute', downloaded_at), sum(size),
+       sum(COALESCE((outcomes ->> 'ok')::bigint, 0))
+  FROM batches
+ WHERE id = ANY (%(batch_ids)s) AND downloaded_at IS NOT NULL
+ GROUP BY 1
+    ON CONFLICT (minute) DO UPDATE
+   SET candidates = archived_minutes.candidates + EXCLUDED.candidates,
+       ok = archived_minutes.ok + EXCLUDED.ok;
+
+-- name: archive_add_worker_downloads
+INSERT INTO archived_worker_downloads (worker_id, candidates)
+SELECT downloaded_by, sum(size)
+  FROM batches
+ WHERE id = ANY (%(batch_ids)s) AND downloaded_by IS NOT NULL
+ GROUP BY 1
+    ON CONFLICT (worker_id) DO UPDATE
+   SET candidates = archived_worker_downloads.candidates + EXCLUDED.candidates;
+
+-- name: archive_add_similarity
+INSERT INTO archived_similarity (edges, bin, samples)
+SELECT b.postprocess -> 'similarity_edges', c.bin, sum(c.n::bigint)
+  FROM batches b,
+       jsonb_array_elements_text(b.postprocess -> 'similarity_counts')
+           WITH ORDINALITY AS c(n, bin)
+ WHERE b.id = ANY (%(batch_ids)s) AND b.postprocess -> 'similarity_edges' IS NOT NULL
+ GROUP BY 1, 2
+    ON CONFLICT (edges, bin) DO UPDATE
+   SET samples = archived_similarity.samples + EXCLUDED.samples;
+
+-- name: archive_delete_members
+-- Last, once their totals are added: the batches' members, then the batches.
+DELETE FROM batch_members WHERE batch_id = ANY (%(batch_ids)s);
+
+-- name: archive_delete_batches
+DELETE FROM batches WHERE id = ANY (%(batch_ids)s);
