@@ -1,0 +1,591 @@
+"""Virtual-worker load simulator: thousands of simulated download workers against real
+``pairfarm coordinator`` processes and a real PostgreSQL.
+
+    python bench/simulator.py --workers 2000 --candidates 4000000 --batch-size 1000 \\
+        --download-mean 60 --lease-ttl 60 --processes 2
+
+Setup (not measured): an embedded PostgreSQL 18 in a temporary directory (or the server
+of --database-url), a fresh database migrated to head, --candidates synthetic candidates
+in chunks of 16, one worker token per virtual worker (created up front), and ``pairfarm
+coordinator --processes P`` in a subprocess.
+
+Each virtual worker (one Trio task; all of them share one httpx connection pool in this
+one process) registers, then loops: lease (204: wait and ask again until the farm is
+drained; 429: wait the Retry-After); "download" for a time drawn from a log-normal
+distribution (--download-mean, --download-sigma), heartbeating every TTL/3; then, by
+chance, completes (a DownloadReport with shard files under ``s3://sim/``, outcomes that
+sum to the batch size), fails (--fail-fraction: a fail report, an attempt spent) or is
+killed (--kill-fraction: it stops calling, its lease expires after --lease-ttl and the
+reaper gives it back; the worker comes back after --restart-delay, as systemd restarts a
+worker VM's service). A monitor ends the run once nothing is pending or leased.
+
+Reported: leases/s, client-side p50/p99/max of each call, errors by call and kind, the CPU
+seconds per lease of the coordinator processes and of PostgreSQL (from /proc via psutil:
+each process tree, dead children included), the load average; then the invariants read
+from the database (``check_invariants``): no candidate in two batches (nor in two live
+ones), none lost (every candidate in exactly one batch or still pending), the queue
+drained to zero. The exit status is 1 when an invariant is broken.
+
+Resource handling: the coordinator subprocess is stopped by its PID (SIGTERM), the
+embedded PostgreSQL started here is stopped, the temporary directory removed.
+Needs the [coordinator] and [worker] extras (httpx, trio) and psutil ([dev]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+import orjson  # noqa: E402
+import psutil  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
+import trio  # noqa: E402
+
+from coordinator.queries import Q  # noqa: E402
+from coordinator.tokens import hash_token, new_token  # noqa: E402
+from pairfarm.protocol import API_PREFIX, Role  # noqa: E402
+
+SHA = "0" * 64
+OPS = ("register", "lease", "heartbeat", "complete", "fail")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimConfig:
+    """What to simulate; the defaults are a small run."""
+
+    workers: int = 50
+    candidates: int = 3_000
+    batch_size: int = 50
+    #: mean and log-normal sigma of a batch's simulated download time, seconds
+    download_mean_s: float = 1.0
+    download_sigma: float = 0.3
+    lease_ttl_s: float = 3.0
+    reap_interval_s: float = 0.5
+    max_attempts: int = 3
+    fail_fraction: float = 0.05
+    kill_fraction: float = 0.05
+    #: a killed worker comes back (re-registers) after this long
+    restart_delay_s: float = 1.0
+    #: a worker answered 204 asks again after this long
+    idle_s: float = 1.0
+    processes: int = 1
+    #: the connections of the shared client pool (and the most requests in flight)
+    connections: int = 1000
+    #: give up (report not drained) after this long
+    max_run_s: float = 600.0
+    seed: int = 0
+
+
+@dataclass
+class Calls:
+    """Client-side latencies by call, errors by (call, kind), what the workers did."""
+
+    seconds: dict[str, list[float]] = field(default_factory=lambda: {op: [] for op in OPS})
+    errors: Counter[tuple[str, str]] = field(default_factory=Counter)
+    events: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class Invariants:
+    """The database's state at the end of a run."""
+
+    candidates: int
+    in_two_batches: int
+    in_two_live_batches: int
+    pending_and_batched: int
+    lost: int
+    pending_candidates: int
+    pending_batches: int
+    leased_batches: int
+    batches: dict[str, int]
+
+    @property
+    def consistent(self) -> bool:
+        """No candidate in two batches (live or not) or also pending; none lost."""
+        return (self.in_two_batches == 0 and self.in_two_live_batches == 0
+                and self.pending_and_batched == 0 and self.lost == 0)
+
+    @property
+    def drained(self) -> bool:
+        return (self.pending_candidates == 0 and self.pending_batches == 0
+                and self.leased_batches == 0)
+
+
+@dataclass(frozen=True)
+class SimReport:
+    config: SimConfig
+    wall_s: float
+    leases: int
+    calls: Calls
+    cpu_s: dict[str, float]
+    invariants: Invariants
+    load: tuple[float, float, float]
+
+    @property
+    def leases_per_s(self) -> float:
+        return self.leases / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.invariants.consistent and self.invariants.drained
+
+
+# -- invariants -------------------------------------------------------------------------
+
+_MEMBERS = "SELECT bm.batch_id, unnest(bm.ids) AS id FROM batch_members bm"
+_INVARIANT_SQL = {
+    "candidates": "SELECT count(*) FROM candidates",
+    "in_two_batches": f"SELECT count(*) FROM (SELECT id FROM ({_MEMBERS}) m "
+                      "GROUP BY id HAVING count(*) > 1) d",
+    "in_two_live_batches": f"SELECT count(*) FROM (SELECT m.id FROM ({_MEMBERS}) m "
+                           "JOIN batches b ON b.id = m.batch_id WHERE b.status = 'leased' "
+                           "GROUP BY m.id HAVING count(*) > 1) d",
+    "pending_and_batched": "SELECT count(*) FROM (SELECT unnest(ids) AS id FROM "
+                           f"pending_chunks) p JOIN ({_MEMBERS}) m ON m.id = p.id",
+    "lost": "SELECT count(*) FROM candidates c WHERE NOT EXISTS (SELECT 1 FROM "
+            f"({_MEMBERS} UNION ALL SELECT 0, unnest(ids) FROM pending_chunks) m "
+            "WHERE m.id = c.id)",
+    "pending_candidates": "SELECT COALESCE(sum(cardinality(ids)), 0) FROM pending_chunks",
+    "pending_batches": "SELECT count(*) FROM batches WHERE status = 'pending'",
+    "leased_batches": "SELECT count(*) FROM batches WHERE status = 'leased'",
+}
+
+
+def check_invariants(engine: sa.Engine) -> Invariants:
+    """Read the invariants of the lease queue from the database (one snapshot)."""
+    with engine.connect() as conn:
+        conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
+        counts = {k: int(conn.execute(sa.text(q)).scalar_one())
+                  for k, q in _INVARIANT_SQL.items()}
+        batches = {str(s): int(n) for s, n in conn.execute(sa.text(
+            "SELECT status, count(*) FROM batches GROUP BY status"))}
+    return Invariants(**counts, batches=batches)
+
+
+# -- setup ------------------------------------------------------------------------------
+
+def fill(engine: sa.Engine, candidates: int) -> None:
+    """``candidates`` synthetic candidates in pending chunks of 16, then ANALYZE."""
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "WITH inserted AS (INSERT INTO candidates (url, caption) "
+            "SELECT 'http://img' || (i % 100000) || '.example.com/' || i || '.jpg', "
+            "'a photo of item ' || i FROM generate_series(1, CAST(:n AS bigint)) i "
+            "RETURNING id) INSERT INTO pending_chunks (ids) SELECT array_agg(id ORDER BY id) "
+            "FROM inserted GROUP BY id / 16"), {"n": candidates})
+        conn.execute(sa.text("INSERT INTO ingests (source, inserted) VALUES ('simulator', :n)"),
+                     {"n": candidates})
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("VACUUM ANALYZE candidates, pending_chunks"))
+
+
+def make_tokens(engine: sa.Engine, count: int) -> list[str]:
+    """``count`` worker tokens, stored (hashed) in one transaction."""
+    values = [new_token(Role.WORKER) for _ in range(count)]
+    with engine.begin() as conn:
+        for i, value in enumerate(values):
+            conn.execute(Q.insert_token, {"role": "worker", "name": f"sim-{i:05d}",
+                                          "token_sha256": hash_token(value)})
+    return values
+
+
+@contextlib.contextmanager
+def coordinator(database_url: str, config: SimConfig, log: Path) -> Iterator[tuple[str, int]]:
+    """``pairfarm coordinator`` in a subprocess: yields its base URL and PID."""
+    with socket_port() as port:
+        pass
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DATABASE_URL": database_url}
+    args = [sys.executable, "-m", "pairfarm", "coordinator", "--port", str(port),
+            "--processes", str(config.processes), "--batch-size", str(config.batch_size),
+            "--lease-ttl", str(config.lease_ttl_s), "--reap-interval",
+            str(config.reap_interval_s), "--max-attempts", str(config.max_attempts),
+            "--shard-prefix", "s3://sim/"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc, log)
+        yield base, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def socket_port() -> Iterator[int]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
+def wait_healthy(base: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"coordinator exited {proc.returncode}:\n{log.read_text()}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"coordinator did not answer /healthz:\n{log.read_text()}")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of process ``pid`` and its children: live ones, and the dead ones it
+    waited for (``cutime``/``cstime``)."""
+    try:
+        root = psutil.Process(pid)
+        total = _cpu(root.cpu_times(), children=True)
+        for child in root.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                total += _cpu(child.cpu_times(), children=True)
+    except psutil.Error:
+        return 0.0
+    return total
+
+
+def _cpu(t: Any, *, children: bool) -> float:
+    return float(t.user + t.system + (t.children_user + t.children_system if children else 0))
+
+
+# -- the virtual workers ----------------------------------------------------------------
+
+class Farm:
+    """The virtual workers' shared state: the client pool, the calls, the end."""
+
+    def __init__(self, base: str, config: SimConfig, client: httpx.AsyncClient) -> None:
+        self.base = base + API_PREFIX
+        self.config = config
+        self.client = client
+        self.calls = Calls()
+        self.drained = trio.Event()
+        self.drained_at: float | None = None
+        self.rng = random.Random(config.seed)
+
+    async def call(self, op: str, path: str, token: str, body: dict[str, object]
+                   ) -> httpx.Response | None:
+        """POST ``body``; the latency is recorded under ``op``; None on a transport error
+        (counted by its class)."""
+        t0 = time.perf_counter()
+        try:
+            response = await self.client.post(
+                self.base + path, content=orjson.dumps(body),
+                headers={"Authorization": f"Bearer {token}",
+                         "Content-Type": "application/json"})
+        except httpx.HTTPError as exc:
+            self.calls.errors[(op, type(exc).__name__)] += 1
+            return None
+        self.calls.seconds[op].append(time.perf_counter() - t0)
+        if response.status_code >= 400:
+            self.calls.errors[(op, str(response.status_code))] += 1
+        return response
+
+    def download_time(self) -> float:
+        mean, sigma = self.config.download_mean_s, self.config.download_sigma
+        if mean <= 0:
+            return 0.0
+        return self.rng.lognormvariate(math.log(mean) - sigma * sigma / 2, sigma)
+
+
+async def virtual_worker(farm: Farm, index: int, token: str) -> None:
+    """Register, then lease / download / complete-fail-or-die until the farm is drained."""
+    cfg = farm.config
+    registered = False
+    while not farm.drained.is_set():
+        if not registered:
+            registered = await _register(farm, index, token)
+            if not registered:
+                await trio.sleep(cfg.idle_s)
+                continue
+        response = await farm.call("lease", "/download/lease", token, {})
+        if response is None or response.status_code >= 500:
+            await trio.sleep(cfg.idle_s)
+        elif response.status_code == 204:
+            farm.calls.events["idle"] += 1
+            await trio.sleep(cfg.idle_s)
+        elif response.status_code == 429:
+            await trio.sleep(float(response.headers.get("retry-after", cfg.idle_s)))
+        elif response.status_code == 200:
+            farm.calls.events["leased"] += 1
+            registered = await _work(farm, token, orjson.loads(response.content))
+
+
+async def _register(farm: Farm, index: int, token: str) -> bool:
+    response = await farm.call("register", "/register", token,
+                               {"name": f"sim-{index:05d}", "version": "simulator"})
+    return response is not None and response.status_code == 200
+
+
+async def _work(farm: Farm, token: str, lease: dict[str, object]) -> bool:
+    """One leased batch; False when the worker was killed (it registers again)."""
+    cfg = farm.config
+    batch_id, lease_token = int(lease["batch_id"]), str(lease["lease_token"])  # type: ignore[call-overload]
+    size = len(lease["candidates"]["id"])  # type: ignore[index]
+    fate = farm.rng.random()
+    if fate < cfg.kill_fraction:
+        farm.calls.events["killed"] += 1
+        await trio.sleep(cfg.restart_delay_s)
+        return False
+    seconds = farm.download_time()
+    if not await _download(farm, token, batch_id, lease_token, seconds):
+        farm.calls.events["lease_lost"] += 1
+        return True
+    if fate < cfg.kill_fraction + cfg.fail_fraction:
+        response = await farm.call("fail", f"/download/{batch_id}/fail", token,
+                                   {"lease_token": lease_token, "reason": "simulated failure"})
+        farm.calls.events["failed" if _ok(response) else "fail_refused"] += 1
+        return True
+    response = await farm.call("complete", f"/download/{batch_id}/complete", token,
+                               _report(batch_id, lease_token, size, seconds))
+    farm.calls.events["completed" if _ok(response) else "complete_refused"] += 1
+    return True
+
+
+async def _download(farm: Farm, token: str, batch_id: int, lease_token: str,
+                    seconds: float) -> bool:
+    """Sleep ``seconds``, heartbeating every TTL/3; False when a heartbeat is refused."""
+    interval = farm.config.lease_ttl_s / 3
+    deadline = trio.current_time() + seconds
+    while (left := deadline - trio.current_time()) > 0:
+        await trio.sleep(min(interval, left))
+        if trio.current_time() >= deadline:
+            break
+        response = await farm.call("heartbeat", f"/download/{batch_id}/heartbeat", token,
+                                   {"lease_token": lease_token})
+        if response is not None and response.status_code == 409:
+            return False
+    return True
+
+
+def _ok(response: httpx.Response | None) -> bool:
+    return response is not None and response.status_code == 200
+
+
+def _report(batch_id: int, lease_token: str, size: int, seconds: float) -> dict[str, object]:
+    """A plausible DownloadReport: ~70 % ok, the rest spread over failure classes."""
+    ok = size * 7 // 10
+    timeout = (size - ok) // 2
+    stem = f"s3://sim/shards/{batch_id:08d}"
+    return {"lease_token": lease_token,
+            "shard": {"tar": f"{stem}.tar", "parquet": f"{stem}.parquet",
+                      "stats": f"{stem}_stats.json", "tar_sha256": SHA,
+                      "parquet_sha256": SHA, "tar_bytes": ok * 30_000},
+            "outcomes": {k: v for k, v in (("ok", ok), ("timeout", timeout),
+                                           ("http_4xx", size - ok - timeout)) if v},
+            "bytes_downloaded": ok * 30_000, "duration_s": seconds}
+
+
+async def monitor(farm: Farm, engine: sa.Engine, poll_s: float = 1.0) -> None:
+    """Set ``farm.drained`` once no candidate is pending and no batch pending or leased."""
+    query = sa.text("SELECT (SELECT count(*) FROM pending_chunks) + (SELECT count(*) FROM "
+                    "batches WHERE status IN ('pending', 'leased'))")
+
+    def busy() -> int:
+        with engine.connect() as conn:
+            return int(conn.execute(query).scalar_one())
+
+    while True:
+        if await trio.to_thread.run_sync(busy) == 0:
+            break
+        await trio.sleep(poll_s)
+    farm.drained_at = time.perf_counter()
+    farm.drained.set()
+
+
+async def simulate(base: str, config: SimConfig, tokens: list[str],
+                   engine: sa.Engine) -> tuple[Calls, float | None]:
+    """Run the virtual workers until the farm is drained or ``max_run_s`` passes; the
+    calls, and the ``perf_counter`` time at which it was seen drained (None: never)."""
+    limits = httpx.Limits(max_connections=config.connections,
+                          max_keepalive_connections=config.connections)
+    timeout = httpx.Timeout(60.0, pool=None)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        farm = Farm(base, config, client)
+        with trio.move_on_after(config.max_run_s):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(monitor, farm, engine)
+                for i, token in enumerate(tokens):
+                    nursery.start_soon(virtual_worker, farm, i, token)
+        return farm.calls, farm.drained_at
+
+
+# -- a whole run ------------------------------------------------------------------------
+
+def run(config: SimConfig, database_url: str, postgres_pid: int, work: Path) -> SimReport:
+    """Fill ``database_url`` (a migrated, empty database), start the coordinator, run the
+    virtual workers, measure, and check the invariants."""
+    engine = sa.create_engine(database_url)
+    try:
+        fill(engine, config.candidates)
+        tokens = make_tokens(engine, config.workers)
+        with coordinator(database_url, config, work / "coordinator.log") as (base, pid):
+            cpu0 = {"coordinator": tree_cpu_s(pid), "postgres": tree_cpu_s(postgres_pid)}
+            t0 = time.perf_counter()
+            calls, drained_at = trio.run(simulate, base, config, tokens, engine)
+            wall = (drained_at or time.perf_counter()) - t0
+            cpu = {"coordinator": tree_cpu_s(pid) - cpu0["coordinator"],
+                   "postgres": tree_cpu_s(postgres_pid) - cpu0["postgres"]}
+        invariants = check_invariants(engine)
+    finally:
+        engine.dispose()
+    return SimReport(config=config, wall_s=wall, leases=calls.events["leased"], calls=calls,
+                     cpu_s=cpu, invariants=invariants, load=os.getloadavg())
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def describe(report: SimReport) -> list[str]:
+    """The report as lines of text."""
+    c, inv = report.config, report.invariants
+    lines = [
+        f"config: {c.workers} workers, {c.candidates:,} candidates, batch {c.batch_size}, "
+        f"download mean {c.download_mean_s} s (sigma {c.download_sigma}), lease TTL "
+        f"{c.lease_ttl_s} s, fail {c.fail_fraction:.0%}, kill {c.kill_fraction:.0%}, "
+        f"{c.processes} coordinator process(es)",
+        f"wall {report.wall_s:.1f} s: {report.leases} leases, {report.leases_per_s:.1f} "
+        f"leases/s; load average {' '.join(f'{x:.2f}' for x in report.load)}",
+    ]
+    for op in OPS:
+        ms = [s * 1000 for s in report.calls.seconds[op]]
+        if ms:
+            lines.append(f"  {op:9s} n={len(ms):6d} p50={percentile(ms, 50):8.1f} ms "
+                         f"p99={percentile(ms, 99):8.1f} ms max={max(ms):8.1f} ms")
+    errors = ", ".join(f"{op} {kind}: {n}" for (op, kind), n in sorted(report.calls.errors.items()))
+    lines.append(f"errors: {errors or 'none'}")
+    lines.append("events: " + ", ".join(f"{k} {v}" for k, v in sorted(report.calls.events.items())))
+    per = max(1, report.leases)
+    lines.append("CPU per lease: " + ", ".join(
+        f"{k} {1000 * v / per:.1f} ms" for k, v in report.cpu_s.items())
+        + f" (totals: {', '.join(f'{k} {v:.1f} s' for k, v in report.cpu_s.items())})")
+    lines.append(
+        f"invariants: candidates {inv.candidates:,}, in two batches {inv.in_two_batches}, "
+        f"in two live batches {inv.in_two_live_batches}, pending and batched "
+        f"{inv.pending_and_batched}, lost {inv.lost}; left: {inv.pending_candidates} "
+        f"pending candidates, {inv.pending_batches} pending and {inv.leased_batches} leased "
+        f"batches; batches {inv.batches}")
+    lines.append(f"verdict: {'OK' if report.ok else 'BROKEN'} (consistent "
+                 f"{inv.consistent}, drained {inv.drained})")
+    return lines
+
+
+def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None]:
+    d = SimConfig()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--candidates", type=int, default=d.candidates)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--download-mean", type=float, default=d.download_mean_s)
+    p.add_argument("--download-sigma", type=float, default=d.download_sigma)
+    p.add_argument("--lease-ttl", type=float, default=d.lease_ttl_s)
+    p.add_argument("--reap-interval", type=float, default=d.reap_interval_s)
+    p.add_argument("--max-attempts", type=int, default=d.max_attempts)
+    p.add_argument("--fail-fraction", type=float, default=d.fail_fraction)
+    p.add_argument("--kill-fraction", type=float, default=d.kill_fraction)
+    p.add_argument("--restart-delay", type=float, default=d.restart_delay_s)
+    p.add_argument("--idle", type=float, default=d.idle_s)
+    p.add_argument("--processes", type=int, default=d.processes)
+    p.add_argument("--connections", type=int, default=d.connections)
+    p.add_argument("--max-run", type=float, default=d.max_run_s)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--database-url", default=None,
+                   help="a PostgreSQL server (its database 'pairfarm_sim' is dropped and "
+                        "made again); default: an embedded one in a temporary directory")
+    a = p.parse_args(argv)
+    config = SimConfig(
+        workers=a.workers, candidates=a.candidates, batch_size=a.batch_size,
+        download_mean_s=a.download_mean, download_sigma=a.download_sigma,
+        lease_ttl_s=a.lease_ttl, reap_interval_s=a.reap_interval,
+        max_attempts=a.max_attempts, fail_fraction=a.fail_fraction,
+        kill_fraction=a.kill_fraction, restart_delay_s=a.restart_delay, idle_s=a.idle,
+        processes=a.processes, connections=a.connections, max_run_s=a.max_run, seed=a.seed)
+    return config, a.database_url
+
+
+def main(argv: list[str] | None = None) -> int:
+    from coordinator.db import ensure_database
+    from coordinator.embedded_pg import EmbeddedPostgres
+    from coordinator.migrate import upgrade
+
+    config, server_url = _parse(argv)
+    work = Path(tempfile.mkdtemp(prefix="pairfarm-sim-"))
+    pg = None
+    try:
+        if server_url is None:
+            pg = EmbeddedPostgres(work / "data", settings={"shared_buffers": "512MB"})
+            server = pg.start()
+            server_url, pg_pid = server.url(), server.pid
+        else:
+            pg_pid = _postmaster_pid(server_url)
+        url = _fresh_database(server_url, "pairfarm_sim", ensure_database)
+        upgrade(url)
+        print(f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.2f}; PostgreSQL pid {pg_pid}",
+              flush=True)
+        report = run(config, url, pg_pid, work)
+        print("\n".join(describe(report)), flush=True)
+        return 0 if report.ok else 1
+    finally:
+        if pg is not None:
+            pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _fresh_database(server_url: str, name: str, ensure: object) -> str:
+    import psycopg
+
+    from coordinator.db import libpq_url
+    from coordinator.settings import normalize_url
+
+    server_url = normalize_url(server_url)
+    with psycopg.connect(libpq_url(server_url), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    ensure(server_url, name)  # type: ignore[operator]
+    return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def _postmaster_pid(server_url: str) -> int:
+    """The postmaster's PID, when the server runs on this machine (else CPU is not read)."""
+    import psycopg
+
+    from coordinator.db import libpq_url
+    from coordinator.settings import normalize_url
+
+    with psycopg.connect(libpq_url(normalize_url(server_url))) as conn:
+        pid = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
+    with contextlib.suppress(psutil.Error):
+        parent = psutil.Process(pid).parent()
+        if parent is not None:
+            return parent.pid
+    return pid
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""bench/simulator.py on a small run against a real coordinator and PostgreSQL, and its
+invariant checker on databases where an invariant is broken on purpose."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from bench.simulator import SimConfig, check_invariants, describe, run
+from tests.conftest import insert_candidates
+from tests.leasing import leases, new_worker
+
+FINISHED = "status = 'done', worker_id = NULL, lease_token = NULL, lease_expires_at = NULL"
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    engine = sa.create_engine(db_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def test_a_small_farm_with_failures_and_kills_drains_consistently(
+        db_url: str, pg_server: object, engine: sa.Engine, tmp_path: Path) -> None:
+    config = SimConfig(workers=50, candidates=3_000, batch_size=50, download_mean_s=1.0,
+                       lease_ttl_s=3.0, reap_interval_s=0.3, fail_fraction=0.1,
+                       kill_fraction=0.1, max_attempts=10, max_run_s=240)
+    report = run(config, db_url, pg_server.pid, tmp_path)  # type: ignore[attr-defined]
+    text = "\n".join(describe(report))
+    inv = report.invariants
+    assert report.ok, text
+    assert inv.candidates == 3_000 and inv.lost == 0 and inv.in_two_batches == 0
+    assert inv.batches == {"downloaded": 60}, text
+    events = report.calls.events
+    assert events["killed"] > 0 and events["failed"] > 0, text
+    assert events["completed"] == 60, text
+    with engine.connect() as conn:
+        attempts = conn.execute(sa.text("SELECT sum(attempts) FROM batches")).scalar_one()
+    # every kill (its lease expired and was reaped) and every failure cost an attempt, as
+    # does a lease that expired under a worker too slow to heartbeat in time
+    lapsed = events["lease_lost"] + events["complete_refused"]
+    assert attempts == 60 + events["killed"] + events["failed"] + lapsed, text
+    assert events["leased"] == attempts
+    assert report.cpu_s["coordinator"] > 0 and report.cpu_s["postgres"] > 0
+    assert all(kind == "409" for _, kind in report.calls.errors), text
+
+
+def test_the_checker_finds_each_broken_invariant(db_url: str, engine: sa.Engine) -> None:
+    insert_candidates(db_url, 64)
+    service = leases(engine, batch_size=16)
+    worker = new_worker(engine, "vm-1")
+    first, second = service.lease_download(worker), service.lease_download(worker)
+    assert first is not None and second is not None
+    clean = check_invariants(engine)
+    assert clean.consistent and not clean.drained
+    assert (clean.candidates, clean.pending_candidates, clean.leased_batches) == (64, 32, 2)
+
+    with engine.begin() as conn:  # a third live batch holding the first one's candidates
+        third = conn.execute(sa.text(
+            "INSERT INTO batches (status, size, lease_token, lease_expires_at) "
+            "VALUES ('leased', 16, 'x', now() + interval '1 h') RETURNING id")).scalar_one()
+        conn.execute(sa.text("INSERT INTO batch_members (batch_id, ids) SELECT :b, ids "
+                             "FROM batch_members WHERE batch_id = :a"),
+                     {"a": first.batch_id, "b": third})
+    doubled = check_invariants(engine)
+    assert (doubled.in_two_batches, doubled.in_two_live_batches) == (16, 16)
+    assert not doubled.consistent
+
+    with engine.begin() as conn:  # the double no longer live: still in two batches
+        conn.execute(sa.text(f"UPDATE batches SET {FINISHED} WHERE id = :b"), {"b": third})
+    finished = check_invariants(engine)
+    assert (finished.in_two_batches, finished.in_two_live_batches) == (16, 0)
+    assert not finished.consistent
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM batch_members WHERE batch_id = :b"), {"b": third})
+        conn.execute(sa.text("DELETE FROM batches WHERE id = :b"), {"b": third})
+        # a pending chunk holding the second batch's candidates again
+        conn.execute(sa.text("INSERT INTO pending_chunks (ids) SELECT ids FROM batch_members "
+                             "WHERE batch_id = :a"), {"a": second.batch_id})
+    again = check_invariants(engine)
+    assert again.pending_and_batched == 16 and not again.consistent
+
+    with engine.begin() as conn:  # undo that, then lose the candidates of one chunk
+        conn.execute(sa.text("DELETE FROM pending_chunks WHERE id = (SELECT max(id) "
+                             "FROM pending_chunks)"))
+        lost_ids = conn.execute(sa.text(
+            "DELETE FROM pending_chunks WHERE id = (SELECT min(id) FROM pending_chunks) "
+            "RETURNING cardinality(ids)")).scalar_one()
+    lost = check_invariants(engine)
+    assert lost.lost == lost_ids > 0 and lost.pending_and_batched == 0
+    assert not lost.consistent
+
+    with engine.begin() as conn:  # nothing pending, nothing leased: drained
+        conn.execute(sa.text("DELETE FROM pending_chunks"))
+        conn.execute(sa.text(f"UPDATE batches SET {FINISHED}"))
+    drained = check_invariants(engine)
+    assert drained.drained and drained.lost == 32
