@@ -174,9 +174,12 @@ def create_app(settings: CoordinatorSettings, engine: sa.Engine, *,
         task = Reaper(leases, settings.reap_interval_s, metrics) if reaper else None
         if task:
             task.start()
+        archiver = _auto_archiver(settings, engine)
         try:
             yield
         finally:
+            if archiver:
+                archiver.stop()
             if task:
                 task.stop()
             if on_exit:
@@ -192,6 +195,17 @@ def create_app(settings: CoordinatorSettings, engine: sa.Engine, *,
     dashboard.mount(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
+
+
+def _auto_archiver(settings: CoordinatorSettings, engine: sa.Engine) -> Any:
+    """The automatic archive's thread, started, when ``settings.archive`` asks for it."""
+    if settings.archive is None or settings.archive.hot_max_candidates == 0:
+        return None
+    from coordinator.archive import AutoArchiver
+
+    archiver = AutoArchiver(engine.url.render_as_string(hide_password=False), settings.archive)
+    archiver.start()
+    return archiver
 
 
 def _install_errors(app: FastAPI) -> None:

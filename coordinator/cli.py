@@ -70,6 +70,61 @@ def engine_for(settings: CoordinatorSettings, *, migrate: bool = False) -> Itera
             engine.dispose()
 
 
+def archive_options(prefix: str) -> Callable[[F], F]:
+    """``--{prefix}file-candidates`` and ``--{prefix}min-age``: shared by ``pairfarm
+    archive`` and the coordinator's automatic mode, with the same environment variables."""
+
+    def add(func: F) -> F:
+        func = click.option(
+            f"--{prefix}min-age", "min_age", default=600.0, type=click.FloatRange(0),
+            envvar="PAIRFARM_ARCHIVE_MIN_AGE", show_default=True,
+            help="Archive a finished batch once unchanged this many seconds (the stats' "
+                 "download rate looks back 600 s).")(func)
+        return click.option(
+            f"--{prefix}file-candidates", "file_candidates", default=1_000_000,
+            type=click.IntRange(1), envvar="PAIRFARM_ARCHIVE_FILE_CANDIDATES",
+            show_default=True,
+            help="Candidates per parquet file, at most (batches are never split).")(func)
+
+    return add
+
+
+def auto_archive_options(func: F) -> F:
+    """The coordinator's automatic archive: ``--archive-to``, ``--hot-max-candidates``,
+    ``--archive-interval`` and the shared ``--archive-*`` options."""
+    func = archive_options("archive-")(func)
+    func = click.option(
+        "--archive-interval", "archive_interval", default=60.0, type=click.FloatRange(0.01),
+        envvar="PAIRFARM_ARCHIVE_INTERVAL", show_default=True,
+        help="Seconds between two looks of the automatic archive at the hot set.")(func)
+    func = click.option(
+        "--hot-max-candidates", "hot_max_candidates", default=0, type=click.IntRange(0),
+        envvar="PAIRFARM_HOT_MAX_CANDIDATES", show_default=True,
+        help="Archive finished batches in the background (into --archive-to) whenever "
+             "the hot tables hold more candidates than this (0: never).")(func)
+    return click.option(
+        "--archive-to", "archive_to", default=None, envvar="PAIRFARM_ARCHIVE_TO",
+        metavar="FOLDER_OR_URL",
+        help="Folder of the automatic archive's parquet files (local path or fsspec "
+             "URL); needed with --hot-max-candidates.")(func)
+
+
+def auto_archive_settings(*, archive_to: str | None, hot_max_candidates: int,
+                          archive_interval: float, file_candidates: int,
+                          min_age: float) -> Any:
+    """The automatic archive's settings; None when it is off."""
+    from coordinator.errors import SettingsError
+    from coordinator.settings import make_archive_settings
+
+    if hot_max_candidates == 0:
+        return None
+    if not archive_to:
+        raise SettingsError("--hot-max-candidates needs --archive-to (PAIRFARM_ARCHIVE_TO)")
+    return make_archive_settings(location=archive_to, file_candidates=file_candidates,
+                                 min_age_s=min_age, hot_max_candidates=hot_max_candidates,
+                                 interval_s=archive_interval)
+
+
 # -- pairfarm coordinator -----------------------------------------------------------------
 
 @click.command("coordinator")
@@ -110,6 +165,7 @@ def engine_for(settings: CoordinatorSettings, *, migrate: bool = False) -> Itera
               envvar="PAIRFARM_PROCESSES", show_default=True,
               help="Server processes sharing the port (each with its own connection pool "
                    "of up to 30; PostgreSQL's max_connections must allow them all).")
+@auto_archive_options
 @click.option("--migrate/--no-migrate", default=False, envvar="PAIRFARM_MIGRATE",
               help="Upgrade a DATABASE_URL database before serving (the embedded one "
                    "always is).")
@@ -119,7 +175,8 @@ def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path,
                 port: int, batch_size: int, lease_ttl: float, max_attempts: int,
                 max_sample_rows: int, quarantine_after: int, quarantine_window: float,
                 quarantine_for: float, reap_interval: float, max_body_bytes: int,
-                shard_prefixes: tuple[str, ...], processes: int, migrate: bool) -> None:
+                shard_prefixes: tuple[str, ...], processes: int, migrate: bool,
+                **archive: Any) -> None:
     """Serve the coordinator's REST API (OpenAPI at /docs).
 
     Without DATABASE_URL it starts an embedded PostgreSQL in --data-dir, migrates it, and
@@ -136,7 +193,8 @@ def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path,
                                 quarantine_s=quarantine_for)
     settings = make_settings(database_url=database_url, data_dir=data_dir, host=host,
                              port=port, lease=lease, reap_interval_s=reap_interval,
-                             max_body_bytes=max_body_bytes, shard_prefixes=shard_prefixes)
+                             max_body_bytes=max_body_bytes, shard_prefixes=shard_prefixes,
+                             archive=auto_archive_settings(**archive))
     verbose = ctx.find_root().params.get("verbose", 0)
     where = 'DATABASE_URL' if database_url else f'embedded PostgreSQL in {data_dir}'
     click.echo(f"pairfarm coordinator on http://{host}:{port} ({where}"
@@ -313,3 +371,41 @@ def batches_requeue(*, database_url: str | None, data_dir: Path, states: tuple[s
         done = requeue(engine, _filter(states, reason, worker, ids), dry_run=dry_run)
     verb = "would requeue" if dry_run else "requeued"
     click.echo(f"{verb} {done.batches} batches ({done.candidates} candidates)")
+
+
+# -- pairfarm archive -------------------------------------------------------------------
+
+@click.command("archive")
+@database_options
+@click.option("--to", "location", required=True, envvar="PAIRFARM_ARCHIVE_TO",
+              metavar="FOLDER_OR_URL",
+              help="Folder for the parquet files: a local path or an fsspec URL "
+                   "(s3://bucket/archive).")
+@archive_options("")
+@click.option("--until-hot", default=None, type=click.IntRange(0), metavar="N",
+              help="Stop once the hot tables hold at most N candidates (default: archive "
+                   "every finished batch).")
+@friendly_errors
+def archive_command(*, database_url: str | None, data_dir: Path, location: str,
+                    file_candidates: int, min_age: float, until_hot: int | None) -> None:
+    """Move finished batches (done, failed) out of the database into parquet files.
+
+    Each file holds one row per candidate with its batch's final state and outcome
+    counts; its batches, their members and candidates leave the hot tables in the
+    transaction that records the file, and the stats keep counting them. Files in the
+    folder that no run recorded (left by a run that was killed) are removed first.
+    """
+    from coordinator.archive import archive, describe
+    from coordinator.db import open_database
+    from coordinator.server import check_schema
+    from coordinator.settings import make_archive_settings
+
+    settings = make_archive_settings(location=location, file_candidates=file_candidates,
+                                     min_age_s=min_age)
+    with open_database(settings_from(database_url=database_url, data_dir=data_dir),
+                       migrate=False) as url:
+        check_schema(url)
+        run = archive(url, settings, until_hot=until_hot, lock_wait_s=10.0)
+    if run.skipped:
+        raise click.ClickException(describe(run))
+    click.echo(describe(run))

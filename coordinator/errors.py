@@ -11,7 +11,8 @@
     ├── NotFound              no such batch (404)
     ├── Quarantined           a worker whose batches keep failing gets no lease (429)
     ├── InvalidReport         a completion report that cannot be true for the batch (422)
-    └── IngestError           a file that cannot be read; names the file and the line
+    ├── IngestError           a file that cannot be read; names the file and the line
+    └── ArchiveError          the archive folder cannot be written, or a run is in progress
 """
 
 from __future__ import annotations
@@ -59,3 +60,9 @@ class InvalidReport(CoordinatorError):
 
 class IngestError(CoordinatorError):
     """An input file cannot be read. The message names the file and, if known, the line."""
+
+
+class ArchiveError(CoordinatorError):
+    """Finished batches cannot be archived now: the folder cannot be listed or written,
+    another run holds the database's archive lock, or the hot rows disagree with each
+    other. Nothing was deleted."""

@@ -34,6 +34,7 @@ from sqlalchemy import (
     MetaData,
     SmallInteger,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
@@ -208,3 +209,76 @@ class Batch(Base):
               postgresql_where=text("status IN ('leased', 'postprocessing')")),
         Index("batches_worker_id_idx", "worker_id"),
     )
+
+
+# -- the archive (``coordinator.archive``): finished batches moved out to parquet files ---
+
+class Archive(Base):
+    """One parquet file of archived candidates, recorded in the transaction that deleted
+    its batches from the hot tables: a file without its row is garbage (a run that died
+    before its commit), removed by the next run."""
+
+    __tablename__ = "archives"
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    #: the folder (a local path or an fsspec URL such as s3://bucket/archive) and the
+    #: file's name in it
+    directory: Mapped[str] = mapped_column(Text, nullable=False)
+    name: Mapped[str] = mapped_column(Text, nullable=False)
+    first_batch_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    last_batch_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    batches: Mapped[int] = mapped_column(Integer, nullable=False)
+    candidates: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    file_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[datetime] = _now()
+    __table_args__ = (UniqueConstraint("directory", "name"),)
+
+
+class ArchivedTotals(Base):
+    """What the archived batches of one final status add to the farm's totals."""
+
+    __tablename__ = "archived_totals"
+    status: Mapped[str] = mapped_column(Text, primary_key=True)
+    batches: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    candidates: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    bytes_downloaded: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    kept: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    dropped: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    #: the earliest ``created_at`` of these batches (the farm's age, for the rate's span)
+    first_created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    __table_args__ = (CheckConstraint("status IN ('done', 'failed')", name="status"),)
+
+
+class ArchivedOutcome(Base):
+    """URLs of the archived batches' download reports, by outcome class."""
+
+    __tablename__ = "archived_outcomes"
+    outcome: Mapped[str] = mapped_column(Text, primary_key=True)
+    total: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class ArchivedMinute(Base):
+    """Candidates and ok samples of the archived batches whose download completed in each
+    minute (the dashboard's throughput chart)."""
+
+    __tablename__ = "archived_minutes"
+    minute: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    candidates: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    ok: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class ArchivedWorkerDownloads(Base):
+    """Candidates each download worker completed in the archived batches."""
+
+    __tablename__ = "archived_worker_downloads"
+    worker_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    candidates: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class ArchivedSimilarity(Base):
+    """The archived post-processing reports' similarity histograms, summed bin by bin for
+    each set of edges (``bin`` counts from 1, as ``WITH ORDINALITY``)."""
+
+    __tablename__ = "archived_similarity"
+    edges: Mapped[Any] = mapped_column(JSONB, primary_key=True)
+    bin: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    samples: Mapped[int] = mapped_column(BigInteger, nullable=False)

@@ -43,6 +43,38 @@ class LeaseSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ArchiveSettings:
+    """Where finished batches are archived (``coordinator.archive``) and when."""
+
+    #: a local folder or an fsspec URL (s3://bucket/archive)
+    location: str
+    #: candidates per parquet file, at most (a batch is never split; one bigger batch
+    #: makes its file bigger)
+    file_candidates: int = 1_000_000
+    #: a finished batch is archived once unchanged this long (the stats' download rate
+    #: looks back 600 s)
+    min_age_s: float = 600.0
+    #: the automatic mode archives when the hot tables hold more candidates (0: off)
+    hot_max_candidates: int = 0
+    #: seconds between two looks of the automatic mode
+    interval_s: float = 60.0
+
+
+def make_archive_settings(*, location: str, file_candidates: int = 1_000_000,
+                          min_age_s: float = 600.0, hot_max_candidates: int = 0,
+                          interval_s: float = 60.0) -> ArchiveSettings:
+    _check(bool(location.strip()), "the archive location must not be empty")
+    _check(file_candidates >= 1, f"file candidates must be at least 1, not {file_candidates}")
+    _check(min_age_s >= 0, f"the archive min age must not be negative, not {min_age_s}")
+    _check(hot_max_candidates >= 0,
+           f"hot max candidates must not be negative (0: off), not {hot_max_candidates}")
+    _check(interval_s > 0, "the archive interval must be positive")
+    return ArchiveSettings(location=location, file_candidates=file_candidates,
+                           min_age_s=min_age_s, hot_max_candidates=hot_max_candidates,
+                           interval_s=interval_s)
+
+
+@dataclass(frozen=True, kw_only=True)
 class CoordinatorSettings:
     database_url: str | None = None
     data_dir: Path = DEFAULT_DATA_DIR
@@ -57,6 +89,8 @@ class CoordinatorSettings:
     touch_interval_s: float = 5.0
     #: a reported shard's files must start with one of these (``coordinator.locations``)
     shard_prefixes: tuple[str, ...] = DEFAULT_SHARD_PREFIXES
+    #: the automatic archive (``--hot-max-candidates``); None: off
+    archive: ArchiveSettings | None = None
 
 
 def make_lease_settings(*, batch_size: int = 10_000, lease_ttl_s: float = 600.0,
@@ -82,7 +116,8 @@ def make_settings(*, database_url: str | None = None, data_dir: Path = DEFAULT_D
                   host: str = "127.0.0.1", port: int = 8600,
                   lease: LeaseSettings | None = None, reap_interval_s: float = 10.0,
                   max_body_bytes: int = 1 << 20,
-                  shard_prefixes: tuple[str, ...] = DEFAULT_SHARD_PREFIXES) -> CoordinatorSettings:
+                  shard_prefixes: tuple[str, ...] = DEFAULT_SHARD_PREFIXES,
+                  archive: ArchiveSettings | None = None) -> CoordinatorSettings:
     """Validate and build the settings; ``SettingsError`` says what is wrong."""
     _check(0 <= port <= 65535, f"port must be in 0..65535, not {port}")
     _check(reap_interval_s > 0, "the reap interval must be positive")
@@ -91,7 +126,7 @@ def make_settings(*, database_url: str | None = None, data_dir: Path = DEFAULT_D
         database_url=normalize_url(database_url) if database_url else None,
         data_dir=Path(data_dir), host=host, port=port, lease=lease or LeaseSettings(),
         reap_interval_s=reap_interval_s, max_body_bytes=max_body_bytes,
-        shard_prefixes=parse_prefixes(shard_prefixes))
+        shard_prefixes=parse_prefixes(shard_prefixes), archive=archive)
 
 
 def normalize_url(url: str) -> str:

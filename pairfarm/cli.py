@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "ingest": "coordinator.ingest.cli:ingest",
     "token": "coordinator.cli:token",
     "batches": "coordinator.cli:batches",
+    "archive": "coordinator.cli:archive_command",
     "postprocess": "gpu_postprocess.command:postprocess",
     "postprocess-shard": "gpu_postprocess.command:postprocess_shard",
     "worker": "worker.cli:worker_command",

@@ -128,6 +128,10 @@ def test_every_named_statement_is_valid_sql(db_url: str) -> None:
                 if name.startswith("ingest_"):  # psycopg templates, run by the ingest tests
                     continue
                 sql = Q.sql(name)
+                if name.startswith("archive_"):  # psycopg templates ("%(name)s")
+                    if not sql.startswith("COPY"):  # COPY cannot be prepared
+                        raw.execute(f"PREPARE p_{name} AS {_positional(sql)}")  # type: ignore[union-attr]
+                    continue
                 assert ":" in sql or "SELECT" in sql, name
                 # PREPARE checks syntax and every name; parameters become untyped $n.
                 statement = sa.text(sql).compile(dialect=engine.dialect)

@@ -495,11 +495,11 @@ SELECT name FROM archives WHERE directory = %(directory)s;
 SELECT id, size, status FROM batches
  WHERE id = ANY (ARRAY(
            SELECT id FROM (
-               SELECT id, sum(size) OVER (ORDER BY id) - size AS before
+               SELECT id, sum(size) OVER (ORDER BY id) AS upto, size
                  FROM batches
                 WHERE status IN ('done', 'failed')
                   AND updated_at < now() - make_interval(secs => %(min_age)s)) AS s
-            WHERE before < %(max_candidates)s))
+            WHERE upto <= %(max_candidates)s OR upto = size))
    AND status IN ('done', 'failed')
  ORDER BY id
    FOR UPDATE;
