@@ -10,9 +10,9 @@ in chunks of 16, one worker token per virtual worker (created up front), and ``p
 coordinator --processes P`` in a subprocess.
 
 Each virtual worker (one Trio task; all of them share one httpx connection pool in this
-one process) registers, then loops: lease (204: wait and ask again until the farm is
-drained; 429: wait the Retry-After); "download" for a time drawn from a log-normal
-distribution (--download-mean, --download-sigma), heartbeating every TTL/3; then, by
+one process; --ramp spreads their starts) registers, then loops: lease (204: wait and
+ask again until the farm is drained; 429: wait the Retry-After); "download" for a time
+drawn from a log-normal distribution (--download-mean, --download-sigma), heartbeating every TTL/3; then, by
 chance, completes (a DownloadReport with shard files under ``s3://sim/``, outcomes that
 sum to the batch size), fails (--fail-fraction: a fail report, an attempt spent) or is
 killed (--kill-fraction: it stops calling, its lease expires after --lease-ttl and the
@@ -86,6 +86,8 @@ class SimConfig:
     restart_delay_s: float = 1.0
     #: a worker answered 204 asks again after this long
     idle_s: float = 1.0
+    #: the workers start spread evenly over this many seconds (0: all at once)
+    ramp_s: float = 0.0
     processes: int = 1
     #: the connections of the shared client pool (and the most requests in flight)
     connections: int = 1000
@@ -315,6 +317,7 @@ async def virtual_worker(farm: Farm, index: int, token: str) -> None:
     """Register, then lease / download / complete-fail-or-die until the farm is drained."""
     cfg = farm.config
     registered = False
+    await trio.sleep(cfg.ramp_s * index / max(1, cfg.workers))
     while not farm.drained.is_set():
         if not registered:
             registered = await _register(farm, index, token)
@@ -470,7 +473,7 @@ def describe(report: SimReport) -> list[str]:
         f"config: {c.workers} workers, {c.candidates:,} candidates, batch {c.batch_size}, "
         f"download mean {c.download_mean_s} s (sigma {c.download_sigma}), lease TTL "
         f"{c.lease_ttl_s} s, fail {c.fail_fraction:.0%}, kill {c.kill_fraction:.0%}, "
-        f"{c.processes} coordinator process(es)",
+        f"ramp {c.ramp_s} s, {c.processes} coordinator process(es)",
         f"wall {report.wall_s:.1f} s: {report.leases} leases, {report.leases_per_s:.1f} "
         f"leases/s; load average {' '.join(f'{x:.2f}' for x in report.load)}",
     ]
@@ -512,6 +515,7 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None]:
     p.add_argument("--kill-fraction", type=float, default=d.kill_fraction)
     p.add_argument("--restart-delay", type=float, default=d.restart_delay_s)
     p.add_argument("--idle", type=float, default=d.idle_s)
+    p.add_argument("--ramp", type=float, default=d.ramp_s)
     p.add_argument("--processes", type=int, default=d.processes)
     p.add_argument("--connections", type=int, default=d.connections)
     p.add_argument("--max-run", type=float, default=d.max_run_s)
@@ -526,7 +530,8 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None]:
         lease_ttl_s=a.lease_ttl, reap_interval_s=a.reap_interval,
         max_attempts=a.max_attempts, fail_fraction=a.fail_fraction,
         kill_fraction=a.kill_fraction, restart_delay_s=a.restart_delay, idle_s=a.idle,
-        processes=a.processes, connections=a.connections, max_run_s=a.max_run, seed=a.seed)
+        ramp_s=a.ramp, processes=a.processes, connections=a.connections,
+        max_run_s=a.max_run, seed=a.seed)
     return config, a.database_url
 
 
