@@ -49,9 +49,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
 import fsspec
 import psycopg
@@ -73,27 +74,32 @@ TMP_SUFFIX = ".tmp"
 ROW_GROUP_ROWS = 131_072
 LOCK_POLL_S = 0.2
 TIMESTAMP = pa.timestamp("us", tz="UTC")
-#: the parquet columns, in the order of ``archive_copy``'s CSV
-COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
+#: the candidate's columns, in the order of ``archive_copy``'s CSV
+CANDIDATE_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("candidate_id", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
     ("language", pa.string()), ("extra", pa.string()), ("ingest_id", pa.int32()),
+)
+#: its batch's columns, in the order of ``archive_pick``'s row
+BATCH_COLUMNS: tuple[tuple[str, pa.DataType], ...] = (
     ("batch_id", pa.int64()), ("batch_status", pa.string()),
     ("batch_outcomes", pa.string()), ("shard", pa.string()), ("attempts", pa.int16()),
     ("pp_attempts", pa.int16()), ("last_error", pa.string()), ("kept", pa.int32()),
     ("dropped", pa.int32()), ("downloaded_by", pa.int32()), ("downloaded_at", TIMESTAMP),
     ("done_at", TIMESTAMP), ("updated_at", TIMESTAMP),
 )
-SCHEMA = pa.schema(COLUMNS)
-_CSV_TYPES = {name: pa.int64() if kind == TIMESTAMP else kind for name, kind in COLUMNS}
+SCHEMA = pa.schema(CANDIDATE_COLUMNS + BATCH_COLUMNS)
+CANDIDATE_SCHEMA = pa.schema(CANDIDATE_COLUMNS)
 
 
 @dataclass(frozen=True)
 class Batch:
-    """A finished batch picked for a file."""
+    """A finished batch picked for a file: its id, size and the values of
+    ``BATCH_COLUMNS`` (id and status first)."""
 
     id: int
     size: int
     status: str
+    values: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -217,7 +223,7 @@ def pick_batches(conn: psycopg.Connection, settings: ArchiveSettings) -> list[Ba
     """Lock the next file's batches (call inside the file's transaction)."""
     rows = conn.execute(Q.sql("archive_pick"), {
         "min_age": settings.min_age_s, "max_candidates": settings.file_candidates})
-    return [Batch(int(r[0]), int(r[1]), str(r[2])) for r in rows]
+    return [Batch(int(r[0]), int(r[1]), str(r[2]), (r[0], r[2], *r[3:])) for r in rows]
 
 
 def write_file(conn: psycopg.Connection, folder: Folder, batches: list[Batch]) -> ArchivedFile:
@@ -250,52 +256,86 @@ def record_file(conn: psycopg.Connection, folder: Folder, batches: list[Batch],
 
 def _write_parquet(conn: psycopg.Connection, batches: list[Batch], out: IO[bytes]) -> int:
     """Each batch's candidates, in batch then candidate id order, into ``out``; their rows
-    deleted. Returns the rows written."""
-    writer = pq.ParquetWriter(out, SCHEMA, compression="zstd")
-    buffered: list[pa.Table] = []
-    rows = 0
+    deleted. Returns the rows written. The server copies batch i + 1 while a thread
+    parses and compresses batch i (Arrow releases the GIL)."""
+    sink = _ParquetSink(out)
     try:
-        for batch in batches:
-            table = _batch_rows(conn, batch)
-            rows += table.num_rows
-            buffered.append(table)
-            if sum(t.num_rows for t in buffered) >= ROW_GROUP_ROWS:
-                writer.write_table(pa.concat_tables(buffered), ROW_GROUP_ROWS)
-                buffered.clear()
-        if buffered:
-            writer.write_table(pa.concat_tables(buffered), ROW_GROUP_ROWS)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="archive-write") as pool:
+            previous: Future[None] | None = None
+            for batch in batches:
+                data, deleted = _copy_batch(conn, batch)
+                if previous is not None:
+                    previous.result()
+                previous = pool.submit(sink.add, batch, data, deleted)
+            if previous is not None:
+                previous.result()
     finally:
-        writer.close()
-    return rows
+        sink.close()
+    return sink.rows
 
 
-def _batch_rows(conn: psycopg.Connection, batch: Batch) -> pa.Table:
-    """One batch's candidates as an Arrow table, their rows deleted."""
+def _copy_batch(conn: psycopg.Connection, batch: Batch) -> tuple[bytes, int]:
+    """One batch's candidates as ``archive_copy``'s CSV, and how many rows its delete of
+    them removed."""
     params = {"batch_id": batch.id}
     with conn.cursor() as cur:
         with cur.copy(Q.sql("archive_copy"), params) as copy:
             data = b"".join(bytes(chunk) for chunk in copy)
         deleted = cur.execute(Q.sql("archive_delete_candidates"), params).rowcount
-    table = _parse(data)
-    if deleted != table.num_rows:
-        raise ArchiveError(f"batch {batch.id}: {table.num_rows} candidates read but "
-                           f"{deleted} deleted; nothing was archived")
-    return table
+    return data, deleted
+
+
+class _ParquetSink:
+    """Batches' rows into one parquet file, in row groups of ``ROW_GROUP_ROWS``."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self._writer = pq.ParquetWriter(out, SCHEMA, compression="zstd")
+        self._buffered: list[pa.Table] = []
+        self._pending = 0
+        self.rows = 0
+
+    def add(self, batch: Batch, data: bytes, deleted: int) -> None:
+        candidates = _parse(data)
+        if deleted != candidates.num_rows:
+            raise ArchiveError(f"batch {batch.id}: {candidates.num_rows} candidates read "
+                               f"but {deleted} deleted; nothing was archived")
+        self._buffered.append(_with_batch(candidates, batch))
+        self._pending += candidates.num_rows
+        self.rows += candidates.num_rows
+        if self._pending >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+    def _flush(self) -> None:
+        if self._buffered:
+            self._writer.write_table(pa.concat_tables(self._buffered), ROW_GROUP_ROWS)
+        self._buffered.clear()
+        self._pending = 0
 
 
 def _parse(data: bytes) -> pa.Table:
-    """``archive_copy``'s CSV as a table of ``SCHEMA`` (an unquoted empty field is NULL,
-    a quoted one an empty string)."""
+    """``archive_copy``'s CSV as a table of ``CANDIDATE_SCHEMA`` (an unquoted empty field
+    is NULL, a quoted one an empty string)."""
     if not data:
-        return SCHEMA.empty_table()
-    table = pa_csv.read_csv(
+        return CANDIDATE_SCHEMA.empty_table()
+    return pa_csv.read_csv(
         io.BytesIO(data),
-        read_options=pa_csv.ReadOptions(column_names=[n for n, _ in COLUMNS]),
+        read_options=pa_csv.ReadOptions(column_names=CANDIDATE_SCHEMA.names),
         parse_options=pa_csv.ParseOptions(newlines_in_values=True),
         convert_options=pa_csv.ConvertOptions(
-            column_types=_CSV_TYPES, strings_can_be_null=True,
+            column_types=dict(CANDIDATE_COLUMNS), strings_can_be_null=True,
             quoted_strings_can_be_null=False))
-    return table.cast(SCHEMA)
+
+
+def _with_batch(candidates: pa.Table, batch: Batch) -> pa.Table:
+    """The candidates' table with their batch's columns beside each row."""
+    n = candidates.num_rows
+    columns = [pa.repeat(pa.scalar(value, kind), n)
+               for (_, kind), value in zip(BATCH_COLUMNS, batch.values, strict=True)]
+    return pa.Table.from_arrays([*candidates.columns, *columns], schema=SCHEMA)
 
 
 # -- a run --------------------------------------------------------------------------------

@@ -416,46 +416,57 @@ SELECT edges, bin, sum(samples) AS samples
 -- Ingest statements run on a raw psycopg connection (COPY): "%(name)s" parameters.
 
 -- name: ingest_session
--- A chunk's staging rows (~20 MB for 131k LAION-like rows) stay in memory instead of
--- spilling past the default 8 MB; set before the session's first temporary table.
+-- A chunk's staged hashes stay in memory; set before the session's first temporary
+-- table.
 SET temp_buffers = '64MB';
 
+-- name: ingest_id_sequence
+-- candidates.id's identity sequence, quoted (coordinator.ingest.ids).
+SELECT pg_get_serial_sequence('candidates', 'id');
+
+-- name: ingest_sequence_increment
+-- Locks the sequence against nextval until the commit: an id block is one transaction of
+-- ingest_sequence_increment (n), ingest_next_id, ingest_sequence_increment (1).
+ALTER SEQUENCE {sequence} INCREMENT BY {increment};
+
+-- name: ingest_next_id
+SELECT nextval(%(sequence)s::regclass);
+
+-- name: ingest_copy_hashes
+-- The dedup's cheap path: a chunk's URL hashes, sorted, straight into the unique index
+-- (in a savepoint; a duplicate fails it, see ingest_insert_hashes).
+COPY url_hashes (h) FROM STDIN (FORMAT binary);
+
 -- name: ingest_staging
--- extra: the row's extra columns as one JSON object, built by the loader.
-CREATE TEMPORARY TABLE ingest_staging (
-    row bigint NOT NULL, url text NOT NULL, caption text NOT NULL, language text, extra json
-) ON COMMIT DROP;
+CREATE TEMPORARY TABLE ingest_hashes (h uuid NOT NULL) ON COMMIT DROP;
 
--- name: ingest_copy
-COPY ingest_staging (row, url, caption, language, extra) FROM STDIN (FORMAT csv);
+-- name: ingest_copy_staging
+COPY ingest_hashes (h) FROM STDIN (FORMAT binary);
 
--- name: ingest_insert
--- Exact URL dedup: the first occurrence wins (earlier file, then earlier row); rows the
--- unique index already holds are skipped, nothing is updated. The inserted candidates
--- go into pending_chunks in the same statement, CHUNK_SIZE a chunk in the order RETURNING
--- gives them, which is the insertion order: consecutive ids (a chunk's candidates then
--- share a page or two of candidates, which the lease reads). Numbering them in that
--- order spares two sorts of the chunk's ids (~4 % of the statement); a chunk holds its
--- ids in any order.
--- Answers the number of candidates inserted.
+-- name: ingest_insert_hashes
+-- Exact URL dedup for a chunk with duplicates: the first occurrence wins (earlier file,
+-- earlier chunk); hashes already in url_hashes are skipped. Answers those, as bytea
+-- (NULL when there are none); the loader drops their rows.
 WITH inserted AS (
-    INSERT INTO candidates (url, caption, language, ingest_id, extra)
-    SELECT url, caption, language, %(ingest_id)s, extra
-      FROM ingest_staging
-     ORDER BY row
-        ON CONFLICT (url) DO NOTHING
-    RETURNING id
-), chunks AS (
-    INSERT INTO pending_chunks (ids)
-    SELECT array_agg(id)
-      FROM (SELECT id, (row_number() OVER () - 1) / %(chunk_size)s AS g
-              FROM inserted) AS numbered
-     GROUP BY g
+    INSERT INTO url_hashes (h)
+    SELECT h FROM ingest_hashes
+        ON CONFLICT DO NOTHING
+    RETURNING h
 )
-SELECT count(*) FROM inserted;
+SELECT array_agg(uuid_send(s.h))
+  FROM ingest_hashes AS s
+ WHERE NOT EXISTS (SELECT FROM inserted AS i WHERE i.h = s.h);
 
 -- name: ingest_truncate
-TRUNCATE ingest_staging;
+TRUNCATE ingest_hashes;
+
+-- name: ingest_copy_candidates
+-- The new candidates with the ids the loader took from the sequence (coordinator.ingest.ids).
+COPY candidates (id, url, caption, language, ingest_id, extra) FROM STDIN (FORMAT csv);
+
+-- name: ingest_copy_chunks
+-- Their pending_chunks: CHUNK_SIZE consecutive ids a row, built by the loader.
+COPY pending_chunks (ids) FROM STDIN;
 
 -- name: ingest_insert_record
 INSERT INTO ingests (source) VALUES (%(source)s) RETURNING id;
@@ -492,7 +503,9 @@ SELECT name FROM archives WHERE directory = %(directory)s;
 -- in id order, as many as fit in %(max_candidates)s candidates (at least one), locked until
 -- the run's transaction ends. A batch requeued meanwhile is rechecked after its lock and
 -- left out; one that is locked waits (a requeue takes milliseconds).
-SELECT id, size, status FROM batches
+SELECT id, size, status, outcomes::text, shard::text, attempts, pp_attempts, last_error,
+       kept, dropped, downloaded_by, downloaded_at, done_at, updated_at
+  FROM batches
  WHERE id = ANY (ARRAY(
            SELECT id FROM (
                SELECT id, sum(size) OVER (ORDER BY id) AS upto, size
@@ -505,20 +518,12 @@ SELECT id, size, status FROM batches
    FOR UPDATE;
 
 -- name: archive_copy
--- One batch's candidates in id order, with their batch's final state, as CSV for the
--- parquet file (timestamps as microseconds since the epoch). The coordinator holds no
--- per-URL outcome (it is in the shard's parquet): each row carries its batch's outcome
--- counts.
+-- One batch's candidates in id order, as CSV for the parquet file (the batch's own
+-- columns, from archive_pick, are added to each row by the writer).
 COPY (
-    SELECT c.id, c.url, c.caption, c.language, c.extra::text, c.ingest_id,
-           b.id, b.status, b.outcomes::text, b.shard::text, b.attempts, b.pp_attempts,
-           b.last_error, b.kept, b.dropped, b.downloaded_by,
-           (extract(epoch FROM b.downloaded_at) * 1e6)::bigint,
-           (extract(epoch FROM b.done_at) * 1e6)::bigint,
-           (extract(epoch FROM b.updated_at) * 1e6)::bigint
-      FROM batches b, candidates c
-     WHERE b.id = %(batch_id)s
-       AND c.id = ANY (CAST((SELECT ids FROM batch_members WHERE batch_id = %(batch_id)s)
+    SELECT c.id, c.url, c.caption, c.language, c.extra::text, c.ingest_id
+      FROM candidates c
+     WHERE c.id = ANY (CAST((SELECT ids FROM batch_members WHERE batch_id = %(batch_id)s)
                             AS bigint[]))
      ORDER BY c.id
 ) TO STDOUT (FORMAT csv);
