@@ -8,15 +8,18 @@ on on the hot batches, and archived ones can be neither leased nor requeued."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pyarrow.parquet as pq
 import pytest
@@ -33,7 +36,14 @@ from coordinator.archive import (
 from coordinator.settings import ArchiveSettings, make_archive_settings
 from coordinator.stats import farm_stats
 from pairfarm.protocol import FailReport, PostprocessReport
-from tests.conftest import REPO, cli_env, insert_candidates, run_cli, start_coordinator
+from tests.conftest import (
+    REPO,
+    cli_env,
+    free_port,
+    insert_candidates,
+    run_cli,
+    start_coordinator,
+)
 from tests.leasing import engine_for, leases, new_worker, report
 
 EDGES = [0.0, 0.25, 0.5, 1.0]
@@ -421,3 +431,62 @@ def test_hot_batches_lease_and_requeue_archived_ones_do_not(
         with engine.connect() as conn:
             statuses = set(conn.execute(sa.text("SELECT status FROM batches")).scalars())
         assert statuses == {"leased"}
+
+
+# -- an object store --------------------------------------------------------------------
+
+@pytest.fixture
+def moto_s3(tmp_path: Path) -> Iterator[str]:
+    """moto's S3 server on a free loopback port, with a bucket ``farm``."""
+    pytest.importorskip("s3fs", reason="archiving to S3 needs pairfarm[s3] (s3fs)")
+    pytest.importorskip("moto", reason="the loopback S3 server is moto[server] (dev extra)")
+    port = free_port()
+    with (tmp_path / "moto.log").open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                 "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        assert _wait_for(lambda: _put_ok(f"{endpoint}/farm")), "moto did not start"
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _put_ok(url: str, content: bytes = b"") -> bool:
+    try:
+        return httpx.put(url, content=content, timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_archive_to_s3_removes_unrecorded_objects(db_url: str, moto_s3: str) -> None:
+    """``pairfarm archive --to s3://...`` against a real S3 API (moto on loopback): the
+    files appear under their names, the object a killed run left is removed, and the
+    rows are the finished batches' candidates."""
+    insert_candidates(db_url, 500)
+    with engine_for(db_url) as engine:
+        _run_farm(engine, done=2, failed=1, downloaded=0, leased=0)
+        _age(engine, 20)
+        finished = _members(engine, ("done", "failed"))
+    assert _put_ok(f"{moto_s3}/farm/archive/batches-000000000007-000000000009.parquet",
+                   b"half a file")
+    env = cli_env(DATABASE_URL=db_url, AWS_ENDPOINT_URL=moto_s3, AWS_ACCESS_KEY_ID="farm",
+                  AWS_SECRET_ACCESS_KEY="farm", AWS_DEFAULT_REGION="us-east-1")
+    out = run_cli("archive", "--to", "s3://farm/archive", "--file-candidates", "200",
+                  env=env).stdout
+    assert "archived 3 batches (300 candidates) into 2 files" in out
+    assert "removed 1 unrecorded files" in out
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key="farm", secret="farm", client_kwargs={
+        "endpoint_url": moto_s3, "region_name": "us-east-1"})
+    keys = sorted(fs.ls("farm/archive", detail=False))
+    assert keys == ["farm/archive/batches-000000000001-000000000002.parquet",
+                    "farm/archive/batches-000000000003-000000000003.parquet"]
+    rows = [r for k in keys for r in pq.read_table(io.BytesIO(fs.cat_file(k))).to_pylist()]
+    assert len(rows) == 300
+    assert {r["candidate_id"]: r["batch_id"] for r in rows} == finished
+    with engine_for(db_url) as engine, engine.connect() as conn:
+        directories = set(conn.execute(sa.text("SELECT directory FROM archives")).scalars())
+    assert directories == {"s3://farm/archive"}
