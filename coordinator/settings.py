@@ -7,6 +7,7 @@ Every field can come from a command-line flag or from the environment (``DATABAS
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,13 +16,18 @@ from coordinator.locations import DEFAULT_SHARD_PREFIXES, parse_prefixes
 
 DEFAULT_DATA_DIR = Path("farm-data/pg")
 DEFAULT_DATABASE = "pairfarm"
+DEFAULT_BATCH_SIZE = 10_000
+#: the smallest batch ``auto_batch_size`` forms (a lease, a shard and a report per batch)
+MIN_AUTO_BATCH_SIZE = 100
+#: batches ``auto_batch_size`` aims to give each worker: enough for the last ones to spread
+BATCHES_PER_WORKER = 4
 
 
 @dataclass(frozen=True, kw_only=True)
 class LeaseSettings:
     """How batches are formed and how long a lease lasts."""
 
-    batch_size: int = 10_000
+    batch_size: int = DEFAULT_BATCH_SIZE
     lease_ttl_s: float = 600.0
     max_attempts: int = 3
     #: sample this many times the chunks a batch needs and take the batch at random from
@@ -91,6 +97,20 @@ class CoordinatorSettings:
     shard_prefixes: tuple[str, ...] = DEFAULT_SHARD_PREFIXES
     #: the automatic archive (``--hot-max-candidates``); None: off
     archive: ArchiveSettings | None = None
+
+
+def auto_batch_size(waiting: int, workers: int, *, largest: int = DEFAULT_BATCH_SIZE,
+                    smallest: int = MIN_AUTO_BATCH_SIZE,
+                    per_worker: int = BATCHES_PER_WORKER) -> int:
+    """A batch size for ``waiting`` candidates and ``workers`` workers: each worker gets
+    about ``per_worker`` batches, within ``smallest``..``largest``.
+
+    10,000 candidates and 2 workers make batches of 1,250 (8 batches, not one that a
+    single worker takes while the other idles); a large input keeps ``largest``."""
+    if workers < 1:
+        raise SettingsError(f"workers must be at least 1, not {workers}")
+    wanted = math.ceil(max(0, waiting) / (workers * per_worker))
+    return min(largest, max(smallest, wanted))
 
 
 def make_lease_settings(*, batch_size: int = 10_000, lease_ttl_s: float = 600.0,

@@ -86,8 +86,11 @@ def run_and_report(settings: UpSettings) -> FarmResult:
               help="Use this PostgreSQL instead of an embedded one in OUT/pg.")
 @click.option("--port", default=8600, show_default=True, type=int,
               help="Coordinator port on 127.0.0.1 (0: any free port; kept across reruns).")
-@click.option("--batch-size", default=10_000, show_default=True, type=click.IntRange(1),
-              help="Candidates per download batch.")
+@click.option("--batch-size", default=None, type=click.IntRange(1, 1_000_000),
+              envvar="PAIRFARM_UP_BATCH_SIZE",
+              help="Candidates per download batch, honoured as given. Default: sized to the "
+                   "candidates waiting and --workers (about 4 batches per worker, within "
+                   "100..10000).")
 @click.option("--lease-ttl", default=120.0, show_default=True, type=click.FloatRange(1),
               help="Seconds a lease lasts without a heartbeat (a killed worker's batch is "
                    "leased again after this).")

@@ -15,6 +15,11 @@ so that a rerun resumes on the same URLs) and ``run.json`` (PIDs of the running 
 Running ``up`` again on the same OUT resumes: ingest inserts nothing new, expired or
 released batches are leased again, finished shards are kept.
 
+Batch size: an explicit ``batch_size`` is passed to the coordinator as it is. Without one
+(``None``), ``farm_batch_size`` sizes batches to the input and the workers once ingest is
+done (``coordinator.settings.auto_batch_size``: about 4 batches per worker, 100..10,000),
+never below the largest batch still waiting (a smaller size would never lease it again).
+
 One farm per directory: ``farm.lock`` (lock.py) is held while ``up`` runs; a second
 ``up`` on the same OUT raises ``FarmBusy`` before starting anything. SIGINT / SIGTERM stop
 the farm in order, workers first and the database last (stopping.py), and raise
@@ -67,7 +72,8 @@ class UpSettings:
     postprocess: bool = False
     database_url: str | None = None
     port: int = 8600
-    batch_size: int = 10_000
+    #: None: sized to the candidates waiting and the workers (``farm_batch_size``)
+    batch_size: int | None = None
     lease_ttl_s: float = 120.0
     reap_interval_s: float = 2.0
     poll_s: float = 0.5
@@ -189,6 +195,30 @@ def ingest(settings: UpSettings, database_url: str) -> None:
         raise StartupFailed("ingest failed (its message is above); nothing was started")
 
 
+def farm_batch_size(settings: UpSettings, database_url: str) -> int:
+    """The coordinator's batch size: ``settings.batch_size`` when given, else sized to the
+    candidates waiting for a download and the workers, and never below the largest batch
+    still waiting."""
+    if settings.batch_size is not None:
+        return settings.batch_size
+    from coordinator.db import make_engine
+    from coordinator.queries import Q
+    from coordinator.settings import auto_batch_size
+    from coordinator.stats import farm_stats
+
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        waiting = farm_stats(engine, alive_window_s=0).candidates_pending
+        with engine.connect() as conn:
+            largest = int(conn.execute(Q.largest_waiting_batch).scalar_one())
+    finally:
+        engine.dispose()
+    size = max(auto_batch_size(waiting, settings.workers), largest)
+    log.info("batch size %d: %d candidates waiting, %d workers", size, waiting,
+             settings.workers)
+    return size
+
+
 def _env() -> dict[str, str]:
     """The children's environment: ours, minus settings meant for another role."""
     env = {k: v for k, v in os.environ.items()
@@ -197,10 +227,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def coordinator_child(settings: UpSettings, db: _Database, port: int) -> Child:
+def coordinator_child(settings: UpSettings, db: _Database, port: int,
+                      batch_size: int) -> Child:
     argv = pairfarm_argv(
         "coordinator", "--database-url", db.url, "--host", "127.0.0.1", "--port", str(port),
-        "--batch-size", str(settings.batch_size), "--lease-ttl", str(settings.lease_ttl_s),
+        "--batch-size", str(batch_size), "--lease-ttl", str(settings.lease_ttl_s),
         "--reap-interval", str(settings.reap_interval_s), "--no-migrate")
     return Child("coordinator", argv, _env(), settings.out / "logs" / "coordinator.log")
 
@@ -275,7 +306,8 @@ def _farm(settings: UpSettings, signals: StopSignals) -> Iterator[tuple[_Farm, _
             url = farm.url = f"http://127.0.0.1:{port}"
             lock.record(url)
             farm.client = CoordinatorClient(url, tokens["admin"])
-            coord = farm.supervisor.add(coordinator_child(settings, db, port))
+            batch_size = farm_batch_size(settings, db.url)
+            coord = farm.supervisor.add(coordinator_child(settings, db, port, batch_size))
             wait_healthy(url, coord)
             for i in range(1, settings.workers + 1):
                 farm.supervisor.add(worker_child(settings, url, tokens[f"worker-{i}"], i))

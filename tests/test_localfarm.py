@@ -16,7 +16,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
+from coordinator.errors import SettingsError
+from coordinator.settings import auto_batch_size
 from localfarm.children import Child, Supervisor
 from localfarm.cli import stop_report
 from localfarm.demo_server import EXPECTED, KINDS, AnswerGate, DemoPlan, DemoServer, bomb_png
@@ -24,7 +27,10 @@ from localfarm.errors import FarmBusy
 from localfarm.lock import FarmLock
 from localfarm.progress import is_finished
 from localfarm.stopping import Shutdown
-from pairfarm.protocol import FarmStats
+from localfarm.up import UpSettings, _Database, coordinator_child, farm_batch_size
+from pairfarm.protocol import FailReport, FarmStats
+from tests.conftest import insert_candidates
+from tests.leasing import engine_for, leases, new_worker
 
 
 def _stats(unbatched: int = 0, **batches: int) -> FarmStats:
@@ -246,3 +252,69 @@ def test_demo_urls_spread_over_hosts(hosts: int) -> None:
     finally:
         for s in server.servers:
             s.server_close()
+
+
+# -- batch size sized to the input (`pairfarm up` without --batch-size) -------------------
+
+def test_auto_batch_size_gives_each_worker_several_batches() -> None:
+    assert auto_batch_size(10_000, 2) == 1_250  # 8 batches, not one 10k batch for 1 worker
+    assert auto_batch_size(10_001, 2) == 1_251  # rounded up: never a 9th tiny batch
+    assert auto_batch_size(100_000, 2) == 10_000  # a large input keeps the default
+    assert auto_batch_size(4_000_000, 64) == 10_000
+    assert auto_batch_size(300, 2) == 100  # the floor
+    assert auto_batch_size(0, 1) == 100
+    assert auto_batch_size(10_000, 2, per_worker=2, smallest=10, largest=20_000) == 2_500
+    with pytest.raises(SettingsError):
+        auto_batch_size(10_000, 0)
+
+
+def _lease_all(engine: sa.Engine, size: int, workers: list[int]) -> list[tuple[int, int]]:
+    """Lease until nothing is left, the workers in turn: (worker, batch size) each."""
+    service = leases(engine, batch_size=size)
+    got: list[tuple[int, int]] = []
+    for worker in itertools.cycle(workers):
+        lease = service.lease_download(worker)
+        if lease is None:
+            return got
+        got.append((worker, len(lease.candidates)))
+    raise AssertionError("unreachable")
+
+
+def test_up_sizes_batches_to_the_input_and_the_workers(db_url: str, tmp_path: Path) -> None:
+    insert_candidates(db_url, 1_000)
+    settings = UpSettings(inputs=(), out=tmp_path, workers=2)
+    size = farm_batch_size(settings, db_url)
+    assert size == 125
+    argv = coordinator_child(settings, _Database(url=db_url), 8600, size).argv
+    assert argv[argv.index("--batch-size") + 1] == "125"
+    with engine_for(db_url) as engine:
+        workers = [new_worker(engine, "w1"), new_worker(engine, "w2")]
+        batches = _lease_all(engine, size, workers)
+    assert [n for _, n in batches] == [125] * 8
+    assert Counter(w for w, _ in batches) == {workers[0]: 4, workers[1]: 4}
+
+
+def test_up_honours_an_explicit_batch_size(db_url: str, tmp_path: Path) -> None:
+    insert_candidates(db_url, 1_000)
+    for explicit in (7, 1_000, 10_000):
+        settings = UpSettings(inputs=(), out=tmp_path, workers=2, batch_size=explicit)
+        assert farm_batch_size(settings, db_url) == explicit
+    with engine_for(db_url) as engine:
+        batches = _lease_all(engine, 1_000, [new_worker(engine, "w1")])
+    assert [n for _, n in batches] == [1_000]
+
+
+def test_up_never_sizes_below_a_batch_still_waiting(db_url: str, tmp_path: Path) -> None:
+    """A rerun after a run with bigger batches: a released 600 batch must still lease."""
+    insert_candidates(db_url, 1_000)
+    with engine_for(db_url) as engine:
+        worker = new_worker(engine, "w1")
+        lease = leases(engine, batch_size=600).lease_download(worker)
+        assert lease is not None
+        settings = UpSettings(inputs=(), out=tmp_path, workers=2)
+        size = farm_batch_size(settings, db_url)
+        assert size == 600  # auto alone says 125, which would never re-lease it
+        leases(engine).fail("download", lease.batch_id, worker, FailReport(
+            lease_token=lease.lease_token, reason="stopped", release=True))
+        again = leases(engine, batch_size=size).lease_download(worker)
+        assert again is not None and again.batch_id == lease.batch_id

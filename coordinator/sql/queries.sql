@@ -309,6 +309,10 @@ SELECT status, sum(batches) AS batches, sum(candidates) AS candidates
         SELECT status, batches, candidates FROM archived_totals) AS s
  GROUP BY status;
 
+-- name: largest_waiting_batch
+-- The largest batch still to download: a batch size below it would never re-lease it.
+SELECT COALESCE(max(size), 0) AS size FROM batches WHERE status IN ('pending', 'leased');
+
 -- name: stats_totals
 SELECT (SELECT COALESCE(sum(bytes_downloaded), 0) FROM batches)
            + (SELECT COALESCE(sum(bytes_downloaded), 0) FROM archived_totals)
