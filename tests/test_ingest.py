@@ -7,6 +7,7 @@ import gzip
 import json
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -295,3 +296,207 @@ def test_new_candidates_go_pending_in_chunks_of_consecutive_ids(db_url: str,
             sa.text("SELECT ids FROM pending_chunks")).scalars())
     assert [len(c) for c in chunks] == [16, 16, 6]
     assert [i for c in chunks for i in c] == ids
+
+
+# -- the dedup: url_hashes -----------------------------------------------------------
+
+def _counts(db_url: str) -> tuple[int, int, int, list[str]]:
+    """candidates, url_hashes, pending ids, ingests' sources."""
+    with engine_for(db_url) as engine, engine.connect() as conn:
+        return (conn.execute(sa.text("SELECT count(*) FROM candidates")).scalar_one(),
+                conn.execute(sa.text("SELECT count(*) FROM url_hashes")).scalar_one(),
+                conn.execute(sa.text("SELECT coalesce(sum(cardinality(ids)), 0) "
+                                     "FROM pending_chunks")).scalar_one(),
+                list(conn.execute(sa.text("SELECT source FROM ingests ORDER BY id")
+                                  ).scalars()))
+
+
+def test_each_ingested_url_has_its_sha256_hash_and_no_text_index(db_url: str,
+                                                                   tmp_path: Path) -> None:
+    """url_hashes holds the first 16 bytes of the SHA-256 of each new URL, the key the
+    loader computes and the one the migration computes in SQL."""
+    from coordinator.ingest.urlhash import url_hash
+
+    urls = ["http://a.test/1.jpg", "http://b.test/é/ü.jpg?q=1"]
+    _ingest(db_url, str(_write(tmp_path / "in.jsonl",
+                                [{"url": u, "caption": "a caption"} for u in urls])))
+    with engine_for(db_url) as engine, engine.connect() as conn:
+        stored = set(conn.execute(sa.text("SELECT h FROM url_hashes")).scalars())
+        in_sql = set(conn.execute(sa.text(
+            "SELECT encode(substr(sha256(convert_to(url, 'UTF8')), 1, 16), 'hex')::uuid "
+            "FROM candidates")).scalars())
+        indexes = set(conn.execute(sa.text(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'candidates'")).scalars())
+    assert {h.bytes for h in stored} == {url_hash(u) for u in urls}
+    assert stored == in_sql
+    assert indexes == {"candidates_pkey"}
+
+
+def test_dedup_holds_for_a_url_whose_candidate_row_was_deleted(db_url: str,
+                                                               tmp_path: Path) -> None:
+    """The archive deletes finished candidates from ``candidates`` and keeps
+    ``url_hashes``: their URLs still count as duplicates."""
+    first = _write(tmp_path / "first.csv", ROWS)
+    _ingest(db_url, str(first))
+    with engine_for(db_url) as engine, engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM pending_chunks"))
+        conn.execute(sa.text("DELETE FROM candidates"))
+    later = _write(tmp_path / "later.csv", [
+        {"url": ROWS[0]["url"], "caption": "archived long ago"},
+        {"url": "http://d.test/4.jpg", "caption": "a new one"}])
+    out = _ingest(db_url, str(later)).stdout
+    assert "read 2, inserted 1, duplicate 1" in out
+    assert [r.url for r in _candidates(db_url)] == ["http://d.test/4.jpg"]
+
+
+def test_duplicates_across_chunks_of_one_file_first_wins(db_url: str,
+                                                        tmp_path: Path) -> None:
+    """A file of two chunks (131,072 rows a parquet chunk) whose second chunk repeats two
+    URLs of the first, and a third file row that an earlier file holds: the first
+    occurrence wins, each later one is counted once."""
+    earlier = _write(tmp_path / "earlier.csv", [
+        {"url": "http://x.test/1000.jpg", "caption": "from the earlier file"}])
+    n = 131_072 + 10
+    urls = [f"http://x.test/{i}.jpg" for i in range(n)]
+    urls[131_072 + 3] = urls[5]
+    urls[131_072 + 4] = urls[131_000]
+    path = tmp_path / "two_chunks.parquet"
+    pq.write_table(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(n)]}),
+                   path)
+    out = _ingest(db_url, str(earlier), str(path)).stdout
+    assert f"read {n + 1}, inserted {n - 2}, duplicate 3" in out
+    with engine_for(db_url) as engine, engine.connect() as conn:
+        captions = dict(conn.execute(sa.text(
+            "SELECT url, caption FROM candidates WHERE url IN "
+            "('http://x.test/5.jpg', 'http://x.test/131000.jpg', 'http://x.test/1000.jpg')")
+        ).all())
+    assert captions == {"http://x.test/5.jpg": "caption 5",
+                        "http://x.test/131000.jpg": "caption 131000",
+                        "http://x.test/1000.jpg": "from the earlier file"}
+    candidates, hashes, pending, _ = _counts(db_url)
+    assert candidates == hashes == pending == n - 2
+
+
+@pytest.mark.parametrize("other_commits", [True, False])
+def test_a_url_another_open_transaction_inserted_waits_for_it(
+        db_url: str, tmp_path: Path, other_commits: bool) -> None:
+    """Exact dedup with a concurrent ingest: while another transaction holds a URL's hash
+    uncommitted, the ingest waits; it counts the URL a duplicate if that transaction
+    commits, and loads it if it rolls back."""
+    import threading
+    import time
+
+    import psycopg
+
+    from coordinator.ingest.run import ingest
+    from coordinator.ingest.urlhash import url_hash
+
+    path = _write(tmp_path / "in.csv", ROWS)
+    summaries: list[Any] = []
+    with psycopg.connect(db_url.replace("+psycopg", "")) as other:
+        other.execute("INSERT INTO url_hashes (h) VALUES (%s)",
+                      [UUID(bytes=url_hash(ROWS[1]["url"]))])
+        thread = threading.Thread(
+            target=lambda: summaries.extend(ingest(db_url, [path], Columns())))
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not _waits_for_a_lock(db_url):
+            assert time.monotonic() < deadline and thread.is_alive(), "the ingest never waited"
+            time.sleep(0.05)
+        if other_commits:
+            other.commit()
+        else:
+            other.rollback()
+        thread.join(60)
+    [summary] = summaries
+    assert (summary.inserted, summary.duplicates) == ((2, 1) if other_commits else (3, 0))
+    assert (ROWS[1]["url"] in {r.url for r in _candidates(db_url)}) is not other_commits
+    candidates, hashes, pending, _ = _counts(db_url)
+    assert (candidates, hashes, pending) == ((2, 3, 2) if other_commits else (3, 3, 3))
+
+
+def _waits_for_a_lock(db_url: str) -> bool:
+    with engine_for(db_url) as engine, engine.connect() as conn:
+        return bool(conn.execute(sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'")).scalar_one())
+
+
+def test_kill_9_mid_file_leaves_nothing_of_that_file(db_url: str, tmp_path: Path) -> None:
+    """``pairfarm ingest`` killed (SIGKILL) after it wrote part of a file: no candidate, no
+    hash, no pending chunk and no ingest record of that file; the file loaded before it
+    stays; a rerun loads the whole file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    first = _write(tmp_path / "first.csv", ROWS)
+    _ingest(db_url, str(first))
+    n = 8 * 131_072
+    big = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"url": [f"http://k.test/{i}.jpg" for i in range(n)],
+                             "caption": [f"caption {i}" for i in range(n)]}), big)
+    proc = subprocess.Popen([sys.executable, "-m", "pairfarm", "ingest", str(big)],
+                            env=cli_env(DATABASE_URL=db_url), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while _hash_pages(db_url) == 0:
+            assert proc.poll() is None, "the ingest ended before it wrote anything"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert proc.poll() is None, "the ingest ended before it was killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _hash_pages(db_url) > 0, "the killed transaction had written hashes"
+    assert _counts(db_url) == (3, 3, 3, [str(first)])
+    out = _ingest(db_url, str(big)).stdout
+    assert f"read {n}, inserted {n}, duplicate 0" in out
+    assert _counts(db_url)[:3] == (n + 3, n + 3, n + 3)
+
+
+def _hash_pages(db_url: str) -> int:
+    """Pages of url_hashes past those of the first file (one page): written by an open
+    transaction before it commits."""
+    with engine_for(db_url) as engine, engine.connect() as conn:
+        return int(conn.execute(sa.text(
+            "SELECT pg_relation_size('url_hashes') / 8192 - 1")).scalar_one())
+
+
+def test_id_blocks_are_consecutive_and_skip_ids_taken_meanwhile(db_url: str) -> None:
+    import psycopg
+
+    from coordinator.ingest.ids import IdBlocks
+
+    with psycopg.connect(db_url.replace("+psycopg", ""), autocommit=True) as conn:
+        blocks = IdBlocks(conn)
+        first = blocks.reserve(100)
+        taken = conn.execute("INSERT INTO candidates (url, caption) VALUES "
+                             "('http://a.test/x.jpg', 'a caption') RETURNING id").fetchone()
+        second = blocks.reserve(5)
+        third = blocks.reserve(1)
+        increment = conn.execute("SELECT increment_by FROM pg_sequences "
+                                 "WHERE sequencename = 'candidates_id_seq'").fetchone()
+    assert taken is not None and increment is not None
+    assert (first, taken[0], second, third) == (1, 101, 102, 107)
+    assert increment[0] == 1
+
+
+def test_extra_json_escapes_text_and_keeps_whole_floats_floats() -> None:
+    """The Arrow-built objects parse back to the input's values: quotes, backslashes,
+    control characters and non-ASCII text, whole floats as floats, integers as integers."""
+    from coordinator.ingest.loader import extra_json
+
+    table = pa.table({"f": pa.array([2.0, None, -0.5, 1e20]),
+                      "t": ['a "q" \\ é', "line\nbreak\x01", None, None],
+                      "i": pa.array([None, 2**63 + 1, None, None], pa.uint64())})
+    objects = extra_json(table, ["f", "t", "i"]).to_pylist()
+    assert [json.loads(o) if o else o for o in objects] == [
+        {"f": 2.0, "t": 'a "q" \\ é'}, {"t": "line\nbreak\x01", "i": 2**63 + 1},
+        {"f": -0.5}, {"f": 1e20}]
+    assert objects[0] is not None and objects[0].startswith('{"f":2.0,')

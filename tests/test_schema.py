@@ -25,7 +25,7 @@ def test_drift_is_detected(db_url: str) -> None:
     engine = sa.create_engine(db_url)
     try:
         with engine.begin() as conn:
-            conn.execute(sa.text("DROP INDEX candidates_url_key"))
+            conn.execute(sa.text("DROP INDEX batches_pending"))
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     finally:
         engine.dispose()
@@ -176,3 +176,37 @@ def test_url_uses_the_c_collation_in_models_and_database(db_url: str) -> None:
     finally:
         engine.dispose()
     assert collation == "C"
+
+
+def test_0005_hashes_existing_urls_and_drops_the_text_index(db_url: str) -> None:
+    """Candidates inserted at 0004 get their URL hash (the loader's key) on the upgrade,
+    so a later ingest counts them as duplicates; the downgrade puts the unique index on
+    ``candidates.url`` back."""
+    from alembic import command
+
+    from coordinator.ingest.urlhash import url_hash
+
+    engine = sa.create_engine(db_url)
+    indexes = sa.text("SELECT indexname FROM pg_indexes WHERE tablename = 'candidates'")
+    try:
+        _alembic(engine, command.downgrade, "0004")
+        with engine.begin() as conn:
+            assert set(conn.execute(indexes).scalars()) == {"candidates_pkey",
+                                                            "candidates_url_key"}
+            conn.execute(sa.text("INSERT INTO candidates (url, caption) VALUES "
+                                 "('http://a.test/1.jpg', 'a caption'), "
+                                 "('http://b.test/ü.jpg', 'a caption')"))
+        _alembic(engine, command.upgrade, "head")
+        with engine.connect() as conn:
+            hashes = {h.bytes for h in conn.execute(sa.text("SELECT h FROM url_hashes")
+                                                    ).scalars()}
+            assert set(conn.execute(indexes).scalars()) == {"candidates_pkey"}
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        assert hashes == {url_hash("http://a.test/1.jpg"), url_hash("http://b.test/ü.jpg")}
+        _alembic(engine, command.downgrade, "0004")
+        with engine.connect() as conn:
+            assert "candidates_url_key" in set(conn.execute(indexes).scalars())
+            assert not sa.inspect(conn).has_table("url_hashes")
+        _alembic(engine, command.upgrade, "head")
+    finally:
+        engine.dispose()

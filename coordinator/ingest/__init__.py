@@ -2,6 +2,7 @@
 
 reader (parquet / csv / tsv / jsonl, gzipped too, as Arrow record batches)
 → validate (vectorised Arrow compute: reasons per rejected row)
-→ load (``COPY`` into a temporary staging table, one ``INSERT ... ON CONFLICT DO NOTHING``
-per chunk; one transaction per file).
+→ load (each URL's 128-bit hash into ``url_hashes``, the exact dedup; then ``COPY`` of the
+new candidates, with ids the loader reserved, and of their ``pending_chunks``; one
+transaction per file).
 """

@@ -1,24 +1,41 @@
-"""Bulk load of validated rows: ``COPY`` into a temporary staging table, then one
-``INSERT ... SELECT ... ON CONFLICT (url) DO NOTHING`` per chunk (which also writes each
-new candidate into ``pending_chunks``).
+"""Bulk load of validated rows, with exact URL dedup through ``url_hashes``.
 
-A chunk goes in two steps: ``prepare`` (no database: the extra columns become one JSON
-object per row, then CSV bytes) and ``write`` (COPY, INSERT). The caller may run
-``prepare`` of the next chunk in another thread while ``write`` waits for the server
-(``coordinator.ingest.run``).
+A chunk goes in two steps:
 
-One file is one transaction: a file that turns out malformed half-way loads nothing, and
-its ``ingests`` record disappears with it. Extra columns keep their kind (integer, float,
-boolean, text; the kinds of the file's first chunk, a later chunk whose column changes
-kind goes as text) and become one ``json`` object per row, keyed by their input names in
-input order, missing values left out, no object when all are missing. The objects are
-built here with orjson, in the thread that prepares the next chunk (~3 s of CPU per
-million rows of two extra columns, beside the server's ~16 s): built in the INSERT with
-``jsonb_build_object`` into ``jsonb``, the server's COPY + INSERT took 18.8 s per million
-rows where it takes 16.3 s now (three runs of each, alternated, on the same machine).
+- ``prepare`` (no transaction; may run in another thread while the server works on the
+  chunk before, see ``coordinator.ingest.run``): hash each URL
+  (``coordinator.ingest.urlhash``), drop the chunk's own repeats (the first row wins),
+  take a block of ids (``coordinator.ingest.ids``), and encode the rows for ``COPY``:
+  the sorted hashes (binary), the candidates with their ids (CSV), and their
+  ``pending_chunks`` (``CHUNK_SIZE`` consecutive ids a row).
+- ``write`` (the file's transaction): insert the hashes into ``url_hashes``; drop the
+  rows whose hash was already there (an earlier file, an earlier chunk, or a candidate
+  archived since: duplicates, counted); ``COPY`` the rest into ``candidates`` and their
+  chunks into ``pending_chunks``.
 
-Resource handling: the caller owns the psycopg connection; the staging table is dropped
-at commit. Error handling: driver errors become ``IngestError`` naming the file.
+The hashes go in by ``COPY`` in a savepoint, the cheap path: with no duplicate in the
+chunk it is the whole dedup. A duplicate makes the ``COPY`` fail on the unique index;
+the chunk is then rolled back to the savepoint and inserted with ``ON CONFLICT DO
+NOTHING`` from a temporary table, which answers the hashes already present. A chunk that
+had duplicates sends the next one the second way directly; a chunk without, the first
+way. Both are exact with concurrent ingests: a hash another open transaction inserted
+waits for it.
+
+``COPY`` writes the wide rows through PostgreSQL's multi-insert path and maintains
+``candidates``' primary key only; the old ``INSERT ... SELECT ... ON CONFLICT (url)`` from
+a staging table also kept a unique index on the URL text.
+
+One file is one transaction: a file that turns out malformed half-way, or an ingest
+killed half-way, loads nothing (no candidate, no hash, no chunk), and its ``ingests``
+record disappears with it; its reserved ids stay unused. Extra columns keep their kind
+(integer, float, boolean, text; the kinds of the file's first chunk, a later chunk whose
+column changes kind goes as text) and become one ``json`` object per row, keyed by their
+input names in input order, missing values left out, no object when all are missing,
+built with Arrow compute in the preparing thread.
+
+Resource handling: the caller owns both psycopg connections (the file's and the id
+blocks'); the temporary table is dropped at commit. Error handling: driver errors become
+``IngestError`` naming the file (``coordinator.ingest.run``).
 """
 
 from __future__ import annotations
@@ -26,7 +43,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -34,9 +51,11 @@ import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
+from psycopg import errors
 
 from coordinator.errors import IngestError
 from coordinator.ingest.reader import InputFile
+from coordinator.ingest.urlhash import sorted_copy_binary, url_hashes
 from coordinator.ingest.validate import Validated
 from coordinator.models import CHUNK_SIZE
 from coordinator.queries import Q
@@ -47,18 +66,29 @@ KINDS: tuple[tuple[Callable[[pa.DataType], bool], str], ...] = (
     (pa.types.is_integer, "integer"),
     (pa.types.is_floating, "float"),
 )
-#: the staging table's columns, in the CSV's order
-STAGING_COLUMNS = ("row", "url", "caption", "language", "extra")
+#: the columns of ``ingest_copy_candidates``, in the CSV's order
+CANDIDATE_COLUMNS = ("id", "url", "caption", "language", "ingest_id", "extra")
+_CSV = pa_csv.WriteOptions(include_header=False)
 
 
 @dataclass(frozen=True)
 class Prepared:
-    """One validated chunk as CSV for COPY, and what it counts towards the summary."""
+    """One validated chunk, its own repeats dropped, encoded for COPY; and what it counts
+    towards the summary."""
 
-    csv: memoryview
-    rows: int
+    rows: pa.Table  # url, caption, language, extra (json text): the rows to insert
+    hashes: list[bytes]  # each row's URL hash, in row order
+    first_id: int  # ids first_id .. first_id + len(rows) - 1, in row order
+    hash_copy: bytes  # the hashes, sorted, as COPY binary
+    csv: memoryview  # the candidates, as CSV in CANDIDATE_COLUMNS order
+    chunks: bytes  # their pending_chunks rows, as COPY text
     read: int
+    repeats: int  # rows dropped as repeats of an earlier row of the chunk
     rejected: Counter[str]
+
+    @property
+    def count(self) -> int:
+        return self.rows.num_rows
 
 
 @dataclass
@@ -81,49 +111,128 @@ def kind_of(arrow_type: pa.DataType) -> str:
 
 
 def extra_json(table: pa.Table, names: list[str]) -> pa.Array:
-    """One JSON object (text) per row of the columns ``names``; null where all are null."""
+    """One JSON object (text) per row of the columns ``names``; null where all are null.
+
+    Built with Arrow compute, a column at a time (~0.2 s per million rows of two
+    columns; orjson row by row took 1.7-3 s); a text column holding a control character
+    goes through orjson."""
     if not names:
         return pa.nulls(table.num_rows, pa.string())
-    columns = [_python_values(table.column(name)) for name in names]
-    dumps = orjson.dumps
-    objects = []
-    for values in zip(*columns, strict=True):
-        found = {k: v for k, v in zip(names, values, strict=True) if v is not None}
-        objects.append(dumps(found).decode() if found else None)
-    return pa.array(objects, pa.string())
+    # each member with a leading comma, "" when missing (null_handling="skip" drops the
+    # rows where every value is null in pyarrow 26)
+    members = [pc.fill_null(_json_member(name, table.column(name)), "") for name in names]
+    body = pc.binary_join_element_wise(*members, "")
+    wrapped = pc.binary_join_element_wise("{", pc.utf8_slice_codeunits(body, 1), "}", "")
+    return pc.if_else(pc.equal(body, ""), pa.scalar(None, pa.string()), wrapped)
 
 
-def _python_values(column: pa.ChunkedArray) -> list[Any]:
-    """The column's values as Python objects; float32 through its shortest decimal
-    text, so that 0.31f stays 0.31 rather than 0.3100000023841858."""
-    if pa.types.is_floating(column.type) and column.type.bit_width < 64:
-        return [None if v is None else float(v)
-                for v in pc.cast(column, pa.string()).to_pylist()]
-    return column.to_pylist()
+def _json_member(name: str, column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """``,"name":value`` per row, null where the value is null."""
+    kind = column.type
+    if pa.types.is_floating(kind):
+        text = pc.cast(column, pa.string())  # the shortest decimal; float32 as float32
+        whole = pc.invert(pc.match_substring_regex(text, "[.eEn]"))
+        text = pc.if_else(whole, pc.binary_join_element_wise(text, ".0", ""), text)
+    elif pa.types.is_integer(kind) or pa.types.is_boolean(kind):
+        text = pc.cast(column, pa.string())
+    else:
+        text = _json_string(pc.cast(column, pa.string()))
+    return pc.binary_join_element_wise("," + orjson.dumps(name).decode() + ":", text, "")
+
+
+def _json_string(values: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
+    if pc.any(pc.match_substring_regex(values, "[\\x00-\\x1f]")).as_py():
+        dumps = orjson.dumps
+        return pa.array([None if v is None else dumps(v).decode()
+                         for v in values.to_pylist()], pa.string())
+    escaped = pc.replace_substring(pc.replace_substring(values, "\\", "\\\\"),
+                                   '"', '\\"')
+    return pc.binary_join_element_wise('"', escaped, '"', "")
+
+
+def first_occurrences(hashes: list[bytes]) -> list[int] | None:
+    """The positions of the first occurrence of each hash, in order; None when every
+    hash occurs once."""
+    if len(set(hashes)) == len(hashes):
+        return None
+    first: dict[bytes, int] = {}
+    for i, h in enumerate(hashes):
+        first.setdefault(h, i)
+    return sorted(first.values())
+
+
+def pending_chunks_text(first_id: int, count: int) -> bytes:
+    """``count`` ids from ``first_id`` as ``pending_chunks (ids)`` COPY text rows of
+    ``CHUNK_SIZE`` consecutive ids (fewer in the last)."""
+    end = first_id + count
+    return "".join(["{" + ",".join(map(str, range(s, min(s + CHUNK_SIZE, end)))) + "}\n"
+                    for s in range(first_id, end, CHUNK_SIZE)]).encode()
+
+
+def candidates_csv(rows: pa.Table, first_id: int, ingest_id: int) -> memoryview:
+    """``rows`` with their ids and ``ingest_id`` as CSV in ``CANDIDATE_COLUMNS`` order."""
+    n = rows.num_rows
+    table = pa.table([pa.array(range(first_id, first_id + n), pa.int64()),
+                      rows.column(0), rows.column(1), rows.column(2),
+                      pa.repeat(pa.scalar(ingest_id, pa.int32()), n), rows.column(3)],
+                     names=list(CANDIDATE_COLUMNS))
+    sink = pa.BufferOutputStream()
+    pa_csv.write_csv(table, sink, _CSV)
+    return memoryview(sink.getvalue())
 
 
 class ChunkPreparer:
-    """The validated chunks of one file as CSV for the staging table (no database); the
-    first chunk fixes the kinds of the extra columns."""
+    """The validated chunks of one file, encoded for COPY (no transaction); the first
+    chunk fixes the kinds of the extra columns. ``reserve(n)`` answers the first of
+    ``n`` consecutive candidate ids."""
 
-    def __init__(self, source_name: str) -> None:
+    def __init__(self, source_name: str, ingest_id: int,
+                 reserve: Callable[[int], int]) -> None:
         self.source_name = source_name
+        self.ingest_id = ingest_id
+        self._reserve = reserve
         self._extras: list[tuple[str, str]] | None = None  # (input name, kind)
 
     def prepare(self, chunk: Validated, read: int) -> Prepared:
-        """The chunk as CSV in the staging table's column order."""
         good = chunk.good
         if good.num_rows == 0:
-            return Prepared(memoryview(b""), 0, read, chunk.rejected)
+            return self._encode(pa.table({}), [], read, 0, chunk.rejected)
         if self._extras is None:
             self._extras = [(f.name, kind_of(f.type)) for f in good.schema][4:]
+        hashes = url_hashes(good.column(1))
+        keep = first_occurrences(hashes)
+        if keep is not None:
+            good = good.take(pa.array(keep, pa.int64()))
+            hashes = [hashes[i] for i in keep]
         conformed = self._conform(good)
-        staged = pa.table([*conformed.columns[:4],
-                           extra_json(conformed, [n for n, _ in self._extras])],
-                          names=list(STAGING_COLUMNS))
-        sink = pa.BufferOutputStream()
-        pa_csv.write_csv(staged, sink, pa_csv.WriteOptions(include_header=False))
-        return Prepared(memoryview(sink.getvalue()), good.num_rows, read, chunk.rejected)
+        rows = pa.table([*conformed.columns[1:4],
+                         extra_json(conformed, [n for n, _ in self._extras])],
+                        names=["url", "caption", "language", "extra"])
+        return self._encode(rows, hashes, read, chunk.good.num_rows - rows.num_rows,
+                            chunk.rejected)
+
+    def _encode(self, rows: pa.Table, hashes: list[bytes], read: int, repeats: int,
+                rejected: Counter[str]) -> Prepared:
+        n = len(hashes)
+        if n == 0:
+            return Prepared(rows, [], 0, b"", memoryview(b""), b"", read, repeats, rejected)
+        first_id = self._reserve(n)
+        return Prepared(rows, hashes, first_id, sorted_copy_binary(hashes),
+                        candidates_csv(rows, first_id, self.ingest_id),
+                        pending_chunks_text(first_id, n), read, repeats, rejected)
+
+    def without(self, chunk: Prepared, present: set[bytes]) -> Prepared:
+        """``chunk`` without the rows whose hash is in ``present``; the kept rows take
+        the first ids of the chunk's block, in order."""
+        keep = [i for i, h in enumerate(chunk.hashes) if h not in present]
+        rows = chunk.rows.take(pa.array(keep, pa.int64()))
+        hashes = [chunk.hashes[i] for i in keep]
+        if not keep:
+            return replace(chunk, rows=rows, hashes=[], hash_copy=b"",
+                           csv=memoryview(b""), chunks=b"")
+        return replace(chunk, rows=rows, hashes=hashes,
+                       csv=candidates_csv(rows, chunk.first_id, self.ingest_id),
+                       chunks=pending_chunks_text(chunk.first_id, len(keep)))
 
     def _conform(self, good: pa.Table) -> pa.Table:
         """Cast a later chunk's extra column to text where its kind differs from the first
@@ -141,40 +250,40 @@ class ChunkPreparer:
 class FileLoader:
     """Loads the validated chunks of one file inside the caller's transaction."""
 
-    def __init__(self, conn: psycopg.Connection, source: InputFile) -> None:
+    def __init__(self, conn: psycopg.Connection, source: InputFile,
+                 reserve: Callable[[int], int]) -> None:
         self.conn = conn
         self.source = source
         self.summary = FileSummary(source=source.name)
-        self._preparer = ChunkPreparer(source.name)
-        self._staged = False
         self._ingest_id = int(self._one(Q.sql("ingest_insert_record"),
                                         {"source": source.name}))
+        self._preparer = ChunkPreparer(source.name, self._ingest_id, reserve)
+        self._staged = False
+        self._try_copy = True
 
     def load(self, chunk: Validated, read: int) -> None:
         self.write(self.prepare(chunk, read))
 
     def prepare(self, chunk: Validated, read: int) -> Prepared:
-        """The chunk as CSV for ``write`` (no database: may run in another thread)."""
+        """The chunk encoded for ``write`` (no transaction: may run in another thread)."""
         return self._preparer.prepare(chunk, read)
 
     def write(self, chunk: Prepared) -> None:
-        """COPY the chunk into staging and insert its new candidates."""
+        """Insert the chunk's new hashes, then its new candidates and their chunks."""
         self.summary.read += chunk.read
         self.summary.rejected.update(chunk.rejected)
-        if chunk.rows == 0:
+        self.summary.duplicates += chunk.repeats
+        if chunk.count == 0:
             return
-        if not self._staged:
-            self._create_staging()
-        self._copy(chunk.csv)
-        with self.conn.cursor() as cur:
-            cur.execute(Q.sql("ingest_insert"),
-                        {"ingest_id": self._ingest_id, "chunk_size": CHUNK_SIZE})
-            answer = cur.fetchone()
-            assert answer is not None
-            inserted = int(answer[0])
-            cur.execute(Q.sql("ingest_truncate"))
-        self.summary.inserted += inserted
-        self.summary.duplicates += chunk.rows - inserted
+        present = self._insert_hashes(chunk)
+        if present:
+            fresh = self._preparer.without(chunk, present)
+            self.summary.duplicates += chunk.count - fresh.count
+            chunk = fresh
+        if chunk.count:
+            self._copy(Q.sql("ingest_copy_candidates"), chunk.csv)
+            self._copy(Q.sql("ingest_copy_chunks"), chunk.chunks)
+        self.summary.inserted += chunk.count
 
     def finish(self) -> FileSummary:
         s = self.summary
@@ -183,15 +292,33 @@ class FileLoader:
             "rejected": json.dumps(dict(s.rejected)), "ingest_id": self._ingest_id})
         return s
 
+    def _insert_hashes(self, chunk: Prepared) -> set[bytes]:
+        """Insert the chunk's hashes into ``url_hashes``; answer those already there."""
+        if self._try_copy:
+            try:
+                with self.conn.transaction():
+                    self._copy(Q.sql("ingest_copy_hashes"), chunk.hash_copy)
+                return set()
+            except errors.UniqueViolation:
+                pass
+        present = self._insert_hashes_on_conflict(chunk)
+        self._try_copy = not present
+        return present
+
+    def _insert_hashes_on_conflict(self, chunk: Prepared) -> set[bytes]:
+        if not self._staged:
+            self.conn.execute(Q.sql("ingest_staging"))
+            self._staged = True
+        self._copy(Q.sql("ingest_copy_staging"), chunk.hash_copy)
+        present = self._one(Q.sql("ingest_insert_hashes"), {})
+        self.conn.execute(Q.sql("ingest_truncate"))
+        return set(present or ())
+
     def _one(self, query: str, params: dict[str, object]) -> Any:
         row = self.conn.execute(query, params).fetchone()
         assert row is not None
         return row[0]
 
-    def _create_staging(self) -> None:
-        self.conn.execute(Q.sql("ingest_staging"))
-        self._staged = True
-
-    def _copy(self, data: memoryview) -> None:
-        with self.conn.cursor() as cur, cur.copy(Q.sql("ingest_copy")) as copy:
+    def _copy(self, statement: str, data: bytes | memoryview) -> None:
+        with self.conn.cursor() as cur, cur.copy(statement) as copy:
             copy.write(data)

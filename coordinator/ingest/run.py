@@ -1,10 +1,12 @@
 """Ingest files one after another, each in its own transaction, with a progress bar.
 
-Within a file, one worker thread reads, validates and prepares (CSV) the next chunk while
-the server copies and inserts the current one (``prefetched``): Arrow and psycopg release
-the GIL, so the Python side no longer adds to the database's time.
+Within a file, one worker thread reads, validates, hashes and encodes the next chunk (and
+takes its block of ids) while the server copies the current one (``prefetched``): Arrow,
+hashlib and psycopg release the GIL, so the Python side runs on the other core beside the
+server's work instead of adding to it.
 
-Resource handling: one psycopg connection for the whole run, closed at the end; the
+Resource handling: two psycopg connections for the whole run (the files' transactions,
+and the id blocks'), closed at the end; the
 rejects file (if asked for) is closed at the end; the prefetch thread is joined when the
 file ends or fails (after the chunk it is preparing). Error handling: the first malformed
 file stops the run with ``IngestError`` (files before it stay loaded, it loads nothing).
@@ -32,6 +34,7 @@ from rich.table import Table
 
 from coordinator.db import libpq_url
 from coordinator.errors import DatabaseUnavailable, IngestError
+from coordinator.ingest.ids import IdBlocks
 from coordinator.ingest.loader import FileLoader, FileSummary, Prepared
 from coordinator.ingest.reader import InputFile, detect, read_batches
 from coordinator.ingest.validate import Columns, Validated, validate
@@ -47,19 +50,22 @@ def ingest(database_url: str, paths: Sequence[Path], columns: Columns, *,
            progress: Progress | None = None) -> list[FileSummary]:
     """Load ``paths`` into the candidates table; one summary per file."""
     sources = [detect(p, fmt) for p in paths]
-    with _connect(database_url) as conn, _rejects_writer(rejects) as writer:
-        summaries = [_ingest_file(conn, source, columns, writer, progress)
+    with _connect(database_url) as conn, _connect(database_url) as id_conn, \
+            _rejects_writer(rejects) as writer:
+        ids = IdBlocks(id_conn)
+        summaries = [_ingest_file(conn, ids, source, columns, writer=writer,
+                                  progress=progress)
                      for source in sources]
         conn.execute("ANALYZE candidates, pending_chunks")
     return summaries
 
 
-def _ingest_file(conn: psycopg.Connection, source: InputFile, columns: Columns,
-                 writer: Any, progress: Progress | None) -> FileSummary:
+def _ingest_file(conn: psycopg.Connection, ids: IdBlocks, source: InputFile,
+                 columns: Columns, *, writer: Any, progress: Progress | None) -> FileSummary:
     task = progress.add_task(source.path.name, total=None) if progress else None
     try:
         with conn.transaction():
-            loader = FileLoader(conn, source)
+            loader = FileLoader(conn, source, ids.reserve)
             with closing(prefetched(_prepared(loader, source, columns))) as chunks:
                 for checked, chunk in chunks:
                     loader.write(chunk)
@@ -81,7 +87,7 @@ def _ingest_file(conn: psycopg.Connection, source: InputFile, columns: Columns,
 
 def _prepared(loader: FileLoader, source: InputFile,
               columns: Columns) -> Generator[tuple[Validated, Prepared], None, None]:
-    """The file's chunks, validated and prepared for COPY (no database)."""
+    """The file's chunks, validated and prepared for COPY (no transaction)."""
     row = 1
     for batch in read_batches(source, columns.text_columns()):
         checked = validate(batch, columns, row)

@@ -428,13 +428,15 @@ SET temp_buffers = '64MB';
 -- candidates.id's identity sequence, quoted (coordinator.ingest.ids).
 SELECT pg_get_serial_sequence('candidates', 'id');
 
--- name: ingest_sequence_increment
--- Locks the sequence against nextval until the commit: an id block is one transaction of
--- ingest_sequence_increment (n), ingest_next_id, ingest_sequence_increment (1).
-ALTER SEQUENCE {sequence} INCREMENT BY {increment};
+-- name: ingest_lock_sequence
+-- Changes nothing; locks the sequence against other sessions' nextval and setval until
+-- the commit. An id block is one transaction: this, then ingest_reserve_ids.
+ALTER SEQUENCE {sequence} INCREMENT BY 1;
 
--- name: ingest_next_id
-SELECT nextval(%(sequence)s::regclass);
+-- name: ingest_reserve_ids
+-- The first of %(count)s consecutive ids; the sequence moves past the last.
+SELECT setval(%(sequence)s::regclass,
+              nextval(%(sequence)s::regclass) + %(count)s - 1) - %(count)s + 1;
 
 -- name: ingest_copy_hashes
 -- The dedup's cheap path: a chunk's URL hashes, sorted, straight into the unique index
