@@ -172,7 +172,7 @@ def pending_chunks_text(first_id: int, count: int) -> bytes:
 def candidates_csv(rows: pa.Table, first_id: int, ingest_id: int) -> memoryview:
     """``rows`` with their ids and ``ingest_id`` as CSV in ``CANDIDATE_COLUMNS`` order."""
     n = rows.num_rows
-    table = pa.table([pa.array(range(first_id, first_id + n), pa.int64()),
+    table = pa.table([pa.arange(first_id, first_id + n),
                       rows.column(0), rows.column(1), rows.column(2),
                       pa.repeat(pa.scalar(ingest_id, pa.int32()), n), rows.column(3)],
                      names=list(CANDIDATE_COLUMNS))

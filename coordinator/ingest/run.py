@@ -56,7 +56,7 @@ def ingest(database_url: str, paths: Sequence[Path], columns: Columns, *,
         summaries = [_ingest_file(conn, ids, source, columns, writer=writer,
                                   progress=progress)
                      for source in sources]
-        conn.execute("ANALYZE candidates, pending_chunks")
+        conn.execute(Q.sql("ingest_analyze"))
     return summaries
 
 
