@@ -43,6 +43,7 @@ from pairfarm.protocol import (
 )
 from tests import hostile_server as hs
 from worker.batch import Network
+from worker.metrics import WorkerMetrics, build_metrics
 from worker.runloop import RunLoop, WorkerStopped
 from worker.settings import FetchSettings, PipelineSettings, RunSettings
 
@@ -154,7 +155,8 @@ Scenario = Callable[[RunLoop, hs.HostileServer], Awaitable[None]]
 
 
 def _run(coordinator: ScriptedCoordinator, out: Path, settings: RunSettings | None = None,
-         during: Scenario | None = None, paths: list[list[str]] | None = None) -> RunLoop:
+         during: Scenario | None = None, paths: list[list[str]] | None = None, *,
+         metrics: WorkerMetrics | None = None) -> RunLoop:
     async def main() -> RunLoop:
         dns, dialer = hs.fake_network()
         routes = {"/a.jpg": hs.route_ok(JPEG), "/b.jpg": hs.route_ok(JPEG),
@@ -167,7 +169,7 @@ def _run(coordinator: ScriptedCoordinator, out: Path, settings: RunSettings | No
                                             transport=coordinator.transport())
             loop = RunLoop(run_settings, client, fsspec.filesystem("file"), str(out),
                            network=Network(resolver=dns, dialer=dialer),
-                           rng=random.Random(0))
+                           rng=random.Random(0), metrics=metrics)
             if during is not None:
                 nursery.start_soon(during, loop, server)
             try:
@@ -204,7 +206,8 @@ def test_batches_are_downloaded_completed_and_reported(tmp_path: Path) -> None:
     assert _public_files(tmp_path) == ["00000001.parquet", "00000001.tar",
                                        "00000001_stats.json", "00000002.parquet",
                                        "00000002.tar", "00000002_stats.json"]
-    assert coord.calls[-1] == "/download/lease"  # the 204 that ended it (exit_when_idle)
+    # lease-ahead: batch 2 was leased during batch 1, the 204 (exit_when_idle) during batch 2
+    assert coord.calls.count("/download/lease") == 3
 
 
 def test_heartbeats_run_while_a_batch_is_in_hand(tmp_path: Path) -> None:
@@ -213,7 +216,7 @@ def test_heartbeats_run_while_a_batch_is_in_hand(tmp_path: Path) -> None:
     # the slow image takes 8 virtual seconds: beats at 3 and 6, the fence before the rename
     assert [batch for _, batch in coord.heartbeats] == [1, 1, 1]
     assert [round(t) for t, _ in coord.heartbeats] == [3, 6, 8]
-    assert coord.calls.index("/download/1/complete") == len(coord.calls) - 2
+    assert coord.calls[-1] == "/download/1/complete"  # the 204 came during the batch
 
 
 def test_lost_lease_discards_the_work(tmp_path: Path) -> None:
@@ -251,17 +254,45 @@ def test_backoff_waits_grow_and_stay_capped(tmp_path: Path) -> None:
         assert ceiling / 2 <= gap <= ceiling + 1e-9
 
 
-def test_first_sigterm_finishes_the_batch_then_stops_leasing(tmp_path: Path) -> None:
+def test_first_sigterm_finishes_the_batches_then_stops_leasing(tmp_path: Path) -> None:
     coord = ScriptedCoordinator(batches=[])
 
     async def stop_soon(loop: RunLoop, server: hs.HostileServer) -> None:
-        await trio.sleep(2)  # the slow image is in flight
+        await trio.sleep(2)  # both slow images (batch 2 leased ahead) are in flight
         loop.request_stop()
 
     loop = _run(coord, tmp_path, settings=_settings(exit_when_idle=False), during=stop_soon,
-                paths=[["/slow.jpg"], ["/a.jpg"]])
+                paths=[["/slow.jpg"], ["/slow.jpg"], ["/a.jpg"]])
+    assert sorted(coord.completed) == [1, 2] and loop.summary.batches_completed == 2
+    assert coord.calls.count("/download/lease") == 2  # batch 3 was never leased
+
+
+def test_first_sigterm_releases_a_batch_leased_ahead_that_has_not_started(
+        tmp_path: Path) -> None:
+    """One fetch slot: batch 2, leased during batch 1's slow tail, waits for it. The first
+    signal releases batch 2 at once (no attempt spent) and lets batch 1 finish."""
+    coord = ScriptedCoordinator(batches=[])
+    times: dict[str, float] = {}
+
+    async def stop_soon(loop: RunLoop, server: hs.HostileServer) -> None:
+        await trio.sleep(2)
+        loop.request_stop()
+        times["signal"] = trio.current_time()
+
+    pipeline = PipelineSettings(fetch=FetchSettings(deadline=20, read_timeout=10,
+                                                    concurrency=1), decode_threads=1)
+    original = coord._fail
+
+    def timed_fail(batch_id: int, body: Any) -> httpx.Response:
+        times[f"fail {batch_id}"] = trio.current_time()
+        return original(batch_id, body)
+
+    coord._fail = timed_fail  # type: ignore[method-assign]
+    loop = _run(coord, tmp_path, during=stop_soon, paths=[["/slow.jpg"], ["/a.jpg"]],
+                settings=_settings(exit_when_idle=False, pipeline=pipeline))
     assert list(coord.completed) == [1] and loop.summary.batches_completed == 1
-    assert coord.calls.count("/download/lease") == 1  # batch 2 was never leased
+    assert coord.failed[2].release and loop.summary.batches_released == 1
+    assert times["fail 2"] - times["signal"] < 0.5  # at once, not after batch 1's tail
 
 
 def test_second_sigterm_releases_the_batch_unfinished(tmp_path: Path) -> None:
@@ -360,7 +391,8 @@ def test_a_completed_batch_resets_the_count_of_failures_here(tmp_path: Path) -> 
         (_turn_into_a_file if batch % 2 else _turn_into_a_directory)(out)
 
     coord = ScriptedCoordinator(batches=[], on_lease=flip)
-    loop = _run(coord, out, settings=_settings(stop_after_failures=2),
+    # flipping the output on each lease needs the batches one after the other
+    loop = _run(coord, out, settings=_settings(stop_after_failures=2, lease_ahead_at=0),
                 paths=[["/a.jpg"], ["/b.jpg"], ["/a.jpg"], ["/b.jpg"], ["/a.jpg"]])
     assert sorted(coord.failed) == [1, 3, 5] and sorted(coord.completed) == [2, 4]
     assert loop.summary.batches_failed == 3
@@ -433,3 +465,70 @@ def test_a_quarantined_worker_waits_out_the_retry_after_then_leases(tmp_path: Pa
     loop = _run(coord, tmp_path, paths=[["/a.jpg"]])
     assert loop.summary.batches_completed == 1
     assert [round(t) for t in coord.lease_times[:3]] == [0, 120, 240]
+
+
+# -- lease-ahead ------------------------------------------------------------------------
+
+def _slow_leases(coord: ScriptedCoordinator, seconds: float) -> None:
+    """Every lease answer takes ``seconds`` (a busy coordinator, a long batch query)."""
+    original = coord.handle
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/download/lease"):
+            await trio.sleep(seconds)
+        return await original(request)
+
+    coord.handle = slow  # type: ignore[method-assign]
+
+
+def _lease_ahead_run(tmp_path: Path, lease_ahead_at: int, **coord: Any
+                     ) -> tuple[ScriptedCoordinator, RunLoop, float]:
+    """Two batches, each with an 8 s image and fast ones; leases take 2 s. The idle
+    seconds (no candidate in flight) as the worker's metric reports them."""
+    scripted = ScriptedCoordinator(batches=[], heartbeat_s=3, **coord)
+    _slow_leases(scripted, 2)
+    metrics = build_metrics()
+    loop = _run(scripted, tmp_path, settings=_settings(lease_ahead_at=lease_ahead_at),
+                paths=[["/slow.jpg", "/a.jpg", "/b.jpg"], ["/slow.jpg", "/a.jpg"]],
+                metrics=metrics)
+    idle = metrics.registry.get_sample_value("pairfarm_worker_idle_seconds_total")
+    assert idle is not None
+    return scripted, loop, idle
+
+
+def test_the_next_batch_is_leased_during_the_tail_and_no_time_is_idle(tmp_path: Path) -> None:
+    """Batch 1's fast images end at t=2, leaving its 8 s image: with --lease-ahead-at 1
+    batch 2 is leased then (2 s) and downloads while batch 1's tail runs. The only time
+    with nothing in flight is the first lease; both batches heartbeat and complete."""
+    coord, loop, idle = _lease_ahead_run(tmp_path, lease_ahead_at=1)
+    assert sorted(coord.completed) == [1, 2] and loop.summary.batches_completed == 2
+    assert coord.completed[1].outcomes == {"ok": 3} and coord.completed[2].outcomes == {"ok": 2}
+    leases = [i for i, c in enumerate(coord.calls) if c == "/download/lease"]
+    assert leases[1] < coord.calls.index("/download/1/complete")  # leased ahead
+    # answered at t=2, 4 and (once batch 1 ended: 2 in hand at most) 12: the 204
+    assert [round(t) for t in coord.lease_times] == [2, 4, 12]
+    beats = {batch for _, batch in coord.heartbeats}
+    assert beats == {1, 2} and any(t < 10 for t, b in coord.heartbeats if b == 2)
+    assert idle == pytest.approx(2, abs=0.1)  # the first lease only: no gap between batches
+    assert loop.summary.idle_fraction == pytest.approx(2 / 12, abs=0.01)  # run ends at t=12
+
+
+def test_without_lease_ahead_the_worker_idles_between_batches(tmp_path: Path) -> None:
+    """The same run with --lease-ahead-at 0: batch 2 is leased once batch 1 completed,
+    and the metric counts the three 2 s leases as idle."""
+    coord, loop, idle = _lease_ahead_run(tmp_path, lease_ahead_at=0)
+    assert sorted(coord.completed) == [1, 2]
+    assert loop.summary.idle_fraction == pytest.approx(6 / 22, abs=0.01)
+    leases = [i for i, c in enumerate(coord.calls) if c == "/download/lease"]
+    assert leases[1] > coord.calls.index("/download/1/complete")
+    assert idle == pytest.approx(6, abs=0.1)
+
+
+def test_a_lost_lease_ends_only_its_own_batch(tmp_path: Path) -> None:
+    """Batch 2 (leased ahead) loses its lease on its first heartbeat; batch 1, in hand at
+    the same time, still completes; the worker holds at most 2 batches."""
+    coord, loop, _ = _lease_ahead_run(tmp_path, lease_ahead_at=1, lose_lease_of={2})
+    assert list(coord.completed) == [1] and loop.summary.batches_lost == 1
+    assert _public_files(tmp_path) == ["00000001.parquet", "00000001.tar",
+                                       "00000001_stats.json"]
+    assert coord.calls.count("/download/lease") == 3

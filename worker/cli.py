@@ -48,6 +48,11 @@ _PIPELINE_OPTIONS: list[Decorator] = [
          help="Seconds per DNS lookup (answers are cached per batch)."),
     _opt("--max-body-mb", env="MAX_BODY_MB", type=click.FloatRange(0.01), default=16.0,
          help="Cap on a body's decoded size, in MiB."),
+    _opt("--body-memory-mb", env="BODY_MEMORY_MB", type=click.FloatRange(0.02), default=80.0,
+         help="MiB of response bodies held at once, from their first byte until decoded "
+              "(at least twice --max-body-mb)."),
+    _opt("--decode-memory-mb", env="DECODE_MEMORY_MB", type=click.FloatRange(1), default=224.0,
+         help="MiB of pixels being decoded at once; an image needing more is a bomb."),
     _opt("--max-redirects", env="MAX_REDIRECTS", type=click.IntRange(0, 20), default=5,
          help="Redirect hops followed per URL."),
     _opt("--retries", env="RETRIES", type=click.IntRange(0, 10), default=2,
@@ -110,6 +115,7 @@ def _pipeline_settings(opts: dict[str, Any]) -> Any:
         connect_timeout=opts["connect_timeout"], read_timeout=opts["read_timeout"],
         deadline=opts["deadline"], dns_timeout=opts["dns_timeout"],
         max_body_bytes=int(opts["max_body_mb"] * 1024 * 1024),
+        body_memory_bytes=int(opts["body_memory_mb"] * 1024 * 1024),
         max_redirects=opts["max_redirects"], max_retries=opts["retries"],
         max_retry_after=opts["max_retry_after"], host_queue_timeout=opts["host_queue_timeout"],
         policy=AddressPolicy(allow_private=opts["allow_private"],
@@ -121,7 +127,8 @@ def _pipeline_settings(opts: dict[str, Any]) -> Any:
         output_format=opts["output_format"], quality=opts["quality"],
         downscale_interpolation=opts["downscale_interpolation"],
         upscale_interpolation=opts["upscale_interpolation"])
-    return PipelineSettings(fetch=fetch, image=image, decode_threads=opts["decode_threads"])
+    return PipelineSettings(fetch=fetch, image=image, decode_threads=opts["decode_threads"],
+                            decode_memory_bytes=int(opts["decode_memory_mb"] * 1024 * 1024))
 
 
 def _metrics_settings(opts: dict[str, Any]) -> Any:
@@ -289,6 +296,10 @@ def _print_totals(result: tuple[Counter[str], float], count: int) -> None:
 @_opt("--stop-after-failures", env="STOP_AFTER_FAILURES", type=click.IntRange(1), default=3,
       help="Exit after this many batches in a row failed on this machine (its disk, "
            "output or settings; no attempt is charged to them).")
+@_opt("--lease-ahead-at", env="LEASE_AHEAD_AT", type=click.IntRange(0), default=256,
+      help="Lease the next batch once this many or fewer of the batch in hand's candidates "
+           "are unfinished, so that its lease and first requests overlap the tail (at most "
+           "2 batches in hand, sharing --concurrency and the memory budgets; 0: off).")
 @pipeline_options
 def worker_command(**opts: Any) -> None:
     """Lease batches from the coordinator, download them into shards, report them.
@@ -306,14 +317,14 @@ def worker_command(**opts: Any) -> None:
         idle_poll_s=opts["idle_poll"], exit_when_idle=opts["exit_when_idle"],
         max_batches=opts["max_batches"], drain_timeout_s=opts["drain_timeout"],
         backoff_cap_s=opts["backoff_cap"], stop_after_failures=opts["stop_after_failures"],
-        metrics=_metrics_settings(opts)))
+        lease_ahead_at=opts["lease_ahead_at"], metrics=_metrics_settings(opts)))
     with ExitStack() as stack:
         metrics = _serve_metrics(stack, settings.metrics)
         summary = _run_trio(_work, settings, opts, metrics)
     click.echo(f"worker done: {summary.batches_completed} batches completed "
                f"({summary.samples} samples), {summary.batches_released} released, "
                f"{summary.batches_lost} lost, {summary.batches_failed} failed; "
-               f"peak RSS {_peak_rss_mb():.0f} MB")
+               f"idle {summary.idle_fraction:.1%} of the time; peak RSS {_peak_rss_mb():.0f} MB")
 
 
 async def _work(settings: Any, opts: dict[str, Any], metrics: Any) -> Any:

@@ -11,6 +11,8 @@ recorded; ``serve_metrics`` exposes them over HTTP only when a port is given::
     pairfarm_worker_fetch_duration_seconds        histogram one URL, redirects included
     pairfarm_worker_decode_duration_seconds       histogram decode + resize of one image
     pairfarm_worker_batches_total{result}         counter   completed|released|lost|failed
+    pairfarm_worker_idle_seconds_total            counter   no candidate in flight
+    pairfarm_worker_idle_fraction                 gauge     idle seconds / seconds running
 
 Resource handling: ``serve_metrics`` runs prometheus_client's HTTP server in a daemon
 thread (nothing blocks the Trio loop) and shuts it down when its ``with`` block ends.
@@ -63,6 +65,8 @@ class WorkerMetrics:
     fetch_seconds: Histogram
     decode_seconds: Histogram
     batches: Counter
+    idle_seconds: Counter
+    idle_fraction: Gauge
 
     @contextmanager
     def fetching(self) -> Iterator[None]:
@@ -117,7 +121,13 @@ def build_metrics() -> WorkerMetrics:
                                  "Seconds to decode and resize one image.",
                                  buckets=DECODE_BUCKETS, registry=registry),
         batches=Counter("pairfarm_worker_batches", "Batches by how they ended.", ["result"],
-                        registry=registry))
+                        registry=registry),
+        idle_seconds=Counter("pairfarm_worker_idle_seconds",
+                             "Seconds with no candidate in flight (between batches too).",
+                             registry=registry),
+        idle_fraction=Gauge("pairfarm_worker_idle_fraction",
+                            "Share of the run loop's time with no candidate in flight.",
+                            registry=registry))
     _start_series(metrics)
     return metrics
 

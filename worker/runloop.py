@@ -1,19 +1,29 @@
 """``pairfarm worker``: lease, download, write the shard, complete; heartbeats throughout.
 
-One batch at a time::
+At most two batches in hand, the second leased during the first's tail::
 
     register -> lease --204--> wait idle_poll_s, lease again
                  |
-                 +-- batch: download_batch  ||  heartbeat every interval
-                       |-- LeaseLost (409) on a heartbeat: cancel, delete temp files, next
-                       |-- shard written: one more heartbeat (the fence), rename, complete
-                       `-- storage error: give the batch back (cause "worker"), next
+                 +-- batch (a task): SharedPipeline.download  ||  heartbeat every interval
+                 |     |-- LeaseLost (409) on a heartbeat: cancel, delete temp files
+                 |     |-- shard written: one more heartbeat (the fence), rename, complete
+                 |     `-- storage error: give the batch back (cause "worker")
+                 `-- once lease_ahead_at or fewer of its candidates are unfinished (or it
+                     ended), and fewer than 2 batches are in hand: lease the next one
+
+Lease-ahead (``lease_ahead_at``, 0: off, one batch at a time): the batches in hand share
+one ``worker.pipeline.SharedPipeline``: ``concurrency`` fetch slots (first come, first
+served, so the next batch takes the slots its predecessor's tail frees) and the memory
+budgets; each has its own lease, heartbeats and report, and a lost lease or a failure
+ends that batch only. The pipeline's ``IdleClock`` measures the time with no candidate
+in flight (``pairfarm_worker_idle_seconds_total``, ``pairfarm_worker_idle_fraction``).
 
 Before it registers, the worker checks that its output location can be written
 (``worker.outputs``): a worker that cannot write shards stops before it takes a batch.
 
-Signals: the first SIGTERM / SIGINT stops leasing and lets the batch in hand finish
-within ``drain_timeout_s``; past that, or on a second signal, the batch is released
+Signals: the first SIGTERM / SIGINT stops leasing, releases at once a batch whose
+downloads have not started (leased ahead, waiting for slots), and lets the batches in
+hand finish within ``drain_timeout_s``; past that, or on a second signal, the batch is released
 (``fail`` with ``release=True``: no attempt is charged) and the worker exits. A worker
 that holds no batch (registering, waiting to retry, idle) stops at the first signal. A
 batch is never dropped silently: it is completed, released, or (when even the release
@@ -27,8 +37,9 @@ quarantined this worker) is retried after its ``Retry-After``, the reason logged
 the coordinator's message (an attempt is spent). A failure that is this machine's own
 (``ShardWriteError``, ``OSError``: its disk, its output) gives the batch back with cause
 ``worker``, which spends no attempt; after ``stop_after_failures`` of them in a row, with
-no batch completed in between, the worker stops (``WorkerStopped``). ``run`` raises
-``WorkerStopped`` itself, never inside Trio's ``ExceptionGroup``.
+no batch completed in between, the worker stops (``WorkerStopped``); a batch still in hand
+then is released. ``run`` raises ``WorkerStopped`` itself, never inside Trio's
+``ExceptionGroup``.
 """
 
 from __future__ import annotations
@@ -54,10 +65,11 @@ from pairfarm.client import (
 )
 from pairfarm.protocol import DownloadLease, DownloadReport, FailCause, FailReport
 from worker.backoff import backoff_delay
-from worker.batch import Network, OnSample, PreparedShard, download_batch
+from worker.batch import Network, OnSample, PreparedShard
 from worker.errors import ShardWriteError, WorkerError
 from worker.metrics import BatchResult, WorkerMetrics, build_metrics
 from worker.outputs import check_output
+from worker.pipeline import BatchRun, SharedPipeline
 from worker.settings import RunSettings
 
 log = logging.getLogger("pairfarm.worker")
@@ -70,6 +82,8 @@ OWN_FAILURES = (ShardWriteError, OSError)
 REFUSED = "the coordinator refused this worker's token (revoked?): stopping"
 #: the longest a 429 (a quarantine) makes the worker wait before it asks again
 MAX_THROTTLE_S = 3600.0
+#: batches in hand at once: the one finishing and the one leased during its tail
+IN_HAND = 2
 
 
 class WorkerStopped(WorkerError):
@@ -84,6 +98,8 @@ class RunSummary:
     batches_released: int = 0
     batches_failed: int = 0
     samples: int = 0
+    #: share of the run loop's time with no candidate in flight (``IdleClock``)
+    idle_fraction: float = 0.0
 
 
 @dataclass
@@ -98,6 +114,8 @@ class _Signals:
 class _BatchState:
     lost: bool = False
     released: bool = False
+    #: the coordinator was told (complete, fail, release) or the lease is gone
+    settled: bool = False
 
 
 ProgressFactory = Callable[[DownloadLease], OnSample]
@@ -124,6 +142,7 @@ class RunLoop:
         #: the scope of a wait while no batch is held; the first signal cancels it
         self._unheld: trio.CancelScope | None = None
         self._own_failures = 0
+        self._pipeline: SharedPipeline | None = None
         self.summary = RunSummary()
 
     def _tally(self, result: BatchResult) -> None:
@@ -152,7 +171,13 @@ class RunLoop:
                 nursery.start_soon(self._watch_signals)
                 await self._check_output()
                 await self._register()
-                await self._loop()
+                async with SharedPipeline.open(self._s.pipeline, self._network,
+                                               self._metrics) as pipeline:
+                    self._pipeline = pipeline
+                    try:
+                        await self._loop()
+                    finally:
+                        self.summary.idle_fraction = pipeline.idle.fraction()
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise _stopped_in(group) from None
@@ -166,7 +191,8 @@ class RunLoop:
 
     @contextmanager
     def _while_unheld(self) -> Iterator[trio.CancelScope]:
-        """A scope the first signal cancels: for waits while the worker holds no batch."""
+        """A scope the first signal cancels: for waits while the worker holds no batch,
+        or before it leases the next one."""
         with trio.CancelScope() as scope:
             self._unheld = scope
             if self._signals.draining.is_set():
@@ -195,23 +221,51 @@ class RunLoop:
                      self._heartbeat_s)
 
     async def _loop(self) -> None:
+        """Lease while not draining; each batch runs in its own task, the next one leased
+        once the last one reached its tail and fewer than ``IN_HAND`` are in hand."""
         done = 0
-        while not self._signals.draining.is_set():
-            if self._s.max_batches is not None and done >= self._s.max_batches:
-                return
-            lease = await self._call("lease",
-                                     lambda: self._client.lease_download(self._s.max_batch),
-                                     self._signals.draining)
-            if lease is None:
-                if self._s.exit_when_idle or self._signals.draining.is_set():
+        in_hand = trio.Semaphore(IN_HAND)
+        async with trio.open_nursery() as batches:
+            while not self._signals.draining.is_set():
+                if self._s.max_batches is not None and done >= self._s.max_batches:
                     return
-                await self._idle()
-                continue
-            await self._work(lease)
-            done += 1
+                if not await self._unless_drained(in_hand.acquire):
+                    return
+                lease = await self._call(
+                    "lease", lambda: self._client.lease_download(self._s.max_batch),
+                    self._signals.draining)
+                if lease is None:
+                    in_hand.release()
+                    if self._s.exit_when_idle or self._signals.draining.is_set():
+                        return
+                    await self._idle()
+                    continue
+                run = BatchRun(size=len(lease.candidates), tail_at=self._tail_at())
+                batches.start_soon(self._hold, lease, run, in_hand)
+                done += 1
+                await self._unless_drained(run.tail.wait)
+
+    def _tail_at(self) -> int:
+        """Unfinished candidates at which the next batch is leased (-1: at the end)."""
+        return self._s.lease_ahead_at if self._s.lease_ahead_at > 0 else -1
+
+    async def _unless_drained(self, wait: Callable[[], Awaitable[object]]) -> bool:
+        """``wait()``; False when the first signal came first (``wait`` cancelled)."""
+        with self._while_unheld() as scope:
+            await wait()
+        return not scope.cancelled_caught
+
+    async def _hold(self, lease: DownloadLease, run: BatchRun, in_hand: trio.Semaphore) -> None:
+        try:
+            await self._work(lease, run)
+        finally:
+            in_hand.release()
+            run.tail.set()
 
     async def _idle(self) -> None:
         log.info("no batch to lease; polling again in %.0fs", self._s.idle_poll_s)
+        if self._pipeline is not None:
+            self._pipeline.idle.flush()
         with trio.move_on_after(self._s.idle_poll_s):
             await self._signals.draining.wait()
 
@@ -245,32 +299,45 @@ class RunLoop:
             return True
         return False
 
-    async def _work(self, lease: DownloadLease) -> None:
+    async def _work(self, lease: DownloadLease, run: BatchRun) -> None:
         log.info("batch %d: %d candidates (attempt %d)", lease.batch_id, len(lease.candidates),
                  lease.attempt)
         state = _BatchState()
-        prepared = await self._download(lease, state)
+        try:
+            await self._settle(lease, run, state)
+        except trio.Cancelled:
+            # the worker stops (another batch's WorkerStopped): give this one back
+            if not state.settled:
+                with trio.CancelScope(shield=True):
+                    await self._release(lease)
+            raise
+
+    async def _settle(self, lease: DownloadLease, run: BatchRun, state: _BatchState) -> None:
+        prepared = await self._download(lease, run, state)
         if prepared is None:
+            state.settled = True
             return
         try:
             if await self._fence(lease, state):
                 await self._complete(lease, prepared)
+            state.settled = True
         finally:
             # whatever is left under temporary names (nothing once committed)
             await prepared.abort()
 
-    async def _download(self, lease: DownloadLease, state: _BatchState) -> PreparedShard | None:
+    async def _download(self, lease: DownloadLease, run: BatchRun,
+                        state: _BatchState) -> PreparedShard | None:
+        assert self._pipeline is not None
         prepared: PreparedShard | None = None
         failure: str | None = None
         on_sample = self._progress(lease) if self._progress else None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._heartbeats, lease, state, nursery.cancel_scope)
-            nursery.start_soon(self._abort_when_told, lease, state, nursery.cancel_scope)
+            nursery.start_soon(self._abort_when_told, lease, run, state, nursery.cancel_scope)
             try:
-                prepared = await download_batch(
-                    lease.batch_id, lease.candidates, settings=self._s.pipeline, fs=self._fs,
-                    directory=self._dir, network=self._network, on_sample=on_sample,
-                    metrics=self._metrics)
+                prepared = await self._pipeline.download(
+                    lease.batch_id, lease.candidates, run, fs=self._fs, directory=self._dir,
+                    on_sample=on_sample)
             except (*OWN_FAILURES, BaseExceptionGroup) as exc:
                 failure = _own_failure(exc)
                 if failure is None:
@@ -307,12 +374,14 @@ class RunLoop:
                         exc)
         return True
 
-    async def _abort_when_told(self, lease: DownloadLease, state: _BatchState,
+    async def _abort_when_told(self, lease: DownloadLease, run: BatchRun, state: _BatchState,
                                scope: trio.CancelScope) -> None:
         await self._signals.draining.wait()
-        with trio.move_on_after(self._s.drain_timeout_s):
-            await self._signals.abort.wait()
-        log.warning("batch %d: releasing it unfinished", lease.batch_id)
+        if run.started.is_set():
+            with trio.move_on_after(self._s.drain_timeout_s):
+                await self._signals.abort.wait()
+        log.warning("batch %d: releasing it unfinished%s", lease.batch_id,
+                    "" if run.started.is_set() else " (not started)")
         state.released = True
         with trio.CancelScope(shield=True):
             await self._release(lease)

@@ -144,6 +144,9 @@ class RunSettings:
     #: exit after this many batches in a row failed on this machine (its disk, output or
     #: settings) with no batch completed in between
     stop_after_failures: int = 3
+    #: lease the next batch once this many or fewer of the batch in hand's candidates are
+    #: unfinished, so that its lease and first requests overlap the tail; 0: off
+    lease_ahead_at: int = 256
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def __post_init__(self) -> None:
@@ -151,6 +154,9 @@ class RunSettings:
             raise SettingsError("the coordinator URL must start with http:// or https://")
         if not self.token:
             raise SettingsError("a worker token is required")
+        if self.lease_ahead_at < 0:
+            raise SettingsError(f"lease_ahead_at must be >= 0 (0: off), "
+                                f"got {self.lease_ahead_at}")
         if self.stop_after_failures < 1:
             raise SettingsError(f"stop_after_failures must be >= 1, "
                                 f"got {self.stop_after_failures}")
