@@ -9,22 +9,24 @@ of --database-url), a fresh database migrated to head, --candidates synthetic ca
 in chunks of 16, one worker token per virtual worker (created up front), and ``pairfarm
 coordinator --processes P`` in a subprocess.
 
-Each virtual worker (one Trio task; all of them share one httpx connection pool in this
-one process; --ramp spreads their starts) registers, then loops: lease (204: wait and
-ask again until the farm is drained; 429: wait the Retry-After); "download" for a time
-drawn from a log-normal distribution (--download-mean, --download-sigma), heartbeating every TTL/3; then, by
-chance, completes (a DownloadReport with shard files under ``s3://sim/``, outcomes that
-sum to the batch size), fails (--fail-fraction: a fail report, an attempt spent) or is
-killed (--kill-fraction: it stops calling, its lease expires after --lease-ttl and the
-reaper gives it back; the worker comes back after --restart-delay, as systemd restarts a
-worker VM's service). A monitor ends the run once nothing is pending or leased.
+Each virtual worker (one Trio task, all in this one process; --workers-per-client of them
+share an httpx client with as many connections; --ramp spreads their starts) registers,
+then loops: lease (204: wait and ask again until the farm is drained; 429: wait the
+Retry-After); "download" for a time drawn from a log-normal distribution (--download-mean,
+--download-sigma), heartbeating every TTL/3; then, by chance, completes (a DownloadReport
+with shard files under ``s3://sim/``, outcomes that sum to the batch size), fails
+(--fail-fraction: a fail report, an attempt spent) or is killed (--kill-fraction: it stops
+calling, its lease expires after --lease-ttl and the reaper gives it back; the worker
+comes back after --restart-delay, as systemd restarts a worker VM's service). A monitor
+ends the run once nothing is pending or leased.
 
 Reported: leases/s, client-side p50/p99/max of each call, errors by call and kind, the CPU
 seconds per lease of the coordinator processes and of PostgreSQL (from /proc via psutil:
-each process tree, dead children included), the load average; then the invariants read
-from the database (``check_invariants``): no candidate in two batches (nor in two live
-ones), none lost (every candidate in exactly one batch or still pending), the queue
-drained to zero. The exit status is 1 when an invariant is broken.
+each process tree, dead children included) and of the simulator itself (all on the same
+cores here), the load average; then the invariants read from the database
+(``check_invariants``): no candidate in two batches (nor in two live ones), none lost
+(every candidate in exactly one batch or still pending), the queue drained to zero. The
+exit status is 1 when an invariant is broken.
 
 Resource handling: the coordinator subprocess is stopped by its PID (SIGTERM), the
 embedded PostgreSQL started here is stopped, the temporary directory removed.
@@ -89,8 +91,9 @@ class SimConfig:
     #: the workers start spread evenly over this many seconds (0: all at once)
     ramp_s: float = 0.0
     processes: int = 1
-    #: the connections of the shared client pool (and the most requests in flight)
-    connections: int = 1000
+    #: virtual workers per httpx client (each client has as many connections): one pool
+    #: for thousands of connections costs httpcore O(connections) per request
+    workers_per_client: int = 16
     #: give up (report not drained) after this long
     max_run_s: float = 600.0
     seed: int = 0
@@ -277,26 +280,27 @@ def _cpu(t: Any, *, children: bool) -> float:
 # -- the virtual workers ----------------------------------------------------------------
 
 class Farm:
-    """The virtual workers' shared state: the client pool, the calls, the end."""
+    """The virtual workers' shared state: the client pools, the calls, the end."""
 
-    def __init__(self, base: str, config: SimConfig, client: httpx.AsyncClient) -> None:
+    def __init__(self, base: str, config: SimConfig, clients: list[httpx.AsyncClient]) -> None:
         self.base = base + API_PREFIX
         self.config = config
-        self.client = client
+        self.clients = clients
         self.calls = Calls()
         self.drained = trio.Event()
         self.drained_at: float | None = None
         self.rng = random.Random(config.seed)
 
-    async def call(self, op: str, path: str, token: str, body: dict[str, object]
+    async def call(self, op: str, path: str, me: Me, body: dict[str, object]
                    ) -> httpx.Response | None:
-        """POST ``body``; the latency is recorded under ``op``; None on a transport error
-        (counted by its class)."""
+        """POST ``body`` as ``me``; the latency is recorded under ``op``; None on a
+        transport error (counted by its class)."""
+        client = self.clients[me.index // self.config.workers_per_client]
         t0 = time.perf_counter()
         try:
-            response = await self.client.post(
+            response = await client.post(
                 self.base + path, content=orjson.dumps(body),
-                headers={"Authorization": f"Bearer {token}",
+                headers={"Authorization": f"Bearer {me.token}",
                          "Content-Type": "application/json"})
         except httpx.HTTPError as exc:
             self.calls.errors[(op, type(exc).__name__)] += 1
@@ -313,18 +317,26 @@ class Farm:
         return self.rng.lognormvariate(math.log(mean) - sigma * sigma / 2, sigma)
 
 
-async def virtual_worker(farm: Farm, index: int, token: str) -> None:
+@dataclass(frozen=True)
+class Me:
+    """A virtual worker: its number (which client it calls through) and its token."""
+
+    index: int
+    token: str
+
+
+async def virtual_worker(farm: Farm, me: Me) -> None:
     """Register, then lease / download / complete-fail-or-die until the farm is drained."""
     cfg = farm.config
     registered = False
-    await trio.sleep(cfg.ramp_s * index / max(1, cfg.workers))
+    await trio.sleep(cfg.ramp_s * me.index / max(1, cfg.workers))
     while not farm.drained.is_set():
         if not registered:
-            registered = await _register(farm, index, token)
+            registered = await _register(farm, me)
             if not registered:
                 await trio.sleep(cfg.idle_s)
                 continue
-        response = await farm.call("lease", "/download/lease", token, {})
+        response = await farm.call("lease", "/download/lease", me, {})
         if response is None or response.status_code >= 500:
             await trio.sleep(cfg.idle_s)
         elif response.status_code == 204:
@@ -334,41 +346,41 @@ async def virtual_worker(farm: Farm, index: int, token: str) -> None:
             await trio.sleep(float(response.headers.get("retry-after", cfg.idle_s)))
         elif response.status_code == 200:
             farm.calls.events["leased"] += 1
-            registered = await _work(farm, token, orjson.loads(response.content))
+            registered = await _work(farm, me, orjson.loads(response.content))
 
 
-async def _register(farm: Farm, index: int, token: str) -> bool:
-    response = await farm.call("register", "/register", token,
-                               {"name": f"sim-{index:05d}", "version": "simulator"})
+async def _register(farm: Farm, me: Me) -> bool:
+    response = await farm.call("register", "/register", me,
+                               {"name": f"sim-{me.index:05d}", "version": "simulator"})
     return response is not None and response.status_code == 200
 
 
-async def _work(farm: Farm, token: str, lease: dict[str, object]) -> bool:
+async def _work(farm: Farm, me: Me, lease: dict[str, Any]) -> bool:
     """One leased batch; False when the worker was killed (it registers again)."""
     cfg = farm.config
-    batch_id, lease_token = int(lease["batch_id"]), str(lease["lease_token"])  # type: ignore[call-overload]
-    size = len(lease["candidates"]["id"])  # type: ignore[index]
+    batch_id, lease_token = int(lease["batch_id"]), str(lease["lease_token"])
+    size = len(lease["candidates"]["id"])
     fate = farm.rng.random()
     if fate < cfg.kill_fraction:
         farm.calls.events["killed"] += 1
         await trio.sleep(cfg.restart_delay_s)
         return False
     seconds = farm.download_time()
-    if not await _download(farm, token, batch_id, lease_token, seconds):
+    if not await _download(farm, me, batch_id, lease_token, seconds):
         farm.calls.events["lease_lost"] += 1
         return True
     if fate < cfg.kill_fraction + cfg.fail_fraction:
-        response = await farm.call("fail", f"/download/{batch_id}/fail", token,
+        response = await farm.call("fail", f"/download/{batch_id}/fail", me,
                                    {"lease_token": lease_token, "reason": "simulated failure"})
         farm.calls.events["failed" if _ok(response) else "fail_refused"] += 1
         return True
-    response = await farm.call("complete", f"/download/{batch_id}/complete", token,
+    response = await farm.call("complete", f"/download/{batch_id}/complete", me,
                                _report(batch_id, lease_token, size, seconds))
     farm.calls.events["completed" if _ok(response) else "complete_refused"] += 1
     return True
 
 
-async def _download(farm: Farm, token: str, batch_id: int, lease_token: str,
+async def _download(farm: Farm, me: Me, batch_id: int, lease_token: str,
                     seconds: float) -> bool:
     """Sleep ``seconds``, heartbeating every TTL/3; False when a heartbeat is refused."""
     interval = farm.config.lease_ttl_s / 3
@@ -377,7 +389,7 @@ async def _download(farm: Farm, token: str, batch_id: int, lease_token: str,
         await trio.sleep(min(interval, left))
         if trio.current_time() >= deadline:
             break
-        response = await farm.call("heartbeat", f"/download/{batch_id}/heartbeat", token,
+        response = await farm.call("heartbeat", f"/download/{batch_id}/heartbeat", me,
                                    {"lease_token": lease_token})
         if response is not None and response.status_code == 409:
             return False
@@ -423,16 +435,19 @@ async def simulate(base: str, config: SimConfig, tokens: list[str],
                    engine: sa.Engine) -> tuple[Calls, float | None]:
     """Run the virtual workers until the farm is drained or ``max_run_s`` passes; the
     calls, and the ``perf_counter`` time at which it was seen drained (None: never)."""
-    limits = httpx.Limits(max_connections=config.connections,
-                          max_keepalive_connections=config.connections)
+    per = config.workers_per_client
+    limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
     timeout = httpx.Timeout(60.0, pool=None)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        farm = Farm(base, config, client)
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [await stack.enter_async_context(httpx.AsyncClient(limits=limits,
+                                                                     timeout=timeout))
+                   for _ in range(math.ceil(config.workers / per))]
+        farm = Farm(base, config, clients)
         with trio.move_on_after(config.max_run_s):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(monitor, farm, engine)
                 for i, token in enumerate(tokens):
-                    nursery.start_soon(virtual_worker, farm, i, token)
+                    nursery.start_soon(virtual_worker, farm, Me(i, token))
         return farm.calls, farm.drained_at
 
 
@@ -447,11 +462,12 @@ def run(config: SimConfig, database_url: str, postgres_pid: int, work: Path) -> 
         tokens = make_tokens(engine, config.workers)
         with coordinator(database_url, config, work / "coordinator.log") as (base, pid):
             cpu0 = {"coordinator": tree_cpu_s(pid), "postgres": tree_cpu_s(postgres_pid)}
-            t0 = time.perf_counter()
+            t0, own0 = time.perf_counter(), time.process_time()
             calls, drained_at = trio.run(simulate, base, config, tokens, engine)
             wall = (drained_at or time.perf_counter()) - t0
             cpu = {"coordinator": tree_cpu_s(pid) - cpu0["coordinator"],
-                   "postgres": tree_cpu_s(postgres_pid) - cpu0["postgres"]}
+                   "postgres": tree_cpu_s(postgres_pid) - cpu0["postgres"],
+                   "simulator": time.process_time() - own0}
         invariants = check_invariants(engine)
     finally:
         engine.dispose()
@@ -517,7 +533,7 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None]:
     p.add_argument("--idle", type=float, default=d.idle_s)
     p.add_argument("--ramp", type=float, default=d.ramp_s)
     p.add_argument("--processes", type=int, default=d.processes)
-    p.add_argument("--connections", type=int, default=d.connections)
+    p.add_argument("--workers-per-client", type=int, default=d.workers_per_client)
     p.add_argument("--max-run", type=float, default=d.max_run_s)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--database-url", default=None,
@@ -530,7 +546,7 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None]:
         lease_ttl_s=a.lease_ttl, reap_interval_s=a.reap_interval,
         max_attempts=a.max_attempts, fail_fraction=a.fail_fraction,
         kill_fraction=a.kill_fraction, restart_delay_s=a.restart_delay, idle_s=a.idle,
-        ramp_s=a.ramp, processes=a.processes, connections=a.connections,
+        ramp_s=a.ramp, processes=a.processes, workers_per_client=a.workers_per_client,
         max_run_s=a.max_run, seed=a.seed)
     return config, a.database_url
 
