@@ -8,6 +8,11 @@ writes one parquet URL list, then runs, one after the other against the same ser
 - ``img2dataset`` from PyPI, in its own virtual environment (``--i2d``);
 
 with the same resize settings (256 px, ``border``, JPEG quality 95, webdataset output).
+
+``--farm N`` also runs ``pairfarm up --workers N`` (embedded PostgreSQL, coordinator, N
+``pairfarm worker``) on the same list twice, with lease-ahead (the default) and with
+``--lease-ahead-at 0`` (one batch at a time), and prints each worker's idle fraction
+(share of its time with no candidate in flight, from its ``worker done`` line).
 For each it measures CPU seconds (user + system of the whole process tree, from
 ``wait4``), wall seconds, successes (from the stats json files), and peak RSS (the sum
 over the process tree, sampled every 50 ms). Images/s per core = successes / CPU
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -141,6 +147,44 @@ def pairfarm_argv(listing: Path, out: Path, args: argparse.Namespace) -> list[st
             "--per-host", "16", "--shard-size", "10000", "--no-progress"]
 
 
+def up_argv(listing: Path, out: Path, args: argparse.Namespace,
+            lease_ahead_at: int | None) -> list[str]:
+    worker = ["--allow-cidr=127.0.0.0/8", "--image-size=256", "--resize-mode=border",
+              "--quality=95", "--read-timeout=10", f"--concurrency={args.concurrency}",
+              "--per-host=16"]
+    if lease_ahead_at is not None:
+        worker.append(f"--lease-ahead-at={lease_ahead_at}")
+    size = ["--batch-size", str(args.farm_batch_size)] if args.farm_batch_size else []
+    return [sys.executable, "-m", "pairfarm", "up", "--input", str(listing), "--out", str(out),
+            "--workers", str(args.farm), "--port", "0", "--no-progress", *size,
+            *(f"--worker-arg={a}" for a in worker)]
+
+
+IDLE = re.compile(r"idle ([0-9.]+)% of the time")
+
+
+def idle_fractions(logs: Path) -> list[float]:
+    """Each worker's idle share from its last ``worker done`` line."""
+    found = []
+    for log in sorted(logs.glob("worker-*.log")):
+        shares = IDLE.findall(log.read_text(errors="replace"))
+        if shares:
+            found.append(float(shares[-1]) / 100)
+    return found
+
+
+def farm_runs(listing: Path, work: Path, env: dict[str, str],
+              args: argparse.Namespace) -> list[tuple[Run, list[float]]]:
+    runs = []
+    for name, ahead in (("up", None), ("up-no-ahead", 0)):
+        out = work / name
+        wall, cpu, rss = measure(name, up_argv(listing, out, args, ahead), env,
+                                 work / f"{name}.log")
+        ok, count = successes(out / "shards")
+        runs.append((Run(name, wall, cpu, ok, count, rss), idle_fractions(out / "logs")))
+    return runs
+
+
 def i2d_argv(listing: Path, out: Path, args: argparse.Namespace) -> list[str]:
     return [str(args.i2d), "--url_list", str(listing), "--input_format", "parquet",
             "--url_col", "url", "--caption_col", "caption", "--output_format", "webdataset",
@@ -158,11 +202,18 @@ def main() -> None:
     parser.add_argument("--i2d", type=Path, default=Path("/work/venv-i2d/bin/img2dataset"))
     parser.add_argument("--i2d-processes", type=int, default=1)
     parser.add_argument("--skip-i2d", action="store_true")
+    parser.add_argument("--farm", type=int, default=0, metavar="WORKERS",
+                        help="also run `pairfarm up --workers WORKERS`, with and without "
+                             "lease-ahead, and report the workers' idle fractions")
+    parser.add_argument("--farm-batch-size", type=int, default=0,
+                        help="--batch-size for `pairfarm up` (0: its default, sized to "
+                             "the input)")
     args = parser.parse_args()
 
     pool = image_pool(args.pool_dir, 48, 0)
     server, port = start_server(args.hosts, args.pool_dir)
     runs: list[Run] = []
+    farms: list[tuple[Run, list[float]]] = []
     try:
         with tempfile.TemporaryDirectory(prefix="pairfarm-bench-") as tmp:
             work = Path(tmp)
@@ -178,6 +229,8 @@ def main() -> None:
                                          work / f"{name}.log")
                 ok, count = successes(out)
                 runs.append(Run(name, wall, cpu, ok, count, rss))
+            if args.farm:
+                farms = farm_runs(listing, work, env, args)
     finally:
         server.terminate()
         server.wait(10)
@@ -188,6 +241,10 @@ def main() -> None:
           f"{'img/CPU-s':>9s} {'peak RSS':>9s}")
     for run in runs:
         print(run.line())
+    for run, idle in farms:
+        shares = ", ".join(f"{share:.1%}" for share in idle) or "not reported"
+        print(f"{run.line()}  workers idle: {shares}")
+    print(f"load average: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if len(runs) == 2:
         print(f"pairfarm / img2dataset, images per CPU-second: "
               f"{runs[0].per_core / runs[1].per_core:.2f}x")

@@ -44,6 +44,7 @@ from pairfarm.protocol import (
 from tests import hostile_server as hs
 from worker.batch import Network
 from worker.metrics import WorkerMetrics, build_metrics
+from worker.pipeline import BatchRun, SharedPipeline
 from worker.runloop import RunLoop, WorkerStopped
 from worker.settings import FetchSettings, PipelineSettings, RunSettings
 
@@ -481,8 +482,20 @@ def _slow_leases(coord: ScriptedCoordinator, seconds: float) -> None:
     coord.handle = slow  # type: ignore[method-assign]
 
 
+@dataclass
+class _AheadRun:
+    coord: ScriptedCoordinator
+    loop: RunLoop
+    metrics: WorkerMetrics
+
+    def metric(self, name: str) -> float:
+        value = self.metrics.registry.get_sample_value(name)
+        assert value is not None
+        return value
+
+
 def _lease_ahead_run(tmp_path: Path, lease_ahead_at: int, **coord: Any
-                     ) -> tuple[ScriptedCoordinator, RunLoop, float]:
+                     ) -> tuple[ScriptedCoordinator, RunLoop, _AheadRun]:
     """Two batches, each with an 8 s image and fast ones; leases take 2 s. The idle
     seconds (no candidate in flight) as the worker's metric reports them."""
     scripted = ScriptedCoordinator(batches=[], heartbeat_s=3, **coord)
@@ -491,16 +504,15 @@ def _lease_ahead_run(tmp_path: Path, lease_ahead_at: int, **coord: Any
     loop = _run(scripted, tmp_path, settings=_settings(lease_ahead_at=lease_ahead_at),
                 paths=[["/slow.jpg", "/a.jpg", "/b.jpg"], ["/slow.jpg", "/a.jpg"]],
                 metrics=metrics)
-    idle = metrics.registry.get_sample_value("pairfarm_worker_idle_seconds_total")
-    assert idle is not None
-    return scripted, loop, idle
+    return scripted, loop, _AheadRun(scripted, loop, metrics)
 
 
 def test_the_next_batch_is_leased_during_the_tail_and_no_time_is_idle(tmp_path: Path) -> None:
     """Batch 1's fast images end at t=2, leaving its 8 s image: with --lease-ahead-at 1
     batch 2 is leased then (2 s) and downloads while batch 1's tail runs. The only time
     with nothing in flight is the first lease; both batches heartbeat and complete."""
-    coord, loop, idle = _lease_ahead_run(tmp_path, lease_ahead_at=1)
+    coord, loop, run = _lease_ahead_run(tmp_path, lease_ahead_at=1)
+    idle = run.metric("pairfarm_worker_idle_seconds_total")
     assert sorted(coord.completed) == [1, 2] and loop.summary.batches_completed == 2
     assert coord.completed[1].outcomes == {"ok": 3} and coord.completed[2].outcomes == {"ok": 2}
     leases = [i for i, c in enumerate(coord.calls) if c == "/download/lease"]
@@ -510,13 +522,16 @@ def test_the_next_batch_is_leased_during_the_tail_and_no_time_is_idle(tmp_path: 
     beats = {batch for _, batch in coord.heartbeats}
     assert beats == {1, 2} and any(t < 10 for t, b in coord.heartbeats if b == 2)
     assert idle == pytest.approx(2, abs=0.1)  # the first lease only: no gap between batches
+    wire = run.metric("pairfarm_worker_downloaded_bytes_total")
+    assert sum(r.bytes_downloaded for r in coord.completed.values()) == wire  # none twice
     assert loop.summary.idle_fraction == pytest.approx(2 / 12, abs=0.01)  # run ends at t=12
 
 
 def test_without_lease_ahead_the_worker_idles_between_batches(tmp_path: Path) -> None:
     """The same run with --lease-ahead-at 0: batch 2 is leased once batch 1 completed,
     and the metric counts the three 2 s leases as idle."""
-    coord, loop, idle = _lease_ahead_run(tmp_path, lease_ahead_at=0)
+    coord, loop, run = _lease_ahead_run(tmp_path, lease_ahead_at=0)
+    idle = run.metric("pairfarm_worker_idle_seconds_total")
     assert sorted(coord.completed) == [1, 2]
     assert loop.summary.idle_fraction == pytest.approx(6 / 22, abs=0.01)
     leases = [i for i, c in enumerate(coord.calls) if c == "/download/lease"]
@@ -532,3 +547,45 @@ def test_a_lost_lease_ends_only_its_own_batch(tmp_path: Path) -> None:
     assert _public_files(tmp_path) == ["00000001.parquet", "00000001.tar",
                                        "00000001_stats.json"]
     assert coord.calls.count("/download/lease") == 3
+
+
+def test_the_shared_pipeline_renews_its_stage_and_counts_each_byte_once(
+        tmp_path: Path) -> None:
+    """Five batches on a pipeline that renews its stage after 2: batches 1-2 together,
+    then 3, then 4-5 together; 3 stages, every candidate written, and the batches' bytes
+    add up to the bytes received."""
+    metrics = build_metrics()
+    sizes: list[int] = []
+
+    async def main() -> int:
+        dns, dialer = hs.fake_network()
+        routes = {"/a.jpg": hs.route_ok(JPEG), "/b.jpg": hs.route_ok(JPEG)}
+        async with trio.open_nursery() as nursery:
+            server = await hs.start_server(nursery, routes)
+            urls = [server.url("/a.jpg"), server.url("/b.jpg")]
+
+            async def one(pipeline: SharedPipeline, batch_id: int) -> None:
+                candidates = [Candidate(id=10 * batch_id + i, url=u, caption="")
+                              for i, u in enumerate(urls)]
+                prepared = await pipeline.download(
+                    batch_id, candidates, BatchRun(size=2), fs=fsspec.filesystem("file"),
+                    directory=str(tmp_path))
+                sizes.append(prepared.stats.bytes_downloaded)
+                assert prepared.outcomes == {"ok": 2}
+                await prepared.commit()
+
+            async with SharedPipeline.open(_settings().pipeline,
+                                           Network(resolver=dns, dialer=dialer), metrics,
+                                           renew_after=2) as pipeline:
+                for group in ([1, 2], [3], [4, 5]):
+                    async with trio.open_nursery() as batches:
+                        for batch_id in group:
+                            batches.start_soon(one, pipeline, batch_id)
+            nursery.cancel_scope.cancel()
+        return pipeline.stages_opened
+
+    opened = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.3))
+    assert opened == 3
+    assert len(sizes) == 5 and sum(sizes) == metrics.registry.get_sample_value(
+        "pairfarm_worker_downloaded_bytes_total") > 0
+    assert len(list(tmp_path.glob("*.parquet"))) == 5

@@ -147,6 +147,7 @@ class SharedPipeline:
         self._current: _Held | None = None
         self._opening = trio.Lock()
         self.idle = IdleClock(metrics)
+        self.stages_opened = 0
 
     @classmethod
     @asynccontextmanager
@@ -178,6 +179,7 @@ class SharedPipeline:
 
     async def _keep_stage(self, task_status: trio.TaskStatus[_Held]) -> None:
         async with open_stage(self._s, self._network, self._metrics) as stage:
+            self.stages_opened += 1
             held = _Held(stage)
             task_status.started(held)
             await held.closed.wait()
