@@ -44,7 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from pairfarm.protocol import BatchStatus, Role
+from pairfarm.protocol import BatchStatus, RobotsKind, Role
 
 NAMING = {
     "ix": "%(table_name)s_%(column_0_N_name)s_idx",
@@ -304,3 +304,25 @@ class ArchivedSimilarity(Base):
     edges: Mapped[Any] = mapped_column(JSONB, primary_key=True)
     bin: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     samples: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+# -- robots.txt answers shared by the download workers (``coordinator.robots``) ---------
+
+class RobotsTxt(Base):
+    """One origin's robots.txt as a worker fetched it (``pairfarm.protocol.RobotsEntry``),
+    served to the other workers until ``expires_at``."""
+
+    __tablename__ = "robots_txt"
+    #: ``scheme://host[:port]``
+    origin: Mapped[str] = mapped_column(Text, primary_key=True)
+    kind: Mapped[str] = mapped_column(Text, nullable=False)
+    #: the HTTP status of the answer (0: the host could not be reached)
+    status: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    #: the rule lines (user-agent, allow, disallow); empty unless ``kind`` is ``rules``
+    body: Mapped[str] = mapped_column(Text, nullable=False)
+    fetched_at: Mapped[datetime] = _now()
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    __table_args__ = (
+        CheckConstraint(_in("kind", [k.value for k in RobotsKind]), name="kind"),
+        Index("robots_txt_expires_at_idx", "expires_at"),
+    )

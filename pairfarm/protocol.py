@@ -18,6 +18,8 @@ path                                  role     body -> response
 ``POST /postprocess/{batch}/heartbeat`` gpu    Heartbeat -> HeartbeatResponse | 409
 ``POST /postprocess/{batch}/complete``  gpu    PostprocessReport -> BatchState | 409 | 422
 ``POST /postprocess/{batch}/fail``    gpu      FailReport -> BatchState | 409
+``POST /robots/lookup``               worker   RobotsLookup -> RobotsLookupResult
+``POST /robots``                      worker   RobotsStore -> RobotsStored
 ``GET  /stats``                       none     -> FarmStats (read-only aggregates)
 ``GET  /healthz`` (no prefix)         none     -> {"status": "ok"}
 ====================================  =======  ==========================================
@@ -345,3 +347,69 @@ class FarmStats(_Figures):
     #: kept / (kept + dropped); None before the first post-processed sample
     kept_ratio: float | None = None
     similarity: SimilarityHistogram = Field(default_factory=SimilarityHistogram)
+
+
+# -- robots.txt shared across the farm (``worker.robotstxt``, ``coordinator.robots``) ------
+
+#: RFC 9309: a crawler parses at least the first 500 KiB of a robots.txt; we keep no more
+ROBOTS_MAX_BYTES = 500 * 1024
+#: the longest a shared robots.txt answer is kept (RFC 9309: at most 24 h, unless the
+#: file cannot be fetched)
+ROBOTS_MAX_TTL_S = 86_400
+#: origins per lookup, answers per store
+ROBOTS_MAX_ORIGINS = 1000
+ROBOTS_MAX_ENTRIES = 200
+#: ``scheme://host[:port]``, lower case, no path: robots.txt applies to one origin
+Origin = Annotated[StrictStr, Field(max_length=300,
+                                    pattern=r"^https?://[a-z0-9._~%!$&'()*+,;=:\[\]-]+$")]
+
+
+class RobotsKind(StrEnum):
+    """What a robots.txt fetch found (RFC 9309 section 2.3.1)."""
+
+    RULES = "rules"  # 2xx: the body's rules apply
+    ALLOW_ALL = "allow_all"  # 4xx or too many redirects: "unavailable", anything goes
+    DISALLOW_ALL = "disallow_all"  # 5xx, 429, network error, timeout: "unreachable"
+
+
+class RobotsLookup(_Model):
+    origins: list[Origin] = Field(min_length=1, max_length=ROBOTS_MAX_ORIGINS)
+
+
+class RobotsEntry(_Model):
+    """One origin's robots.txt as a worker fetched it; ``body`` holds its rule lines only
+    (user-agent, allow, disallow) and is empty unless ``kind`` is ``rules``."""
+
+    origin: Origin
+    kind: RobotsKind
+    #: the HTTP status of the last answer (0: none, the host could not be reached)
+    status: StrictInt = Field(ge=0, le=999)
+    body: Text = Field(default="", max_length=ROBOTS_MAX_BYTES)
+    #: seconds the answer stays valid from when the coordinator stores it
+    ttl_s: StrictInt = Field(ge=1, le=ROBOTS_MAX_TTL_S)
+
+
+class RobotsStore(_Model):
+    entries: list[RobotsEntry] = Field(min_length=1, max_length=ROBOTS_MAX_ENTRIES)
+
+
+class RobotsStored(_Model):
+    stored: int
+
+
+class RobotsCached(_Model):
+    """A stored answer still valid: ``expires_in_s`` by the coordinator's clock."""
+
+    origin: str
+    kind: RobotsKind
+    status: int
+    body: str
+    expires_in_s: float
+
+
+class RobotsLookupResult(_Model):
+    """The origins' valid answers; an origin with none is absent (the worker fetches it).
+    ``more`` lists the origins left out to keep the response small: ask again."""
+
+    entries: list[RobotsCached]
+    more: list[str] = Field(default_factory=list)

@@ -612,3 +612,29 @@ DELETE FROM batch_members WHERE batch_id = ANY (%(batch_ids)s);
 
 -- name: archive_delete_batches
 DELETE FROM batches WHERE id = ANY (%(batch_ids)s);
+
+-- name: robots_lookup
+-- The stored robots.txt answers of :origins still valid, with the seconds left by the
+-- database's clock.
+SELECT origin, kind, status, body,
+       extract(epoch FROM expires_at - now())::float8 AS expires_in_s
+  FROM robots_txt
+ WHERE origin = ANY (CAST(:origins AS text[])) AND expires_at > now()
+ ORDER BY origin;
+
+-- name: robots_store
+-- A worker's answers, one array element each; a newer answer replaces an older one.
+INSERT INTO robots_txt (origin, kind, status, body, fetched_at, expires_at)
+SELECT e.origin, e.kind, e.status, e.body, now(), now() + make_interval(secs => e.ttl_s)
+  FROM unnest(CAST(:origins AS text[]), CAST(:kinds AS text[]), CAST(:statuses AS int[]),
+              CAST(:bodies AS text[]), CAST(:ttls AS int[]))
+           AS e(origin, kind, status, body, ttl_s)
+    ON CONFLICT (origin) DO UPDATE
+   SET kind = EXCLUDED.kind, status = EXCLUDED.status, body = EXCLUDED.body,
+       fetched_at = EXCLUDED.fetched_at, expires_at = EXCLUDED.expires_at;
+
+-- name: robots_purge_expired
+-- Up to :n answers past their expiry, oldest first (each store removes a few).
+DELETE FROM robots_txt
+ WHERE origin IN (SELECT origin FROM robots_txt WHERE expires_at <= now()
+                   ORDER BY expires_at LIMIT :n);
