@@ -300,3 +300,34 @@ def server_thread(routes: dict[str, Handler], host: str = "127.0.0.1",
     finally:
         trio.from_thread.run_sync(scope.cancel, trio_token=token)
         thread.join(30)
+
+
+def route_chunked(body: bytes, content_type: str = "image/jpeg",
+                  headers: dict[str, str] | None = None, chunk: int = 256 * 1024) -> Handler:
+    """``body`` with ``Transfer-Encoding: chunked``: no length is known before the end."""
+    async def handler(stream: trio.SocketStream, request: Request) -> None:
+        await stream.send_all(head(200, {"Content-Type": content_type,
+                                         "Transfer-Encoding": "chunked", **(headers or {})}))
+        for start in range(0, len(body), chunk):
+            part = body[start:start + chunk]
+            await stream.send_all(b"%x\r\n%b\r\n" % (len(part), part))
+        await stream.send_all(b"0\r\n\r\n")
+    return handler
+
+
+def padded_jpeg(total: int, width: int = 640, height: int = 480) -> bytes:
+    """A small JPEG followed by zeros up to ``total`` bytes (decoders stop at its end)."""
+    image = jpeg_bytes(width, height)
+    return image + b"\0" * (total - len(image))
+
+
+def flat_image(width: int, height: int, fmt: str, mode: str = "RGB", **save: object) -> bytes:
+    """One colour over ``width`` x ``height``: a small file that decodes to many pixels."""
+    color = (200, 120, 40, 128)[:len(mode)] if mode in ("RGB", "RGBA") else 128
+    out = io.BytesIO()
+    Image.new(mode, (width, height), color).save(out, format=fmt, **save)
+    return out.getvalue()
+
+
+def gzip_bytes(body: bytes) -> bytes:
+    return gzip.compress(body, compresslevel=6)

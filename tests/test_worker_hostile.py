@@ -341,3 +341,36 @@ def test_per_host_1_on_a_real_server_times_out_no_url_it_did_not_request(
     assert outcomes[urls[0]] == "timeout"
     assert {url for url, outcome in outcomes.items() if outcome == "timeout"} <= asked
     assert len(rows) == 200 and "host_busy" not in outcomes.values()
+
+
+def test_bodies_past_the_cap_sharing_a_small_body_budget_all_end_too_large() -> None:
+    """Room for two capped bodies, eight readers of 50 MB bodies without a length (and
+    gzip bombs): each grows to the cap, fails there and gives its bytes back; a body at
+    the cap that reads on waits for nothing (it once waited for the grow lock, held by a
+    body waiting for its bytes: a deadlock)."""
+    routes = {"/chunked": hs.route_stream(50 * 1024 * 1024, declare=False),
+              "/gzip": hs.route_ok(GZIP_BOMB, headers={"Content-Encoding": "gzip"})}
+    fetch = replace(FETCH, concurrency=8, body_memory_bytes=2 * FETCH.max_body_bytes)
+
+    async def main() -> list[Outcome]:
+        dns, dialer = hs.fake_network()
+        found: list[Outcome] = []
+
+        async def one(stage: Stage, url: str) -> None:
+            found.append((await _one(stage, url))[0])
+
+        async with trio.open_nursery() as nursery:
+            server = await hs.start_server(nursery, routes)
+            with trio.fail_after(600):
+                async with (open_stage(replace(SETTINGS, fetch=fetch),
+                                       Network(resolver=dns, dialer=dialer)) as stage,
+                            trio.open_nursery() as fetches):
+                    for n in range(16):
+                        fetches.start_soon(one, stage, server.url(list(routes)[n % 2]))
+            nursery.cancel_scope.cancel()
+        return found
+
+    found = run_virtual(main)
+    # every fetch ends (a deadlock raises TooSlowError); the mock clock may jump past a
+    # read timeout while loopback moves 16 MB, so a timeout is allowed as well
+    assert len(found) == 16 and set(found) <= {Outcome.TOO_LARGE, Outcome.TIMEOUT}  # type: ignore[arg-type]

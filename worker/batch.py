@@ -11,8 +11,13 @@ names; ``commit`` renames them and writes the stats json, ``abort`` deletes them
 run loop checks that it still holds the lease between the two.
 
 Resource handling: the httpx client, the DNS cache and the host gate live for one
-batch. Bodies waiting for a decode thread are bounded by a ``ByteBudget``; decoding
-runs in at most ``decode_threads`` threads at once. On any error or cancellation the
+batch. Memory has two budgets: response bodies, from before their first byte until
+their decode ends (the fetcher's ``BodyBudget``, ``body_memory_bytes``), and the pixels
+of the images being decoded (a ``ByteBudget`` of ``decode_memory_bytes``, each image
+taking ``imaging.decode_cost`` of it, learnt from its header). A body waits for pixels
+while it holds its bytes, never the other way round, and pixel holders only wait for a
+decode thread, so neither wait can deadlock. Decoding runs in at most
+``decode_threads`` threads at once. On any error or cancellation the
 temporary files are removed. The ``WorkerMetrics`` passed in (``worker.metrics``)
 see every fetch and decode, and every written sample's outcome.
 
@@ -27,17 +32,18 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import fsspec
 import trio
 
 from pairfarm.outcomes import Outcome
 from pairfarm.protocol import Candidate, ShardFiles
-from worker.budget import ByteBudget
-from worker.errors import FetchFailure
+from worker.budget import ByteBudget, return_freed_memory
+from worker.errors import FetchFailure, ImageRejected
 from worker.fetcher import Fetched, Fetcher
 from worker.hosts import HostGate
-from worker.imaging import ProcessedImage, process_image
+from worker.imaging import OpenedImage, ProcessedImage, finish_image, open_image
 from worker.metrics import WorkerMetrics, build_metrics
 from worker.network import Dialer, GuardedBackend, TrioDialer
 from worker.resolver import CachingResolver, Resolver, SystemResolver
@@ -45,8 +51,8 @@ from worker.settings import PipelineSettings
 from worker.shards import Sample, ShardStats, ShardWriter
 from worker.transport import build_client
 
-_DECODE_BUDGET = 96 * 1024 * 1024
 _WRITE_GROUP = 63
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +129,7 @@ class _Recorder:
 async def open_stage(settings: PipelineSettings, network: Network,
                      metrics: WorkerMetrics | None = None) -> AsyncIterator[Stage]:
     """A ``Stage`` with a fresh client, DNS cache and host gate; closed on exit."""
+    return_freed_memory()
     backend = GuardedBackend(CachingResolver(network.resolver), settings.fetch.policy,
                              network.dialer)
     recorded = metrics or build_metrics()
@@ -188,7 +195,7 @@ class Stage:
         self._fetcher = fetcher
         self._image = settings.image
         self._decoders = trio.CapacityLimiter(settings.decode_threads)
-        self._budget = ByteBudget(_DECODE_BUDGET)
+        self._pixels = ByteBudget(settings.decode_memory_bytes)
         self._metrics = metrics or build_metrics()
 
     @property
@@ -202,23 +209,61 @@ class Stage:
                 await done.send(await self.one(index, candidate))
 
     async def fetch(self, url: str) -> Fetched:
-        return await self._fetcher.fetch(url)
+        """The body at ``url``, no longer counted in the body budget (a fetch alone)."""
+        fetched = await self._fetcher.fetch(url)
+        fetched.release()
+        return fetched
 
     async def decode(self, fetched: Fetched) -> ProcessedImage:
-        """Decode and resize in a thread; bodies waiting for a thread share a byte budget."""
-        async with self._budget.hold(len(fetched.body)):
-            return await trio.to_thread.run_sync(self._timed_decode, fetched.body,
-                                                 limiter=self._decoders)
+        """Decode and resize in threads; the body's bytes are given back at the end.
 
-    def _timed_decode(self, body: bytes) -> ProcessedImage:
-        """``process_image`` in the decode thread, timed there (queueing excluded)."""
-        with self._metrics.decoding():
-            return process_image(body, self._image)
+        The header is read first (``open_image``), then the pixels its decode needs are
+        taken from the pixel budget; an image that needs more than the whole budget is
+        refused as ``bomb``. The decode metric is the time spent in the two thread
+        calls (queueing excluded)."""
+        timer = _ThreadTimer()
+        try:
+            opened = await self._in_thread(timer, open_image, fetched.body, self._image)
+            try:
+                return await self._finish(opened, timer)
+            finally:
+                opened.close()
+        finally:
+            fetched.release()
+            if timer.calls:
+                self._metrics.decode_seconds.observe(timer.seconds)
+
+    async def _finish(self, opened: OpenedImage, timer: _ThreadTimer) -> ProcessedImage:
+        if opened.cost > self._pixels.total:
+            raise ImageRejected(Outcome.BOMB, f"decoding needs {opened.cost >> 20} MB, over "
+                                              f"the {self._pixels.total >> 20} MB for pixels")
+        async with self._pixels.hold(opened.cost):
+            return await self._in_thread(timer, finish_image, opened)
+
+    async def _in_thread(self, timer: _ThreadTimer, func: Callable[..., _T],
+                         *args: object) -> _T:
+        return await trio.to_thread.run_sync(timer.run, func, *args, limiter=self._decoders)
 
     async def one(self, index: int, candidate: Candidate) -> Sample:
         try:
-            image = await self.decode(await self.fetch(candidate.url))
+            image = await self.decode(await self._fetcher.fetch(candidate.url))
         except FetchFailure as exc:
             return Sample(index=index, candidate=candidate, outcome=exc.outcome,
                           detail=exc.detail)
         return Sample(index=index, candidate=candidate, outcome=Outcome.OK, image=image)
+
+
+class _ThreadTimer:
+    """Wall-clock seconds of the calls it runs (in the decode thread), summed."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+
+    def run(self, func: Callable[..., _T], *args: object) -> _T:
+        start = time.perf_counter()
+        self.calls += 1
+        try:
+            return func(*args)
+        finally:
+            self.seconds += time.perf_counter() - start

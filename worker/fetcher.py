@@ -15,9 +15,12 @@ Redirects are followed here, not by httpx: at most ``max_redirects`` hops, a loo
 caught as soon as a URL repeats, and every hop's target goes through the SSRF guard
 again (numeric hosts here, resolved addresses in ``worker.network``).
 
-Resource handling: the response is streamed and closed on every path (``async with``);
-bodies above ``large_body_bytes`` hold one of ``large_body_slots`` so that only a few
-large bodies are in memory at once.
+Resource handling: the response is streamed and closed on every path (``async with``).
+Every body is counted in a ``BodyBudget`` (``body_memory_bytes``) before its first byte
+is read: its declared length, or, without one, a start that grows to the cap one body at
+a time. The ``Fetched`` body keeps its reservation until ``release()`` (the decode stage
+calls it when the body is decoded). Waiting for the budget stops the deadline: it is
+this worker's memory, not the URL's network time.
 
 Error handling: httpx and decoder errors are mapped to outcomes in ``_failure_for``;
 ``trio.Cancelled`` is never caught.
@@ -37,6 +40,7 @@ import trio
 from pairfarm.outcomes import Outcome
 from worker.addresses import parse_numeric_host
 from worker.backoff import parse_retry_after
+from worker.budget import BodyBudget, Reservation
 from worker.decoding import BodyTooLarge, CappedBody, DecodeFailure, decoder_for
 from worker.errors import FetchFailure
 from worker.hosts import HostGate
@@ -55,6 +59,11 @@ class Fetched:
     body: bytes
     content_type: str
     wire_bytes: int
+    held: Reservation
+
+    def release(self) -> None:
+        """The body's bytes given back to the budget (idempotent)."""
+        self.held.release()
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,14 +95,21 @@ class _Clock:
     @contextmanager
     def queueing(self) -> Iterator[None]:
         start = trio.current_time()
-        network_left = self._scope.deadline - start
+        try:
+            with self.stopped():
+                yield
+        finally:
+            self._queue_left -= trio.current_time() - start
+
+    @contextmanager
+    def stopped(self) -> Iterator[None]:
+        """The deadline stopped while the block runs (a wait for this worker's memory)."""
+        network_left = self._scope.deadline - trio.current_time()
         self._scope.deadline = math.inf
         try:
             yield
         finally:
-            now = trio.current_time()
-            self._queue_left -= now - start
-            self._scope.deadline = now + network_left
+            self._scope.deadline = trio.current_time() + network_left
 
 
 class Fetcher:
@@ -104,7 +120,8 @@ class Fetcher:
         self._s = settings
         self._client = client
         self._gate = gate
-        self._large = trio.CapacityLimiter(settings.large_body_slots)
+        self._bodies = BodyBudget(settings.body_memory_bytes, settings.max_body_bytes,
+                                  settings.concurrency)
         self._metrics = metrics or build_metrics()
         self.wire_bytes = 0
 
@@ -179,14 +196,15 @@ class Fetcher:
                    ) -> Fetched | _Redirect | _RetryLater:
         try:
             async with self._slot(host, clock), self._client.stream(url) as response:
-                return await self._handle(response)
+                return await self._handle(response, clock)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise _failure_for(exc) from exc
         except (BodyTooLarge, DecodeFailure) as exc:
             outcome = Outcome.TOO_LARGE if isinstance(exc, BodyTooLarge) else Outcome.NOT_IMAGE
             raise FetchFailure(outcome, str(exc)) from exc
 
-    async def _handle(self, response: httpx.Response) -> Fetched | _Redirect | _RetryLater:
+    async def _handle(self, response: httpx.Response, clock: _Clock
+                      ) -> Fetched | _Redirect | _RetryLater:
         status = response.status_code
         if status in _REDIRECTS:
             return _redirect(response)
@@ -195,7 +213,7 @@ class Fetcher:
             return _RetryLater(_RETRYABLE[status], delay, f"HTTP {status}")
         _raise_for_status(status)
         self._check_headers(response)
-        return await self._read(response)
+        return await self._read(response, clock)
 
     def _check_headers(self, response: httpx.Response) -> None:
         if self._s.respect_opt_out:
@@ -210,21 +228,65 @@ class Fetcher:
         if length.isdigit() and int(length) > self._s.max_body_bytes:
             raise FetchFailure(Outcome.TOO_LARGE, f"Content-Length {length}")
 
-    async def _read(self, response: httpx.Response) -> Fetched:
-        body = CappedBody(decoder_for(response.headers.get("content-encoding", "")),
-                          self._s.max_body_bytes)
-        holding_large = False
-        async with AsyncExitStack() as stack:
-            async for raw in raw_chunks(response):
-                self.wire_bytes += len(raw)
-                self._metrics.add_bytes(len(raw))
-                body.feed(raw)
-                if body.size > self._s.large_body_bytes and not holding_large:
-                    await stack.enter_async_context(self._large)
-                    holding_large = True
-            data = body.finish()
+    async def _read(self, response: httpx.Response, clock: _Clock) -> Fetched:
+        """The body, counted in the body budget from before its first byte."""
+        coding = response.headers.get("content-encoding", "")
+        body = CappedBody(decoder_for(coding), self._s.max_body_bytes)
+        length = _declared_length(response, coding)
+        with clock.stopped():
+            held = await self._bodies.reserve(length)
+        try:
+            data = await self._read_within(response, body, _Growth(held, length), clock)
+        except BaseException:
+            held.release()
+            raise
+        held.shrink_to(len(data))
         return Fetched(url=str(response.url), body=data, wire_bytes=body.raw_size,
-                       content_type=response.headers.get("content-type", ""))
+                       content_type=response.headers.get("content-type", ""), held=held)
+
+    async def _read_within(self, response: httpx.Response, body: CappedBody,
+                           growth: _Growth, clock: _Clock) -> bytes:
+        """Chunks fed to ``body``; the reservation grows first when they would pass it.
+
+        A content-coded chunk may decode to much more than its size, so such a body
+        takes the cap before it reads anything."""
+        if not _identity(response.headers.get("content-encoding", "")):
+            await self._grow(growth, clock)
+        async for raw in raw_chunks(response):
+            self.wire_bytes += len(raw)
+            self._metrics.add_bytes(len(raw))
+            if growth.short_of(body.size + len(raw), self._s.max_body_bytes):
+                await self._grow(growth, clock)
+            body.feed(raw)
+        return body.finish()
+
+    async def _grow(self, growth: _Growth, clock: _Clock) -> None:
+        with clock.stopped():
+            await self._bodies.grow(growth.held, growth.length)
+
+
+@dataclass(frozen=True, slots=True)
+class _Growth:
+    """A body's reservation and the length it grows to (``None``: the cap)."""
+
+    held: Reservation
+    length: int | None
+
+    def short_of(self, size: int, cap: int) -> bool:
+        """Whether ``size`` bytes need more than is held, and it may still grow (a body
+        already at its length or the cap waits for nothing: past it, it fails)."""
+        target = cap if self.length is None else min(self.length, cap)
+        return self.held.size < min(size, target)
+
+
+def _identity(coding: str) -> bool:
+    return coding.strip().lower() in ("", "identity")
+
+
+def _declared_length(response: httpx.Response, coding: str) -> int | None:
+    """The body's size from Content-Length, when it is not content-coded."""
+    length = response.headers.get("content-length", "")
+    return int(length) if length.isdigit() and _identity(coding) else None
 
 
 def _redirect(response: httpx.Response) -> _Redirect:

@@ -13,6 +13,11 @@ The checks, in order, each ending in a named outcome:
 4. smaller than ``min_image_size`` or wider than ``max_aspect_ratio``: ``size_filtered``;
 5. truncated or corrupt data while decoding: ``decode_error``.
 
+``open_image`` does the checks and sets JPEG draft mode, and tells how much memory
+decoding will take (``OpenedImage.cost``) before a pixel is decoded, so that the
+caller can count it against a budget; ``finish_image`` decodes, resizes and encodes.
+``process_image`` is the two in a row.
+
 Decoding uses JPEG draft mode (DCT scaling) when the output is at most half the
 size of the original, orientation follows EXIF, transparency is composited on white,
 and resizing follows img2dataset's modes (``no``, ``keep_ratio``,
@@ -58,14 +63,63 @@ class ProcessedImage:
     source_format: str
 
 
+@dataclass(frozen=True, slots=True)
+class OpenedImage:
+    """A body whose header passed the checks, its draft set; nothing decoded yet."""
+
+    image: Image.Image
+    body: bytes
+    settings: ImageSettings
+    oriented: tuple[int, int]
+    target: tuple[int, int]
+    #: bytes decoding, converting and resizing may hold at once (an upper estimate)
+    cost: int
+
+    def close(self) -> None:
+        self.image.close()
+
+
 def process_image(body: bytes, settings: ImageSettings) -> ProcessedImage:
     """The encoded output image of ``body``; raises ``ImageRejected`` with the outcome."""
+    opened = open_image(body, settings)
+    try:
+        return finish_image(opened)
+    finally:
+        opened.close()
+
+
+def open_image(body: bytes, settings: ImageSettings) -> OpenedImage:
+    """Checks 1-4 on ``body``'s header, the JPEG draft set; raises ``ImageRejected``."""
     if len(body) < settings.min_bytes:
         raise ImageRejected(Outcome.TOO_SMALL, f"{len(body)} bytes < {settings.min_bytes}")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with _open(body, settings) as image:
-            return _convert(image, body, settings)
+        image = _open(body, settings)
+    try:
+        return _checked(image, body, settings)
+    except BaseException:
+        image.close()
+        raise
+
+
+def _checked(image: Image.Image, body: bytes, settings: ImageSettings) -> OpenedImage:
+    oriented = _oriented_size(image)
+    _check_filters(oriented, settings)
+    target = output_size(oriented, settings)
+    full = image.size
+    try:
+        _draft(image, oriented, target)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageRejected(Outcome.DECODE_ERROR, f"{type(exc).__name__}: {exc}") from exc
+    return OpenedImage(image=image, body=body, settings=settings, oriented=oriented,
+                       target=target, cost=decode_cost(image, full, target))
+
+
+def finish_image(opened: OpenedImage) -> ProcessedImage:
+    """Decode, orient, resize and encode ``opened``; raises ``ImageRejected``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return _convert(opened)
 
 
 def _open(body: bytes, settings: ImageSettings) -> Image.Image:
@@ -84,27 +138,101 @@ def _open(body: bytes, settings: ImageSettings) -> Image.Image:
     return image
 
 
-def _convert(image: Image.Image, body: bytes, settings: ImageSettings) -> ProcessedImage:
-    oriented = _oriented_size(image)
-    _check_filters(oriented, settings)
-    target = output_size(oriented, settings)
+def _convert(opened: OpenedImage) -> ProcessedImage:
+    image, settings = opened.image, opened.settings
     try:
-        _draft(image, oriented, target)
-        rgb = _to_rgb(ImageOps.exif_transpose(image))
-        out = _resize(rgb, target, settings)
+        rgb = _to_rgb(_upright(image))
+        out = _resize(rgb, opened.target, settings)
         data = _encode(out, settings)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageRejected(Outcome.DECODE_ERROR, f"{type(exc).__name__}: {exc}") from exc
     return ProcessedImage(data=data, width=out.width, height=out.height,
-                          original_width=oriented[0], original_height=oriented[1],
-                          sha256=hashlib.sha256(body).hexdigest(),
+                          original_width=opened.oriented[0], original_height=opened.oriented[1],
+                          sha256=hashlib.sha256(opened.body).hexdigest(),
                           source_format=image.format or "")
 
 
-def _oriented_size(image: Image.Image) -> tuple[int, int]:
-    orientation = image.getexif().get(0x0112, 1)
+def _pixel_bytes(mode: str) -> int:
+    """Bytes per pixel in Pillow's memory (RGB takes 4, like RGBA)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+def decode_cost(image: Image.Image, full: tuple[int, int], target: tuple[int, int]) -> int:
+    """Upper estimate of the bytes ``finish_image`` holds at once for ``image``.
+
+    The decoded pixels (after the JPEG draft), a second copy for EXIF orientation, the
+    RGB / RGBA copies of ``_to_rgb``, the resize's intermediate, and the decoders' own
+    buffers: a progressive JPEG keeps every DCT coefficient of the full-size image
+    (2 bytes per component and pixel) whatever the draft; WebP is decoded into two
+    canvases of its own and a bytes object before Pillow copies it.
+    """
     width, height = image.size
-    return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)
+    pixels = width * height
+    decoded = pixels * _pixel_bytes(image.mode) * (2 if _needs_turning(image) else 1)
+    resized = 4 * (max(target[0] * height, width * target[1]) + target[0] * target[1])
+    return decoded + _converted(image, pixels) + resized + _decoder_buffers(image, full)
+
+
+def _converted(image: Image.Image, pixels: int) -> int:
+    """Bytes of the copies ``_to_rgb`` makes (an RGBA copy, then the RGB canvas)."""
+    if image.mode == "RGB":
+        return 0
+    if image.mode == "RGBA":
+        return 4 * pixels
+    transparent = image.mode in ("LA", "PA", "La", "RGBa") or "transparency" in image.info
+    return 8 * pixels if transparent else 4 * pixels
+
+
+def _decoder_buffers(image: Image.Image, full: tuple[int, int]) -> int:
+    if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
+        return _jpeg_coefficients(image, full)
+    if image.format == "WEBP":
+        # libwebp's canvas and the frame's bytes; measured ~2 bytes per pixel beyond
+        # Pillow's image on a 12 MP WebP (Pillow 13), counted 3 times over
+        return 6 * full[0] * full[1]
+    return 0
+
+
+def _jpeg_coefficients(image: Image.Image, full: tuple[int, int]) -> int:
+    """A progressive JPEG's DCT coefficients: 2 bytes per sample of each component,
+    at its own sampling (Pillow's ``layer``: id, horizontal, vertical, table)."""
+    layers = getattr(image, "layer", None) or [(0, 1, 1, 0)] * len(image.getbands())
+    most_h = max(layer[1] for layer in layers)
+    most_v = max(layer[2] for layer in layers)
+    samples = sum(_blocks(full[0] * layer[1], most_h) * _blocks(full[1] * layer[2], most_v)
+                  for layer in layers)
+    return 2 * 64 * samples
+
+
+def _blocks(samples_times_factor: int, most: int) -> int:
+    return math.ceil(samples_times_factor / most / 8)
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation, read from the header alone: Pillow's ``getexif`` decodes a
+    whole PNG to look for an eXIf chunk after the pixels, so a PNG's counts only when
+    its header has one."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    orientation = image.getexif().get(0x0112, 1)
+    return orientation if isinstance(orientation, int) else 1
+
+
+def _needs_turning(image: Image.Image) -> bool:
+    return _orientation(image) in range(2, 9)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says (``exif_transpose`` copies the
+    image even when there is nothing to turn, so it is only called when there is)."""
+    return ImageOps.exif_transpose(image) if _needs_turning(image) else image
+
+
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
+    width, height = image.size
+    return (height, width) if _orientation(image) in _TRANSPOSED_ORIENTATIONS else (width, height)
 
 
 def _check_filters(size: tuple[int, int], settings: ImageSettings) -> None:
@@ -144,14 +272,16 @@ def _draft(image: Image.Image, oriented: tuple[int, int], target: tuple[int, int
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, transparency composited on white (pasted through its alpha: one RGB copy)."""
     if image.mode == "RGB":
         return image
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, _WHITE)
+        canvas.paste(rgba, mask=rgba)
+        return canvas
     return image.convert("RGB")
 
 

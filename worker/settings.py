@@ -42,8 +42,8 @@ class FetchSettings:
     deadline: float = 20.0
     dns_timeout: float = 5.0
     max_body_bytes: int = 16 * 1024 * 1024
-    large_body_bytes: int = 1024 * 1024
-    large_body_slots: int = 8
+    #: bytes of response bodies in memory at once, from their first byte until decoded
+    body_memory_bytes: int = 80 * 1024 * 1024
     max_redirects: int = 5
     max_retries: int = 2
     max_retry_wait: float = 30.0
@@ -59,8 +59,12 @@ class FetchSettings:
 
     def __post_init__(self) -> None:
         _positive(self, ("concurrency", "per_host", "connect_timeout", "read_timeout",
-                         "deadline", "dns_timeout", "max_body_bytes", "large_body_slots",
-                         "max_retry_after", "host_queue_timeout"))
+                         "deadline", "dns_timeout", "max_body_bytes", "max_retry_after",
+                         "host_queue_timeout"))
+        if self.body_memory_bytes < 2 * self.max_body_bytes:
+            raise SettingsError(f"the body memory ({self.body_memory_bytes} bytes) must hold "
+                                f"at least two bodies of the maximum size "
+                                f"({self.max_body_bytes} bytes)")
         if self.max_redirects < 0 or self.max_retries < 0:
             raise SettingsError("max_redirects and max_retries must be >= 0")
 
@@ -104,6 +108,12 @@ class PipelineSettings:
     fetch: FetchSettings = field(default_factory=FetchSettings)
     image: ImageSettings = field(default_factory=ImageSettings)
     decode_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    #: bytes of pixels the decode threads hold at once (``imaging.decode_cost``); an image
+    #: that needs more on its own is refused as ``bomb``
+    decode_memory_bytes: int = 224 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        _positive(self, ("decode_threads", "decode_memory_bytes"))
 
 
 @dataclass(frozen=True, kw_only=True)
