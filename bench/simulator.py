@@ -66,7 +66,8 @@ from coordinator.tokens import hash_token, new_token  # noqa: E402
 from pairfarm.protocol import API_PREFIX, Role  # noqa: E402
 
 SHA = "0" * 64
-OPS = ("register", "lease", "heartbeat", "complete", "fail")
+#: the calls timed; "lease 204" is a lease answered "nothing left" (timed apart)
+OPS = ("register", "lease", "lease 204", "heartbeat", "complete", "fail")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +105,8 @@ class Calls:
     """Client-side latencies by call, errors by (call, kind), what the workers did."""
 
     seconds: dict[str, list[float]] = field(default_factory=lambda: {op: [] for op in OPS})
+    #: when each batch was leased (``perf_counter``)
+    leased_at: list[float] = field(default_factory=list)
     errors: Counter[tuple[str, str]] = field(default_factory=Counter)
     events: Counter[str] = field(default_factory=Counter)
 
@@ -147,6 +150,16 @@ class SimReport:
     @property
     def leases_per_s(self) -> float:
         return self.leases / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def steady_leases_per_s(self) -> float:
+        """Leases/s between the 10th and the 90th percentile lease (without the ramp
+        and the drained tail)."""
+        times = sorted(self.calls.leased_at)
+        if len(times) < 10:
+            return float("nan")
+        lo, hi = times[len(times) // 10], times[len(times) * 9 // 10]
+        return (len(times) * 8 // 10) / (hi - lo) if hi > lo else float("nan")
 
     @property
     def ok(self) -> bool:
@@ -305,7 +318,8 @@ class Farm:
         except httpx.HTTPError as exc:
             self.calls.errors[(op, type(exc).__name__)] += 1
             return None
-        self.calls.seconds[op].append(time.perf_counter() - t0)
+        key = f"{op} 204" if response.status_code == 204 else op
+        self.calls.seconds[key].append(time.perf_counter() - t0)
         if response.status_code >= 400:
             self.calls.errors[(op, str(response.status_code))] += 1
         return response
@@ -346,6 +360,7 @@ async def virtual_worker(farm: Farm, me: Me) -> None:
             await trio.sleep(float(response.headers.get("retry-after", cfg.idle_s)))
         elif response.status_code == 200:
             farm.calls.events["leased"] += 1
+            farm.calls.leased_at.append(time.perf_counter())
             registered = await _work(farm, me, orjson.loads(response.content))
 
 
@@ -436,7 +451,9 @@ async def simulate(base: str, config: SimConfig, tokens: list[str],
     """Run the virtual workers until the farm is drained or ``max_run_s`` passes; the
     calls, and the ``perf_counter`` time at which it was seen drained (None: never)."""
     per = config.workers_per_client
-    limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
+    # idle connections are let go before uvicorn's 5 s keep-alive timeout closes them
+    limits = httpx.Limits(max_connections=per, max_keepalive_connections=per,
+                          keepalive_expiry=4.0)
     timeout = httpx.Timeout(60.0, pool=None)
     async with contextlib.AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(httpx.AsyncClient(limits=limits,
@@ -491,12 +508,13 @@ def describe(report: SimReport) -> list[str]:
         f"{c.lease_ttl_s} s, fail {c.fail_fraction:.0%}, kill {c.kill_fraction:.0%}, "
         f"ramp {c.ramp_s} s, {c.processes} coordinator process(es)",
         f"wall {report.wall_s:.1f} s: {report.leases} leases, {report.leases_per_s:.1f} "
-        f"leases/s; load average {' '.join(f'{x:.2f}' for x in report.load)}",
+        f"leases/s ({report.steady_leases_per_s:.1f}/s from the 10th to the 90th "
+        f"percentile lease); load average {' '.join(f'{x:.2f}' for x in report.load)}",
     ]
     for op in OPS:
         ms = [s * 1000 for s in report.calls.seconds[op]]
         if ms:
-            lines.append(f"  {op:9s} n={len(ms):6d} p50={percentile(ms, 50):8.1f} ms "
+            lines.append(f"  {op:10s} n={len(ms):6d} p50={percentile(ms, 50):8.1f} ms "
                          f"p99={percentile(ms, 99):8.1f} ms max={max(ms):8.1f} ms")
     errors = ", ".join(f"{op} {kind}: {n}" for (op, kind), n in sorted(report.calls.errors.items()))
     lines.append(f"errors: {errors or 'none'}")
@@ -530,7 +548,8 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None]:
     p.add_argument("--fail-fraction", type=float, default=d.fail_fraction)
     p.add_argument("--kill-fraction", type=float, default=d.kill_fraction)
     p.add_argument("--restart-delay", type=float, default=d.restart_delay_s)
-    p.add_argument("--idle", type=float, default=d.idle_s)
+    p.add_argument("--idle", type=float, default=d.idle_s,
+                   help="seconds a worker answered 204 waits (pairfarm worker: 10)")
     p.add_argument("--ramp", type=float, default=d.ramp_s)
     p.add_argument("--processes", type=int, default=d.processes)
     p.add_argument("--workers-per-client", type=int, default=d.workers_per_client)
