@@ -7,7 +7,9 @@ defaults, shared_buffers 1GB, max_wal_size 8GB):
 
 1. ingest: N synthetic candidates (100k hosts, LAION-like extra columns) written to
    parquet files of 1M rows, loaded with ``coordinator.ingest.run.ingest`` (Arrow read,
-   validation, COPY, INSERT ON CONFLICT); rows/s over the whole call;
+   validation, URL hashes into ``url_hashes``, COPY), one call per 10M rows; rows/s of
+   each call (with the CPU seconds of the PostgreSQL processes and the load average) and
+   over the whole ingest;
 2. lease latency with N pending: 10 calls of ``Leases.lease_download`` (10k batch) right
    after the ingest, then VACUUM ANALYZE and CHECKPOINT (what autovacuum and the
    checkpointer do in the minutes after a large ingest) and --leases calls;
@@ -58,8 +60,35 @@ from coordinator.tokens import authenticate, create_token, touch_worker  # noqa:
 BENCH_SETTINGS = {"shared_buffers": "1GB", "max_wal_size": "8GB",
                   "maintenance_work_mem": "512MB", "work_mem": "64MB"}
 FILE_ROWS = 1_000_000
+#: rows per ingest call (one rate line each), unless --ingest-rows
+GROUP_ROWS = 10_000_000
 COLD_LEASES = 10
 HOSTS = 100_000
+
+
+class ServerCpu:
+    """CPU seconds of a PostgreSQL server's processes so far: the postmaster, its live
+    children, and its children that have exited (counted in the postmaster's cutime)."""
+
+    def __init__(self, postmaster: int) -> None:
+        self.postmaster = postmaster
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def seconds(self) -> float:
+        total = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            pid, ppid = int(entry.name), int(fields[1])
+            if pid == self.postmaster:
+                total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+            elif ppid == self.postmaster:
+                total += int(fields[11]) + int(fields[12])
+        return total / self.tick
 
 
 def synthetic_file(path: Path, start: int, count: int) -> Path:
@@ -129,6 +158,34 @@ def vacuum(url: str) -> None:
               flush=True)
 
 
+def wal_bytes(url: str) -> int:
+    """The server's WAL position, in bytes."""
+    import psycopg
+
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def print_sizes(url: str, rows: int) -> None:
+    """Bytes on disk per candidate of each ingest table and index."""
+    import psycopg
+
+    with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+        sizes = conn.execute(
+            "SELECT c.relname, pg_relation_size(c.oid) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' "
+            "AND c.relkind IN ('r', 'i', 't') AND pg_relation_size(c.oid) > 0 "
+            "ORDER BY 2 DESC").fetchall()
+        toast = conn.execute("SELECT sum(pg_relation_size(reltoastrelid)) FROM pg_class "
+                             "WHERE relname IN ('candidates', 'pending_chunks')").fetchone()
+    parts = ", ".join(f"{name} {size / rows:.1f}" for name, size in sizes
+                      if size / rows >= 0.1)
+    total = sum(size for _, size in sizes) + int((toast or [0])[0] or 0)
+    print(f"  bytes per candidate: {parts}; all {total / rows:.1f}", flush=True)
+
+
 def drain_to_one_percent(url: str) -> None:
     import psycopg
 
@@ -144,21 +201,31 @@ def drain_to_one_percent(url: str) -> None:
         print(f"  (99 % done set up in {time.perf_counter() - t0:.0f} s)", flush=True)
 
 
-def bench_rows(server_url: str, work: Path, rows: int, leases: int) -> None:
+def bench_rows(server_url: str, work: Path, rows: int, leases: int, cpu: ServerCpu, *,
+               group_rows: int = GROUP_ROWS) -> None:
     name = f"bench_{rows}"
     ensure_database(server_url, name)
     url = server_url.rsplit("/", 1)[0] + f"/{name}"
     upgrade(url)
-    files = [synthetic_file(work / f"c{rows}_{s}.parquet", s, min(FILE_ROWS, rows - s))
-             for s in range(0, rows, FILE_ROWS)]
-    t0 = time.perf_counter()
-    summaries = ingest(url, files, Columns())
-    took = time.perf_counter() - t0
-    inserted = sum(s.inserted for s in summaries)
+    took, inserted = 0.0, 0
+    for start in range(0, rows, group_rows):
+        files = [synthetic_file(work / f"c{rows}_{s}.parquet", s, min(FILE_ROWS, rows - s))
+                 for s in range(start, min(rows, start + group_rows), FILE_ROWS)]
+        cpu0, wal0, t0 = cpu.seconds(), wal_bytes(url), time.perf_counter()
+        summaries = ingest(url, files, Columns())
+        group = time.perf_counter() - t0
+        took += group
+        added = sum(s.inserted for s in summaries)
+        inserted += added
+        print(f"  ingest rows {start:,}..{start + added:,}: {group:.1f} s, "
+              f"{added / group:,.0f} rows/s, PostgreSQL CPU {cpu.seconds() - cpu0:.1f} s, "
+              f"WAL {(wal_bytes(url) - wal0) / added * 1e6 / 2**20:,.0f} MiB per 1M rows, "
+              f"load {os.getloadavg()[0]:.1f}", flush=True)
+        for f in files:
+            f.unlink()
     print(f"ingest {rows:,} rows: {took:.1f} s, {inserted / took:,.0f} rows/s "
           f"(inserted {inserted:,})", flush=True)
-    for f in files:
-        f.unlink()
+    print_sizes(url, inserted)
     lease_latency(url, f"lease at {rows:,} pending, right after the ingest", COLD_LEASES)
     vacuum(url)
     lease_latency(url, f"lease at {rows:,} pending", leases)
@@ -292,6 +359,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, action="append", default=None)
     parser.add_argument("--leases", type=int, default=50)
+    parser.add_argument("--ingest-rows", type=int, default=GROUP_ROWS,
+                        help="rows per ingest call: one rate line each")
     parser.add_argument("--api-rows", type=int, default=5_000_000)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--api-seconds", type=float, default=20.0)
@@ -305,7 +374,8 @@ def main() -> None:
           flush=True)
     try:
         for rows in [] if args.api_only else args.rows or [1_000_000]:
-            bench_rows(server.url(), work, rows, args.leases)
+            bench_rows(server.url(), work, rows, args.leases, ServerCpu(server.pid),
+                       group_rows=args.ingest_rows)
         if not args.skip_api:
             bench_api(server.url(), work, args.api_rows, args.clients, args.api_seconds)
     finally:
