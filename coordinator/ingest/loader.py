@@ -21,6 +21,12 @@ had duplicates sends the next one the second way directly; a chunk without, the 
 way. Both are exact with concurrent ingests: a hash another open transaction inserted
 waits for it.
 
+Each savepoint is a subtransaction of the file's transaction. PostgreSQL keeps 64 of them
+per transaction in shared memory; a file of more than 64 chunks through this path (over
+~8.4M rows) makes other sessions' snapshots "suboverflowed" while it loads: their
+visibility checks of rows written since the file's transaction began (its own, and the
+farm's leases meanwhile) then look up ``pg_subtrans``.
+
 ``COPY`` writes the wide rows through PostgreSQL's multi-insert path and maintains
 ``candidates``' primary key only; the old ``INSERT ... SELECT ... ON CONFLICT (url)`` from
 a staging table also kept a unique index on the URL text.
