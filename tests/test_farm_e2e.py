@@ -154,9 +154,10 @@ class Farm:
         except ClientError:
             return None
 
-    def holds_batch(self, worker: str) -> bool:
+    def holds_batch(self, worker: str, count: int = 1) -> bool:
+        """``worker`` holds ``count`` batches or more (2: one leased ahead)."""
         stats = self.stats()
-        return stats is not None and any(w.name == worker and w.batches
+        return stats is not None and any(w.name == worker and len(w.batches) >= count
                                          for w in stats.workers)
 
     def downloaded_batches(self) -> int:
@@ -260,8 +261,9 @@ def test_ctrl_c_releases_the_batches_in_hand_then_rerun_resumes(
     farm = Farm(out)
     wait_for("the farm to start", farm.ready, proc)
     pump(gate, "a downloaded batch", lambda: farm.downloaded_batches() >= 1, proc)
-    wait_for("both workers to hold a batch", lambda: farm.holds_batch("up-worker-1")
-             and farm.holds_batch("up-worker-2"), proc)
+    # lease-ahead: a 40-candidate batch is all tail, so each worker holds 2 of the 5 left
+    wait_for("both workers to hold 2 batches", lambda: farm.holds_batch("up-worker-1", 2)
+             and farm.holds_batch("up-worker-2", 2), proc)
 
     # the gate stays closed: the batches in hand cannot finish, so they must be released
     proc.send_signal(signum)
@@ -270,7 +272,7 @@ def test_ctrl_c_releases_the_batches_in_hand_then_rerun_resumes(
     assert "Run the same command again to resume" in output
     assert "killed" not in output, output
     finished, released = stop_counts(output)
-    assert finished + released == 2 and released >= 1, output
+    assert finished + released == 4 and released >= 1, output
     assert not (out / "run.json").exists(), "every child was stopped"
     statuses = farm.batch_statuses()
     assert statuses["leased"] == 0, statuses
@@ -300,8 +302,9 @@ def test_ctrl_c_on_the_process_group_lets_workers_finish_their_batches(
     proc = start_up(up_procs, out, candidates, new_session=True)
     farm = Farm(out)
     wait_for("the farm to start", farm.ready, proc)
-    wait_for("both workers to hold a batch", lambda: farm.holds_batch("up-worker-1")
-             and farm.holds_batch("up-worker-2"), proc)
+    wait_for("both workers to hold 2 batches (one leased ahead)",
+             lambda: farm.holds_batch("up-worker-1", 2) and farm.holds_batch("up-worker-2", 2),
+             proc)
 
     os.killpg(proc.pid, signal.SIGINT)
     wait_for("both workers to be told to finish", lambda: all(
@@ -309,11 +312,11 @@ def test_ctrl_c_on_the_process_group_lets_workers_finish_their_batches(
     gate.open()
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 1, output
-    assert stop_counts(output) == (2, 0), output
+    assert stop_counts(output) == (4, 0), output  # both started: finished, none released
     assert "killed" not in output, output
     assert not any("got SIGINT" in farm.log(w) for w in ("worker-1", "worker-2"))
     statuses = farm.batch_statuses()
-    assert statuses["leased"] == 0 and statuses["downloaded"] == 2, statuses
+    assert statuses["leased"] == 0 and statuses["downloaded"] == 4, statuses
 
 
 @pytest.mark.slow
