@@ -19,6 +19,15 @@ PAGE = "https://www.example.com/blog/2021/post.html?x=1"
     ("cat.jpg#zoom", PAGE, "https://www.example.com/blog/2021/cat.jpg"),
     ("?size=2", PAGE, "https://www.example.com/blog/2021/post.html?size=2"),
     ("cat.jpg", "http://static.example.org/base/", "http://static.example.org/base/cat.jpg"),
+    # cleaned by pairfarm.urls, as ingest cleans: what a browser requests
+    ("my cat.jpg", PAGE, "https://www.example.com/blog/2021/my%20cat.jpg"),
+    ("/bilder/straße.jpg?größe=2", PAGE,
+     "https://www.example.com/bilder/stra%C3%9Fe.jpg?gr%C3%B6%C3%9Fe=2"),
+    ("http://Bücher.Example/a b.jpg", PAGE, "http://xn--bcher-kva.example/a%20b.jpg"),
+    ("//CDN.Example.net:443/a%20b.jpg", PAGE, "https://cdn.example.net/a%20b.jpg"),
+    ("img\\cat.jpg?a\\b", PAGE, "https://www.example.com/blog/2021/img/cat.jpg?a\\b"),
+    ("\\\\cdn.example.net\\cat.jpg", PAGE, "https://cdn.example.net/cat.jpg"),
+    ("http:///a.jpg", PAGE, "http://a.jpg/"),  # WHATWG skips the extra slash
 ])
 def test_resolve_src_gives_absolute_http_urls(src: str, base: str, expected: str) -> None:
     assert resolve_src(src, base) == expected
@@ -32,7 +41,10 @@ def test_resolve_src_gives_absolute_http_urls(src: str, base: str, expected: str
     ("", Drop.BAD_URL),
     ("   ", Drop.BAD_URL),
     ("http://[::1/a.jpg", Drop.BAD_URL),
-    ("http:///a.jpg", Drop.BAD_URL),
+    ("http://", Drop.BAD_URL),
+    ("http://user:pw@example.com/a.jpg", Drop.BAD_URL),
+    ("http://a b.example.com/a.jpg", Drop.BAD_URL),
+    ("/" + "a" * 8200, Drop.URL_TOO_LONG),
 ])
 def test_resolve_src_drops_what_cannot_be_downloaded(src: str, reason: Drop) -> None:
     assert resolve_src(src, PAGE) is reason

@@ -75,9 +75,9 @@ def test_bad_rows_are_rejected_with_their_reason(db_url: str, tmp_path: Path) ->
         {"URL": "", "TEXT": "no url at all"},
         {"URL": "ftp://x.test/a.jpg", "TEXT": "wrong scheme"},
         {"URL": "javascript:alert(1)", "TEXT": "not http"},
-        {"URL": "http:///nohost.jpg", "TEXT": "no host here"},
-        {"URL": "http://x.test/a b.jpg", "TEXT": "space in url"},
-        {"URL": "http://x.test/" + "a" * 2100, "TEXT": "url far too long"},
+        {"URL": "http://", "TEXT": "no host here"},
+        {"URL": "http://me:pw@x.test/a.jpg", "TEXT": "a password in the url"},
+        {"URL": "http://x.test/" + "a" * 8200, "TEXT": "url far too long"},
         {"URL": "http://x.test/n.jpg", "TEXT": None},
         {"URL": "http://x.test/s.jpg", "TEXT": " abc "},
         {"URL": "http://x.test/l.jpg", "TEXT": "c" * 5000},
@@ -104,7 +104,7 @@ def test_exact_duplicates_first_ingested_wins_and_rerun_adds_nothing(
     first = _write(tmp_path / "first.csv", [
         {"url": "http://a.test/1.jpg", "caption": "the first caption"},
         {"url": "http://a.test/1.jpg", "caption": "same url again"},
-        {"url": "http://A.test/1.jpg", "caption": "another host case"}])
+        {"url": "http://a.test/1.JPG", "caption": "another path case"}])
     second = _write(tmp_path / "second.csv", [
         {"url": "http://a.test/1.jpg", "caption": "from the second file"},
         {"url": "http://a.test/2.jpg", "caption": "new in the second"}])
@@ -114,7 +114,7 @@ def test_exact_duplicates_first_ingested_wins_and_rerun_adds_nothing(
     assert "read 5, inserted 0, duplicate 5" in again
     captions = {r.url: r.caption for r in _candidates(db_url)}
     assert captions == {"http://a.test/1.jpg": "the first caption",
-                        "http://A.test/1.jpg": "another host case",
+                        "http://a.test/1.JPG": "another path case",
                         "http://a.test/2.jpg": "new in the second"}
     with engine_for(db_url) as engine, engine.connect() as conn:
         candidates = set(conn.execute(sa.text("SELECT id FROM candidates")).scalars())
@@ -313,9 +313,10 @@ def _counts(db_url: str) -> tuple[int, int, int, list[str]]:
 
 def test_each_ingested_url_has_its_sha256_hash_and_no_text_index(db_url: str,
                                                                    tmp_path: Path) -> None:
-    """url_hashes holds the first 16 bytes of the SHA-256 of each new URL, the key the
-    loader computes and the one the migration computes in SQL."""
+    """url_hashes holds the first 16 bytes of the SHA-256 of each new URL as cleaned,
+    the key the loader computes and the one the migration computes in SQL."""
     from coordinator.ingest.urlhash import url_hash
+    from pairfarm.urls import clean_url
 
     urls = ["http://a.test/1.jpg", "http://b.test/é/ü.jpg?q=1"]
     _ingest(db_url, str(_write(tmp_path / "in.jsonl",
@@ -327,7 +328,7 @@ def test_each_ingested_url_has_its_sha256_hash_and_no_text_index(db_url: str,
             "FROM candidates")).scalars())
         indexes = set(conn.execute(sa.text(
             "SELECT indexname FROM pg_indexes WHERE tablename = 'candidates'")).scalars())
-    assert {h.bytes for h in stored} == {url_hash(u) for u in urls}
+    assert {h.bytes for h in stored} == {url_hash(str(clean_url(u))) for u in urls}
     assert stored == in_sql
     assert indexes == {"candidates_pkey"}
 
@@ -500,3 +501,111 @@ def test_extra_json_escapes_text_and_keeps_whole_floats_floats() -> None:
         {"f": 2.0, "t": 'a "q" \\ é'}, {"t": "line\nbreak\x01", "i": 2**63 + 1},
         {"f": -0.5}, {"f": 1e20}]
     assert objects[0] is not None and objects[0].startswith('{"f":2.0,')
+
+
+# -- URLs as browsers request them (pairfarm.urls) -------------------------------------
+
+#: raw URLs as datasets and pages hold them, each with what a browser requests (None:
+#: refused); shared by the ingest and the extract test
+RAW_URLS: list[tuple[str, str | None]] = [
+    ("http://u.test/plain.jpg", "http://u.test/plain.jpg"),
+    ("http://u.test/a photo.jpg", "http://u.test/a%20photo.jpg"),
+    ("http://u.test/a%20kept.jpg", "http://u.test/a%20kept.jpg"),
+    ("https://u.test/bild/straße.jpg?größe=2", "https://u.test/bild/stra%C3%9Fe.jpg?"
+     "gr%C3%B6%C3%9Fe=2"),
+    ("https://Bücher.example/画像.png", "https://xn--bcher-kva.example/"
+     "%E7%94%BB%E5%83%8F.png"),
+    ("HTTP://U.Test:80/Upper.JPG#frag", "http://u.test/Upper.JPG"),
+    ("http://u.test/a/../b/./c.jpg", "http://u.test/b/c.jpg"),
+    ("https://u.test/long?x=" + "a" * 2600, "https://u.test/long?x=" + "a" * 2600),
+    ("http://me:pw@u.test/secret.jpg", None),
+    ("http://u.test/" + "é" * 3000, None),
+]
+
+
+def test_urls_are_cleaned_as_browsers_request_them(db_url: str, tmp_path: Path) -> None:
+    """Spaces and non-ASCII percent-encoded, IDNA host, a 2,600-character URL kept; the
+    stored URL (and so its dedup key) is the cleaned one: the same URL written another
+    way is a duplicate."""
+    from coordinator.ingest.urlhash import url_hash
+
+    rows = [{"url": raw, "caption": f"caption number {i}"} for i, (raw, _) in
+            enumerate(RAW_URLS)]
+    rows.append({"url": "http://u.test/a%20photo.jpg", "caption": "the same, encoded"})
+    rejects = tmp_path / "rejects.csv"
+    out = _ingest(db_url, str(_write(tmp_path / "in.jsonl", rows)),
+                  "--rejects", str(rejects)).stdout
+    assert "read 11, inserted 8, duplicate 1, rejected 2" in out
+    expected = [clean for _, clean in RAW_URLS if clean is not None]
+    assert [r.url for r in _candidates(db_url)] == expected
+    with rejects.open() as handle:
+        got = [(r["reason"], r["url"][:30]) for r in csv.DictReader(handle)]
+    assert got == [("bad_url", "http://me:pw@u.test/secret.jpg"),
+                   ("url_too_long", "http://u.test/" + "é" * 16)]
+    with engine_for(db_url) as engine, engine.connect() as conn:
+        stored = {h.bytes for h in conn.execute(sa.text("SELECT h FROM url_hashes")).scalars()}
+    assert stored == {url_hash(u) for u in expected}
+
+
+def _ascii_and_odd_urls(count: int) -> list[str | None]:
+    rnd = __import__("random").Random(3)
+    hosts = ["x.test", "X.Test", "bücher.example", "x.test:80", "x.test:8080", "[::1]",
+             "u:p@x.test", "", "a b"]
+    pieces = ["/", "/", "a", "Z", "%20", "%", ".", "..", "%2e", " ", "é", "?", "#", "\\",
+              "'", '"', "`", "{", "<", "|", "&", "="]
+    urls: list[str | None] = [None, "", "  ", "ftp://x.test/a", "x.test/a"]
+    while len(urls) < count:
+        rest = "".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 8)))
+        urls.append(rnd.choice(["http://", "https://", "HTTP://", " http://"])
+                    + rnd.choice(hosts) + rnd.choice(["/", "", "?"]) + rest)
+    return urls
+
+
+def test_validate_cleans_each_url_as_clean_url_does() -> None:
+    """Ingest's column checks (Arrow's RE2) and the one-by-one path agree with
+    pairfarm.urls.clean_url on every row."""
+    from pairfarm.urls import UrlProblem, clean_url
+
+    urls = _ascii_and_odd_urls(3000)
+    batch = pa.record_batch({"url": urls, "caption": ["a long enough caption"] * len(urls)})
+    checked = validate(batch, Columns(), first_row=1)
+    rejected = dict(zip(checked.rejects.column("row").to_pylist(),
+                        checked.rejects.column("reason").to_pylist(), strict=True))
+    kept = dict(zip(checked.good.column("row").to_pylist(),
+                    checked.good.column("url").to_pylist(), strict=True))
+    for row, url in enumerate(urls, start=1):
+        expected = UrlProblem.MISSING if url is None else clean_url(url)
+        if isinstance(expected, UrlProblem):
+            assert rejected[row] == expected.value, url
+        else:
+            assert kept[row] == expected, url
+    assert 300 < len(kept) < len(urls) - 300, "both paths and both results exercised"
+
+
+def test_ingest_and_extract_write_the_same_urls(db_url: str, tmp_path: Path) -> None:
+    """The same image URLs through ``pairfarm ingest`` (a jsonl of them) and through
+    ``pairfarm extract`` (the src of <img> on a WAT page) come out identical."""
+    import io
+
+    from rich.console import Console
+
+    from extract.runner import run_extract
+    from extract.settings import build_settings
+    from extract.watbuild import Img, WatPage, write_wat
+
+    page = WatPage("https://page.test/", [Img(raw, f"image number {i} on the page")
+                                          for i, (raw, _) in enumerate(RAW_URLS)])
+    wat = write_wat(tmp_path / "p.wat.gz", [page])
+    settings = build_settings(
+        sources=[str(wat)], out_dir=tmp_path / "out", workers=1, rows_per_shard=1000,
+        min_alt_chars=5, language_threshold=0.5, dedup_key="url+alt", bloom_path=None,
+        use_bloom=False, bloom_capacity=1000, bloom_fpr=0.01, ingest=False)
+    run = run_extract(settings, Console(file=io.StringIO()))
+    extracted = pq.read_table(run.shards[0])["url"].to_pylist()
+    assert run.counts.dropped == {"bad_url": 1, "url_too_long": 1}
+
+    rows = [{"url": raw, "caption": f"image number {i} on the page"}
+            for i, (raw, _) in enumerate(RAW_URLS)]
+    _ingest(db_url, str(_write(tmp_path / "in.jsonl", rows)))
+    ingested = [r.url for r in _candidates(db_url)]
+    assert extracted == ingested == [c for _, c in RAW_URLS if c is not None]

@@ -5,15 +5,19 @@ A row is rejected with the first reason that applies, in this order:
 =====================  ==================================================================
 ``missing_url``        no URL, or an empty one
 ``not_http``           a scheme other than http:// or https://
-``bad_url``            no host, or white space inside the URL
-``url_too_long``       longer than ``MAX_URL_CHARS``
+``bad_url``            no host, a user name or password, a bad host or port
+``url_too_long``       longer than ``MAX_URL_CHARS`` (8,192) once cleaned
 ``missing_caption``    no caption
 ``caption_too_short``  under 5 characters after cleaning (the LAION rule)
 ``caption_too_long``   longer than ``MAX_CAPTION_CHARS``
 =====================  ==================================================================
 
-Cleaning comes first: control characters (U+0000-U+001F, U+007F) are removed from URLs and
-replaced by a space in captions, then both are trimmed. ``language`` is kept when it is at
+Cleaning comes first. URLs are cleaned by ``pairfarm.urls.clean_url``, as a browser
+requests them (the rules are in that module; ``pairfarm extract`` writes the same form):
+a column is checked at once against ``UNCHANGED_PATTERN`` and only the rows that may
+change (white space, non-ASCII, an uppercase host, a port, ...) are cleaned one by one.
+In captions control characters (U+0000-U+001F, U+007F) are replaced by a space, then the
+caption is trimmed. ``language`` is kept when it is at
 most 35 characters (a BCP 47 tag), else dropped. Extra columns are kept as the input had
 them (numbers, booleans, strings; NaN becomes null; anything else is JSON text).
 """
@@ -28,8 +32,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from coordinator.errors import IngestError
+from pairfarm.urls import (
+    DOT_SEGMENT_PATTERN,
+    MAX_URL_CHARS,
+    UNCHANGED_PATTERN,
+    UrlProblem,
+    clean_url,
+)
 
-MAX_URL_CHARS = 2048
 MAX_CAPTION_CHARS = 4096
 MIN_CAPTION_CHARS = 5
 MAX_LANGUAGE_CHARS = 35
@@ -72,9 +82,9 @@ def extra_names(schema: pa.Schema, columns: Columns) -> list[str]:
 def validate(batch: pa.RecordBatch, columns: Columns, first_row: int) -> Validated:
     """Clean and check one batch; ``first_row`` is the 1-based number of its first row."""
     _require(batch.schema, columns)
-    url = _clean(_text(batch.column(columns.url)), "")
+    url, url_reason = _urls(_text(batch.column(columns.url)))
     caption = _clean(_text(batch.column(columns.caption)), " ")
-    reason = _reasons(url, caption)
+    reason = pc.coalesce(url_reason, _caption_reasons(caption))
     rows = pa.arange(first_row, first_row + batch.num_rows)
     keep = pc.is_null(reason)
     good = {"row": rows, "url": url, "caption": caption,
@@ -113,20 +123,33 @@ def _clean(values: pa.Array, replacement: str) -> pa.Array:
     return pc.utf8_trim_whitespace(values)
 
 
-def _reasons(url: pa.Array, caption: pa.Array) -> pa.Array:
-    url_len, cap_len = pc.utf8_length(url), pc.utf8_length(caption)
+def _urls(raw: pa.Array) -> tuple[pa.Array, pa.Array]:
+    """The cleaned URLs and their reject reasons (null: kept). A row that matches
+    ``UNCHANGED_PATTERN`` is its own cleaned form; the others go through ``clean_url``."""
+    kept = pc.fill_null(pc.and_not(pc.match_substring_regex(raw, UNCHANGED_PATTERN),
+                                   pc.match_substring_regex(raw, DOT_SEGMENT_PATTERN)), False)
+    too_long = pc.and_(kept, pc.greater(pc.binary_length(raw), MAX_URL_CHARS))
+    reason = pc.if_else(too_long, UrlProblem.TOO_LONG.value, pa.scalar(None, pa.string()))
+    others = pc.invert(kept)
+    if not pc.any(others).as_py():
+        return raw, reason
+    cleaned = [UrlProblem.MISSING if text is None else clean_url(text)
+               for text in raw.filter(others).to_pylist()]
+    urls = pa.array([None if isinstance(c, UrlProblem) else c for c in cleaned], pa.string())
+    problems = pa.array([c.value if isinstance(c, UrlProblem) else None for c in cleaned],
+                        pa.string())
+    return (pc.replace_with_mask(raw, others, urls),
+            pc.replace_with_mask(reason, others, problems))
+
+
+def _caption_reasons(caption: pa.Array) -> pa.Array:
+    cap_len = pc.utf8_length(caption)
     checks = [
-        ("missing_url", pc.or_kleene(pc.is_null(url), pc.equal(url_len, 0))),
-        ("not_http", pc.invert(pc.match_substring_regex(url, "^https?://",
-                                                        ignore_case=True))),
-        ("bad_url", pc.or_(pc.invert(pc.match_substring_regex(url, "^[a-zA-Z]+://[^/?#]+")),
-                           pc.match_substring_regex(url, "\\s"))),
-        ("url_too_long", pc.greater(url_len, MAX_URL_CHARS)),
         ("missing_caption", pc.is_null(caption)),
         ("caption_too_short", pc.less(cap_len, MIN_CAPTION_CHARS)),
         ("caption_too_long", pc.greater(cap_len, MAX_CAPTION_CHARS)),
     ]
-    reason = pa.nulls(len(url), pa.string())
+    reason = pa.nulls(len(caption), pa.string())
     for name, failed in reversed(checks):
         reason = pc.if_else(pc.fill_null(failed, True), name, reason)
     return reason
