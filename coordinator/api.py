@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
-from coordinator import dashboard, tokens
+from coordinator import dashboard, robots, tokens
 from coordinator.errors import (
     AuthError,
     CoordinatorError,
@@ -65,6 +65,10 @@ from pairfarm.protocol import (
     PostprocessReport,
     RegisterRequest,
     RegisterResponse,
+    RobotsLookup,
+    RobotsLookupResult,
+    RobotsStore,
+    RobotsStored,
     Role,
 )
 
@@ -295,6 +299,18 @@ def _routes(app: FastAPI, settings: CoordinatorSettings, engine: sa.Engine,
         wid = worker_id(info, Role.GPU)
         with metrics.fenced(POSTPROCESS, "complete"):
             return leases.complete_postprocess(batch_id, wid, body)
+
+    @app.post(f"{API_PREFIX}/robots/lookup")
+    def robots_lookup(body: RobotsLookup, info: Caller) -> RobotsLookupResult:
+        """The stored robots.txt answers of the origins asked (``coordinator.robots``)."""
+        worker_id(info, Role.WORKER)
+        return robots.lookup(engine, body.origins)
+
+    @app.post(f"{API_PREFIX}/robots")
+    def robots_store(body: RobotsStore, info: Caller) -> RobotsStored:
+        """Robots.txt answers a worker fetched, shared with the others until they expire."""
+        worker_id(info, Role.WORKER)
+        return robots.store(engine, body)
 
     @app.get(f"{API_PREFIX}/stats")
     def stats() -> FarmStats:

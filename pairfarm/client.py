@@ -34,6 +34,8 @@ from pydantic import BaseModel, ValidationError
 from pairfarm import __version__
 from pairfarm.protocol import (
     API_PREFIX,
+    ROBOTS_MAX_ENTRIES,
+    ROBOTS_MAX_ORIGINS,
     BatchState,
     DownloadLease,
     DownloadReport,
@@ -46,12 +48,22 @@ from pairfarm.protocol import (
     PostprocessReport,
     RegisterRequest,
     RegisterResponse,
+    RobotsCached,
+    RobotsEntry,
+    RobotsLookup,
+    RobotsLookupResult,
+    RobotsStore,
+    RobotsStored,
 )
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 USER_AGENT = f"pairfarm/{__version__} (+https://github.com/pairfarm/pairfarm)"
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+#: JSON bytes of robots.txt answers one store request carries at most (the coordinator
+#: refuses request bodies over 1 MiB by default)
+STORE_BYTES = 512 * 1024
 
 
 class ClientError(Exception):
@@ -159,6 +171,8 @@ def _must(value: M | None) -> M:
 class _Paths:
     register = f"{API_PREFIX}/register"
     stats = f"{API_PREFIX}/stats"
+    robots = f"{API_PREFIX}/robots"
+    robots_lookup = f"{API_PREFIX}/robots/lookup"
 
     @staticmethod
     def lease(kind: str) -> str:
@@ -223,6 +237,48 @@ class AsyncCoordinatorClient:
 
     async def stats(self) -> FarmStats:
         return _must(await self._call("GET", _Paths.stats, None, FarmStats))
+
+    async def robots_lookup(self, origins: list[str]) -> list[RobotsCached]:
+        """The farm's valid robots.txt answers for ``origins`` (any number of them: asked
+        ``ROBOTS_MAX_ORIGINS`` at a time, and again for those a response left out)."""
+        found: list[RobotsCached] = []
+        for part in _parts(origins, ROBOTS_MAX_ORIGINS):
+            asked = part
+            while asked:
+                result = _must(await self._call("POST", _Paths.robots_lookup,
+                                                RobotsLookup(origins=asked),
+                                                RobotsLookupResult))
+                found += result.entries
+                asked = result.more if result.entries else []
+        return found
+
+    async def robots_store(self, entries: list[RobotsEntry]) -> int:
+        """Share robots.txt answers this worker fetched; the number stored."""
+        stored = 0
+        for part in _store_groups(entries):
+            req = RobotsStore(entries=part)
+            stored += _must(await self._call("POST", _Paths.robots, req, RobotsStored)).stored
+        return stored
+
+
+def _parts(items: list[T], size: int) -> list[list[T]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _store_groups(entries: list[RobotsEntry]) -> list[list[RobotsEntry]]:
+    """``entries`` in requests of at most ``ROBOTS_MAX_ENTRIES`` and ``STORE_BYTES`` of
+    JSON (an answer larger than that alone)."""
+    groups: list[list[RobotsEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        length = len(entry.model_dump_json())
+        if groups[-1] and (size + length > STORE_BYTES
+                           or len(groups[-1]) == ROBOTS_MAX_ENTRIES):
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += length
+    return [group for group in groups if group]
 
 
 class CoordinatorClient:

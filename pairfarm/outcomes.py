@@ -24,6 +24,9 @@ class Outcome(StrEnum):
     HTTP_5XX = "http_5xx"
     REDIRECT_LIMIT = "redirect_limit"  # more than the allowed hops, or a loop
     OPTED_OUT = "opted_out"  # X-Robots-Tag noai / noimageai / noindex / noimageindex
+    #: never requested: the robots.txt of its origin disallows it for our user-agent token
+    #: (an unreachable robots.txt ends the URL in its own failure: http_5xx, timeout, ...)
+    ROBOTS_DISALLOWED = "robots_disallowed"
     TOO_LARGE = "too_large"  # body (decoded) over the size cap
     TOO_SMALL = "too_small"  # body under 5 KB (LAION rule)
     NOT_IMAGE = "not_image"  # not one of the allowed image formats

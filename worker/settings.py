@@ -8,18 +8,30 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 from pairfarm import __version__
+from pairfarm.protocol import ROBOTS_MAX_BYTES, ROBOTS_MAX_TTL_S
 from worker.addresses import AddressPolicy
 from worker.errors import SettingsError
 
 AGENT_TOKEN = "pairfarm"
 PROJECT_URL = "https://github.com/pairfarm/pairfarm"
-USER_AGENT = (
-    f"{AGENT_TOKEN}/{__version__} (+{PROJECT_URL}; image-text dataset builder; "
-    f"opt out with X-Robots-Tag: noai)"
-)
+#: RFC 9309's product token: what a robots.txt ``User-agent:`` line names
+_PRODUCT_TOKEN = re.compile(r"^[A-Za-z_-]+$")
+
+
+def user_agent_for(token: str) -> str:
+    """The User-Agent header: ``token`` first (robots.txt groups and ``X-Robots-Tag``
+    prefixes are matched against it), pairfarm's version and URL after it."""
+    about = f"+{PROJECT_URL}; image-text dataset builder; opt out with X-Robots-Tag: noai"
+    if token == AGENT_TOKEN:
+        return f"{token}/{__version__} ({about})"
+    return f"{token} (compatible; {AGENT_TOKEN}/{__version__}; {about})"
+
+
+USER_AGENT = user_agent_for(AGENT_TOKEN)
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
 OUTPUT_FORMATS = ("jpg", "webp")
@@ -67,6 +79,39 @@ class FetchSettings:
                                 f"({self.max_body_bytes} bytes)")
         if self.max_redirects < 0 or self.max_retries < 0:
             raise SettingsError("max_redirects and max_retries must be >= 0")
+        if not _PRODUCT_TOKEN.match(self.agent_token):
+            raise SettingsError(f"the user-agent token must be letters, '-' and '_' "
+                                f"(RFC 9309's product token), got {self.agent_token!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RobotsSettings:
+    """robots.txt (RFC 9309, ``worker.robotstxt``). Times in seconds."""
+
+    enabled: bool = True
+    #: how long an answer (rules, or 4xx: allow all) is used, here and by the farm
+    ttl_s: int = 86_400
+    #: how long a robots.txt that answered 5xx / 429 or could not be reached keeps its
+    #: origin's URLs disallowed before it is fetched again
+    unreachable_ttl_s: int = 600
+    #: one robots.txt fetch, redirects included
+    timeout_s: float = 20.0
+    #: bytes of a robots.txt kept (RFC 9309: at least 500 KiB are parsed)
+    max_bytes: int = ROBOTS_MAX_BYTES
+    max_redirects: int = 5
+    #: answers this process keeps (least recently used dropped)
+    max_origins: int = 20_000
+
+    def __post_init__(self) -> None:
+        _positive(self, ("ttl_s", "unreachable_ttl_s", "timeout_s", "max_bytes",
+                         "max_origins"))
+        for name in ("ttl_s", "unreachable_ttl_s"):
+            if getattr(self, name) > ROBOTS_MAX_TTL_S:
+                raise SettingsError(f"{name} must be at most {ROBOTS_MAX_TTL_S} s "
+                                    f"(RFC 9309: 24 h), got {getattr(self, name)}")
+        if self.max_bytes > ROBOTS_MAX_BYTES or self.max_redirects < 0:
+            raise SettingsError(f"max_bytes must be at most {ROBOTS_MAX_BYTES} and "
+                                f"max_redirects >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +156,7 @@ class PipelineSettings:
     #: bytes of pixels the decode threads hold at once (``imaging.decode_cost``); an image
     #: that needs more on its own is refused as ``bomb``
     decode_memory_bytes: int = 224 * 1024 * 1024
+    robots: RobotsSettings = field(default_factory=RobotsSettings)
 
     def __post_init__(self) -> None:
         _positive(self, ("decode_threads", "decode_memory_bytes"))
