@@ -27,7 +27,8 @@ whichever way it came in. The rules, in order:
 6. In the path ``\\`` is ``/``, ``.`` and ``..`` segments (also as ``%2e``) are resolved,
    and an empty path is ``/``. Path and query are percent-encoded with the WHATWG path and
    special-query percent-encode sets: space, ``"``, ``<``, ``>``, every non-ASCII character
-   (as its UTF-8 bytes), and in the path also `````, ``{``, ``}``, in the query ``'``.
+   (as its UTF-8 bytes), and in the path also ``^``, `````, ``{``, ``}``, in the query
+   ``'``.
    ``%`` is never encoded: ``%20`` stays ``%20`` (no double encoding).
 7. The fragment (``#...``) is dropped: a browser does not send it.
 8. The cleaned URL must be at most ``MAX_URL_CHARS`` (8,192) characters, else
@@ -57,7 +58,7 @@ _AUTHORITY_END = re.compile(r"[/\\?#]")
 _FORBIDDEN_HOST = re.compile(r"[\x00-\x20#%/:<>?@\[\\\]^|\x7f]")
 _PRINTABLE = "".join(chr(c) for c in range(0x21, 0x7F))
 #: what quote() leaves alone: printable ASCII less the WHATWG encode set, plus '%'
-_PATH_SAFE = "".join(c for c in _PRINTABLE if c not in '"#<>?`{}')
+_PATH_SAFE = "".join(c for c in _PRINTABLE if c not in '"#<>?^`{}')
 _QUERY_SAFE = "".join(c for c in _PRINTABLE if c not in "\"#<>'")
 _PATH_CLEAN = re.compile(f"[{re.escape(_PATH_SAFE)}]*")
 _QUERY_CLEAN = re.compile(f"[{re.escape(_QUERY_SAFE)}]*")

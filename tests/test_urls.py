@@ -25,8 +25,9 @@ LONG_PATH = "/" + "a" * (MAX_URL_CHARS - len("http://a.test/"))
     ("https://x.test/ä/straße.jpg", "https://x.test/%C3%A4/stra%C3%9Fe.jpg"),
     ("https://x.test/画像.jpg?名=値", "https://x.test/%E7%94%BB%E5%83%8F.jpg?%E5%90%8D=%E5%80%A4"),
     ("http://x.test/a.jpg?q=ü", "http://x.test/a.jpg?q=%C3%BC"),
-    # path and special-query sets differ: ` { } in the path, ' in the query
+    # path and special-query sets differ: ^ ` { } in the path, ' in the query
     ("http://x.test/{a}`b`?c={d}`'\"", "http://x.test/%7Ba%7D%60b%60?c={d}`%27%22"),
+    ("http://x.test/a^b|c[d]?e^f|g", "http://x.test/a%5Eb|c[d]?e^f|g"),
     ("http://x.test/<a>?<b>", "http://x.test/%3Ca%3E?%3Cb%3E"),
     # existing escapes kept, never encoded twice; a lone % kept too
     ("http://x.test/a%20b.jpg", "http://x.test/a%20b.jpg"),
