@@ -152,6 +152,16 @@ def auto_archive_settings(*, archive_to: str | None, hot_max_candidates: int,
               help="Seconds within which those failures must fall.")
 @click.option("--quarantine-for", default=900.0, type=float, envvar="PAIRFARM_QUARANTINE_FOR",
               show_default=True, help="Seconds a quarantined worker gets no lease.")
+@click.option("--url-retries", default=2, type=int, envvar="PAIRFARM_URL_RETRIES",
+              show_default=True,
+              help="Times a URL whose outcome was transient (timeout, connect, http_5xx, "
+                   "http_429, host_busy) is tried again in a later batch (0: never).")
+@click.option("--url-retry-delay", default=3600.0, type=float,
+              envvar="PAIRFARM_URL_RETRY_DELAY", show_default=True,
+              help="Seconds before a URL's first retry is due.")
+@click.option("--url-retry-growth", default=4.0, type=float,
+              envvar="PAIRFARM_URL_RETRY_GROWTH", show_default=True,
+              help="Each further retry of a URL waits this many times longer.")
 @click.option("--reap-interval", default=10.0, type=float, envvar="PAIRFARM_REAP_INTERVAL",
               show_default=True, help="Seconds between two passes of the lease reaper.")
 @click.option("--max-body-bytes", default=1 << 20, type=int, envvar="PAIRFARM_MAX_BODY_BYTES",
@@ -174,7 +184,8 @@ def auto_archive_settings(*, archive_to: str | None, hot_max_candidates: int,
 def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path, host: str,
                 port: int, batch_size: int, lease_ttl: float, max_attempts: int,
                 max_sample_rows: int, quarantine_after: int, quarantine_window: float,
-                quarantine_for: float, reap_interval: float, max_body_bytes: int,
+                quarantine_for: float, url_retries: int, url_retry_delay: float,
+                url_retry_growth: float, reap_interval: float, max_body_bytes: int,
                 shard_prefixes: tuple[str, ...], processes: int, migrate: bool,
                 **archive: Any) -> None:
     """Serve the coordinator's REST API (OpenAPI at /docs).
@@ -190,7 +201,9 @@ def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path,
                                 max_attempts=max_attempts, max_sample_rows=max_sample_rows,
                                 quarantine_after=quarantine_after,
                                 quarantine_window_s=quarantine_window,
-                                quarantine_s=quarantine_for)
+                                quarantine_s=quarantine_for, url_retries=url_retries,
+                                url_retry_delay_s=url_retry_delay,
+                                url_retry_growth=url_retry_growth)
     settings = make_settings(database_url=database_url, data_dir=data_dir, host=host,
                              port=port, lease=lease, reap_interval_s=reap_interval,
                              max_body_bytes=max_body_bytes, shard_prefixes=shard_prefixes,

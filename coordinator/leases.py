@@ -16,6 +16,18 @@ Forming a download batch (``lease_download``):
 3. when the sample comes back short (or would be too costly), top it up from the
    primary key of ``pending_chunks`` starting at a random id, again ``SKIP LOCKED``.
 
+URL retries: a new batch first takes candidates that wait for a retry and are due
+(``claim_retries``: ``url_retries`` rows by their ``not_before`` index, ``SKIP LOCKED``),
+at most ``RETRY_SHARE`` of the batch while new candidates remain (retries crowd on the
+hosts that failed, and the sampled rest keeps the batch spread like the input), then more
+of them when ``pending_chunks`` runs short. The lease tells the worker each candidate's
+attempt and ``url_retries``. A completion whose report names candidates to retry (their
+outcome transient, their attempt <= ``url_retries``) sends them back in its own
+transaction, after the fence (``queue_retries``): they leave the batch's members, size and
+outcome counts (the batch counts them in ``retried``) and wait ``url_retry_delay_s`` x
+``url_retry_growth`` ^ (attempt - 1) in ``url_retries``. A report asking to retry a
+candidate that is not in the batch or at its last attempt is refused whole.
+
 A candidate leaves ``pending_chunks`` with the delete of its chunk, which succeeds once:
 no two batches can hold it. Sampling and claiming read and write only ``pending_chunks``
 (~625 rows for a 10k batch) and one ``batch_members`` row; the wide ``candidates`` rows
@@ -84,6 +96,9 @@ TABLE_STATS_MAX_AGE_S = 10.0
 PAGE_ROWS = 43
 #: rounds of the index fallback (each learns how full the chunks are)
 INDEX_ROUNDS = 8
+#: while new candidates remain, at most this share of a new batch (at least one) is
+#: candidates due for a retry
+RETRY_SHARE = 0.25
 
 
 def new_lease_token() -> str:
@@ -97,11 +112,13 @@ class RawDownloadLease:
     info: LeaseInfo
     count: int
     candidates: str
+    url_retries: int = 0
 
     def to_json(self) -> str:
         """The ``DownloadLease`` body: the lease fields with the candidates spliced in."""
         head = self.info.model_dump_json()
-        return f'{head[:-1]},"candidates":{self.candidates}}}'
+        return (f'{head[:-1]},"url_retries":{int(self.url_retries)},'
+                f'"candidates":{self.candidates}}}')
 
 
 @dataclass(frozen=True)
@@ -194,7 +211,7 @@ class Leases:
             row = conn.execute(Q.lease_pending_batch, {**params, "max_size": size}).first()
             if row is None:
                 row = conn.execute(Q.insert_leased_batch, params).one()
-                claimed = self._form(conn, row.id, size)
+                claimed = self._fill_batch(conn, row.id, size)
                 if not claimed:
                     conn.rollback()
                     return None
@@ -203,7 +220,23 @@ class Leases:
             self._count("leases", DOWNLOAD)
             info = LeaseInfo(batch_id=row.id, lease_token=row.lease_token,
                              lease_expires_at=row.lease_expires_at, attempt=row.attempts)
-            return RawDownloadLease(info=info, count=found.n, candidates=found.candidates)
+            return RawDownloadLease(info=info, count=found.n, candidates=found.candidates,
+                                    url_retries=self.settings.url_retries)
+
+    def _fill_batch(self, conn: sa.Connection, batch_id: int, want: int) -> int:
+        """Fill a new batch: due retries (at most ``RETRY_SHARE`` of it), new candidates,
+        then more due retries when the new ones ran short; how many in all."""
+        retries = self._claim_retries(conn, batch_id, max(1, int(want * RETRY_SHARE)))
+        formed = self._form(conn, batch_id, want - retries) if retries < want else 0
+        if retries + formed < want:
+            retries += self._claim_retries(conn, batch_id, want - retries - formed)
+        return retries + formed
+
+    def _claim_retries(self, conn: sa.Connection, batch_id: int, want: int) -> int:
+        if want < 1:
+            return 0
+        row = conn.execute(Q.claim_retries, {"batch_id": batch_id, "n": want}).one()
+        return int(row.n)
 
     def _form(self, conn: sa.Connection, batch_id: int, want: int) -> int:
         """Fill batch ``batch_id`` with up to ``want`` pending candidates; how many."""
@@ -253,17 +286,37 @@ class Leases:
                 return _state(batch)
             _fence(batch, DOWNLOAD, worker_id, report.lease_token)
             reports.check_download(report, batch.size)
+            sent_back = self._queue_retries(conn, batch_id, report)
+            retried = sum(sent_back.values())
             row = conn.execute(Q.complete_download, {
                 "batch_id": batch_id, "worker_id": worker_id,
                 "lease_token": report.lease_token,
                 "shard": report.shard.model_dump_json(), "tar_sha256": report.shard.tar_sha256,
-                "outcomes": json.dumps(report.outcomes),
+                "outcomes": json.dumps(reports.final_outcomes(report.outcomes, sent_back)),
+                "size": batch.size - retried, "retried": retried,
                 "bytes_downloaded": report.bytes_downloaded,
                 "duration_s": report.duration_s, "digest": digest,
             }).one()
             conn.execute(Q.worker_completed, {"worker_id": worker_id})
             self._count("completions", DOWNLOAD)
             return BatchState(batch_id=row.id, status=row.status, attempts=row.attempts)
+
+    def _queue_retries(self, conn: sa.Connection, batch_id: int,
+                       report: DownloadReport) -> dict[str, int]:
+        """Send the report's retries back for a later batch; how many by outcome class.
+        ``InvalidReport`` (the transaction rolls back) unless every one could be."""
+        ids, classes = reports.retry_columns(report)
+        if not ids:
+            return {}
+        s = self.settings
+        row = conn.execute(Q.queue_retries, {
+            "batch_id": batch_id, "ids": ids, "classes": classes,
+            "max_retries": s.url_retries, "delay": s.url_retry_delay_s,
+            "growth": s.url_retry_growth}).one()
+        sent_back: dict[str, int] = json.loads(row.queued)
+        reports.check_retries(asked=len(ids), members=int(row.members),
+                              sent_back=sum(sent_back.values()), url_retries=s.url_retries)
+        return sent_back
 
     # -- post-processing --------------------------------------------------------------
     def lease_postprocess(self, worker_id: int) -> PostprocessLease | None:

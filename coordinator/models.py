@@ -214,6 +214,9 @@ class Batch(Base):
     kept: Mapped[int | None] = mapped_column(Integer)
     dropped: Mapped[int | None] = mapped_column(Integer)
     postprocess_digest: Mapped[str | None] = mapped_column(Text)
+    #: candidates sent back for a later attempt at completion (``UrlRetry``): they left
+    #: the batch's members and size, and its ``outcomes`` do not count them
+    retried: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     created_at: Mapped[datetime] = _now()
     leased_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     downloaded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -230,6 +233,24 @@ class Batch(Base):
         Index("batches_leased_expiry", "lease_expires_at",
               postgresql_where=text("status IN ('leased', 'postprocessing')")),
         Index("batches_worker_id_idx", "worker_id"),
+    )
+
+
+class UrlRetry(Base):
+    """A candidate whose outcome was transient (``pairfarm.outcomes.TRANSIENT``), sent
+    back by its batch's completion for a later batch: its ``attempt`` there (2 for the
+    first retry) and when it is due. ``batch_id`` is NULL while it waits, then the batch
+    a lease put it in (where the row keeps its attempt). A row per candidate ever sent
+    back, deleted when the archive takes the candidate."""
+
+    __tablename__ = "url_retries"
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    attempt: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    not_before: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id"))
+    __table_args__ = (
+        Index("url_retries_waiting", "not_before", postgresql_where=text("batch_id IS NULL")),
+        Index("url_retries_batch_id_idx", "batch_id"),
     )
 
 
@@ -265,6 +286,7 @@ class ArchivedTotals(Base):
     bytes_downloaded: Mapped[int] = mapped_column(BigInteger, nullable=False)
     kept: Mapped[int] = mapped_column(BigInteger, nullable=False)
     dropped: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    retried: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     #: the earliest ``created_at`` of these batches (the farm's age, for the rate's span)
     first_created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     __table_args__ = (CheckConstraint("status IN ('done', 'failed')", name="status"),)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from coordinator.errors import InvalidReport
-from pairfarm.outcomes import ALL_OUTCOMES, Outcome
+from pairfarm.outcomes import ALL_OUTCOMES, TRANSIENT, Outcome
 from pairfarm.protocol import DownloadReport, PostprocessReport
 
 
@@ -32,6 +32,49 @@ def check_download(report: DownloadReport, batch_size: int) -> None:
         raise InvalidReport(
             f"outcome counts sum to {total}, the batch holds {batch_size} candidates: "
             "every candidate needs exactly one outcome")
+    _check_retry(report)
+
+
+def _check_retry(report: DownloadReport) -> None:
+    """The ids to retry: transient classes only, each id once, no more in a class than
+    the class counts."""
+    transient = {o.value for o in TRANSIENT}
+    wrong = sorted(set(report.retry) - transient)
+    if wrong:
+        raise InvalidReport(f"retry names classes that are not transient: {wrong}; "
+                            f"transient: {sorted(transient)}")
+    over = sorted(k for k, ids in report.retry.items() if len(ids) > report.outcomes.get(k, 0))
+    if over:
+        raise InvalidReport(f"retry lists more candidates than the outcome counts for {over}")
+    ids, _ = retry_columns(report)
+    if len(set(ids)) != len(ids):
+        raise InvalidReport("retry lists a candidate more than once")
+
+
+def retry_columns(report: DownloadReport) -> tuple[list[int], list[str]]:
+    """The report's retries as two parallel lists: candidate ids, their outcome classes."""
+    ids = [i for k in sorted(report.retry) for i in report.retry[k]]
+    classes = [k for k in sorted(report.retry) for _ in report.retry[k]]
+    return ids, classes
+
+
+def check_retries(*, asked: int, members: int, sent_back: int, url_retries: int) -> None:
+    """What ``queue_retries`` did with the ``asked`` retries: all must be members of the
+    batch and all sent back (none past its last attempt)."""
+    if members != asked:
+        raise InvalidReport(f"retry lists {asked - members} candidates that are not in "
+                            "this batch")
+    if sent_back != asked:
+        raise InvalidReport(
+            f"retry lists {asked - sent_back} candidates at their last attempt (this "
+            f"coordinator retries a URL {url_retries} times): their outcome is final")
+
+
+def final_outcomes(outcomes: Mapping[str, int], sent_back: Mapping[str, int]) -> dict[str, int]:
+    """The batch's outcome counts less the candidates sent back for a retry (classes
+    left at 0 are dropped)."""
+    left = {k: v - sent_back.get(k, 0) for k, v in outcomes.items()}
+    return {k: v for k, v in left.items() if v > 0 or k not in sent_back}
 
 
 def check_postprocess(report: PostprocessReport, outcomes: Mapping[str, Any] | None) -> None:

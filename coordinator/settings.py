@@ -21,6 +21,9 @@ DEFAULT_BATCH_SIZE = 10_000
 MIN_AUTO_BATCH_SIZE = 100
 #: batches ``auto_batch_size`` aims to give each worker: enough for the last ones to spread
 BATCHES_PER_WORKER = 4
+#: the most retries of one URL (``--url-retries``), and the longest wait before one
+MAX_URL_RETRIES = 20
+MAX_URL_RETRY_WAIT_S = 365 * 86400.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +45,13 @@ class LeaseSettings:
     quarantine_after: int = 5
     quarantine_window_s: float = 600.0
     quarantine_s: float = 900.0
+    #: a URL whose outcome was transient (``pairfarm.outcomes.TRANSIENT``) is tried again
+    #: in a later batch, up to this many times (0: never); the n-th retry is due
+    #: ``url_retry_delay_s * url_retry_growth ** (n - 1)`` after the batch that sent it
+    #: back completed
+    url_retries: int = 2
+    url_retry_delay_s: float = 3600.0
+    url_retry_growth: float = 4.0
 
     @property
     def heartbeat_interval_s(self) -> float:
@@ -116,7 +126,9 @@ def auto_batch_size(waiting: int, workers: int, *, largest: int = DEFAULT_BATCH_
 def make_lease_settings(*, batch_size: int = 10_000, lease_ttl_s: float = 600.0,
                         max_attempts: int = 3, max_sample_rows: int = 500_000,
                         quarantine_after: int = 5, quarantine_window_s: float = 600.0,
-                        quarantine_s: float = 900.0) -> LeaseSettings:
+                        quarantine_s: float = 900.0, url_retries: int = 2,
+                        url_retry_delay_s: float = 3600.0,
+                        url_retry_growth: float = 4.0) -> LeaseSettings:
     _check(1 <= batch_size <= 1_000_000, f"batch size must be in 1..1000000, not {batch_size}")
     _check(0 <= quarantine_after <= 1000,
            f"quarantine-after must be in 0..1000 (0: off), not {quarantine_after}")
@@ -126,10 +138,26 @@ def make_lease_settings(*, batch_size: int = 10_000, lease_ttl_s: float = 600.0,
     _check(1 <= max_attempts <= 100, f"max attempts must be in 1..100, not {max_attempts}")
     _check(max_sample_rows >= batch_size,
            f"max sample rows must be at least the batch size, not {max_sample_rows}")
+    _check_url_retries(url_retries, url_retry_delay_s, url_retry_growth)
     return LeaseSettings(batch_size=batch_size, lease_ttl_s=lease_ttl_s,
                          max_attempts=max_attempts, max_sample_rows=max_sample_rows,
                          quarantine_after=quarantine_after,
-                         quarantine_window_s=quarantine_window_s, quarantine_s=quarantine_s)
+                         quarantine_window_s=quarantine_window_s, quarantine_s=quarantine_s,
+                         url_retries=url_retries, url_retry_delay_s=url_retry_delay_s,
+                         url_retry_growth=url_retry_growth)
+
+
+def _check_url_retries(retries: int, delay_s: float, growth: float) -> None:
+    _check(0 <= retries <= MAX_URL_RETRIES,
+           f"url retries must be in 0..{MAX_URL_RETRIES} (0: never), not {retries}")
+    _check(math.isfinite(delay_s) and delay_s >= 0,
+           f"the url retry delay must be a number of seconds >= 0, not {delay_s}")
+    _check(math.isfinite(growth) and growth >= 1,
+           f"the url retry growth must be at least 1, not {growth}")
+    longest = delay_s * growth ** max(0, retries - 1)
+    _check(longest <= MAX_URL_RETRY_WAIT_S,
+           f"the last url retry would wait {longest:.0f} s, more than a year: lower "
+           "--url-retry-delay, --url-retry-growth or --url-retries")
 
 
 def make_settings(*, database_url: str | None = None, data_dir: Path = DEFAULT_DATA_DIR,

@@ -1,6 +1,12 @@
 """The farm's figures for ``GET /stats``, the dashboard and ``/metrics``: a handful of
 aggregate queries over ``batches`` (one row per batch, so at most ~10^5 rows for 10^9
-candidates), ``workers`` and ``ingests``; nothing scans the candidates table."""
+candidates), ``workers`` and ``ingests``; nothing scans the candidates table.
+
+URL retries: a candidate sent back for a retry leaves its batch's size and outcome
+counts (``batches.retried`` counts it), so ``outcomes`` count each URL once, by its final
+outcome, and a candidate waiting for its retry, in no batch, is one of the unbatched
+(pending) ones; ``candidates_retry_waiting`` counts those, ``retried`` the attempts sent
+back."""
 
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ def farm_stats(engine: sa.Engine, alive_window_s: float) -> FarmStats:
         totals = conn.execute(Q.stats_totals).one()
         outcomes = {r.outcome: int(r.total) for r in conn.execute(Q.stats_outcomes)}
         total = int(conn.execute(Q.stats_ingested).scalar_one())
+        retries = conn.execute(Q.stats_retries).one()
         rate = conn.execute(Q.stats_rate, window).one()
         downloads = {r.worker_id: _Downloads(int(r.total), int(r.recent))
                      for r in conn.execute(Q.stats_worker_downloads, window)}
@@ -69,7 +76,8 @@ def farm_stats(engine: sa.Engine, alive_window_s: float) -> FarmStats:
         postprocess_batches_done=batches[BatchStatus.DONE.value],
         postprocess_batches_total=sum(batches[s] for s in POSTPROCESS_STAGE),
         kept_ratio=kept / (kept + dropped) if kept + dropped else None,
-        similarity=similarity)
+        similarity=similarity, retried=int(retries.retried),
+        candidates_retry_waiting=int(retries.waiting))
 
 
 def _percent(part: int, whole: int) -> float:

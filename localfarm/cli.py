@@ -98,6 +98,13 @@ def run_and_report(settings: UpSettings) -> FarmResult:
               type=click.FloatRange(0), envvar="PAIRFARM_UP_DRAIN_TIMEOUT",
               help="On Ctrl-C / SIGTERM: seconds the workers get to finish the batch in hand "
                    "before they are told to release it (a second Ctrl-C: release now).")
+@click.option("--url-retries", default=0, show_default=True, type=click.IntRange(0, 20),
+              envvar="PAIRFARM_UP_URL_RETRIES",
+              help="Times a URL whose outcome was transient (timeout, connect, 5xx, 429, "
+                   "host_busy) is tried again in a later batch; the run waits for them.")
+@click.option("--url-retry-delay", "url_retry_delay_s", default=60.0, show_default=True,
+              type=click.FloatRange(0), envvar="PAIRFARM_UP_URL_RETRY_DELAY",
+              help="Seconds before a URL's first retry (each next one waits 4 times longer).")
 @click.option("--url-col", default="url", show_default=True, help="Input URL column.")
 @click.option("--caption-col", default="caption", show_default=True,
               help="Input caption column.")

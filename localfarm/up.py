@@ -79,6 +79,10 @@ class UpSettings:
     poll_s: float = 0.5
     max_restarts: int = 50
     drain_timeout_s: float = 60.0
+    #: the coordinator's ``--url-retries`` / ``--url-retry-delay``: none by default, so
+    #: that a run ends once every URL was tried (a retry would keep it waiting)
+    url_retries: int = 0
+    url_retry_delay_s: float = 60.0
     release_s: float = 45.0
     stop_grace_s: float = 60.0
     progress: bool = True
@@ -232,7 +236,9 @@ def coordinator_child(settings: UpSettings, db: _Database, port: int,
     argv = pairfarm_argv(
         "coordinator", "--database-url", db.url, "--host", "127.0.0.1", "--port", str(port),
         "--batch-size", str(batch_size), "--lease-ttl", str(settings.lease_ttl_s),
-        "--reap-interval", str(settings.reap_interval_s), "--no-migrate")
+        "--reap-interval", str(settings.reap_interval_s), "--no-migrate",
+        "--url-retries", str(settings.url_retries),
+        "--url-retry-delay", str(settings.url_retry_delay_s))
     return Child("coordinator", argv, _env(), settings.out / "logs" / "coordinator.log")
 
 

@@ -41,4 +41,13 @@ RESIZE_FAILURES: frozenset[Outcome] = frozenset(
     {Outcome.BOMB, Outcome.DECODE_ERROR, Outcome.SIZE_FILTERED}
 )
 
+#: Outcomes that may change if the URL is tried again later: the host or the network
+#: failed, not the URL. The coordinator sends a URL that ended in one of them back for a
+#: later attempt (``--url-retries``). Left out: ``dns`` (mostly names that no longer
+#: exist, the commonest failure of old URL lists; the class does not tell them from a
+#: resolver timeout), every 4xx but 429, and everything decided on the body.
+TRANSIENT: frozenset[Outcome] = frozenset(
+    {Outcome.TIMEOUT, Outcome.CONNECT, Outcome.HTTP_5XX, Outcome.HTTP_429, Outcome.HOST_BUSY}
+)
+
 ALL_OUTCOMES: tuple[str, ...] = tuple(o.value for o in Outcome)

@@ -137,6 +137,9 @@ class Candidate(NamedTuple):
     caption: str
     language: str | None = None
     extra: Mapping[str, Any] = NO_EXTRA
+    #: which attempt at this URL the batch is: 1, or more when an earlier batch's
+    #: outcome was transient and the coordinator sent it back (``--url-retries``)
+    attempt: int = 1
 
 
 class CandidateColumns(_Model):
@@ -150,24 +153,31 @@ class CandidateColumns(_Model):
     caption: list[str]
     language: list[str | None]
     extra: list[dict[str, Any]]
+    #: each candidate's attempt (``Candidate.attempt``); empty: all first attempts
+    attempt: list[int] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _same_length(self) -> CandidateColumns:
         lengths = {len(self.id), len(self.url), len(self.caption), len(self.language),
                    len(self.extra)}
+        if self.attempt:
+            lengths.add(len(self.attempt))
         if len(lengths) != 1:
             raise ValueError(f"candidate columns differ in length: {sorted(lengths)}")
         return self
 
     def rows(self) -> list[Candidate]:
+        attempts = self.attempt or [1] * len(self.id)
         return list(map(Candidate._make, zip(self.id, self.url, self.caption, self.language,
-                                              self.extra, strict=True)))
+                                              self.extra, attempts, strict=True)))
 
     @classmethod
     def of(cls, rows: list[Candidate]) -> CandidateColumns:
+        attempts = [c.attempt for c in rows]
         return cls(id=[c.id for c in rows], url=[c.url for c in rows],
                    caption=[c.caption for c in rows], language=[c.language for c in rows],
-                   extra=[dict(c.extra) for c in rows])
+                   extra=[dict(c.extra) for c in rows],
+                   attempt=attempts if any(a != 1 for a in attempts) else [])
 
 
 class LeaseInfo(_Model):
@@ -184,6 +194,9 @@ class DownloadLease(LeaseInfo):
     ``Candidate``."""
 
     candidates: list[Candidate]
+    #: transient outcomes (``pairfarm.outcomes.TRANSIENT``) of candidates whose attempt is
+    #: at most this are tried again in a later batch (the report's ``retry``); 0: never
+    url_retries: int = 0
 
     @field_validator("candidates", mode="plain", json_schema_input_type=CandidateColumns)
     @classmethod
@@ -193,8 +206,8 @@ class DownloadLease(LeaseInfo):
         return CandidateColumns.model_validate(value).rows()
 
     @field_serializer("candidates")
-    def _to_columns(self, value: list[Candidate]) -> CandidateColumns:
-        return CandidateColumns.of(value)
+    def _to_columns(self, value: list[Candidate]) -> dict[str, Any]:
+        return CandidateColumns.of(value).model_dump(exclude_defaults=True)
 
 
 class ShardFiles(_Model):
@@ -222,15 +235,27 @@ class HeartbeatResponse(_Model):
     lease_expires_at: datetime
 
 
+#: the most candidate ids a report's ``retry`` lists (the coordinator's largest batch)
+MAX_RETRY_IDS = 1_000_000
+CandidateId = Annotated[StrictInt, Field(ge=1, le=BIGINT_MAX)]
+
+
 class DownloadReport(_Model):
     """A finished download batch. ``outcomes`` maps each outcome class
-    (``pairfarm.outcomes.Outcome``) to its count; the counts sum to the batch size."""
+    (``pairfarm.outcomes.Outcome``) to its count; the counts sum to the batch size.
+
+    ``retry`` maps a transient outcome class (``pairfarm.outcomes.TRANSIENT``) to the ids
+    of the batch's candidates that ended in it and that the shard marks not final
+    (attempt <= the lease's ``url_retries``): the coordinator sends them back for a
+    later batch; they stay counted in ``outcomes`` too."""
 
     lease_token: Text = Field(max_length=200)
     shard: ShardFiles
     outcomes: dict[Key, Count] = Field(max_length=100)
     bytes_downloaded: Count
     duration_s: Seconds
+    retry: dict[Key, Annotated[list[CandidateId], Field(max_length=MAX_RETRY_IDS)]] = Field(
+        default_factory=dict, max_length=100)
 
 
 class PostprocessReport(_Model):
@@ -316,7 +341,8 @@ class FarmStats(_Figures):
     #: candidates not downloaded yet: unbatched, or in a pending or leased batch
     candidates_pending: int
     batches: dict[str, int]
-    #: sum of the completed download reports, by outcome class
+    #: sum of the completed download reports, by outcome class: each URL once, by its
+    #: final outcome (an attempt sent back for a retry is counted in ``retried`` instead)
     outcomes: dict[str, int]
     bytes_downloaded: int
     kept: int
@@ -347,6 +373,11 @@ class FarmStats(_Figures):
     #: kept / (kept + dropped); None before the first post-processed sample
     kept_ratio: float | None = None
     similarity: SimilarityHistogram = Field(default_factory=SimilarityHistogram)
+    #: URL attempts sent back for a later batch after a transient outcome (a URL tried
+    #: three times counts 2); ``outcomes`` counts each URL once, by its final outcome
+    retried: int = 0
+    #: candidates waiting for such a later attempt now (part of ``candidates_pending``)
+    candidates_retry_waiting: int = 0
 
 
 # -- robots.txt shared across the farm (``worker.robotstxt``, ``coordinator.robots``) ------

@@ -5,8 +5,9 @@ A download shard for batch N is three files in the output location:
 - ``{N:08d}.tar``: webdataset; members ``{key}.jpg`` (or ``.webp``), ``{key}.txt``
   (caption) and ``{key}.json`` (metadata), only for samples whose outcome is ``ok``.
 - ``{N:08d}.parquet``: one row per candidate of the batch, in key order, failures
-  included. Columns: see ``PARQUET_COLUMNS`` plus the ingest's extra columns. ``status``
-  is img2dataset's (``status_of``); ``error_class`` the ``Outcome`` of a failure.
+  included. Columns: see ``PARQUET_COLUMNS``, ``error_message``, ``ATTEMPT_COLUMNS``,
+  then the ingest's extra columns. ``status`` is img2dataset's (``status_of``);
+  ``error_class`` the ``Outcome`` of a failure.
 - ``{N:08d}_stats.json``: img2dataset's stats keys; written last: it marks the shard done.
 
 The key of a sample is its row index in the batch (``key_of(i)``), so that the TFDS
@@ -15,7 +16,7 @@ The key of a sample is its row index in the batch (``key_of(i)``), so that the T
 
 from __future__ import annotations
 
-from pairfarm.outcomes import RESIZE_FAILURES, Outcome
+from pairfarm.outcomes import RESIZE_FAILURES, TRANSIENT, Outcome
 
 KEY_WIDTH = 9
 
@@ -39,6 +40,12 @@ PARQUET_COLUMNS: tuple[str, ...] = (
     "sha256",
 )
 
+#: A row's attempt at its URL (1, or more when an earlier batch sent it back) and whether
+#: its outcome is the URL's final one (``is_final``): a row with ``final`` false has a
+#: later row, of a higher attempt, in another batch's shard. Each candidate has exactly
+#: one final row among the farm's shards (none when its last batch failed for good).
+ATTEMPT_COLUMNS: tuple[str, ...] = ("attempt", "final")
+
 #: Keys of the per-shard stats json (img2dataset's names).
 STATS_KEYS: tuple[str, ...] = (
     "count",
@@ -59,6 +66,12 @@ def status_of(outcome: Outcome) -> str:
     if outcome in RESIZE_FAILURES:
         return STATUS_FAILED_TO_RESIZE
     return STATUS_FAILED_TO_DOWNLOAD
+
+
+def is_final(outcome: Outcome, attempt: int, url_retries: int) -> bool:
+    """False when the coordinator tries the URL again: a transient outcome at an attempt
+    of at most ``url_retries`` (the lease's)."""
+    return outcome not in TRANSIENT or attempt > url_retries
 
 
 def outcome_of(status: str, error_class: str | None) -> Outcome:

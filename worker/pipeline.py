@@ -196,11 +196,14 @@ class SharedPipeline:
 
     async def download(self, batch_id: int, candidates: Sequence[Candidate], run: BatchRun,
                        *, fs: fsspec.AbstractFileSystem, directory: str,
-                       on_sample: OnSample | None = None) -> PreparedShard:
+                       on_sample: OnSample | None = None,
+                       url_retries: int = 0) -> PreparedShard:
         """Fetch and process every candidate into a shard under temporary names; every
-        candidate ends in exactly one ``Sample``. ``run`` follows the progress."""
+        candidate ends in exactly one ``Sample``. ``run`` follows the progress;
+        ``url_retries`` is the lease's (``ShardWriter.url_retries``)."""
         writer = await trio.to_thread.run_sync(lambda: ShardWriter(
-            fs, directory, batch_id, image_ext=self._s.image.output_format))
+            fs, directory, batch_id, image_ext=self._s.image.output_format,
+            url_retries=url_retries))
         start = time.time()
         run.add_finished(0)
         try:

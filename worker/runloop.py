@@ -337,7 +337,7 @@ class RunLoop:
             try:
                 prepared = await self._pipeline.download(
                     lease.batch_id, lease.candidates, run, fs=self._fs, directory=self._dir,
-                    on_sample=on_sample)
+                    on_sample=on_sample, url_retries=lease.url_retries)
             except (*OWN_FAILURES, BaseExceptionGroup) as exc:
                 failure = _own_failure(exc)
                 if failure is None:
@@ -413,7 +413,8 @@ class RunLoop:
         report = DownloadReport(lease_token=lease.lease_token, shard=files,
                                 outcomes=dict(prepared.outcomes),
                                 bytes_downloaded=prepared.stats.bytes_downloaded,
-                                duration_s=prepared.stats.end_time - prepared.stats.start_time)
+                                duration_s=prepared.stats.end_time - prepared.stats.start_time,
+                                retry=prepared.writer.retry_requests())
         try:
             state = await self._call("complete", lambda: self._client.complete(
                 KIND, lease.batch_id, report), self._signals.abort)

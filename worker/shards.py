@@ -31,7 +31,9 @@ import pyarrow.parquet as pq
 from pairfarm.outcomes import Outcome
 from pairfarm.protocol import Candidate, ShardFiles
 from pairfarm.shardformat import (
+    ATTEMPT_COLUMNS,
     PARQUET_COLUMNS,
+    is_final,
     key_of,
     parquet_name,
     stats_name,
@@ -48,10 +50,11 @@ _TYPES: dict[str, pa.DataType] = {
     "key": pa.string(), "url": pa.string(), "caption": pa.string(), "status": pa.string(),
     "error_class": pa.string(), "width": pa.int32(), "height": pa.int32(),
     "original_width": pa.int32(), "original_height": pa.int32(), "sha256": pa.string(),
-    "error_message": pa.string(),
+    "error_message": pa.string(), "attempt": pa.int16(), "final": pa.bool_(),
 }
-#: the shared columns in their order, then our free-text detail, then the ingest's extras
-_COLUMNS: tuple[str, ...] = (*PARQUET_COLUMNS, "error_message")
+#: the shared columns in their order, then our free-text detail, the attempt columns,
+#: then the ingest's extras
+_COLUMNS: tuple[str, ...] = (*PARQUET_COLUMNS, "error_message", *ATTEMPT_COLUMNS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +75,9 @@ class ShardStats:
     bytes_downloaded: int
 
 
-def _row(sample: Sample) -> dict[str, Any]:
+def _row(sample: Sample, url_retries: int) -> dict[str, Any]:
     image = sample.image
+    attempt = sample.candidate.attempt
     return {
         "key": key_of(sample.index), "url": sample.candidate.url,
         "caption": sample.candidate.caption, "status": status_of(sample.outcome),
@@ -83,6 +87,7 @@ def _row(sample: Sample) -> dict[str, Any]:
         "original_height": image.original_height if image else None,
         "sha256": image.sha256 if image else None,
         "error_message": sample.detail[:_DETAIL_CHARS] or None,
+        "attempt": attempt, "final": is_final(sample.outcome, attempt, url_retries),
     }
 
 
@@ -120,7 +125,11 @@ class ShardWriter:
     directory: str
     batch_id: int
     image_ext: str = "jpg"
+    #: the lease's ``url_retries``: a transient outcome at an attempt up to it is not
+    #: final (``retry_requests``)
+    url_retries: int = 0
     _rows: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _retry: dict[int, tuple[str, int]] = field(default_factory=dict)
     _extras: dict[int, Mapping[str, Any]] = field(default_factory=dict)
     _tag: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
@@ -140,8 +149,10 @@ class ShardWriter:
 
     def add(self, sample: Sample) -> None:
         """Record the sample's row; write its tar members when it is ok."""
-        row = _row(sample)
+        row = _row(sample, self.url_retries)
         self._rows[sample.index] = row
+        if not row["final"]:
+            self._retry[sample.index] = (sample.outcome.value, sample.candidate.id)
         self._extras[sample.index] = sample.candidate.extra
         if sample.image is not None:
             _guard("write tar", lambda: self._write_members(row, sample))
@@ -196,6 +207,15 @@ class ShardWriter:
                     self.fs.rm(self._tmp(name_of))
             except OSError:
                 continue
+
+    def retry_requests(self) -> dict[str, list[int]]:
+        """The candidates whose row is not final, by outcome class: the report's
+        ``retry``."""
+        by_class: dict[str, list[int]] = {}
+        for index in sorted(self._retry):
+            outcome, candidate_id = self._retry[index]
+            by_class.setdefault(outcome, []).append(candidate_id)
+        return by_class
 
     def outcome_counts(self) -> Counter[str]:
         return Counter(row["error_class"] or Outcome.OK.value for row in self._rows.values())

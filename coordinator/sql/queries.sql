@@ -102,18 +102,86 @@ SELECT (SELECT count(*) FROM members WHERE k <= :n) AS n,
 -- 10k rows never become Python objects on the way to the worker, and the worker parses
 -- five arrays instead of 10k objects. "c.id = ANY (ids)" walks candidates_pkey once in id
 -- order (a chunk's 16 candidates share a page or two) and hands the aggregates their rows
--- presorted.
+-- presorted. A candidate's attempt is 1, or its url_retries row's when that row names
+-- this batch (read by url_retries_batch_id_idx: a batch's retried candidates only).
 SELECT count(*) AS n,
        json_build_object(
            'id', COALESCE(array_agg(c.id ORDER BY c.id), '{}'),
            'url', COALESCE(array_agg(c.url ORDER BY c.id), '{}'),
            'caption', COALESCE(array_agg(c.caption ORDER BY c.id), '{}'),
            'language', COALESCE(array_agg(c.language ORDER BY c.id), '{}'),
-           'extra', COALESCE(array_agg(COALESCE(c.extra, '{}'::json) ORDER BY c.id), '{}')
+           'extra', COALESCE(array_agg(COALESCE(c.extra, '{}'::json) ORDER BY c.id), '{}'),
+           'attempt', COALESCE(array_agg(COALESCE(r.attempt, 1) ORDER BY c.id), '{}')
        )::text AS candidates
   FROM candidates c
+  LEFT JOIN (SELECT id, attempt FROM url_retries WHERE batch_id = :batch_id) AS r
+         ON r.id = c.id
  WHERE c.id = ANY (CAST((SELECT ids FROM batch_members WHERE batch_id = :batch_id)
                         AS bigint[]));
+
+-- name: claim_retries
+-- Put up to :n candidates that wait for a retry and are due (url_retries_waiting, the
+-- longest due first, SKIP LOCKED: rows a concurrent lease took are passed over) into
+-- batch :batch_id: their rows name the batch (and keep their attempt), their ids join
+-- its batch_members. Returns how many.
+WITH picked AS (
+    SELECT id FROM url_retries
+     WHERE batch_id IS NULL AND not_before <= now()
+     ORDER BY not_before
+     LIMIT :n
+       FOR UPDATE SKIP LOCKED
+), drawn AS (
+    UPDATE url_retries r SET batch_id = :batch_id
+      FROM picked
+     WHERE r.id = picked.id
+    RETURNING r.id
+), stored AS (
+    INSERT INTO batch_members (batch_id, ids)
+    SELECT :batch_id, array_agg(id) FROM drawn HAVING count(*) > 0
+        ON CONFLICT (batch_id) DO UPDATE SET ids = batch_members.ids || EXCLUDED.ids
+)
+SELECT count(*) AS n FROM drawn;
+
+-- name: queue_retries
+-- At a download completion, after the fence, in its transaction: of the candidates the
+-- report sends back (:ids, with their outcome classes :classes), those that are members
+-- of batch :batch_id at an attempt <= :max_retries (1, or their url_retries row's when it
+-- names this batch) wait for a later batch: their url_retries row gets the next attempt
+-- and is due :delay x :growth ^ (attempt - 1) seconds from now; they leave the batch's
+-- members. Returns the ids asked, those that are members, and those sent back by
+-- outcome class (JSON); the caller refuses the report unless all agree (rolling back).
+WITH asked AS (
+    SELECT a.id, a.outcome
+      FROM unnest(CAST(:ids AS bigint[]), CAST(:classes AS text[])) AS a(id, outcome)
+), tried AS MATERIALIZED (
+    SELECT a.id, a.outcome, COALESCE(r.attempt, 1) AS attempt
+      FROM asked a
+      JOIN unnest(CAST((SELECT ids FROM batch_members WHERE batch_id = :batch_id)
+                       AS bigint[])) AS m(id) ON m.id = a.id
+      LEFT JOIN url_retries r ON r.id = a.id AND r.batch_id = :batch_id
+), queued AS (
+    INSERT INTO url_retries (id, attempt, not_before, batch_id)
+    SELECT id, attempt + 1,
+           now() + make_interval(secs => CAST(:delay AS float8)
+                                         * power(CAST(:growth AS float8), attempt - 1)),
+           NULL
+      FROM tried
+     WHERE attempt <= :max_retries
+        ON CONFLICT (id) DO UPDATE
+       SET attempt = EXCLUDED.attempt, not_before = EXCLUDED.not_before, batch_id = NULL
+    RETURNING id
+), left_members AS (
+    UPDATE batch_members b
+       SET ids = ARRAY(SELECT u.id FROM unnest(b.ids) WITH ORDINALITY AS u(id, k)
+                        WHERE NOT EXISTS (SELECT FROM queued q WHERE q.id = u.id)
+                        ORDER BY u.k)
+     WHERE b.batch_id = :batch_id AND EXISTS (SELECT FROM queued)
+)
+SELECT (SELECT count(*) FROM asked) AS asked, (SELECT count(*) FROM tried) AS members,
+       (SELECT COALESCE(jsonb_object_agg(outcome, n), '{}')
+          FROM (SELECT t.outcome, count(*) AS n
+                  FROM tried t JOIN queued q ON q.id = t.id
+                 GROUP BY t.outcome) AS s)::text AS queued;
 
 -- name: lock_batch
 SELECT id, status, size, worker_id, lease_token, attempts, pp_attempts, outcomes,
@@ -129,9 +197,11 @@ UPDATE batches
 RETURNING lease_expires_at;
 
 -- name: complete_download
+-- :outcomes, :size and :retried leave out the candidates queue_retries sent back.
 UPDATE batches
    SET status = 'downloaded', shard = CAST(:shard AS jsonb), tar_sha256 = :tar_sha256,
        outcomes = CAST(:outcomes AS jsonb), bytes_downloaded = :bytes_downloaded,
+       size = :size, retried = :retried,
        download_s = :duration_s, download_digest = :digest, downloaded_by = worker_id,
        worker_id = NULL, lease_token = NULL, lease_expires_at = NULL, last_error = NULL,
        downloaded_at = now(), updated_at = now()
@@ -330,6 +400,12 @@ SELECT outcome, sum(total) AS total
         UNION ALL
         SELECT outcome, total FROM archived_outcomes) AS s
  GROUP BY outcome;
+
+-- name: stats_retries
+-- Candidates sent back for a retry (hot and archived batches), and those waiting now.
+SELECT (SELECT COALESCE(sum(retried), 0) FROM batches)
+           + (SELECT COALESCE(sum(retried), 0) FROM archived_totals) AS retried,
+       (SELECT count(*) FROM url_retries WHERE batch_id IS NULL) AS waiting;
 
 -- name: stats_ingested
 SELECT COALESCE(sum(inserted), 0) AS inserted FROM ingests;
@@ -554,9 +630,10 @@ VALUES (%(directory)s, %(name)s, %(first)s, %(last)s, %(batches)s, %(candidates)
 
 -- name: archive_add_totals
 INSERT INTO archived_totals (status, batches, candidates, bytes_downloaded, kept, dropped,
-                             first_created_at)
+                             retried, first_created_at)
 SELECT status, count(*), COALESCE(sum(size), 0), COALESCE(sum(bytes_downloaded), 0),
-       COALESCE(sum(kept), 0), COALESCE(sum(dropped), 0), min(created_at)
+       COALESCE(sum(kept), 0), COALESCE(sum(dropped), 0), COALESCE(sum(retried), 0),
+       min(created_at)
   FROM batches WHERE id = ANY (%(batch_ids)s)
  GROUP BY status
     ON CONFLICT (status) DO UPDATE
@@ -565,6 +642,7 @@ SELECT status, count(*), COALESCE(sum(size), 0), COALESCE(sum(bytes_downloaded),
        bytes_downloaded = archived_totals.bytes_downloaded + EXCLUDED.bytes_downloaded,
        kept = archived_totals.kept + EXCLUDED.kept,
        dropped = archived_totals.dropped + EXCLUDED.dropped,
+       retried = archived_totals.retried + EXCLUDED.retried,
        first_created_at = LEAST(archived_totals.first_created_at, EXCLUDED.first_created_at);
 
 -- name: archive_add_outcomes
@@ -605,6 +683,11 @@ SELECT b.postprocess -> 'similarity_edges', c.bin, sum(c.n::bigint)
  GROUP BY 1, 2
     ON CONFLICT (edges, bin) DO UPDATE
    SET samples = archived_similarity.samples + EXCLUDED.samples;
+
+-- name: archive_delete_retries
+-- The url_retries rows of the batches' candidates (a candidate waiting for a retry is in
+-- no batch, so it stays).
+DELETE FROM url_retries WHERE batch_id = ANY (%(batch_ids)s);
 
 -- name: archive_delete_members
 -- Last, once their totals are added: the batches' members, then the batches.
