@@ -23,13 +23,17 @@ class Outcome(StrEnum):
     HTTP_429 = "http_429"  # rate limited, still limited after the retries allowed
     HTTP_5XX = "http_5xx"
     REDIRECT_LIMIT = "redirect_limit"  # more than the allowed hops, or a loop
-    OPTED_OUT = "opted_out"  # X-Robots-Tag noai / noimageai / noindex / noimageindex
+    #: X-Robots-Tag noai / noimageai / noindex / noimageindex / noml (the worker's
+    #: --disallowed-header-directives), or tdm-reservation: 1
+    OPTED_OUT = "opted_out"
     #: never requested: the robots.txt of its origin disallows it for our user-agent token
     #: (an unreachable robots.txt ends the URL in its own failure: http_5xx, timeout, ...)
     ROBOTS_DISALLOWED = "robots_disallowed"
     TOO_LARGE = "too_large"  # body (decoded) over the size cap
-    TOO_SMALL = "too_small"  # body under 5 KB (LAION rule)
-    NOT_IMAGE = "not_image"  # not one of the allowed image formats
+    TOO_SMALL = "too_small"  # body under --min-body-bytes (5120: LAION's rule; 0: none)
+    #: the body's first bytes are none of the allowed image formats (its Content-Type
+    #: is not looked at)
+    NOT_IMAGE = "not_image"
     BOMB = "bomb"  # declared pixel count over the cap (decompression bomb)
     DECODE_ERROR = "decode_error"  # truncated or corrupt image data
     SIZE_FILTERED = "size_filtered"  # below min size or over max aspect ratio

@@ -90,13 +90,18 @@ def route_drip(body: bytes, every: float = 1.0) -> Handler:
     return handler
 
 
+#: a JPEG's first bytes: what the worker's sniff (``worker.sniff``) lets through
+JPEG_START = b"\xff\xd8\xff\xe0"
+
+
 def route_stream(total: int, declare: bool, chunk: int = 256 * 1024) -> Handler:
-    """``total`` bytes of zeros, with or without Content-Length."""
+    """``total`` bytes: a JPEG's first bytes, then zeros; with or without Content-Length."""
     async def handler(stream: trio.SocketStream, request: Request) -> None:
         await stream.send_all(head(200, {"Content-Type": "image/jpeg"},
                                    total if declare else None))
         block = b"\0" * chunk
-        for _ in range(total // chunk):
+        await stream.send_all(JPEG_START + block[len(JPEG_START):])
+        for _ in range(total // chunk - 1):
             await stream.send_all(block)
     return handler
 
@@ -148,7 +153,9 @@ class HostileServer:
             if request is None:
                 return
             self.requests.append(request)
-            handler = self.routes.get(request.path.split("?")[0], self.fallback)
+            path = request.path.split("?")[0]
+            # a robots.txt the test did not script is a 404 (as on most sites)
+            handler = self.routes.get(path, None if path == "/robots.txt" else self.fallback)
             await (handler or route_status(404))(stream, request)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
@@ -266,6 +273,7 @@ def gzip_bomb(decoded: int = 200 * 1024 * 1024) -> bytes:
     out = io.BytesIO()
     with gzip.GzipFile(fileobj=out, mode="wb", compresslevel=9) as gz:
         block = b"\0" * (1024 * 1024)
+        gz.write(JPEG_START)
         for _ in range(decoded // len(block)):
             gz.write(block)
     return out.getvalue()
@@ -276,7 +284,8 @@ def brotli_bomb(decoded: int = 200 * 1024 * 1024) -> bytes:
 
     compressor = brotli.Compressor(quality=5)
     block = b"\0" * (1024 * 1024)
-    parts = [compressor.process(block) for _ in range(decoded // len(block))]
+    parts = [compressor.process(JPEG_START)]
+    parts += [compressor.process(block) for _ in range(decoded // len(block))]
     return b"".join(parts) + compressor.finish()
 
 

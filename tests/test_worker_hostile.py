@@ -48,11 +48,18 @@ def _routes() -> dict[str, hs.Handler]:
         "/truncated.jpg": hs.route_ok(JPEG[: len(JPEG) * 2 // 3]),
         "/html.jpg": hs.route_ok(b"<html><body>" + b"<p>not an image</p>" * 600, "image/jpeg"),
         "/html-typed": hs.route_ok(b"<html>" + b"x" * 9000, "text/html"),
+        # the bytes decide, not the Content-Type (worker.sniff)
+        "/jpeg-as-html": hs.route_ok(JPEG, "text/html; charset=utf-8"),
+        "/jpeg-as-octets": hs.route_ok(JPEG, "application/octet-stream"),
+        "/text.jpg": hs.route_ok(b"Not Found. " * 900, "image/jpeg"),
         "/tiny.jpg": hs.route_ok(hs.jpeg_bytes(16, 16, quality=50)),
         "/noai.jpg": hs.route_ok(JPEG, headers={"X-Robots-Tag": "noai"}),
         "/noimageindex.jpg": hs.route_ok(JPEG, headers={"X-Robots-Tag": "noarchive, noimageindex"}),
         "/noai-ours.jpg": hs.route_ok(JPEG, headers={"X-Robots-Tag": "pairfarm: noimageai"}),
         "/noai-other.jpg": hs.route_ok(JPEG, headers={"X-Robots-Tag": "otherbot: noai"}),
+        "/noml.jpg": hs.route_ok(JPEG, headers={"X-Robots-Tag": "noml"}),
+        "/tdm-reserved.jpg": hs.route_ok(JPEG, headers={"tdm-reservation": "1"}),
+        "/tdm-not-reserved.jpg": hs.route_ok(JPEG, headers={"tdm-reservation": "0"}),
         "/reset.jpg": hs.route_reset(),
         "/missing.jpg": hs.route_status(404),
         "/broken.jpg": hs.route_status(500),
@@ -78,11 +85,17 @@ EXPECTED: dict[str, Outcome] = {
     "/truncated.jpg": Outcome.DECODE_ERROR,
     "/html.jpg": Outcome.NOT_IMAGE,
     "/html-typed": Outcome.NOT_IMAGE,
+    "/jpeg-as-html": Outcome.OK,
+    "/jpeg-as-octets": Outcome.OK,
+    "/text.jpg": Outcome.NOT_IMAGE,
     "/tiny.jpg": Outcome.TOO_SMALL,
     "/noai.jpg": Outcome.OPTED_OUT,
     "/noimageindex.jpg": Outcome.OPTED_OUT,
     "/noai-ours.jpg": Outcome.OPTED_OUT,
     "/noai-other.jpg": Outcome.OK,
+    "/noml.jpg": Outcome.OPTED_OUT,
+    "/tdm-reserved.jpg": Outcome.OPTED_OUT,
+    "/tdm-not-reserved.jpg": Outcome.OK,
     "/reset.jpg": Outcome.CONNECT,
     "/missing.jpg": Outcome.HTTP_4XX,
     "/broken.jpg": Outcome.HTTP_5XX,
@@ -374,3 +387,25 @@ def test_bodies_past_the_cap_sharing_a_small_body_budget_all_end_too_large() -> 
     # every fetch ends (a deadlock raises TooSlowError); the mock clock may jump past a
     # read timeout while loopback moves 16 MB, so a timeout is allowed as well
     assert len(found) == 16 and set(found) <= {Outcome.TOO_LARGE, Outcome.TIMEOUT}  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ((), ["opted_out", "opted_out", "opted_out", "ok"]),
+    (("--disallowed-header-directives", ""), ["ok", "ok", "opted_out", "ok"]),
+    (("--disallowed-header-directives", "NoArchive noml"), ["ok", "opted_out", "opted_out",
+                                                            "opted_out"]),
+    (("--no-tdm-reservation",), ["opted_out", "opted_out", "ok", "ok"]),
+])
+def test_opt_out_signals_from_the_command_line(tmp_path: Path, args: tuple[str, ...],
+                                               expected: list[str]) -> None:
+    routes = {"/noai.jpg": hs.route_ok(JPEG, headers={"X-Robots-Tag": "noai"}),
+              "/noml.jpg": hs.route_ok(JPEG, headers={"X-Robots-Tag": "noml"}),
+              "/tdm.jpg": hs.route_ok(JPEG, headers={"tdm-reservation": "1"}),
+              "/noarchive.jpg": hs.route_ok(JPEG, headers={"X-Robots-Tag": "noarchive"})}
+    with hs.server_thread(routes) as server:
+        urls = [f"http://127.0.0.1:{server.port}{path}" for path in routes]
+        (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
+        run_cli("download", str(tmp_path / "urls.txt"), "-o", str(tmp_path / "out"),
+                "--allow-cidr", "127.0.0.0/8", "--no-progress", *args)
+    rows = pq.read_table(tmp_path / "out" / "00000000.parquet").to_pylist()
+    assert [row["error_class"] or "ok" for row in rows] == expected

@@ -163,13 +163,14 @@ def test_allow_private_lets_a_local_farm_fetch_from_loopback() -> None:
 
     async def main() -> bytes:
         async with trio.open_nursery() as nursery:
-            server = await hs.start_server(nursery, {"/a.jpg": hs.route_ok(b"x" * 6000)})
+            body = hs.route_ok(hs.JPEG_START + b"x" * 6000)  # a JPEG's first bytes: sniffed
+            server = await hs.start_server(nursery, {"/a.jpg": body})
             async with open_stage(settings, Network()) as stage:
                 fetched = await stage.fetch(f"http://127.0.0.1:{server.port}/a.jpg")
             nursery.cancel_scope.cancel()
         return fetched.body
 
-    assert trio.run(main) == b"x" * 6000
+    assert trio.run(main) == hs.JPEG_START + b"x" * 6000
 
 
 @pytest.mark.parametrize(("host", "address"), [

@@ -18,7 +18,7 @@ from worker.budget import BodyBudget, ByteBudget
 from worker.decoding import BodyTooLarge, CappedBody, DecodeFailure, decoder_for
 from worker.errors import SettingsError
 from worker.resolver import CachingResolver, SystemResolver
-from worker.robots import opt_out_directive
+from worker.robots import DEFAULT_DISALLOWED_DIRECTIVES, opt_out_directive, tdm_reserved
 from worker.settings import FetchSettings, ImageSettings
 
 
@@ -36,10 +36,45 @@ from worker.settings import FetchSettings, ImageSettings
     (["unavailable_after: 25 Jun 2010 15:00:00 PST"], None),
     (["max-image-preview: large, noai"], "noai"),
     (["nofollow, noarchive"], None),
+    (["noml"], "noml"),
+    (["pairfarm: NoML"], "noml"),
     ([], None),
 ])
 def test_x_robots_tag(values: list[str], found: str | None) -> None:
     assert opt_out_directive(values, "pairfarm") == found
+
+
+def test_the_default_directives_are_img2datasets_and_noml() -> None:
+    assert DEFAULT_DISALLOWED_DIRECTIVES == ("noai", "noimageai", "noindex", "noimageindex",
+                                             "noml")
+
+
+@pytest.mark.parametrize(("values", "disallowed", "found"), [
+    (["noai, noindex"], (), None),  # --disallowed-header-directives ''
+    (["noindex"], ("noai",), None),
+    (["none"], ("noai",), None),  # none is noindex, nofollow
+    (["none"], ("nofollow",), "none"),
+    (["noarchive"], ("noarchive",), "noarchive"),
+    (["otherbot: noarchive"], ("noarchive",), None),
+    (["mybot: noai"], ("noai",), None),  # another agent's token than ours
+])
+def test_x_robots_tag_with_chosen_directives(values: list[str], disallowed: tuple[str, ...],
+                                             found: str | None) -> None:
+    assert opt_out_directive(values, "pairfarm", disallowed) == found
+
+
+@pytest.mark.parametrize(("values", "reserved"), [
+    (["1"], True), ([" 1 "], True), (["0"], False), ([], False), (["yes"], False),
+    (["0", "1"], True),
+])
+def test_tdm_reservation(values: list[str], reserved: bool) -> None:
+    assert tdm_reserved(values) is reserved
+
+
+@pytest.mark.parametrize("directive", ["No AI", "noai,", "x:y", ""])
+def test_malformed_directives_are_refused(directive: str) -> None:
+    with pytest.raises(SettingsError, match="directive"):
+        FetchSettings(disallowed_directives=(directive,))
 
 
 def _decode(encoding: str, data: bytes, cap: int, feed: int = 16384) -> bytes:

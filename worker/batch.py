@@ -136,7 +136,7 @@ async def open_stage(settings: PipelineSettings, network: Network,
     async with build_client(settings.fetch, backend) as client:
         gate = HostGate(per_host=settings.fetch.per_host,
                         max_delay=settings.fetch.max_retry_after)
-        fetcher = Fetcher(settings.fetch, client, gate, recorded)
+        fetcher = Fetcher(settings.fetch, client, gate, recorded, formats=settings.image.formats)
         yield Stage(fetcher, settings, recorded)
 
 

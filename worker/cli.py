@@ -63,6 +63,14 @@ _PIPELINE_OPTIONS: list[Decorator] = [
     _opt("--host-queue-timeout", env="HOST_QUEUE_TIMEOUT", type=click.FloatRange(0.1),
          default=300.0, help="Seconds an URL may wait for a slot of its host (not counted "
                              "in --deadline); then it ends host_busy, never requested."),
+    _opt("--disallowed-header-directives", env="DISALLOWED_HEADER_DIRECTIVES",
+         default="noai,noimageai,noindex,noimageindex,noml",
+         help="X-Robots-Tag directives that opt a response out (opted_out), comma or space "
+              "separated (img2dataset's list, and noml; 'none' counts as noindex); '' for "
+              "none."),
+    _opt("--tdm-reservation/--no-tdm-reservation", env="TDM_RESERVATION", default=True,
+         help="Honour the TDM Reservation Protocol: a 'tdm-reservation: 1' header opts a "
+              "response out (opted_out)."),
     _opt("--allow-private", env="ALLOW_PRIVATE", is_flag=True, default=False,
          help="Allow loopback, private and CGNAT targets (local farms, tests); "
               "never on cloud VMs."),
@@ -75,6 +83,9 @@ _PIPELINE_OPTIONS: list[Decorator] = [
          help="img2dataset's resize modes."),
     _opt("--resize-only-if-bigger", env="RESIZE_ONLY_IF_BIGGER", is_flag=True, default=False,
          help="Never upscale."),
+    _opt("--min-body-bytes", env="MIN_BODY_BYTES", type=click.IntRange(0), default=5120,
+         help="Bodies with fewer bytes end too_small (LAION's 5 KB rule; 0: no floor, as "
+              "img2dataset)."),
     _opt("--min-image-size", env="MIN_IMAGE_SIZE", type=click.IntRange(0), default=0,
          help="Drop images whose shorter side is smaller (size_filtered)."),
     _opt("--max-aspect-ratio", env="MAX_ASPECT_RATIO", type=click.FloatRange(1), default=math.inf,
@@ -107,9 +118,10 @@ def pipeline_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _pipeline_settings(opts: dict[str, Any]) -> Any:
     from worker.addresses import AddressPolicy, parse_cidrs
-    from worker.settings import FetchSettings, ImageSettings, PipelineSettings
+    from worker.settings import FetchSettings, ImageSettings, PipelineSettings, ProxySettings
 
     cidrs = [c for value in opts["allow_cidr"] for c in value.split()]
+    directives = opts["disallowed_header_directives"].replace(",", " ").lower().split()
     fetch = FetchSettings(
         concurrency=opts["concurrency"], per_host=opts["per_host"],
         connect_timeout=opts["connect_timeout"], read_timeout=opts["read_timeout"],
@@ -118,11 +130,14 @@ def _pipeline_settings(opts: dict[str, Any]) -> Any:
         body_memory_bytes=int(opts["body_memory_mb"] * 1024 * 1024),
         max_redirects=opts["max_redirects"], max_retries=opts["retries"],
         max_retry_after=opts["max_retry_after"], host_queue_timeout=opts["host_queue_timeout"],
+        disallowed_directives=tuple(directives), tdm_reservation=opts["tdm_reservation"],
+        proxy=ProxySettings.from_environment(os.environ),
         policy=AddressPolicy(allow_private=opts["allow_private"],
                              allow_cidrs=parse_cidrs(cidrs)))
     image = ImageSettings(
         image_size=opts["image_size"], resize_mode=opts["resize_mode"],
         resize_only_if_bigger=opts["resize_only_if_bigger"],
+        min_bytes=opts["min_body_bytes"],
         min_image_size=opts["min_image_size"], max_aspect_ratio=opts["max_aspect_ratio"],
         output_format=opts["output_format"], quality=opts["quality"],
         downscale_interpolation=opts["downscale_interpolation"],

@@ -136,13 +136,16 @@ class CappedBody:
 
     The bytes go into one growing buffer (``io.BytesIO``), whose ``getvalue()`` hands
     that buffer over without a copy: joining a list of parts would hold the body twice
-    for a moment, 32 MB for a body at the 16 MB cap.
+    for a moment, 32 MB for a body at the 16 MB cap. Its first ``head_size`` decoded
+    bytes are kept apart in ``head`` (the fetcher sniffs them, ``worker.sniff``).
     """
 
-    def __init__(self, decoder: Decoder, cap: int) -> None:
+    def __init__(self, decoder: Decoder, cap: int, head_size: int = 16) -> None:
         self._decoder = decoder
         self._cap = cap
         self._buffer = io.BytesIO()
+        self._head_size = head_size
+        self.head = b""
         self.size = 0
         self.raw_size = 0
 
@@ -161,4 +164,6 @@ class CappedBody:
         self.size += len(part)
         if self.size > self._cap:
             raise BodyTooLarge(f"decoded body over {self._cap} bytes")
+        if len(self.head) < self._head_size:
+            self.head += part[:self._head_size - len(self.head)]
         self._buffer.write(part)

@@ -11,6 +11,13 @@
   ``host_queue_timeout``: hundreds of URLs of one CDN queued behind a slow one end
   ``host_busy`` at worst, never ``timeout`` without having been requested.
 
+What is refused before the body: an opt-out in the headers (``X-Robots-Tag`` with one
+of ``disallowed_directives``, ``tdm-reservation: 1``) and a declared length over the
+cap. What the body is, is decided on its bytes, not on its Content-Type
+(``worker.sniff``): once its first decoded bytes are in, a body that no allowed image
+decoder accepts (HTML, text, ...) ends ``not_image`` without being read further, and an
+image served as ``text/html`` or ``application/octet-stream`` is kept.
+
 Redirects are followed here, not by httpx: at most ``max_redirects`` hops, a loop is
 caught as soon as a URL repeats, and every hop's target goes through the SSRF guard
 again (numeric hosts here, resolved addresses in ``worker.network``).
@@ -29,7 +36,7 @@ Error handling: httpx and decoder errors are mapped to outcomes in ``_failure_fo
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -45,8 +52,9 @@ from worker.decoding import BodyTooLarge, CappedBody, DecodeFailure, decoder_for
 from worker.errors import FetchFailure
 from worker.hosts import HostGate
 from worker.metrics import WorkerMetrics, build_metrics
-from worker.robots import opt_out_directive
-from worker.settings import FetchSettings
+from worker.robots import opt_out_directive, tdm_reserved
+from worker.settings import SAFE_FORMATS, FetchSettings
+from worker.sniff import SNIFF_BYTES, image_format, what_it_is
 from worker.transport import FetchClient, raw_chunks
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
@@ -113,11 +121,16 @@ class _Clock:
 
 
 class Fetcher:
-    """Fetches candidate URLs with a shared client, host gate and large-body slots."""
+    """Fetches candidate URLs with a shared client, host gate and large-body slots.
+
+    ``formats`` are the image formats the decoder opens (``ImageSettings.formats``): a
+    body none of them accepts is refused after its first bytes."""
 
     def __init__(self, settings: FetchSettings, client: FetchClient,
-                 gate: HostGate, metrics: WorkerMetrics | None = None) -> None:
+                 gate: HostGate, metrics: WorkerMetrics | None = None,
+                 formats: Sequence[str] = SAFE_FORMATS) -> None:
         self._s = settings
+        self._formats = tuple(formats)
         self._client = client
         self._gate = gate
         self._bodies = BodyBudget(settings.body_memory_bytes, settings.max_body_bytes,
@@ -216,22 +229,33 @@ class Fetcher:
         return await self._read(response, clock)
 
     def _check_headers(self, response: httpx.Response) -> None:
+        """What the headers prove: an opt-out, a declared length over the cap. The
+        Content-Type proves nothing (the body's first bytes decide, ``_check_head``)."""
         if self._s.respect_opt_out:
-            found = opt_out_directive(response.headers.get_list("x-robots-tag"),
-                                      self._s.agent_token)
-            if found is not None:
-                raise FetchFailure(Outcome.OPTED_OUT, f"X-Robots-Tag: {found}")
-        content_type = response.headers.get("content-type", "").lower()
-        if content_type.startswith("text/"):
-            raise FetchFailure(Outcome.NOT_IMAGE, f"Content-Type {content_type[:100]}")
+            self._check_opt_out(response.headers)
         length = response.headers.get("content-length", "")
         if length.isdigit() and int(length) > self._s.max_body_bytes:
             raise FetchFailure(Outcome.TOO_LARGE, f"Content-Length {length}")
 
+    def _check_opt_out(self, headers: httpx.Headers) -> None:
+        found = opt_out_directive(headers.get_list("x-robots-tag"), self._s.agent_token,
+                                  self._s.disallowed_directives)
+        if found is not None:
+            raise FetchFailure(Outcome.OPTED_OUT, f"X-Robots-Tag: {found}")
+        if self._s.tdm_reservation and tdm_reserved(headers.get_list("tdm-reservation")):
+            raise FetchFailure(Outcome.OPTED_OUT, "tdm-reservation: 1")
+
+    def _check_head(self, body: CappedBody, response: httpx.Response) -> None:
+        """``not_image`` unless an allowed image decoder accepts the body's first bytes."""
+        if image_format(body.head, self._formats) is None:
+            content_type = response.headers.get("content-type", "")[:100] or "none"
+            raise FetchFailure(Outcome.NOT_IMAGE, f"{what_it_is(body.head)}, not an image "
+                                                  f"(Content-Type: {content_type})")
+
     async def _read(self, response: httpx.Response, clock: _Clock) -> Fetched:
         """The body, counted in the body budget from before its first byte."""
         coding = response.headers.get("content-encoding", "")
-        body = CappedBody(decoder_for(coding), self._s.max_body_bytes)
+        body = CappedBody(decoder_for(coding), self._s.max_body_bytes, SNIFF_BYTES)
         length = _declared_length(response, coding)
         with clock.stopped():
             held = await self._bodies.reserve(length)
@@ -247,18 +271,27 @@ class Fetcher:
     async def _read_within(self, response: httpx.Response, body: CappedBody,
                            growth: _Growth, clock: _Clock) -> bytes:
         """Chunks fed to ``body``; the reservation grows first when they would pass it.
+        Its first ``SNIFF_BYTES`` are checked as soon as they are in (a shorter body,
+        once it ends; an empty one goes on to the image checks: ``too_small``).
 
         A content-coded chunk may decode to much more than its size, so such a body
         takes the cap before it reads anything."""
         if not _identity(response.headers.get("content-encoding", "")):
             await self._grow(growth, clock)
+        sniffed = False
         async for raw in raw_chunks(response):
             self.wire_bytes += len(raw)
             self._metrics.add_bytes(len(raw))
             if growth.short_of(body.size + len(raw), self._s.max_body_bytes):
                 await self._grow(growth, clock)
             body.feed(raw)
-        return body.finish()
+            if not sniffed and len(body.head) >= SNIFF_BYTES:
+                self._check_head(body, response)
+                sniffed = True
+        data = body.finish()
+        if not sniffed and data:
+            self._check_head(body, response)
+        return data
 
     async def _grow(self, growth: _Growth, clock: _Clock) -> None:
         with clock.stopped():

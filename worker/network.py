@@ -70,6 +70,11 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
                           socket_options: Iterable[SocketOption] | None = None,
                           ) -> httpcore.AsyncNetworkStream:
         addresses = await self.addresses_for(host)
+        return await self._dial_first(addresses, port, timeout, socket_options)
+
+    async def _dial_first(self, addresses: list[IPAddress], port: int, timeout: float | None,  # noqa: ASYNC109
+                          socket_options: Iterable[SocketOption] | None,
+                          ) -> httpcore.AsyncNetworkStream:
         last_error: Exception | None = None
         for address in addresses:
             try:
@@ -78,6 +83,15 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
                 last_error = exc
         assert last_error is not None
         raise last_error
+
+    async def dial_configured(self, host: str, port: int, timeout: float | None,  # noqa: ASYNC109
+                              socket_options: Iterable[SocketOption] | None,
+                              ) -> httpcore.AsyncNetworkStream:
+        """A connection to an endpoint of this worker's own configuration (its proxy):
+        resolved and dialled like any host, but not checked against the policy."""
+        literal = parse_numeric_host(host)
+        addresses = [literal] if literal is not None else await self._resolver.resolve(host)
+        return await self._dial_first(addresses, port, timeout, socket_options)
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,  # noqa: ASYNC109
                                   socket_options: Iterable[SocketOption] | None = None,

@@ -9,12 +9,15 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from pairfarm import __version__
 from pairfarm.protocol import ROBOTS_MAX_BYTES, ROBOTS_MAX_TTL_S
 from worker.addresses import AddressPolicy
 from worker.errors import SettingsError
+from worker.robots import DEFAULT_DISALLOWED_DIRECTIVES
 
 AGENT_TOKEN = "pairfarm"
 PROJECT_URL = "https://github.com/pairfarm/pairfarm"
@@ -41,6 +44,47 @@ INTERPOLATIONS = ("nearest", "linear", "bilinear", "cubic", "bicubic", "area", "
 #: Pillow formats we decode. No TIFF, PSD, EPS, SVG or other formats with a history of
 #: parser bugs or code paths we do not need for web images.
 SAFE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # JPEG includes MPO (phone photos)
+#: an X-Robots-Tag directive: letters, digits, '-' and '_'
+_DIRECTIVE = re.compile(r"^[a-z0-9_-]+$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxySettings:
+    """The HTTP proxies candidate URLs go through (``worker.proxy``); None: direct.
+
+    ``from_environment`` reads ``http_proxy`` / ``https_proxy`` / ``all_proxy`` /
+    ``no_proxy``, lowercase first, then uppercase (curl's and httpx's names)."""
+
+    http: str | None = None
+    https: str | None = None
+    #: hosts reached directly: comma-separated names (a name covers its subdomains,
+    #: a leading dot too), ``host:port``, or ``*`` for every host
+    no_proxy: str = ""
+
+    def __post_init__(self) -> None:
+        for url in (self.http, self.https):
+            if url is not None:
+                _check_proxy_url(url)
+
+    @classmethod
+    def from_environment(cls, env: Mapping[str, str]) -> ProxySettings:
+        def read(name: str) -> str | None:
+            return env.get(name.lower()) or env.get(name.upper()) or None
+
+        every = read("all_proxy")
+        return cls(http=read("http_proxy") or every, https=read("https_proxy") or every,
+                   no_proxy=read("no_proxy") or "")
+
+    def for_scheme(self, scheme: str) -> str | None:
+        return self.https if scheme == "https" else self.http
+
+
+def _check_proxy_url(url: str) -> None:
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme != "http" or not parts.hostname:
+        raise SettingsError(f"a proxy must be an http:// URL with a host (HTTPS and SOCKS "
+                            f"proxies are not supported), got "
+                            f"{parts.scheme}://{parts.hostname or ''}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,9 +109,14 @@ class FetchSettings:
     #: against ``deadline``, which is network time); then ``host_busy``
     host_queue_timeout: float = 300.0
     respect_opt_out: bool = True
+    #: X-Robots-Tag directives that opt a response out (``worker.robots``; empty: none)
+    disallowed_directives: tuple[str, ...] = DEFAULT_DISALLOWED_DIRECTIVES
+    #: whether ``tdm-reservation: 1`` opts a response out
+    tdm_reservation: bool = True
     user_agent: str = USER_AGENT
     agent_token: str = AGENT_TOKEN
     policy: AddressPolicy = field(default_factory=AddressPolicy)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
 
     def __post_init__(self) -> None:
         _positive(self, ("concurrency", "per_host", "connect_timeout", "read_timeout",
@@ -79,6 +128,10 @@ class FetchSettings:
                                 f"({self.max_body_bytes} bytes)")
         if self.max_redirects < 0 or self.max_retries < 0:
             raise SettingsError("max_redirects and max_retries must be >= 0")
+        for directive in self.disallowed_directives:
+            if not _DIRECTIVE.match(directive):
+                raise SettingsError(f"an X-Robots-Tag directive is lowercase letters, digits, "
+                                    f"'-' and '_', got {directive!r}")
         if not _PRODUCT_TOKEN.match(self.agent_token):
             raise SettingsError(f"the user-agent token must be letters, '-' and '_' "
                                 f"(RFC 9309's product token), got {self.agent_token!r}")
@@ -128,6 +181,8 @@ class ImageSettings:
     #: img2dataset's defaults: area averaging when shrinking, Lanczos when enlarging
     downscale_interpolation: str = "area"
     upscale_interpolation: str = "lanczos"
+    #: bodies with fewer bytes end ``too_small`` (LAION's 5 KB rule; 0: img2dataset's
+    #: behaviour, no floor)
     min_bytes: int = 5 * 1024
     max_pixels: int = 40_000_000
     formats: tuple[str, ...] = SAFE_FORMATS
@@ -144,6 +199,8 @@ class ImageSettings:
                 raise SettingsError(f"interpolation must be one of {INTERPOLATIONS}, "
                                     f"not {name!r}")
         _positive(self, ("image_size", "max_pixels", "max_aspect_ratio"))
+        if self.min_bytes < 0:
+            raise SettingsError(f"min_bytes must be >= 0, got {self.min_bytes}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,6 +7,11 @@ thousands of distinct hosts, each with a handful of requests, so one pool per or
 scan short. Every pool dials through the same ``GuardedBackend`` and shares one TLS
 context.
 
+With a proxy configured (``FetchSettings.proxy``, ``worker.proxy``), an origin's pool
+sends through it unless ``no_proxy`` names the host: such a pool dials the proxy alone
+(``ProxyBackend``), and before each of its requests the target host is resolved and
+checked by the guard (``GuardedBackend.addresses_for``), as a direct connection would.
+
 ``build_client`` puts a ``FetchClient`` in front of the pools: httpx's request and
 response models and its transport interface, without ``httpx.AsyncClient``'s per-request
 layers (cookie jar, auth flow, redirects, hooks), which the fetcher does not use.
@@ -31,7 +36,8 @@ import httpx
 
 from worker.decoding import accept_encoding
 from worker.network import GuardedBackend
-from worker.settings import FetchSettings
+from worker.proxy import ProxyBackend, proxy_for
+from worker.settings import FetchSettings, ProxySettings
 
 #: httpcore error -> httpx error; leaves first, so the most specific one wins.
 _ERRORS: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
@@ -45,6 +51,7 @@ _ERRORS: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
     (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
     (httpcore.LocalProtocolError, httpx.LocalProtocolError),
     (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.ProxyError, httpx.ProxyError),  # the proxy refused a CONNECT
     (httpcore.TimeoutException, httpx.TimeoutException),
     (httpcore.NetworkError, httpx.NetworkError),
     (httpcore.ProtocolError, httpx.ProtocolError),
@@ -99,26 +106,44 @@ class OriginPoolTransport(httpx.AsyncBaseTransport):
     """One httpcore connection pool per (scheme, host, port); see the module docstring."""
 
     def __init__(self, backend: GuardedBackend, per_host: int,
-                 keepalive_expiry: float = 5.0) -> None:
+                 keepalive_expiry: float = 5.0, proxy: ProxySettings | None = None) -> None:
         self._backend = backend
+        self._to_proxy = ProxyBackend(backend)
+        self._proxy = proxy or ProxySettings()
         self._per_host = per_host
         self._keepalive = keepalive_expiry
         self._ssl = httpx.create_ssl_context(trust_env=False)
         self._pools: dict[_Origin, httpcore.AsyncConnectionPool] = {}
+        self._proxied: set[_Origin] = set()
 
     def _pool(self, origin: _Origin) -> httpcore.AsyncConnectionPool:
         pool = self._pools.get(origin)
         if pool is None:
+            proxy = self._proxy_of(origin)
+            if proxy is not None:
+                self._proxied.add(origin)
             pool = self._pools[origin] = httpcore.AsyncConnectionPool(
                 ssl_context=self._ssl, max_connections=self._per_host,
-                max_keepalive_connections=self._per_host,
-                keepalive_expiry=self._keepalive, network_backend=self._backend)
+                max_keepalive_connections=self._per_host, keepalive_expiry=self._keepalive,
+                network_backend=self._backend if proxy is None else self._to_proxy,
+                proxy=proxy)
         return pool
+
+    def _proxy_of(self, origin: _Origin) -> httpcore.Proxy | None:
+        scheme, host, port = origin
+        return proxy_for(self._proxy, scheme.decode("ascii"), host.decode("ascii"), port)
+
+    async def _check_proxied_target(self, origin: _Origin) -> None:
+        """Through a proxy, the target's addresses are checked here (the proxy only
+        resolves them again); a direct pool checks them when it dials."""
+        if origin in self._proxied:
+            await self._backend.addresses_for(origin[1].decode("ascii"))
 
     def _forget_if_idle(self, origin: _Origin) -> None:
         pool = self._pools.get(origin)
         if pool is not None and not pool.connections:
             del self._pools[origin]
+            self._proxied.discard(origin)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         assert isinstance(request.stream, httpx.AsyncByteStream)
@@ -132,6 +157,7 @@ class OriginPoolTransport(httpx.AsyncBaseTransport):
             extensions=request.extensions)
         pool = self._pool(origin)
         try:
+            await self._check_proxied_target(origin)
             response = await pool.handle_async_request(core)
         except _SOURCES as exc:
             raise _mapped(exc) from exc
@@ -199,5 +225,5 @@ def build_client(settings: FetchSettings, backend: GuardedBackend) -> FetchClien
     headers = {"Accept": "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8",
                "Accept-Encoding": accept_encoding(), "Connection": "keep-alive",
                "User-Agent": settings.user_agent}
-    transport = OriginPoolTransport(backend, per_host=settings.per_host)
+    transport = OriginPoolTransport(backend, per_host=settings.per_host, proxy=settings.proxy)
     return FetchClient(transport, headers, timeout)
