@@ -589,3 +589,21 @@ def test_the_shared_pipeline_renews_its_stage_and_counts_each_byte_once(
     assert len(sizes) == 5 and sum(sizes) == metrics.registry.get_sample_value(
         "pairfarm_worker_downloaded_bytes_total") > 0
     assert len(list(tmp_path.glob("*.parquet"))) == 5
+
+
+def test_a_worker_stopping_on_one_batch_releases_the_other(tmp_path: Path) -> None:
+    """Batch 2, leased during batch 1's slow image, fails on this machine (the output
+    became a file) and --stop-after-failures 1 stops the worker: batch 1, still in hand,
+    is released (no attempt spent), not left to expire."""
+    out = tmp_path / "shards"
+
+    def break_output(batch: int) -> None:
+        if batch == 2:
+            _turn_into_a_file(out)
+
+    coord = ScriptedCoordinator(batches=[], on_lease=break_output)
+    with pytest.raises(WorkerStopped, match="1 batches in a row failed on this machine"):
+        _run(coord, out, settings=_settings(stop_after_failures=1, exit_when_idle=False),
+             paths=[["/slow.jpg"], ["/a.jpg"]])
+    assert coord.failed[2].cause is FailCause.WORKER and not coord.failed[2].release
+    assert coord.failed[1].release and coord.completed == {}

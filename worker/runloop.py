@@ -305,9 +305,9 @@ class RunLoop:
         state = _BatchState()
         try:
             await self._settle(lease, run, state)
-        except trio.Cancelled:
-            # the worker stops (another batch's WorkerStopped): give this one back
-            if not state.settled:
+        except BaseException as exc:
+            # cancelled because the worker stops (the other batch's WorkerStopped)
+            if not state.settled and _cancelled(exc):
                 with trio.CancelScope(shield=True):
                     await self._release(lease)
             raise
@@ -465,6 +465,13 @@ def _own_failure(exc: BaseException) -> str | None:
             return None
         return _own_failure(_leaves(mine)[0])
     return f"shard write failed: {exc}" if isinstance(exc, OWN_FAILURES) else None
+
+
+def _cancelled(exc: BaseException) -> bool:
+    """``trio.Cancelled``, alone or as the only kind in a group (Trio's nurseries)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(isinstance(leaf, trio.Cancelled) for leaf in _leaves(exc))
+    return isinstance(exc, trio.Cancelled)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
