@@ -25,7 +25,8 @@ seconds per lease of the coordinator processes and of PostgreSQL (from /proc via
 each process tree, dead children included) and of the simulator itself (all on the same
 cores here), the load average; then the invariants read from the database
 (``check_invariants``): no candidate in two batches (nor in two live ones), none lost
-(every candidate in exactly one batch or still pending), the queue drained to zero. The
+(every candidate in exactly one batch, still pending or waiting for a URL
+retry), the queue drained to zero. The
 exit status is 1 when an invariant is broken.
 
 Resource handling: the coordinator subprocess is stopped by its PID (SIGTERM), the
@@ -179,7 +180,8 @@ _INVARIANT_SQL = {
     "pending_and_batched": "SELECT count(*) FROM (SELECT unnest(ids) AS id FROM "
                            f"pending_chunks) p JOIN ({_MEMBERS}) m ON m.id = p.id",
     "lost": "SELECT count(*) FROM candidates c WHERE NOT EXISTS (SELECT 1 FROM "
-            f"({_MEMBERS} UNION ALL SELECT 0, unnest(ids) FROM pending_chunks) m "
+            f"({_MEMBERS} UNION ALL SELECT 0, unnest(ids) FROM pending_chunks "
+            "UNION ALL SELECT 0, id FROM url_retries WHERE batch_id IS NULL) m "
             "WHERE m.id = c.id)",
     "pending_candidates": "SELECT COALESCE(sum(cardinality(ids)), 0) FROM pending_chunks",
     "pending_batches": "SELECT count(*) FROM batches WHERE status = 'pending'",

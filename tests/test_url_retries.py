@@ -27,6 +27,7 @@ import pytest
 import sqlalchemy as sa
 import trio
 
+from bench.simulator import check_invariants
 from coordinator.archive import archive
 from coordinator.batches import BatchFilter, requeue
 from coordinator.errors import InvalidReport, LeaseConflict, SettingsError
@@ -139,6 +140,8 @@ def test_a_transient_url_is_retried_later_until_its_last_attempt(db_url: str) ->
         assert (stats.retried, stats.candidates_retry_waiting) == (3, 3)
         assert (stats.candidates_pending, stats.candidates_unbatched) == (3, 3)
         assert service.lease_download(worker) is None  # not due yet
+        held = check_invariants(engine)  # the waiting ones are neither lost nor doubled
+        assert held.consistent and held.lost == 0
 
         _make_due(engine)
         second = _lease(service, worker)
