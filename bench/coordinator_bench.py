@@ -24,6 +24,13 @@ and complete 10k batches for --api-seconds, from the moment all of them have sta
 registered; sustained leases/s, client-side latency, and the CPU time per lease of the
 coordinator process, of PostgreSQL and of the clients (all on the same cores here).
 
+With --lease-during-ingest ROWS (item 4 of issue 16: new files must not stall leases), on
+a separate database holding --during-base pending candidates: --during-leases leases
+(10k batches, one every --during-interval seconds, from this process's own connection)
+without an ingest, then the same lease loop while ``pairfarm ingest`` (a subprocess) loads
+ROWS more candidates in --during-files files; lease p50/p99/max without and during the
+ingest, the ingest's rows/s, and the load average.
+
 Prints one line per figure. Needs the [coordinator] extra.
 """
 
@@ -326,6 +333,76 @@ def bench_api(server_url: str, work: Path, rows: int, clients: int, seconds: flo
         flush=True)
 
 
+def lease_loop(service: Leases, worker: int, interval: float, *, count: int | None = None,
+               until: Any = None) -> tuple[list[float], list[int], list[float]]:
+    """Lease one batch every ``interval`` s: ``count`` times, or while ``until()`` is true.
+    Each lease's seconds, size, and start (seconds since the loop began)."""
+    times: list[float] = []
+    sizes: list[int] = []
+    starts: list[float] = []
+    begin = time.perf_counter()
+    while (count is None or len(times) < count) and (until is None or until()):
+        t0 = time.perf_counter()
+        lease = service.lease_download_raw(worker)
+        took = time.perf_counter() - t0
+        times.append(took)
+        sizes.append(lease.count if lease is not None else 0)
+        starts.append(t0 - begin)
+        time.sleep(max(0.0, interval - took))
+    return times, sizes, starts
+
+
+def bench_lease_during_ingest(server_url: str, work: Path, rows: int, *, base: int,
+                              files: int, leases: int, interval: float) -> None:
+    name = f"bench_during_{rows}"
+    ensure_database(server_url, name)
+    url = server_url.rsplit("/", 1)[0] + f"/{name}"
+    upgrade(url)
+    seed = [synthetic_file(work / f"base_{s}.parquet", s, min(FILE_ROWS, base - s))
+            for s in range(0, base, FILE_ROWS)]
+    ingest(url, seed, Columns())
+    vacuum(url)
+    per_file = -(-rows // files)
+    new = [synthetic_file(work / f"during_{s}.parquet", s, min(per_file, base + rows - s))
+           for s in range(base, base + rows, per_file)]
+    engine = sa.create_engine(url)
+    try:
+        _, token = create_token(engine, "worker", "bench-during")
+        worker = touch_worker(engine, authenticate(engine, token))
+        service = Leases(engine, make_lease_settings(batch_size=10_000))
+        load0 = os.getloadavg()[0]
+        times, sizes, _ = lease_loop(service, worker, interval, count=leases)
+        report_latency(f"lease without ingest ({base:,} pending, load {load0:.1f}-"
+                       f"{os.getloadavg()[0]:.1f})", times, sizes)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        load0, t0 = os.getloadavg()[0], time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "pairfarm", "ingest",
+                                 "--database-url", url, *map(str, new)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        times, sizes, starts = lease_loop(service, worker, interval,
+                                          until=lambda: proc.poll() is None)
+        took = time.perf_counter() - t0
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"pairfarm ingest failed: {err.decode()[-2000:]}")
+        print(f"ingest during leases: {rows:,} rows in {files} file(s) of {per_file:,}, "
+              f"{took:.1f} s, {rows / took:,.0f} rows/s", flush=True)
+        empty = sizes.count(0)
+        full = [i for i, n in enumerate(sizes) if n]
+        times, sizes, starts = ([times[i] for i in full], [sizes[i] for i in full],
+                                [starts[i] for i in full])
+        report_latency(f"lease during ingest (load {load0:.1f}-{os.getloadavg()[0]:.1f}; "
+                       f"{empty} leases found nothing, left out)", times, sizes)
+        slowest = sorted(range(len(times)), key=times.__getitem__)[-3:]
+        print("lease during ingest: slowest " + ", ".join(
+            f"{times[i] * 1000:.0f} ms at +{starts[i]:.0f} s" for i in reversed(slowest)),
+            flush=True)
+    finally:
+        engine.dispose()
+        for f in [*seed, *new]:
+            f.unlink(missing_ok=True)
+
+
 def cpu_split(coordinator_pid: int) -> dict[str, float]:
     """CPU seconds so far of the coordinator process and of all PostgreSQL processes."""
     import psutil
@@ -366,6 +443,16 @@ def main() -> None:
     parser.add_argument("--api-seconds", type=float, default=20.0)
     parser.add_argument("--skip-api", action="store_true")
     parser.add_argument("--api-only", action="store_true")
+    parser.add_argument("--lease-during-ingest", type=int, default=0, metavar="ROWS",
+                        help="lease latency while pairfarm ingest loads ROWS (only this)")
+    parser.add_argument("--during-base", type=int, default=3_000_000,
+                        help="candidates pending before that ingest")
+    parser.add_argument("--during-files", type=int, default=1,
+                        help="files the ROWS come in")
+    parser.add_argument("--during-leases", type=int, default=60,
+                        help="leases measured without the ingest")
+    parser.add_argument("--during-interval", type=float, default=1.0,
+                        help="seconds from one lease's start to the next")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pairfarm-bench-"))
     pg = EmbeddedPostgres(work / "data", settings=BENCH_SETTINGS)
@@ -373,6 +460,12 @@ def main() -> None:
     print(f"PostgreSQL in {work}; cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}",
           flush=True)
     try:
+        if args.lease_during_ingest:
+            bench_lease_during_ingest(
+                server.url(), work, args.lease_during_ingest, base=args.during_base,
+                files=args.during_files, leases=args.during_leases,
+                interval=args.during_interval)
+            return
         for rows in [] if args.api_only else args.rows or [1_000_000]:
             bench_rows(server.url(), work, rows, args.leases, ServerCpu(server.pid),
                        group_rows=args.ingest_rows)
