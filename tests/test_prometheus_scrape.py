@@ -59,8 +59,11 @@ pytestmark = pytest.mark.skipif(
 
 class _Images(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
-        n = int(self.path.rsplit("/", 1)[-1].split(".", 1)[0])
-        status, body = (404, b"gone") if n % 5 == 3 else (200, JPEG)
+        if self.path == "/robots.txt":  # none (404): the worker may fetch everything
+            n, status, body = 0, 404, b"none"
+        else:
+            n = int(self.path.rsplit("/", 1)[-1].split(".", 1)[0])
+            status, body = (404, b"gone") if n % 5 == 3 else (200, JPEG)
         self.send_response(status)
         self.send_header("Content-Type", "image/jpeg" if status == 200 else "text/plain")
         self.send_header("Content-Length", str(len(body)))

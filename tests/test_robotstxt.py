@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -571,3 +572,68 @@ def test_settings_bounds() -> None:
                 {"timeout_s": 0}):
         with pytest.raises(SettingsError):
             RobotsSettings(**bad)  # type: ignore[arg-type]
+
+
+# -- in the download pipeline ----------------------------------------------------------------
+
+
+def test_two_worker_pipelines_share_robots_txt_and_skip_disallowed(
+        coordinator: RunningCoordinator, tmp_path: Path) -> None:
+    """Two workers' pipelines (``SharedPipeline``, each with its own coordinator client,
+    token and robots cache) download a batch each over the same 3 hosts: each host's
+    robots.txt is fetched once in all; disallowed URLs end ``robots_disallowed`` and are
+    never requested, the others are downloaded; a 503 robots.txt leaves its host's URLs
+    unrequested (``http_5xx``)."""
+    import fsspec
+
+    from pairfarm.protocol import Candidate
+    from worker.batch import Network
+    from worker.metrics import build_metrics
+    from worker.pipeline import BatchRun, SharedPipeline
+    from worker.settings import PipelineSettings
+
+    tokens = [coordinator.token("worker", "vm-a"), coordinator.token("worker", "vm-b")]
+    image = jpeg_bytes()
+    web = LoopbackWeb()
+    for host in HOSTS[:3]:
+        web.sites[host].update({f"/{d}/{n}.jpg": Reply(200, image, {"Content-Type": "image/jpeg"})
+                                for d in ("pub", "private") for n in range(6)})
+    web.sites[HOSTS[0]]["/robots.txt"] = robots("User-agent: *\nDisallow: /private/\n")
+    web.sites[HOSTS[1]]["/robots.txt"] = robots("User-agent: pairfarm\nDisallow: /pub/\n"
+                                                "User-agent: *\nDisallow: /\n")
+    web.sites[HOSTS[2]]["/robots.txt"] = Reply(503, b"")
+    outcomes: list[Counter[str]] = []
+    settings = PipelineSettings(fetch=fetch_settings(), decode_threads=2)
+
+    async def worker(number: int, token: str) -> None:
+        candidates = [Candidate(id=i, url=web.url(host, f"/{d}/{n}.jpg"), caption="")
+                      for i, (host, d, n) in enumerate(
+                          (h, d, n + 3 * number) for h in HOSTS[:3]
+                          for d in ("pub", "private") for n in range(3))]
+        async with AsyncCoordinatorClient(coordinator.url, token) as client:
+            network = Network(robots=RobotsCache(RobotsSettings(), "pairfarm",
+                                                 CoordinatorRobots(client)))
+            async with SharedPipeline.open(settings, network, build_metrics()) as pipeline:
+                prepared = await pipeline.download(
+                    number + 1, candidates, BatchRun(size=len(candidates)),
+                    fs=fsspec.filesystem("file"), directory=str(tmp_path / f"w{number}"))
+                await prepared.commit()
+                outcomes.append(prepared.outcomes)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await web.serve(nursery)
+            for number, token in enumerate(tokens):
+                await worker(number, token)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    expected = {"ok": 3 + 3, "robots_disallowed": 3 + 3, "http_5xx": 6}
+    assert outcomes == [Counter(expected), Counter(expected)]
+    assert web.robots_fetches() == {host: 1 for host in HOSTS[:3]}
+    by_host = Counter(h.host for h in web.hits if h.path != "/robots.txt")
+    assert by_host == {HOSTS[0]: 6, HOSTS[1]: 6}, "host 2: nothing but robots.txt"
+    assert {h.path.split("/")[1] for h in web.hits
+            if h.host == HOSTS[0] and h.path != "/robots.txt"} == {"pub"}
+    assert {h.path.split("/")[1] for h in web.hits
+            if h.host == HOSTS[1] and h.path != "/robots.txt"} == {"private"}

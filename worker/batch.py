@@ -47,6 +47,7 @@ from worker.imaging import OpenedImage, ProcessedImage, finish_image, open_image
 from worker.metrics import WorkerMetrics, build_metrics
 from worker.network import Dialer, GuardedBackend, TrioDialer
 from worker.resolver import CachingResolver, Resolver, SystemResolver
+from worker.robotstxt import RobotsCache, RobotsFetcher, RobotsGuard
 from worker.settings import PipelineSettings
 from worker.shards import Sample, ShardStats, ShardWriter
 from worker.transport import build_client
@@ -61,6 +62,9 @@ class Network:
 
     resolver: Resolver = field(default_factory=SystemResolver)
     dialer: Dialer = field(default_factory=TrioDialer)
+    #: robots.txt answers (``worker.robotstxt``), kept across batches and stages: every
+    #: candidate's origin is asked before the candidate is fetched; None: not asked
+    robots: RobotsCache | None = None
 
 
 @dataclass
@@ -137,7 +141,9 @@ async def open_stage(settings: PipelineSettings, network: Network,
         gate = HostGate(per_host=settings.fetch.per_host,
                         max_delay=settings.fetch.max_retry_after)
         fetcher = Fetcher(settings.fetch, client, gate, recorded, formats=settings.image.formats)
-        yield Stage(fetcher, settings, recorded)
+        robots = None if network.robots is None else network.robots.bound(
+            RobotsFetcher(settings.robots, settings.fetch, client))
+        yield Stage(fetcher, settings, recorded, robots=robots)
 
 
 async def _run(candidates: Sequence[Candidate], settings: PipelineSettings, net: Network,
@@ -191,8 +197,10 @@ class Stage:
     """Fetch + decode of a candidate; ``work`` runs it over a channel, one per task."""
 
     def __init__(self, fetcher: Fetcher, settings: PipelineSettings,
-                 metrics: WorkerMetrics | None = None) -> None:
+                 metrics: WorkerMetrics | None = None, *,
+                 robots: RobotsGuard | None = None) -> None:
         self._fetcher = fetcher
+        self._robots = robots
         self._image = settings.image
         self._decoders = trio.CapacityLimiter(settings.decode_threads)
         self._pixels = ByteBudget(settings.decode_memory_bytes)
@@ -245,7 +253,11 @@ class Stage:
         return await trio.to_thread.run_sync(timer.run, func, *args, limiter=self._decoders)
 
     async def one(self, index: int, candidate: Candidate) -> Sample:
+        """The candidate's sample: its origin's robots.txt asked first (when the network
+        has a ``RobotsCache``), then fetched, decoded and resized."""
         try:
+            if self._robots is not None:
+                await self._robots.check(candidate.url)
             image = await self.decode(await self._fetcher.fetch(candidate.url))
         except FetchFailure as exc:
             return Sample(index=index, candidate=candidate, outcome=exc.outcome,

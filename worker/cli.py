@@ -101,6 +101,18 @@ _PIPELINE_OPTIONS: list[Decorator] = [
          type=click.Choice(INTERPOLATION_CHOICES), help="Filter when enlarging."),
     _opt("--decode-threads", env="DECODE_THREADS", type=click.IntRange(1, 256),
          default=os.cpu_count() or 1, help="Threads that decode and resize."),
+    _opt("--robots/--no-robots", env="ROBOTS", default=True,
+         help="Obey robots.txt (RFC 9309): an URL its origin's rules disallow for "
+              "--user-agent-token ends robots_disallowed, never requested."),
+    _opt("--user-agent-token", env="USER_AGENT_TOKEN", default="pairfarm",
+         help="Product token first in the User-Agent header, matched against robots.txt "
+              "groups and X-Robots-Tag prefixes (img2dataset's name)."),
+    _opt("--robots-ttl", env="ROBOTS_TTL", type=click.IntRange(1, 86_400), default=86_400,
+         help="Seconds a robots.txt answer is used, by this worker and the farm's others."),
+    _opt("--robots-unreachable-ttl", env="ROBOTS_UNREACHABLE_TTL",
+         type=click.IntRange(1, 86_400), default=600,
+         help="Seconds an origin whose robots.txt answered 5xx / 429, or nothing, stays "
+              "disallowed before its robots.txt is fetched again."),
     _opt("--progress/--no-progress", env="PROGRESS", default=True,
          help="Show a progress bar."),
     _opt("--metrics-port", env="METRICS_PORT", type=click.IntRange(0, 65535), default=0,
@@ -128,7 +140,7 @@ def _pipeline_settings(opts: dict[str, Any]) -> Any:
         deadline=opts["deadline"], dns_timeout=opts["dns_timeout"],
         max_body_bytes=int(opts["max_body_mb"] * 1024 * 1024),
         body_memory_bytes=int(opts["body_memory_mb"] * 1024 * 1024),
-        max_redirects=opts["max_redirects"], max_retries=opts["retries"],
+        max_redirects=opts["max_redirects"], max_retries=opts["retries"], **_agent(opts),
         max_retry_after=opts["max_retry_after"], host_queue_timeout=opts["host_queue_timeout"],
         disallowed_directives=tuple(directives), tdm_reservation=opts["tdm_reservation"],
         proxy=ProxySettings.from_environment(os.environ),
@@ -143,7 +155,23 @@ def _pipeline_settings(opts: dict[str, Any]) -> Any:
         downscale_interpolation=opts["downscale_interpolation"],
         upscale_interpolation=opts["upscale_interpolation"])
     return PipelineSettings(fetch=fetch, image=image, decode_threads=opts["decode_threads"],
-                            decode_memory_bytes=int(opts["decode_memory_mb"] * 1024 * 1024))
+                            decode_memory_bytes=int(opts["decode_memory_mb"] * 1024 * 1024),
+                            robots=_robots_settings(opts))
+
+
+def _agent(opts: dict[str, Any]) -> dict[str, Any]:
+    """``--user-agent-token``: the token and the User-Agent it starts."""
+    from worker.settings import user_agent_for
+
+    token = opts["user_agent_token"]
+    return {"agent_token": token, "user_agent": user_agent_for(token)}
+
+
+def _robots_settings(opts: dict[str, Any]) -> Any:
+    from worker.settings import RobotsSettings
+
+    return RobotsSettings(enabled=opts["robots"], ttl_s=opts["robots_ttl"],
+                          unreachable_ttl_s=opts["robots_unreachable_ttl"])
 
 
 def _metrics_settings(opts: dict[str, Any]) -> Any:
@@ -182,11 +210,16 @@ def _storage(output: str) -> tuple[Any, str]:
     return fs, paths[0]
 
 
-def _network(opts: dict[str, Any]) -> Any:
+def _network(opts: dict[str, Any], pipeline: Any, shared: Any = None) -> Any:
+    """How the pipeline reaches the web; with ``--robots`` a ``RobotsCache`` that lives
+    as long as the command, sharing answers through ``shared`` (the coordinator)."""
     from worker.batch import Network
     from worker.resolver import SystemResolver
+    from worker.robotstxt import RobotsCache
 
-    return Network(resolver=SystemResolver(timeout=opts["dns_timeout"]))
+    robots = (RobotsCache(pipeline.robots, pipeline.fetch.agent_token, shared)
+              if pipeline.robots.enabled else None)
+    return Network(resolver=SystemResolver(timeout=opts["dns_timeout"]), robots=robots)
 
 
 def _peak_rss_mb() -> float:
@@ -253,11 +286,12 @@ async def _download_all(job: _DownloadJob) -> tuple[Counter[str], float]:
 
     totals: Counter[str] = Counter()
     start = time.monotonic()
+    network = _network(job.opts, job.settings)
     with _progress(job.opts["progress"], len(job.items)) as advance:
         for number, chunk in inputs.shards_of(job.items, job.shard_size):
             prepared = await download_batch(number, chunk, settings=job.settings, fs=job.fs,
                                             directory=job.directory,
-                                            network=_network(job.opts), on_sample=advance,
+                                            network=network, on_sample=advance,
                                             metrics=job.metrics)
             await prepared.commit()
             job.metrics.batch(BatchResult.COMPLETED)
@@ -344,11 +378,14 @@ def worker_command(**opts: Any) -> None:
 
 async def _work(settings: Any, opts: dict[str, Any], metrics: Any) -> Any:
     from pairfarm.client import AsyncCoordinatorClient
+    from worker.robotstxt import CoordinatorRobots
     from worker.runloop import RunLoop, WorkerStopped
 
     fs, directory = _storage(settings.output)
     async with AsyncCoordinatorClient(settings.coordinator_url, settings.token) as client:
-        loop = RunLoop(settings, client, fs, directory, network=_network(opts),
+        shared = CoordinatorRobots(client)
+        loop = RunLoop(settings, client, fs, directory,
+                       network=_network(opts, settings.pipeline, shared),
                        progress=_batch_progress(opts["progress"]), metrics=metrics)
         try:
             return await loop.run()

@@ -206,11 +206,16 @@ class SharedPipeline:
             url_retries=url_retries))
         start = time.time()
         run.add_finished(0)
+        robots = self._network.robots
         try:
+            if robots is not None:  # the farm's answers for the batch's origins, at once
+                await robots.prepare(c.url for c in candidates)
             async with self._using() as held:
                 await self._run(held.stage, candidates, run, writer, on_sample or _ignore)
                 wire = held.stage.wire_bytes - held.billed
                 held.billed += wire
+            if robots is not None:
+                await robots.flush()
         except BaseException:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(writer.abort)
