@@ -45,12 +45,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import psycopg  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
@@ -333,23 +335,47 @@ def bench_api(server_url: str, work: Path, rows: int, clients: int, seconds: flo
         flush=True)
 
 
-def lease_loop(service: Leases, worker: int, interval: float, *, count: int | None = None,
-               until: Any = None) -> tuple[list[float], list[int], list[float]]:
-    """Lease one batch every ``interval`` s: ``count`` times, or while ``until()`` is true.
-    Each lease's seconds, size, and start (seconds since the loop began)."""
-    times: list[float] = []
-    sizes: list[int] = []
-    starts: list[float] = []
+@dataclass
+class LeaseSeries:
+    """Each lease's seconds, size, start (seconds since the loop began), and whether
+    another backend's subtransactions had overflowed (its 64 cached subxids) just
+    before it."""
+
+    times: list[float] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    starts: list[float] = field(default_factory=list)
+    overflowed: list[bool] = field(default_factory=list)
+
+    def pick(self, keep: Any) -> LeaseSeries:
+        idx = [i for i in range(len(self.times)) if keep(i)]
+        return LeaseSeries(*([getattr(self, f)[i] for i in idx]
+                             for f in ("times", "sizes", "starts", "overflowed")))
+
+
+def subxacts_overflowed(conn: Any) -> bool:
+    """Whether any backend's subtransaction cache has overflowed (PostgreSQL 16+)."""
+    row = conn.execute("SELECT coalesce(bool_or(s.subxact_overflowed), false) "
+                       "FROM pg_stat_get_backend_idset() b, "
+                       "LATERAL pg_stat_get_backend_subxact(b) s").fetchone()
+    return bool(row[0])
+
+
+def lease_loop(service: Leases, worker: int, interval: float, probe: Any, *,
+               count: int | None = None, until: Any = None) -> LeaseSeries:
+    """Lease one batch every ``interval`` s: ``count`` times, or while ``until()`` is true."""
+    out = LeaseSeries()
     begin = time.perf_counter()
-    while (count is None or len(times) < count) and (until is None or until()):
+    while (count is None or len(out.times) < count) and (until is None or until()):
+        overflowed = subxacts_overflowed(probe)
         t0 = time.perf_counter()
         lease = service.lease_download_raw(worker)
         took = time.perf_counter() - t0
-        times.append(took)
-        sizes.append(lease.count if lease is not None else 0)
-        starts.append(t0 - begin)
+        out.times.append(took)
+        out.sizes.append(lease.count if lease is not None else 0)
+        out.starts.append(t0 - begin)
+        out.overflowed.append(overflowed)
         time.sleep(max(0.0, interval - took))
-    return times, sizes, starts
+    return out
 
 
 def bench_lease_during_ingest(server_url: str, work: Path, rows: int, *, base: int,
@@ -366,38 +392,42 @@ def bench_lease_during_ingest(server_url: str, work: Path, rows: int, *, base: i
     new = [synthetic_file(work / f"during_{s}.parquet", s, min(per_file, base + rows - s))
            for s in range(base, base + rows, per_file)]
     engine = sa.create_engine(url)
+    probe = psycopg.connect(libpq_url(url), autocommit=True)
     try:
         _, token = create_token(engine, "worker", "bench-during")
         worker = touch_worker(engine, authenticate(engine, token))
         service = Leases(engine, make_lease_settings(batch_size=10_000))
         load0 = os.getloadavg()[0]
-        times, sizes, _ = lease_loop(service, worker, interval, count=leases)
+        alone = lease_loop(service, worker, interval, probe, count=leases)
         report_latency(f"lease without ingest ({base:,} pending, load {load0:.1f}-"
-                       f"{os.getloadavg()[0]:.1f})", times, sizes)
+                       f"{os.getloadavg()[0]:.1f})", alone.times, alone.sizes)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         load0, t0 = os.getloadavg()[0], time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "pairfarm", "ingest",
                                  "--database-url", url, *map(str, new)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        times, sizes, starts = lease_loop(service, worker, interval,
-                                          until=lambda: proc.poll() is None)
+        during = lease_loop(service, worker, interval, probe,
+                            until=lambda: proc.poll() is None)
         took = time.perf_counter() - t0
         _, err = proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(f"pairfarm ingest failed: {err.decode()[-2000:]}")
         print(f"ingest during leases: {rows:,} rows in {files} file(s) of {per_file:,}, "
               f"{took:.1f} s, {rows / took:,.0f} rows/s", flush=True)
-        empty = sizes.count(0)
-        full = [i for i, n in enumerate(sizes) if n]
-        times, sizes, starts = ([times[i] for i in full], [sizes[i] for i in full],
-                                [starts[i] for i in full])
-        report_latency(f"lease during ingest (load {load0:.1f}-{os.getloadavg()[0]:.1f}; "
-                       f"{empty} leases found nothing, left out)", times, sizes)
-        slowest = sorted(range(len(times)), key=times.__getitem__)[-3:]
+        full = during.pick(lambda i: during.sizes[i] > 0)
+        load = f"load {load0:.1f}-{os.getloadavg()[0]:.1f}"
+        report_latency(f"lease during ingest ({load}; {len(during.times) - len(full.times)} "
+                       f"leases found nothing, left out)", full.times, full.sizes)
+        for flag, label in ((False, "subxacts not overflowed"), (True, "subxacts overflowed")):
+            part = full.pick(lambda i, flag=flag: full.overflowed[i] == flag)
+            if part.times:
+                report_latency(f"lease during ingest, {label}", part.times, part.sizes)
+        slowest = sorted(range(len(full.times)), key=full.times.__getitem__)[-3:]
         print("lease during ingest: slowest " + ", ".join(
-            f"{times[i] * 1000:.0f} ms at +{starts[i]:.0f} s" for i in reversed(slowest)),
-            flush=True)
+            f"{full.times[i] * 1000:.0f} ms at +{full.starts[i]:.0f} s" for i in
+            reversed(slowest)), flush=True)
     finally:
+        probe.close()
         engine.dispose()
         for f in [*seed, *new]:
             f.unlink(missing_ok=True)
