@@ -122,6 +122,8 @@ class Invariants:
     pending_and_batched: int
     lost: int
     pending_candidates: int
+    #: candidates sent back for a URL retry (``url_retries``), waiting for a batch
+    retry_waiting: int
     pending_batches: int
     leased_batches: int
     batches: dict[str, int]
@@ -134,8 +136,8 @@ class Invariants:
 
     @property
     def drained(self) -> bool:
-        return (self.pending_candidates == 0 and self.pending_batches == 0
-                and self.leased_batches == 0)
+        return (self.pending_candidates == 0 and self.retry_waiting == 0
+                and self.pending_batches == 0 and self.leased_batches == 0)
 
 
 @dataclass(frozen=True)
@@ -184,6 +186,7 @@ _INVARIANT_SQL = {
             "UNION ALL SELECT 0, id FROM url_retries WHERE batch_id IS NULL) m "
             "WHERE m.id = c.id)",
     "pending_candidates": "SELECT COALESCE(sum(cardinality(ids)), 0) FROM pending_chunks",
+    "retry_waiting": "SELECT count(*) FROM url_retries WHERE batch_id IS NULL",
     "pending_batches": "SELECT count(*) FROM batches WHERE status = 'pending'",
     "leased_batches": "SELECT count(*) FROM batches WHERE status = 'leased'",
 }
@@ -432,9 +435,11 @@ def _report(batch_id: int, lease_token: str, size: int, seconds: float) -> dict[
 
 
 async def monitor(farm: Farm, engine: sa.Engine, poll_s: float = 1.0) -> None:
-    """Set ``farm.drained`` once no candidate is pending and no batch pending or leased."""
+    """Set ``farm.drained`` once no candidate is pending or waiting for a URL retry and
+    no batch is pending or leased."""
     query = sa.text("SELECT (SELECT count(*) FROM pending_chunks) + (SELECT count(*) FROM "
-                    "batches WHERE status IN ('pending', 'leased'))")
+                    "batches WHERE status IN ('pending', 'leased')) + (SELECT count(*) "
+                    "FROM url_retries WHERE batch_id IS NULL)")
 
     def busy() -> int:
         with engine.connect() as conn:
@@ -529,8 +534,9 @@ def describe(report: SimReport) -> list[str]:
         f"invariants: candidates {inv.candidates:,}, in two batches {inv.in_two_batches}, "
         f"in two live batches {inv.in_two_live_batches}, pending and batched "
         f"{inv.pending_and_batched}, lost {inv.lost}; left: {inv.pending_candidates} "
-        f"pending candidates, {inv.pending_batches} pending and {inv.leased_batches} leased "
-        f"batches; batches {inv.batches}")
+        f"pending candidates, {inv.retry_waiting} waiting for a retry, "
+        f"{inv.pending_batches} pending and {inv.leased_batches} leased batches; batches "
+        f"{inv.batches}")
     lines.append(f"verdict: {'OK' if report.ok else 'BROKEN'} (consistent "
                  f"{inv.consistent}, drained {inv.drained})")
     return lines

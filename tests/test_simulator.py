@@ -35,16 +35,17 @@ def test_a_small_farm_with_failures_and_kills_drains_consistently(
     inv = report.invariants
     assert report.ok, text
     assert inv.candidates == 3_000 and inv.lost == 0 and inv.in_two_batches == 0
-    assert inv.batches == {"downloaded": 60}, text
+    batches = inv.batches.get("downloaded", 0)
+    assert set(inv.batches) == {"downloaded"} and batches >= 60, text  # 60 of 50, or more
     events = report.calls.events
     assert events["killed"] > 0 and events["failed"] > 0, text
-    assert events["completed"] == 60, text
+    assert events["completed"] == batches, text
     with engine.connect() as conn:
         attempts = conn.execute(sa.text("SELECT sum(attempts) FROM batches")).scalar_one()
     # every kill (its lease expired and was reaped) and every failure cost an attempt, as
     # does a lease that expired under a worker too slow to heartbeat in time
     lapsed = events["lease_lost"] + events["complete_refused"]
-    assert attempts == 60 + events["killed"] + events["failed"] + lapsed, text
+    assert attempts == batches + events["killed"] + events["failed"] + lapsed, text
     assert events["leased"] == attempts
     assert report.cpu_s["coordinator"] > 0 and report.cpu_s["postgres"] > 0
     assert all(kind == "409" for _, kind in report.calls.errors), text
@@ -100,3 +101,12 @@ def test_the_checker_finds_each_broken_invariant(db_url: str, engine: sa.Engine)
         conn.execute(sa.text(f"UPDATE batches SET {FINISHED}"))
     drained = check_invariants(engine)
     assert drained.drained and drained.lost == 32
+
+    with engine.begin() as conn:  # one of them waits for a URL retry: held, not drained
+        conn.execute(sa.text(
+            "INSERT INTO url_retries (id, attempt, not_before) SELECT min(c.id), 2, now() "
+            "FROM candidates c WHERE NOT EXISTS (SELECT 1 FROM batch_members bm "
+            "WHERE c.id = ANY (bm.ids))"))
+    waiting = check_invariants(engine)
+    assert (waiting.retry_waiting, waiting.lost) == (1, 31)
+    assert not waiting.drained
