@@ -180,7 +180,8 @@ _INVARIANT_SQL = {
                            "JOIN batches b ON b.id = m.batch_id WHERE b.status = 'leased' "
                            "GROUP BY m.id HAVING count(*) > 1) d",
     "pending_and_batched": "SELECT count(*) FROM (SELECT unnest(ids) AS id FROM "
-                           f"pending_chunks) p JOIN ({_MEMBERS}) m ON m.id = p.id",
+                           "pending_chunks UNION ALL SELECT id FROM url_retries "
+                           f"WHERE batch_id IS NULL) p JOIN ({_MEMBERS}) m ON m.id = p.id",
     "lost": "SELECT count(*) FROM candidates c WHERE NOT EXISTS (SELECT 1 FROM "
             f"({_MEMBERS} UNION ALL SELECT 0, unnest(ids) FROM pending_chunks "
             "UNION ALL SELECT 0, id FROM url_retries WHERE batch_id IS NULL) m "

@@ -110,3 +110,9 @@ def test_the_checker_finds_each_broken_invariant(db_url: str, engine: sa.Engine)
     waiting = check_invariants(engine)
     assert (waiting.retry_waiting, waiting.lost) == (1, 31)
     assert not waiting.drained
+
+    with engine.begin() as conn:  # a waiting retry that is also in a batch
+        conn.execute(sa.text(
+            "INSERT INTO url_retries (id, attempt, not_before) SELECT ids[1], 2, now() "
+            "FROM batch_members WHERE batch_id = :a"), {"a": second.batch_id})
+    assert check_invariants(engine).pending_and_batched == 1
