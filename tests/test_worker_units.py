@@ -265,3 +265,14 @@ def test_settings_refuse_nonsense() -> None:
         ImageSettings(resize_mode="stretch")
     with pytest.raises(SettingsError):
         ImageSettings(quality=101)
+
+
+def test_accept_names_only_formats_the_worker_decodes() -> None:
+    from worker.settings import SAFE_FORMATS
+    from worker.transport import accept_header
+
+    accept = accept_header(SAFE_FORMATS)
+    assert "image/avif" not in accept  # a CDN would answer AVIF, which the decoder refuses
+    assert accept.split(",") == ["image/jpeg", "image/png", "image/webp", "image/gif",
+                                 "image/bmp", "image/*;q=0.8"]
+    assert accept_header(("JPEG",)) == "image/jpeg,image/*;q=0.8"

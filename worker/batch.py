@@ -137,7 +137,7 @@ async def open_stage(settings: PipelineSettings, network: Network,
     backend = GuardedBackend(CachingResolver(network.resolver), settings.fetch.policy,
                              network.dialer)
     recorded = metrics or build_metrics()
-    async with build_client(settings.fetch, backend) as client:
+    async with build_client(settings.fetch, backend, formats=settings.image.formats) as client:
         gate = HostGate(per_host=settings.fetch.per_host,
                         max_delay=settings.fetch.max_retry_after)
         fetcher = Fetcher(settings.fetch, client, gate, recorded, formats=settings.image.formats)

@@ -37,7 +37,7 @@ import httpx
 from worker.decoding import accept_encoding
 from worker.network import GuardedBackend
 from worker.proxy import ProxyBackend, proxy_for
-from worker.settings import FetchSettings, ProxySettings
+from worker.settings import SAFE_FORMATS, FetchSettings, ProxySettings
 
 #: httpcore error -> httpx error; leaves first, so the most specific one wins.
 _ERRORS: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
@@ -219,10 +219,23 @@ def raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
     return response.stream
 
 
-def build_client(settings: FetchSettings, backend: GuardedBackend) -> FetchClient:
+#: the media type a server answers for each Pillow format the worker may decode
+_MEDIA_TYPES = {"WEBP": "image/webp", "PNG": "image/png", "JPEG": "image/jpeg",
+                "GIF": "image/gif", "BMP": "image/bmp"}
+
+
+def accept_header(formats: tuple[str, ...]) -> str:
+    """``Accept`` naming only formats the worker decodes: a CDN that picks the format
+    from this header (AVIF for ``image/avif``) must not send one the worker refuses."""
+    named = [_MEDIA_TYPES[name] for name in formats if name in _MEDIA_TYPES]
+    return ",".join([*named, "image/*;q=0.8"])
+
+
+def build_client(settings: FetchSettings, backend: GuardedBackend, *,
+                 formats: tuple[str, ...] = SAFE_FORMATS) -> FetchClient:
     timeout = httpx.Timeout(connect=settings.connect_timeout, read=settings.read_timeout,
                             write=settings.read_timeout, pool=settings.deadline)
-    headers = {"Accept": "image/avif,image/webp,image/png,image/jpeg,image/*;q=0.8",
+    headers = {"Accept": accept_header(formats),
                "Accept-Encoding": accept_encoding(), "Connection": "keep-alive",
                "User-Agent": settings.user_agent}
     transport = OriginPoolTransport(backend, per_host=settings.per_host, proxy=settings.proxy)
