@@ -39,10 +39,12 @@ class Outcome(StrEnum):
     SIZE_FILTERED = "size_filtered"  # below min size or over max aspect ratio
 
 
-#: Outcomes that img2dataset's stats json counts as `failed_to_resize`; every other
-#: failure counts as `failed_to_download`.
+#: Outcomes that img2dataset's stats json counts as `failed_to_resize`: decided on a body
+#: that arrived whole (img2dataset's resizer fails to decode it, or filters it); every
+#: other failure, the body never read in full, counts as `failed_to_download`.
 RESIZE_FAILURES: frozenset[Outcome] = frozenset(
-    {Outcome.BOMB, Outcome.DECODE_ERROR, Outcome.SIZE_FILTERED}
+    {Outcome.TOO_SMALL, Outcome.NOT_IMAGE, Outcome.BOMB, Outcome.DECODE_ERROR,
+     Outcome.SIZE_FILTERED}
 )
 
 #: Outcomes that may change if the URL is tried again later: the host or the network

@@ -8,13 +8,16 @@ A download shard for batch N is three files in the output location:
   included. Columns: see ``PARQUET_COLUMNS``, ``error_message``, ``ATTEMPT_COLUMNS``,
   then the ingest's extra columns. ``status`` is img2dataset's (``status_of``);
   ``error_class`` the ``Outcome`` of a failure.
-- ``{N:08d}_stats.json``: img2dataset's stats keys; written last: it marks the shard done.
+- ``{N:08d}_stats.json``: img2dataset's stats keys (``STATS_KEYS``) with its meaning,
+  ``status_dict`` from ``status_dict_of``; written last: it marks the shard done.
 
 The key of a sample is its row index in the batch (``key_of(i)``), so that the TFDS
 ``laion400m`` reader finds a sample's metadata by the integer of its key.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 from pairfarm.outcomes import RESIZE_FAILURES, TRANSIENT, Outcome
 
@@ -66,6 +69,15 @@ def status_of(outcome: Outcome) -> str:
     if outcome in RESIZE_FAILURES:
         return STATUS_FAILED_TO_RESIZE
     return STATUS_FAILED_TO_DOWNLOAD
+
+
+def status_dict_of(outcome_counts: Mapping[str, int]) -> dict[str, int]:
+    """The stats json's ``status_dict`` from counts by outcome class: failures under
+    their class (img2dataset keys them by its error message), successes under
+    img2dataset's ``"success"``; the values sum to ``count``, as in img2dataset."""
+    counts = {STATUS_SUCCESS if name == Outcome.OK.value else name: n
+              for name, n in outcome_counts.items() if n}
+    return dict(sorted(counts.items()))
 
 
 def is_final(outcome: Outcome, attempt: int, url_retries: int) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pyarrow.parquet as pq
@@ -33,12 +35,14 @@ def _routes() -> dict[str, hs.Handler]:
     routes["/noai.jpg"] = hs.route_ok(JPEGS[0], headers={"X-Robots-Tag": "noai"})
     routes["/tiny.jpg"] = hs.route_ok(b"\xff\xd8\xff" + b"\0" * 100)
     routes["/bomb.png"] = hs.route_ok(hs.png_bomb_header(), "image/png")
+    routes["/page.jpg"] = hs.route_ok(b"<html>" + b" " * 6000 + b"</html>", "text/html")
     return routes
 
 
 PATHS = ["/img/0.jpg", "/gone.jpg", "/img/1.jpg", "/noai.jpg", "/img/2.jpg", "/tiny.jpg",
-         "/img/3.jpg", "/bomb.png", "/img/4.jpg", "/img/5.jpg"]
-EXPECTED = ["ok", "http_4xx", "ok", "opted_out", "ok", "too_small", "ok", "bomb", "ok", "ok"]
+         "/img/3.jpg", "/bomb.png", "/img/4.jpg", "/page.jpg", "/img/5.jpg"]
+EXPECTED = ["ok", "http_4xx", "ok", "opted_out", "ok", "too_small", "ok", "bomb", "ok",
+            "not_image", "ok"]
 
 
 def _candidates(url_of: object) -> list[Candidate]:
@@ -70,10 +74,28 @@ def _check_shard(directory: Path, stem: str, candidates: list[Candidate]) -> Non
             assert meta["url"] == row["url"] and meta["sha256"] == row["sha256"]
     stats = json.loads((directory / f"{stem}_stats.json").read_text())
     assert set(STATS_KEYS) <= set(stats)
-    assert stats["count"] == len(candidates) and stats["successes"] == EXPECTED.count("ok")
-    assert stats["failed_to_resize"] == 1  # the bomb
-    assert stats["failed_to_download"] == 3
-    assert sum(stats["status_dict"].values()) == len(candidates)
+    _check_stats(stats, table)
+
+
+def _check_stats(stats: dict[str, Any], table: list[dict[str, Any]]) -> None:
+    """img2dataset's stats fields, with its meaning, agree with the parquet's rows."""
+    statuses = Counter(row["status"] for row in table)
+    assert stats["count"] == len(table) == len(EXPECTED)
+    assert stats["successes"] == statuses["success"] == EXPECTED.count("ok")
+    # img2dataset: the body never arrived whole -> failed_to_download (the 410, the
+    # X-Robots-Tag); a whole body its resizer rejects -> failed_to_resize (too small,
+    # not an image, the bomb)
+    assert stats["failed_to_download"] == statuses["failed_to_download"] == 2
+    assert stats["failed_to_resize"] == statuses["failed_to_resize"] == 3
+    assert stats["successes"] + stats["failed_to_download"] + stats["failed_to_resize"] == len(
+        table)
+    # status_dict: img2dataset's "success", failures by outcome class; sums to count
+    failures = Counter(row["error_class"] for row in table if row["error_class"])
+    assert stats["status_dict"] == {"success": stats["successes"], **failures}
+    assert sum(stats["status_dict"].values()) == stats["count"]
+    assert 0 < stats["start_time"] <= stats["end_time"]
+    assert stats["duration"] == pytest.approx(stats["end_time"] - stats["start_time"])
+    assert stats["bytes_downloaded"] > 0 and "batch_id" in stats  # pairfarm's own, kept
 
 
 def test_download_batch_writes_a_complete_shard(tmp_path: Path) -> None:
@@ -137,11 +159,12 @@ def test_download_command_end_to_end(tmp_path: Path) -> None:
         out = tmp_path / "out"
         refused = run_cli("download", str(tmp_path / "list.parquet"), "-o", str(out / "x"),
                           "--no-progress")
-        assert "ssrf_blocked    10" in refused.stdout  # the guard is on by default
+        assert f"ssrf_blocked    {len(PATHS)}" in refused.stdout  # the guard is on by default
         done = run_cli("download", str(tmp_path / "list.parquet"), "-o", str(out / "y"),
                        "--image-size", "64", "--resize-mode", "keep_ratio",
-                       "--allow-cidr", "127.0.0.0/8", "--shard-size", "10", "--no-progress")
-    assert "10 URLs" in done.stdout and "6 ok" in done.stdout
+                       "--allow-cidr", "127.0.0.0/8", "--shard-size", str(len(PATHS)),
+                       "--no-progress")
+    assert f"{len(PATHS)} URLs" in done.stdout and "6 ok" in done.stdout
     _check_shard(out / "y", "00000000", candidates)
 
 

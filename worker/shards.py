@@ -37,6 +37,7 @@ from pairfarm.shardformat import (
     key_of,
     parquet_name,
     stats_name,
+    status_dict_of,
     status_of,
     tar_name,
 )
@@ -228,7 +229,7 @@ class ShardWriter:
             "failed_to_resize": counts["failed_to_resize"],
             "duration": stats.end_time - stats.start_time,
             "start_time": stats.start_time, "end_time": stats.end_time,
-            "status_dict": dict(sorted(self.outcome_counts().items())),
+            "status_dict": status_dict_of(self.outcome_counts()),
             "bytes_downloaded": stats.bytes_downloaded, "batch_id": self.batch_id,
         }
 
