@@ -16,6 +16,7 @@ import random
 import socket
 import struct
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -72,15 +73,7 @@ class Server:
         self.small = _small_jpeg()
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        try:
-            path = await _read_path(stream)
-            if path is not None:
-                await self._answer(stream, path)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        finally:
-            if stream.socket.fileno() != -1:
-                await stream.aclose()
+        await answer_request(stream, self._answer)
 
     async def _answer(self, stream: trio.SocketStream, path: str) -> None:
         try:
@@ -108,6 +101,21 @@ def _small_jpeg() -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (40, 40), (200, 10, 10)).save(out, "JPEG", quality=80)
     return out.getvalue()
+
+
+async def answer_request(stream: trio.SocketStream,
+                         answer: Callable[[trio.SocketStream, str], Awaitable[None]]) -> None:
+    """Read one request's path and ``answer`` it; a client going away ends it quietly, and
+    the stream is closed (shared with ``bench.soak``)."""
+    try:
+        path = await _read_path(stream)
+        if path is not None:
+            await answer(stream, path)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        if stream.socket.fileno() != -1:
+            await stream.aclose()
 
 
 async def _read_path(stream: trio.SocketStream) -> str | None:

@@ -48,6 +48,8 @@ from pathlib import Path
 
 import trio
 
+from bench.image_server import answer_request, image_pool
+
 REPO = Path(__file__).resolve().parent.parent
 CAP = 16 * 1024 * 1024  # the worker's default --max-body-mb
 
@@ -123,15 +125,7 @@ class HostileServer:
         self.port = port
 
     async def handle(self, stream: trio.SocketStream) -> None:
-        try:
-            path = await _read_path(stream)
-            if path is not None:
-                await self._answer(stream, path)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            pass
-        finally:
-            if stream.socket.fileno() != -1:
-                await stream.aclose()
+        await answer_request(stream, self._answer)
 
     async def _answer(self, stream: trio.SocketStream, path: str) -> None:
         match = re.fullmatch(r"/s/(\d+)(?:/loop(\d+))?\.jpg", path)
@@ -261,19 +255,7 @@ _SENDERS = {
 }
 
 
-async def _read_path(stream: trio.SocketStream) -> str | None:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = await stream.receive_some(16384)
-        if not chunk:
-            return None
-        data += chunk
-    return data.split(b" ", 2)[1].decode("latin-1")
-
-
 def serve(hosts: int, pool_dir: Path, seed: int) -> None:
-    from bench.image_server import image_pool
-
     bodies = Bodies(image_pool(pool_dir, 48, seed))
 
     async def main() -> None:
