@@ -6,9 +6,10 @@ Stages, each owning and closing its channel ends::
                                      |  fetch (Trio + httpx, guarded)
                                      |  decode + resize (thread, CapacityLimiter)
 
-``download_batch`` returns a ``PreparedShard`` whose files are still under temporary
-names; ``commit`` renames them and writes the stats json, ``abort`` deletes them. The
-run loop checks that it still holds the lease between the two.
+``run_batch`` is that feed/fetch/write loop, shared with ``worker.pipeline`` (which runs
+it on a stage kept across batches). ``download_batch`` returns a ``PreparedShard`` whose
+files are still under temporary names; ``commit`` renames them and writes the stats json,
+``abort`` deletes them. The run loop checks that it still holds the lease between the two.
 
 Resource handling: the httpx client, the DNS cache and the host gate live for one
 batch. Memory has two budgets: response bodies, from before their first byte until
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -99,12 +100,25 @@ async def download_batch(batch_id: int, candidates: Sequence[Candidate], *,
 
     ``metrics`` (a fresh registry by default) records fetches, decodes and outcomes."""
     net = network or Network()
-    writer = await trio.to_thread.run_sync(
-        lambda: ShardWriter(fs, directory, batch_id, image_ext=settings.image.output_format))
+    writer = await new_writer(fs, directory, batch_id, settings)
+    recorder = Recorder(metrics or build_metrics(), on_sample)
+    return await into_shard(writer, lambda: _run(candidates, settings, net, writer, recorder))
+
+
+async def new_writer(fs: fsspec.AbstractFileSystem, directory: str, batch_id: int,
+                     settings: PipelineSettings, *, url_retries: int = 0) -> ShardWriter:
+    """The batch's ``ShardWriter`` (opened in a thread)."""
+    return await trio.to_thread.run_sync(lambda: ShardWriter(
+        fs, directory, batch_id, image_ext=settings.image.output_format,
+        url_retries=url_retries))
+
+
+async def into_shard(writer: ShardWriter, fill: Callable[[], Awaitable[int]]) -> PreparedShard:
+    """``fill`` writes the samples and returns the bytes on the wire; the shard's files are
+    removed on any error or cancellation."""
     start = time.time()
-    recorder = _Recorder(metrics or build_metrics(), on_sample or _ignore)
     try:
-        wire = await _run(candidates, settings, net, writer, recorder)
+        wire = await fill()
     except BaseException:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(writer.abort)
@@ -113,20 +127,21 @@ async def download_batch(batch_id: int, candidates: Sequence[Candidate], *,
     return PreparedShard(writer=writer, stats=stats, outcomes=writer.outcome_counts())
 
 
-def _ignore(sample: Sample) -> None:
-    return None
-
-
 @dataclass(frozen=True)
-class _Recorder:
+class Recorder:
     """What happens to a written sample: its outcome counted, then ``on_sample``."""
 
     metrics: WorkerMetrics
-    on_sample: OnSample
+    on_sample: OnSample | None = None
 
     def __call__(self, sample: Sample) -> None:
         self.metrics.outcome(sample.outcome.value)
-        self.on_sample(sample)
+        if self.on_sample is not None:
+            self.on_sample(sample)
+
+    def all(self, samples: list[Sample]) -> None:
+        for sample in samples:
+            self(sample)
 
 
 @asynccontextmanager
@@ -147,17 +162,28 @@ async def open_stage(settings: PipelineSettings, network: Network,
 
 
 async def _run(candidates: Sequence[Candidate], settings: PipelineSettings, net: Network,
-               writer: ShardWriter, recorder: _Recorder) -> int:
+               writer: ShardWriter, recorder: Recorder) -> int:
     async with open_stage(settings, net, recorder.metrics) as stage:
-        jobs_send, jobs_recv = trio.open_memory_channel[tuple[int, Candidate]](0)
-        done_send, done_recv = trio.open_memory_channel[Sample](64)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_feed, candidates, jobs_send)
-            async with done_send, jobs_recv:
-                for _ in range(min(settings.fetch.concurrency, max(1, len(candidates)))):
-                    nursery.start_soon(stage.work, jobs_recv.clone(), done_send.clone())
-            nursery.start_soon(_write, done_recv, writer, recorder)
+        await run_batch(candidates, settings.fetch.concurrency, stage.one, writer,
+                        recorder.all)
         return stage.wire_bytes
+
+
+Work = Callable[[int, Candidate], Awaitable[Sample]]
+
+
+async def run_batch(candidates: Sequence[Candidate], concurrency: int, work: Work,
+                    writer: ShardWriter, written: Callable[[list[Sample]], None]) -> None:
+    """Feed the candidates to up to ``concurrency`` tasks running ``work``; write their
+    samples as they come, then call ``written`` with each group written."""
+    jobs_send, jobs_recv = trio.open_memory_channel[tuple[int, Candidate]](0)
+    done_send, done_recv = trio.open_memory_channel[Sample](64)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_feed, candidates, jobs_send)
+        async with done_send, jobs_recv:
+            for _ in range(min(concurrency, max(1, len(candidates)))):
+                nursery.start_soon(_work, work, jobs_recv.clone(), done_send.clone())
+        nursery.start_soon(_write, done_recv, writer, written)
 
 
 async def _feed(candidates: Sequence[Candidate],
@@ -167,15 +193,21 @@ async def _feed(candidates: Sequence[Candidate],
             await send.send(item)
 
 
+async def _work(work: Work, jobs: trio.MemoryReceiveChannel[tuple[int, Candidate]],
+                done: trio.MemorySendChannel[Sample]) -> None:
+    async with jobs, done:
+        async for index, candidate in jobs:
+            await done.send(await work(index, candidate))
+
+
 async def _write(recv: trio.MemoryReceiveChannel[Sample], writer: ShardWriter,
-                 on_sample: OnSample) -> None:
+                 written: Callable[[list[Sample]], None]) -> None:
     """Write samples as they come; whatever is already queued goes in one thread call."""
     async with recv:
         async for sample in recv:
             samples = [sample, *_queued(recv, limit=_WRITE_GROUP)]
             await trio.to_thread.run_sync(_add_all, writer, samples)
-            for done in samples:
-                on_sample(done)
+            written(samples)
 
 
 def _queued(recv: trio.MemoryReceiveChannel[Sample], limit: int) -> list[Sample]:
@@ -194,7 +226,7 @@ def _add_all(writer: ShardWriter, samples: list[Sample]) -> None:
 
 
 class Stage:
-    """Fetch + decode of a candidate; ``work`` runs it over a channel, one per task."""
+    """Fetch + decode of a candidate (``one``); ``run_batch`` runs it in each task."""
 
     def __init__(self, fetcher: Fetcher, settings: PipelineSettings,
                  metrics: WorkerMetrics | None = None, *,
@@ -209,12 +241,6 @@ class Stage:
     @property
     def wire_bytes(self) -> int:
         return self._fetcher.wire_bytes
-
-    async def work(self, jobs: trio.MemoryReceiveChannel[tuple[int, Candidate]],
-                   done: trio.MemorySendChannel[Sample]) -> None:
-        async with jobs, done:
-            async for index, candidate in jobs:
-                await done.send(await self.one(index, candidate))
 
     async def fetch(self, url: str) -> Fetched:
         """The body at ``url``, no longer counted in the body budget (a fetch alone)."""

@@ -25,29 +25,38 @@ other, exactly its own), so the batches' figures add up to the stage's total and
 is counted twice.
 
 Resource handling: stages are opened and closed in the pipeline's own nursery (``open``);
-each batch's shard files are removed on any error or cancellation (``download_batch``'s
-rule), and the ``PreparedShard`` returned is committed or aborted by the caller.
+each batch runs ``worker.batch.run_batch`` (the loop ``download_batch`` runs) and its shard
+files are removed on any error or cancellation (``into_shard``), and the ``PreparedShard`` returned is committed or aborted by the caller.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import fsspec
 import trio
 
 from pairfarm.protocol import Candidate
-from worker.batch import Network, OnSample, PreparedShard, Stage, open_stage
+from worker.batch import (
+    Network,
+    OnSample,
+    PreparedShard,
+    Recorder,
+    Stage,
+    into_shard,
+    new_writer,
+    open_stage,
+    run_batch,
+)
 from worker.metrics import WorkerMetrics
 from worker.settings import PipelineSettings
-from worker.shards import Sample, ShardStats, ShardWriter
+from worker.shards import Sample, ShardWriter
 
 #: batches one stage serves before a fresh one takes over (bounds its DNS and host state)
 RENEW_AFTER = 8
-_WRITE_GROUP = 63
 
 
 class IdleClock:
@@ -201,88 +210,37 @@ class SharedPipeline:
         """Fetch and process every candidate into a shard under temporary names; every
         candidate ends in exactly one ``Sample``. ``run`` follows the progress;
         ``url_retries`` is the lease's (``ShardWriter.url_retries``)."""
-        writer = await trio.to_thread.run_sync(lambda: ShardWriter(
-            fs, directory, batch_id, image_ext=self._s.image.output_format,
-            url_retries=url_retries))
-        start = time.time()
+        writer = await new_writer(fs, directory, batch_id, self._s, url_retries=url_retries)
         run.add_finished(0)
+        recorder = Recorder(self._metrics, on_sample)
+        return await into_shard(writer, lambda: self._fill(candidates, run, writer, recorder))
+
+    async def _fill(self, candidates: Sequence[Candidate], run: BatchRun, writer: ShardWriter,
+                    recorder: Recorder) -> int:
         robots = self._network.robots
-        try:
-            if robots is not None:  # the farm's answers for the batch's origins, at once
-                await robots.prepare(c.url for c in candidates)
-            async with self._using() as held:
-                await self._run(held.stage, candidates, run, writer, on_sample or _ignore)
-                wire = held.stage.wire_bytes - held.billed
-                held.billed += wire
-            if robots is not None:
-                await robots.flush()
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(writer.abort)
-            raise
-        stats = ShardStats(start_time=start, end_time=time.time(), bytes_downloaded=wire)
-        return PreparedShard(writer=writer, stats=stats, outcomes=writer.outcome_counts())
+        if robots is not None:  # the farm's answers for the batch's origins, at once
+            await robots.prepare(c.url for c in candidates)
+        async with self._using() as held:
+            await run_batch(candidates, self._s.fetch.concurrency,
+                            partial(self._one, held.stage, run), writer,
+                            partial(_written, recorder, run))
+            wire = held.stage.wire_bytes - held.billed
+            held.billed += wire
+        if robots is not None:
+            await robots.flush()
+        return wire
 
-    async def _run(self, stage: Stage, candidates: Sequence[Candidate], run: BatchRun,
-                   writer: ShardWriter, on_sample: OnSample) -> None:
-        jobs_send, jobs_recv = trio.open_memory_channel[tuple[int, Candidate]](0)
-        done_send, done_recv = trio.open_memory_channel[Sample](64)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_feed, candidates, jobs_send)
-            async with done_send, jobs_recv:
-                for _ in range(min(self._s.fetch.concurrency, max(1, len(candidates)))):
-                    nursery.start_soon(self._work, stage, run, jobs_recv.clone(),
-                                       done_send.clone())
-            nursery.start_soon(self._write, done_recv, writer, run, on_sample)
-
-    async def _work(self, stage: Stage, run: BatchRun,
-                    jobs: trio.MemoryReceiveChannel[tuple[int, Candidate]],
-                    done: trio.MemorySendChannel[Sample]) -> None:
-        async with jobs, done:
-            async for index, candidate in jobs:
-                async with self._slots:
-                    run.started.set()
-                    self.idle.enter()
-                    try:
-                        sample = await stage.one(index, candidate)
-                    finally:
-                        self.idle.leave()
-                await done.send(sample)
-
-    async def _write(self, recv: trio.MemoryReceiveChannel[Sample], writer: ShardWriter,
-                     run: BatchRun, on_sample: OnSample) -> None:
-        async with recv:
-            async for sample in recv:
-                samples = [sample, *_queued(recv, _WRITE_GROUP)]
-                await trio.to_thread.run_sync(_add_all, writer, samples)
-                for done in samples:
-                    self._metrics.outcome(done.outcome.value)
-                    on_sample(done)
-                run.add_finished(len(samples))
+    async def _one(self, stage: Stage, run: BatchRun, index: int,
+                   candidate: Candidate) -> Sample:
+        async with self._slots:
+            run.started.set()
+            self.idle.enter()
+            try:
+                return await stage.one(index, candidate)
+            finally:
+                self.idle.leave()
 
 
-def _ignore(sample: Sample) -> None:
-    return None
-
-
-async def _feed(candidates: Sequence[Candidate],
-                send: trio.MemorySendChannel[tuple[int, Candidate]]) -> None:
-    async with send:
-        for item in enumerate(candidates):
-            await send.send(item)
-
-
-def _queued(recv: trio.MemoryReceiveChannel[Sample], limit: int) -> list[Sample]:
-    queued: list[Sample] = []
-    while len(queued) < limit:
-        try:
-            queued.append(recv.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            break
-    return queued
-
-
-def _add_all(writer: ShardWriter, samples: list[Sample]) -> None:
-    for sample in samples:
-        writer.add(sample)
-
+def _written(recorder: Recorder, run: BatchRun, samples: list[Sample]) -> None:
+    recorder.all(samples)
+    run.add_finished(len(samples))
