@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
 import pyarrow.parquet as pq
 import pytest
@@ -39,12 +38,12 @@ from pairfarm.protocol import FailReport, PostprocessReport
 from tests.conftest import (
     REPO,
     cli_env,
-    free_port,
     insert_candidates,
     run_cli,
     start_coordinator,
 )
 from tests.leasing import engine_for, leases, new_worker, report
+from tests.moto_s3 import moto_server, put_ok
 
 EDGES = [0.0, 0.25, 0.5, 1.0]
 
@@ -440,24 +439,8 @@ def moto_s3(tmp_path: Path) -> Iterator[str]:
     """moto's S3 server on a free loopback port, with a bucket ``farm``."""
     pytest.importorskip("s3fs", reason="archiving to S3 needs pairfarm[s3] (s3fs)")
     pytest.importorskip("moto", reason="the loopback S3 server is moto[server] (dev extra)")
-    port = free_port()
-    with (tmp_path / "moto.log").open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                 "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        assert _wait_for(lambda: _put_ok(f"{endpoint}/farm")), "moto did not start"
+    with moto_server(tmp_path, "farm") as endpoint:
         yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _put_ok(url: str, content: bytes = b"") -> bool:
-    try:
-        return httpx.put(url, content=content, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def test_archive_to_s3_removes_unrecorded_objects(db_url: str, moto_s3: str) -> None:
@@ -469,7 +452,7 @@ def test_archive_to_s3_removes_unrecorded_objects(db_url: str, moto_s3: str) -> 
         _run_farm(engine, done=2, failed=1, downloaded=0, leased=0)
         _age(engine, 20)
         finished = _members(engine, ("done", "failed"))
-    assert _put_ok(f"{moto_s3}/farm/archive/batches-000000000007-000000000009.parquet",
+    assert put_ok(f"{moto_s3}/farm/archive/batches-000000000007-000000000009.parquet",
                    b"half a file")
     env = cli_env(DATABASE_URL=db_url, AWS_ENDPOINT_URL=moto_s3, AWS_ACCESS_KEY_ID="farm",
                   AWS_SECRET_ACCESS_KEY="farm", AWS_DEFAULT_REGION="us-east-1")

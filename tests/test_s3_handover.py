@@ -9,10 +9,7 @@ process shares a directory with the other.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +19,8 @@ import pytest
 from localfarm.demo import DEMO_MODEL, demo_threshold, write_candidates
 from localfarm.demo_server import DemoPlan, DemoServer
 from pairfarm.client import CoordinatorClient
-from tests.conftest import REPO, RunningCoordinator, cli_env, free_port, run_cli
+from tests.conftest import REPO, RunningCoordinator, cli_env, run_cli
+from tests.moto_s3 import moto_server
 
 pytest.importorskip("s3fs", reason="S3 handover needs pairfarm[s3] (s3fs)")
 pytest.importorskip("moto", reason="the loopback S3 server is moto[server] (dev extra)")
@@ -33,25 +31,8 @@ COUNT = 120
 @pytest.fixture
 def s3_endpoint(tmp_path: Path) -> Iterator[str]:
     """moto's S3 server on a free loopback port, with a bucket ``shards``."""
-    port = free_port()
-    with (tmp_path / "moto.log").open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                                 "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.put(f"{endpoint}/shards", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+    with moto_server(tmp_path, "shards") as endpoint:
         yield endpoint
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def s3_env(endpoint: str) -> dict[str, str]:
