@@ -8,6 +8,8 @@ For a shard with stem ``S`` (``pairfarm.shardformat.shard_stem``) under ``out_di
     embeddings/img_emb/img_emb_S.npy       float16, L2-normalised, kept rows in key order
     embeddings/text_emb/text_emb_S.npy     (clip-retrieval's layout: embedding-reader and
     embeddings/metadata/metadata_S.parquet  autofaiss read it), aligned row for row
+    S_stats.json                           img2dataset's stats keys (``shard_stats``):
+                                           successes = kept samples
     S_postprocess.json                     counts over the shard's samples (kept + dropped =
                                            its ok rows) and histogram; written last: "done"
 
@@ -29,6 +31,7 @@ import json
 import os
 import shutil
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +46,13 @@ from gpu_postprocess.nsfw import nsfw_label
 from gpu_postprocess.pipeline import Decisions, ShardScores
 from gpu_postprocess.scoring import similarity_histogram, to_fp16_unit
 from gpu_postprocess.shardio import Shard
-from pairfarm.shardformat import shard_stem
+from pairfarm.shardformat import (
+    STATUS_FAILED_TO_DOWNLOAD,
+    STATUS_FAILED_TO_RESIZE,
+    STATUS_SUCCESS,
+    shard_stem,
+    stats_name,
+)
 
 TAR_MTIME = 0  # reproducible tars
 TFDS_MISSING_SIMILARITY = -1.0
@@ -192,6 +201,9 @@ def write_outputs(shard: Shard, batch_id: int, scores: ShardScores, decisions: D
     if tfds_dir is not None:
         paths.update(write_tfds(shard, batch_id, tags, decisions, img=img, txt=txt,
                                 filtered_tar=paths["tar"], tfds_dir=tfds_dir))
+    paths["stats"] = out_dir / stats_name(batch_id)
+    with atomic(paths["stats"]) as tmp:
+        tmp.write_text(json.dumps(shard_stats(shard, decisions), indent=1))
     summary = summarize(decisions, scores, {k: str(v) for k, v in paths.items()})
     done = out_dir / f"{stem}_postprocess.json"
     with atomic(done) as tmp:
@@ -215,6 +227,23 @@ def write_tfds(shard: Shard, i: int, tags: Tags, decisions: Decisions, *,
     _write_npy(txt, paths["tfds_text_emb"])
     _write_parquet(table.filter(pa.array(decisions.keep)), paths["tfds_metadata"])
     return paths
+
+
+def shard_stats(shard: Shard, decisions: Decisions) -> dict[str, Any]:
+    """img2dataset's stats keys for the filtered tar: ``successes`` = kept samples; the
+    download's failures as the download shard counted them; ``status_dict`` keys each
+    row: ``success`` (kept), its outcome class (a failed download) or its drop reason,
+    summing to ``count``. No times: the download shard's stats json has them."""
+    statuses = Counter(shard.column("status"))
+    keep = decisions.keep.tolist()
+    status_dict = Counter(
+        STATUS_SUCCESS if kept else (error or decisions.reason[r] or "dropped")
+        for r, (kept, error) in enumerate(zip(keep, shard.column("error_class"), strict=True)))
+    return {"count": shard.table.num_rows, "successes": int(sum(keep)),
+            "failed_to_download": statuses[STATUS_FAILED_TO_DOWNLOAD],
+            "failed_to_resize": statuses[STATUS_FAILED_TO_RESIZE],
+            "dropped": statuses[STATUS_SUCCESS] - int(sum(keep)),
+            "status_dict": dict(sorted(status_dict.items()))}
 
 
 def summarize(decisions: Decisions, scores: ShardScores, paths: dict[str, str]) -> dict[str, Any]:

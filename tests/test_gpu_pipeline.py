@@ -70,6 +70,11 @@ def test_cli_keeps_matched_drops_mismatched_and_writes_outputs(shard_dir: Path,
     _check_tfds(tfds, 3, match)
     done = json.loads((out / "00000003_postprocess.json").read_text())
     assert sum(done["similarity_counts"]) == len(match)  # decoded samples only
+    stats = json.loads((out / "00000003_stats.json").read_text())  # img2dataset's keys
+    assert stats["count"] == len(match) + 2 and stats["successes"] == sum(match)
+    assert stats["failed_to_download"] == 1 and stats["failed_to_resize"] == 0
+    assert stats["status_dict"] == {"success": sum(match), "http_4xx": 1, "decode_error": 1,
+                                    "low_similarity": len(match) - sum(match)}
 
 
 def _check_filtered_tar(path: Path, kept_keys: list[str]) -> None:
