@@ -167,13 +167,22 @@ class HostileServer:
         return f"http://{host}:{self.port}{path}"
 
 
-async def _read_request(stream: trio.SocketStream) -> Request | None:
+async def read_head(stream: trio.SocketStream) -> bytes | None:
+    """What the client sent up to the end of a request head (and what came with it);
+    None when it closed before."""
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = await stream.receive_some(65536)
         if not chunk:
             return None
         data += chunk
+    return data
+
+
+async def _read_request(stream: trio.SocketStream) -> Request | None:
+    data = await read_head(stream)
+    if data is None:
+        return None
     lines = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
     method, path, _ = lines[0].split(" ", 2)
     headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)

@@ -28,6 +28,7 @@ from protego import Protego
 from pairfarm.client import AsyncCoordinatorClient, Unauthorized
 from pairfarm.outcomes import Outcome
 from pairfarm.protocol import API_PREFIX, ROBOTS_MAX_BYTES, RobotsEntry, RobotsKind
+from tests import hostile_server as hs
 from tests.conftest import RunningCoordinator
 from worker.addresses import AddressPolicy
 from worker.errors import FetchFailure, SettingsError
@@ -96,12 +97,9 @@ class LoopbackWeb:
         return handle
 
     async def _answer(self, host: str, stream: trio.SocketStream) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await stream.receive_some(65536)
-            if not chunk:
-                return
-            data += chunk
+        data = await hs.read_head(stream)
+        if data is None:
+            return
         lines = data.split(b"\r\n\r\n")[0].decode("latin-1").split("\r\n")
         path = lines[0].split(" ")[1]
         headers = {k.strip().lower(): v.strip()

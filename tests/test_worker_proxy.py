@@ -71,12 +71,9 @@ class LocalProxy:
                 return
 
     async def _one(self, client: trio.SocketStream) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = await client.receive_some(65536)
-            if not chunk:
-                return
-            data += chunk
+        data = await hs.read_head(client)
+        if data is None:
+            return
         head, rest = data.split(b"\r\n\r\n", 1)
         lines = head.decode("latin-1").split("\r\n")
         method, target, _ = lines[0].split(" ", 2)
