@@ -7,8 +7,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 # No test may download model weights: open_clip / huggingface_hub stay offline (set before
 # any test module imports them; subprocesses inherit it).
@@ -101,6 +105,18 @@ def db_url(pg_server: object, db_template: str, request: pytest.FixtureRequest) 
     finally:
         with _admin(pg_server.url()) as conn:  # type: ignore[attr-defined]
             conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[sa.Engine]:
+    """A SQLAlchemy engine on this test's database, disposed afterwards."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(db_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
 
 
 def insert_candidates(db_url: str, count: int, *, start: int = 0, domains: int = 50) -> None:

@@ -7,13 +7,11 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import psutil
-import pytest
 import sqlalchemy as sa
 
 from coordinator.tokens import create_token
@@ -25,15 +23,6 @@ CANDIDATES = 4_000
 BATCH = 50
 THREADS = 16
 SHA = "0" * 64
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(db_url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def tokens(engine: sa.Engine, count: int) -> list[str]:
