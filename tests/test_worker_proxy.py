@@ -356,7 +356,8 @@ def test_pairfarm_download_reads_the_proxy_variables(tmp_path: Path, variables: 
         (tmp_path / "urls.txt").write_text(f"http://127.0.0.1:{server.port}/a.jpg\n")
         run_cli("download", str(tmp_path / "urls.txt"), "-o", str(tmp_path / "out"),
                 "--allow-cidr", "127.0.0.0/8", "--no-progress", env=env)
-        seen = len(proxy.seen)
+        seen = sorted(urlsplit(s.target).path for s in proxy.seen)
     rows = pq.read_table(tmp_path / "out" / "00000000.parquet").to_pylist()
     assert [row["error_class"] or "ok" for row in rows] == ["ok"]
-    assert seen == (1 if through else 0)
+    # robots.txt is on by default: the host's robots.txt goes the same way as its image
+    assert seen == (["/a.jpg", "/robots.txt"] if through else [])
