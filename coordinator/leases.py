@@ -210,6 +210,8 @@ class Leases:
             _check_quarantine(conn, worker_id)
             row = conn.execute(Q.lease_pending_batch, {**params, "max_size": size}).first()
             if row is None:
+                if not _anything_to_form(conn):
+                    return None
                 row = conn.execute(Q.insert_leased_batch, params).one()
                 claimed = self._fill_batch(conn, row.id, size)
                 if not claimed:
@@ -424,6 +426,15 @@ def _failure_kind(report: FailReport) -> str:
     if report.cause is FailCause.WORKER:
         return "failed on the worker (no attempt spent)"
     return "failed"
+
+
+def _anything_to_form(conn: sa.Connection) -> bool:
+    """Whether a new batch could get a candidate: a pending chunk or a due retry (no
+    pending batch that fits is left: ``lease_pending_batch`` just found none). It reads without
+    locks, so a concurrent lease or completion can change the answer right after: a
+    false "nothing" costs the worker one idle poll (it asks again), a false "something"
+    takes the full path, which forms nothing and rolls back, as before this check."""
+    return bool(conn.execute(Q.anything_to_form).scalar_one())
 
 
 def _check_quarantine(conn: sa.Connection, worker_id: int) -> None:

@@ -40,6 +40,7 @@ CASES: dict[str, dict[str, Any]] = {
     "lease_pending_batch": {"worker_id": 1, "lease_token": "t", "ttl": 60.0,
                             "max_size": 10_000},
     "reap_expired": {"max_attempts": 3},
+    "anything_to_form": {},
 }
 
 
@@ -55,5 +56,7 @@ def test_lease_statements_never_scan_candidates_sequentially(big_engine: sa.Engi
     assert "pending_chunks_pkey" in plans["claim_by_index"]
     assert "batch_members_pkey" in plans["batch_candidates"]
     assert "candidates_pkey" in plans["batch_candidates"]
+    assert "pending_chunks_pkey" in plans["anything_to_form"]
+    assert "url_retries_waiting" in plans["anything_to_form"]
     for name in ("claim_sampled", "claim_by_index"):
         assert not re.search(r"\bon candidates\b", plans[name]), f"{name} reads wide rows"

@@ -25,6 +25,16 @@ UPDATE batches b
    AND b.status = 'pending'
 RETURNING b.id, b.lease_token, b.lease_expires_at, b.attempts;
 
+-- name: anything_to_form
+-- Whether a new batch could get any candidate: a pending chunk (the first id of
+-- pending_chunks_pkey; an ORDER BY ... LIMIT 1 subquery, not EXISTS, which the planner
+-- would turn into a seq scan that reads every dead heap tuple after a drain) or a due
+-- retry (url_retries_waiting). Read before a batch is inserted, so an empty queue costs
+-- two index probes instead of an insert, a sample, an index claim and a rollback.
+SELECT (SELECT id FROM pending_chunks ORDER BY id LIMIT 1) IS NOT NULL
+    OR EXISTS (SELECT 1 FROM url_retries WHERE batch_id IS NULL AND not_before <= now())
+       AS found;
+
 -- name: insert_leased_batch
 INSERT INTO batches (status, worker_id, lease_token, lease_expires_at, attempts, leased_at)
 VALUES ('leased', :worker_id, :lease_token, now() + make_interval(secs => :ttl), 1, now())
