@@ -29,7 +29,10 @@ a separate database holding --during-base pending candidates: --during-leases le
 (10k batches, one every --during-interval seconds, from this process's own connection)
 without an ingest, then the same lease loop while ``pairfarm ingest`` (a subprocess) loads
 ROWS more candidates in --during-files files; lease p50/p99/max without and during the
-ingest, the ingest's rows/s, and the load average.
+ingest, the ingest's rows/s, and the load average; with --overflow-rounds R, before the
+ingest, R rounds of leases beside another session's open transaction of 1, then of 70
+written subtransactions (over PostgreSQL's 64 cached per backend: other sessions'
+snapshots become suboverflowed), each lease marked by whether a backend had overflowed.
 
 Prints one line per figure. Needs the [coordinator] extra.
 """
@@ -378,8 +381,24 @@ def lease_loop(service: Leases, worker: int, interval: float, probe: Any, *,
     return out
 
 
+def with_open_subxacts(url: str, subxacts: int, run: Any) -> LeaseSeries:
+    """``run()`` while another session holds a transaction open in which ``subxacts``
+    savepoints each wrote a row (what a loading file's chunks do); rolled back after."""
+    with psycopg.connect(libpq_url(url)) as conn:
+        for i in range(subxacts):
+            conn.execute(f"SAVEPOINT s{i}")
+            conn.execute("INSERT INTO url_hashes (h) VALUES (gen_random_uuid())")
+            conn.execute(f"RELEASE SAVEPOINT s{i}")
+        try:
+            series: LeaseSeries = run()
+            return series
+        finally:
+            conn.rollback()
+
+
 def bench_lease_during_ingest(server_url: str, work: Path, rows: int, *, base: int,
-                              files: int, leases: int, interval: float) -> None:
+                              files: int, leases: int, interval: float,
+                              overflow_rounds: int = 0) -> None:
     name = f"bench_during_{rows}"
     ensure_database(server_url, name)
     url = server_url.rsplit("/", 1)[0] + f"/{name}"
@@ -401,6 +420,14 @@ def bench_lease_during_ingest(server_url: str, work: Path, rows: int, *, base: i
         alone = lease_loop(service, worker, interval, probe, count=leases)
         report_latency(f"lease without ingest ({base:,} pending, load {load0:.1f}-"
                        f"{os.getloadavg()[0]:.1f})", alone.times, alone.sizes)
+        for _ in range(overflow_rounds):
+            for subxacts in (1, 70):
+                series = with_open_subxacts(url, subxacts, lambda: lease_loop(
+                    service, worker, interval, probe, count=leases // 2))
+                report_latency(f"lease beside an open transaction of {subxacts} written "
+                               f"subtransaction(s) (overflowed "
+                               f"{sum(series.overflowed)}/{len(series.times)}, load "
+                               f"{os.getloadavg()[0]:.1f})", series.times, series.sizes)
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         load0, t0 = os.getloadavg()[0], time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "pairfarm", "ingest",
@@ -483,6 +510,9 @@ def main() -> None:
                         help="leases measured without the ingest")
     parser.add_argument("--during-interval", type=float, default=1.0,
                         help="seconds from one lease's start to the next")
+    parser.add_argument("--overflow-rounds", type=int, default=0,
+                        help="before the ingest, rounds of --during-leases/2 leases beside an "
+                             "open transaction of 1, then 70 written subtransactions")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pairfarm-bench-"))
     pg = EmbeddedPostgres(work / "data", settings=BENCH_SETTINGS)
@@ -494,7 +524,7 @@ def main() -> None:
             bench_lease_during_ingest(
                 server.url(), work, args.lease_during_ingest, base=args.during_base,
                 files=args.during_files, leases=args.during_leases,
-                interval=args.during_interval)
+                interval=args.during_interval, overflow_rounds=args.overflow_rounds)
             return
         for rows in [] if args.api_only else args.rows or [1_000_000]:
             bench_rows(server.url(), work, rows, args.leases, ServerCpu(server.pid),
