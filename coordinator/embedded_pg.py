@@ -75,7 +75,8 @@ class ServerSettings:
 
 
 #: Settings for a server whose data can be thrown away (tests, benchmarks).
-THROWAWAY_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+THROWAWAY_SETTINGS = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off",
+                      "shared_buffers": "128MB"}
 
 
 @dataclass(frozen=True)
