@@ -26,7 +26,8 @@ is counted twice.
 
 Resource handling: stages are opened and closed in the pipeline's own nursery (``open``);
 each batch runs ``worker.batch.run_batch`` (the loop ``download_batch`` runs) and its shard
-files are removed on any error or cancellation (``into_shard``), and the ``PreparedShard`` returned is committed or aborted by the caller.
+files are removed on any error or cancellation (``into_shard``); the ``PreparedShard``
+returned is committed or aborted by the caller.
 """
 
 from __future__ import annotations
