@@ -132,8 +132,9 @@ class Farm:
 
     def ready(self) -> bool:
         run = self.out / "run.json"
+        # up records each child as it starts it: ready once both workers are recorded
         return run.exists() and (self.out / "tokens.json").exists() and \
-            "worker-1" in json.loads(run.read_text())["children"]
+            {"worker-1", "worker-2"} <= json.loads(run.read_text())["children"].keys()
 
     def children(self) -> dict[str, int]:
         return {k: int(v) for k, v in
