@@ -63,11 +63,26 @@ def counter(body: str, name: str, kind: str = "download") -> float:
     return float(found.group(1))
 
 
+def _coordinator_connections(engine: sa.Engine, want: int, timeout: float = 30.0) -> list[str]:
+    """The coordinator processes' connection names, once ``want`` show (or at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with engine.connect() as conn:
+            names = list(conn.execute(sa.text(
+                "SELECT DISTINCT application_name FROM pg_stat_activity "
+                "WHERE application_name LIKE 'pairfarm coordinator %'")).scalars())
+        if len(names) >= want or time.monotonic() > deadline:
+            return names
+        time.sleep(0.2)
+
+
 def test_two_processes_lease_every_candidate_once(db_url: str, engine: sa.Engine,
                                                   tmp_path: Path) -> None:
     insert_candidates(db_url, CANDIDATES)
+    # --reap-interval 0.5: each process's reaper connects twice a second, so both show in
+    # pg_stat_activity whichever process the kernel hands the leases' connections to
     running = start_coordinator(db_url, tmp_path / "coordinator.log", "--processes", "2",
-                                "--batch-size", str(BATCH))
+                                "--batch-size", str(BATCH), "--reap-interval", "0.5")
     try:
         assert len(server_processes(running)) == 2
         start = threading.Barrier(THREADS)
@@ -85,9 +100,7 @@ def test_two_processes_lease_every_candidate_once(db_url: str, engine: sa.Engine
             pending = conn.execute(sa.text("SELECT count(*) FROM pending_chunks")).scalar()
             states = dict(conn.execute(sa.text(
                 "SELECT status, count(*) FROM batches GROUP BY status")).all())
-            names = conn.execute(sa.text(
-                "SELECT DISTINCT application_name FROM pg_stat_activity "
-                "WHERE application_name LIKE 'pairfarm coordinator %'")).scalars().all()
+        names = _coordinator_connections(engine, want=2)
         assert members == [] and pending == 0
         assert states == {"downloaded": batches}
         assert len(names) == 2, f"connections of both server processes expected: {names}"
