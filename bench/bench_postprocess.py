@@ -1,8 +1,8 @@
 """Benchmark of the post-processing stage: end-to-end samples/s from a download shard to
 every output, against the model-only ceiling and against clip-retrieval's inference.
 
-    /work/venv/bin/python bench/bench_postprocess.py [--samples 512] [--batch-size 64]
-        [--workers 1] [--device cpu] [--clip-retrieval-python /work/venv-cr/bin/python]
+    .venv/bin/python bench/bench_postprocess.py [--samples 512] [--batch-size 64]
+        [--workers 1] [--device cpu] [--clip-retrieval-python .venv-cr/bin/python]
 
 All three run ViT-B-32 with random weights (``--pretrained none``: the same compute as the
 real model; no weights can be downloaded here) on the same shard of 256x256 JPEGs:

@@ -199,7 +199,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     server_arguments(parser)
-    parser.add_argument("--i2d", type=Path, default=Path("/work/venv-i2d/bin/img2dataset"))
+    parser.add_argument("--i2d", type=Path, default=Path(".venv-i2d/bin/img2dataset"))
     parser.add_argument("--i2d-processes", type=int, default=1)
     parser.add_argument("--skip-i2d", action="store_true")
     parser.add_argument("--farm", type=int, default=0, metavar="WORKERS",

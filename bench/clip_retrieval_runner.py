@@ -1,6 +1,7 @@
 """Run clip-retrieval's inference on one webdataset tar; write its timings as JSON.
 
-Runs in clip-retrieval's own virtual environment (``/work/venv-cr``), started by
+Runs in clip-retrieval's own virtual environment (e.g. ``.venv-cr`` beside the
+checkout), started by
 ``bench/bench_postprocess.py``. open_clip's ViT-B-32 is created with random weights (the
 same compute; nothing here can download weights) by wrapping
 ``open_clip.create_model_and_transforms``; the time spent loading and warming the model
