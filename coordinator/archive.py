@@ -61,8 +61,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from coordinator.db import libpq_url
-from coordinator.errors import ArchiveError, CoordinatorError, DatabaseUnavailable
+from coordinator.db import raw_connection
+from coordinator.errors import ArchiveError, CoordinatorError
 from coordinator.queries import Q
 from coordinator.settings import ArchiveSettings
 
@@ -348,7 +348,7 @@ def archive(database_url: str, settings: ArchiveSettings, *, until_hot: int | No
     hold at most ``until_hot`` candidates, or ``should_stop()``); first remove the folder's
     unrecorded files. Waits up to ``lock_wait_s`` for another run to end, else skips."""
     folder = Folder(settings.location)
-    with _connect(database_url) as conn:
+    with raw_connection(database_url) as conn:
         hot = hot_candidates(conn)
         if until_hot is not None and hot <= until_hot:
             return ArchiveRun(hot_before=hot, hot_after=hot)
@@ -416,14 +416,6 @@ def _lock(conn: psycopg.Connection, wait_s: float) -> bool:
         time.sleep(LOCK_POLL_S)
 
 
-@contextmanager
-def _connect(database_url: str) -> Iterator[psycopg.Connection]:
-    try:
-        conn = psycopg.connect(libpq_url(database_url), autocommit=True)
-    except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
-    with conn:
-        yield conn
 
 
 # -- the automatic mode ---------------------------------------------------------------------

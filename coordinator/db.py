@@ -33,6 +33,18 @@ def libpq_url(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
 
+@contextmanager
+def raw_connection(url: str) -> Iterator[psycopg.Connection]:
+    """A plain psycopg connection in autocommit (COPY and bulk work), closed on exit; an
+    unreachable server is ``DatabaseUnavailable``."""
+    try:
+        conn = psycopg.connect(libpq_url(url), autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"cannot reach PostgreSQL: {exc}") from exc
+    with conn:
+        yield conn
+
+
 def ensure_database(server_url: str, name: str) -> None:
     """Create database ``name`` on the server of ``server_url`` if it does not exist."""
     try:

@@ -32,8 +32,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from coordinator.db import libpq_url
-from coordinator.errors import DatabaseUnavailable, IngestError
+from coordinator.db import raw_connection
+from coordinator.errors import IngestError
 from coordinator.ingest.ids import IdBlocks
 from coordinator.ingest.loader import FileLoader, FileSummary, Prepared
 from coordinator.ingest.reader import InputFile, detect, read_batches
@@ -111,11 +111,7 @@ def prefetched(items: Generator[T, None, None]) -> Generator[T, None, None]:
 
 @contextmanager
 def _connect(database_url: str) -> Iterator[psycopg.Connection]:
-    try:
-        conn = psycopg.connect(libpq_url(database_url), autocommit=True)
-    except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(f"cannot reach the database: {exc}") from exc
-    with conn:
+    with raw_connection(database_url) as conn:
         conn.execute(Q.sql("ingest_session"))
         yield conn
 
