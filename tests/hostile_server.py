@@ -23,6 +23,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import httpcore
 import trio
@@ -34,6 +35,7 @@ from worker.network import SocketOption, TrioDialer
 
 PUBLIC_IP = ipaddress.ip_address("93.184.216.34")
 OTHER_PUBLIC_IP = ipaddress.ip_address("151.101.1.69")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -299,25 +301,32 @@ def brotli_bomb(decoded: int = 200 * 1024 * 1024) -> bytes:
 
 
 @contextmanager
-def server_thread(routes: dict[str, Handler], host: str = "127.0.0.1",
-                  fallback: Handler | None = None) -> Iterator[HostileServer]:
-    """The server in a thread with its own Trio loop, for tests that run subprocesses."""
-    ready: queue.Queue[tuple[HostileServer, trio.lowlevel.TrioToken, trio.CancelScope]]
-    ready = queue.Queue()
+def trio_thread(start: Callable[[trio.Nursery], Awaitable[T]]) -> Iterator[T]:
+    """What ``start`` starts in a nursery of a Trio loop in its own thread (for tests that
+    run subprocesses), cancelled and joined on exit."""
+    ready: queue.Queue[tuple[T, trio.lowlevel.TrioToken, trio.CancelScope]] = queue.Queue()
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
-            server = await start_server(nursery, routes, host, fallback)
-            ready.put((server, trio.lowlevel.current_trio_token(), nursery.cancel_scope))
+            started = await start(nursery)
+            ready.put((started, trio.lowlevel.current_trio_token(), nursery.cancel_scope))
 
     thread = threading.Thread(target=trio.run, args=(serve,), daemon=True)
     thread.start()
-    server, token, scope = ready.get(timeout=30)
+    started, token, scope = ready.get(timeout=30)
     try:
-        yield server
+        yield started
     finally:
         trio.from_thread.run_sync(scope.cancel, trio_token=token)
         thread.join(30)
+
+
+@contextmanager
+def server_thread(routes: dict[str, Handler], host: str = "127.0.0.1",
+                  fallback: Handler | None = None) -> Iterator[HostileServer]:
+    """The server in a thread with its own Trio loop, for tests that run subprocesses."""
+    with trio_thread(lambda nursery: start_server(nursery, routes, host, fallback)) as server:
+        yield server
 
 
 def route_chunked(body: bytes, content_type: str = "image/jpeg",

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-import queue
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -324,22 +322,8 @@ def test_no_proxy_rules(no_proxy: str, host: str, port: int | None, bypassed: bo
 
 @contextmanager
 def proxy_thread() -> Iterator[LocalProxy]:
-    ready: queue.Queue[tuple[LocalProxy, trio.lowlevel.TrioToken, trio.CancelScope]]
-    ready = queue.Queue()
-
-    async def serve() -> None:
-        async with trio.open_nursery() as nursery:
-            proxy = await nursery.start(LocalProxy().run)
-            ready.put((proxy, trio.lowlevel.current_trio_token(), nursery.cancel_scope))
-
-    thread = threading.Thread(target=trio.run, args=(serve,), daemon=True)
-    thread.start()
-    proxy, token, scope = ready.get(timeout=30)
-    try:
+    with hs.trio_thread(lambda nursery: nursery.start(LocalProxy().run)) as proxy:
         yield proxy
-    finally:
-        trio.from_thread.run_sync(scope.cancel, trio_token=token)
-        thread.join(30)
 
 
 @pytest.mark.parametrize(("variables", "through"), [
