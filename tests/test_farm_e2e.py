@@ -30,7 +30,7 @@ import psycopg
 import pyarrow.parquet as pq
 import pytest
 
-from coordinator.embedded_pg import EmbeddedPostgres
+from coordinator.embedded_pg import EmbeddedPostgres, read_running
 from localfarm.demo import check_dataset, write_candidates
 from localfarm.demo_server import AnswerGate, DemoPlan, DemoServer
 from pairfarm.client import ClientError, CoordinatorClient
@@ -111,6 +111,16 @@ def wait_for(what: str, check: Callable[[], bool], proc: subprocess.Popen[str],
                                  f"{what}:\n{proc.stdout.read() if proc.stdout else ''}")
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def crash_postgres(datadir: Path, proc: subprocess.Popen[str]) -> None:
+    """An immediate shutdown (SIGQUIT to the postmaster), waited for by the postmaster's PID:
+    ``pg_ctl stop -w`` would wait 60 s when ``up`` starts a new server before it looks."""
+    running = read_running(datadir)
+    assert running is not None, "PostgreSQL runs"
+    os.kill(running.pid, signal.SIGQUIT)
+    wait_for("the old postmaster to exit", lambda: (
+        (now := read_running(datadir)) is None or now.pid != running.pid), proc, timeout=60)
 
 
 def pump(gate: AnswerGate, what: str, check: Callable[[], bool],
@@ -239,7 +249,7 @@ def test_kill_worker_restart_coordinator_and_postgres_mid_run(
     before = farm.downloaded_batches()
     # a batch needs one answer per URL: the gate bounds how far the farm got
     assert before <= gate.passed // BATCH < COUNT // BATCH, "batches are left to download"
-    EmbeddedPostgres(out / "pg").stop(mode="immediate")
+    crash_postgres(out / "pg", proc)
     pump(gate, "progress after the database restart",
          lambda: farm.downloaded_batches() > before, proc)
 
