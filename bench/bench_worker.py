@@ -16,7 +16,16 @@ with the same resize settings (256 px, ``border``, JPEG quality 95, webdataset o
 For each it measures CPU seconds (user + system of the whole process tree, from
 ``wait4``), wall seconds, successes (from the stats json files), and peak RSS (the sum
 over the process tree, sampled every 50 ms). Images/s per core = successes / CPU
-seconds. It also prints the decode+resize ceiling (``bench.bench_decode``).
+seconds. It also prints the decode+resize ceiling (``bench.bench_decode``), each
+pairfarm run's images/s and CPU per image against img2dataset's, and the images
+img2dataset saved that each pairfarm run did not, counted by pairfarm's outcome (a named
+rule such as ``too_small`` or ``robots_disallowed``, or ``missing``).
+
+Issue 12's comparison (real-web latency mix, 2 workers against 2 img2dataset processes,
+5,000-URL batches)::
+
+    python -m bench.bench_worker --urls 10000 --hosts 1000 --web real \
+        --i2d-processes 2 --i2d-shard-size 5000 --farm 2 --farm-batch-size 5000
 """
 
 from __future__ import annotations
@@ -24,12 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.bench_decode import ceiling
-from bench.image_server import image_pool
+from bench.image_server import host_address, image_pool
 from bench.options import server_arguments
 from worker.settings import ImageSettings
 
@@ -122,10 +133,33 @@ def successes(directory: Path) -> tuple[int, int]:
     return ok, count
 
 
-def start_server(hosts: int, pool_dir: Path) -> tuple[subprocess.Popen[str], int]:
+def saved_outcomes(directory: Path) -> dict[str, str]:
+    """URL -> outcome of every row in a tool's output parquets: ``ok`` for a saved image,
+    else pairfarm's ``error_class`` or img2dataset's ``error_message``."""
+    found: dict[str, str] = {}
+    for path in directory.rglob("*.parquet"):
+        if path.name.startswith("."):
+            continue
+        for row in pq.read_table(path).to_pylist():
+            if row.get("status") == "success":
+                found[row["url"]] = "ok"
+            else:
+                found[row["url"]] = str(row.get("error_class") or row.get("error_message"))
+    return found
+
+
+def lost_images(i2d_out: Path, ours: Path) -> Counter[str]:
+    """Images img2dataset saved and pairfarm did not, counted by pairfarm's outcome."""
+    theirs, mine = saved_outcomes(i2d_out), saved_outcomes(ours)
+    return Counter(mine.get(url, "missing") for url, kind in theirs.items()
+                   if kind == "ok" and mine.get(url) != "ok")
+
+
+def start_server(hosts: int, pool_dir: Path,
+                 web: str = "uniform") -> tuple[subprocess.Popen[str], int]:
     server = subprocess.Popen([sys.executable, "-m", "bench.image_server", "--hosts", str(hosts),
-                               "--pool-dir", str(pool_dir)], stdout=subprocess.PIPE, text=True,
-                              cwd=REPO)
+                               "--pool-dir", str(pool_dir), "--web", web],
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert server.stdout is not None
     line = server.stdout.readline()
     if not line.startswith("READY"):
@@ -134,8 +168,18 @@ def start_server(hosts: int, pool_dir: Path) -> tuple[subprocess.Popen[str], int
     return server, int(line.split()[1])
 
 
-def url_list(path: Path, count: int, hosts: int, port: int) -> None:
-    urls = [f"http://127.0.0.{n % hosts + 1}:{port}/img/{n}.jpg" for n in range(count)]
+def url_hosts(count: int, hosts: int, web: str = "uniform") -> list[int]:
+    """The host index of each of ``count`` URLs: round robin, or (``real``) drawn from a
+    Zipf law of exponent 1 over ``hosts`` ranks with a fixed seed."""
+    if web == "uniform":
+        return [n % hosts for n in range(count)]
+    weights = [1 / (rank + 1) for rank in range(hosts)]
+    return random.Random(0).choices(range(hosts), weights=weights, k=count)
+
+
+def url_list(path: Path, count: int, hosts: int, port: int, web: str = "uniform") -> None:
+    urls = [f"http://{host_address(h)}:{port}/img/{n}.jpg"
+            for n, h in enumerate(url_hosts(count, hosts, web))]
     pq.write_table(pa.table({"url": urls, "caption": [f"image {n}" for n in range(count)]}),
                    path)
 
@@ -191,7 +235,7 @@ def i2d_argv(listing: Path, out: Path, args: argparse.Namespace) -> list[str]:
             "--output_folder", str(out), "--image_size", "256", "--resize_mode", "border",
             "--encode_quality", "95", "--timeout", "10", "--retries", "0",
             "--processes_count", str(args.i2d_processes), "--thread_count",
-            str(args.concurrency), "--number_sample_per_shard", "10000",
+            str(args.concurrency), "--number_sample_per_shard", str(args.i2d_shard_size),
             "--enable_wandb", "False", "--distributor", "multiprocessing"]
 
 
@@ -201,6 +245,8 @@ def main() -> None:
     server_arguments(parser)
     parser.add_argument("--i2d", type=Path, default=Path(".venv-i2d/bin/img2dataset"))
     parser.add_argument("--i2d-processes", type=int, default=1)
+    parser.add_argument("--i2d-shard-size", type=int, default=10000,
+                        help="img2dataset's --number_sample_per_shard")
     parser.add_argument("--skip-i2d", action="store_true")
     parser.add_argument("--farm", type=int, default=0, metavar="WORKERS",
                         help="also run `pairfarm up --workers WORKERS`, with and without "
@@ -211,31 +257,47 @@ def main() -> None:
     args = parser.parse_args()
 
     pool = image_pool(args.pool_dir, 48, 0)
-    server, port = start_server(args.hosts, args.pool_dir)
-    runs: list[Run] = []
-    farms: list[tuple[Run, list[float]]] = []
+    server, port = start_server(args.hosts, args.pool_dir, args.web)
     try:
         with tempfile.TemporaryDirectory(prefix="pairfarm-bench-") as tmp:
-            work = Path(tmp)
-            listing = work / "urls.parquet"
-            url_list(listing, args.urls, args.hosts, port)
-            env = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1"}
-            tools = [("pairfarm", pairfarm_argv)]
-            if not args.skip_i2d:
-                tools.append(("img2dataset", i2d_argv))
-            for name, argv_of in tools:
-                out = work / name
-                wall, cpu, rss = measure(name, argv_of(listing, out, args), env,
-                                         work / f"{name}.log")
-                ok, count = successes(out)
-                runs.append(Run(name, wall, cpu, ok, count, rss))
-            if args.farm:
-                farms = farm_runs(listing, work, env, args)
+            runs, farms, lost = run_tools(Path(tmp), port, args)
     finally:
         server.terminate()
         server.wait(10)
+    report(runs, farms, lost, args)
+    top = ceiling(pool, ImageSettings(image_size=256, resize_mode="border"), seconds=8)
+    print(f"decode+resize ceiling: {top:.1f} img/CPU-s; pairfarm reaches "
+          f"{runs[0].per_core / top:.0%} of it")
 
-    print(f"{args.urls} URLs over {args.hosts} loopback hosts, concurrency {args.concurrency}, "
+
+def run_tools(work: Path, port: int, args: argparse.Namespace) -> tuple[
+        list[Run], list[tuple[Run, list[float]]], dict[str, Counter[str]]]:
+    """Each tool on the same URL list; the images img2dataset saved that each pairfarm run
+    did not, by pairfarm's outcome."""
+    listing = work / "urls.parquet"
+    url_list(listing, args.urls, args.hosts, port, args.web)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "NO_ALBUMENTATIONS_UPDATE": "1"}
+    tools = [("pairfarm", pairfarm_argv)]
+    if not args.skip_i2d:
+        tools.append(("img2dataset", i2d_argv))
+    runs: list[Run] = []
+    for name, argv_of in tools:
+        out = work / name
+        wall, cpu, rss = measure(name, argv_of(listing, out, args), env, work / f"{name}.log")
+        ok, count = successes(out)
+        runs.append(Run(name, wall, cpu, ok, count, rss))
+    farms = farm_runs(listing, work, env, args) if args.farm else []
+    lost: dict[str, Counter[str]] = {}
+    if not args.skip_i2d:
+        for name in ["pairfarm"] + [run.name for run, _ in farms]:
+            lost[name] = lost_images(work / "img2dataset", work / name)
+    return runs, farms, lost
+
+
+def report(runs: list[Run], farms: list[tuple[Run, list[float]]],
+           lost: dict[str, Counter[str]], args: argparse.Namespace) -> None:
+    print(f"{args.urls} URLs over {args.hosts} loopback hosts ({args.web} web), concurrency "
+          f"{args.concurrency}, img2dataset processes {args.i2d_processes}, "
           f"{os.cpu_count()} cores")
     print(f"{'tool':12s} {'urls':>6s} {'ok':>6s} {'wall s':>8s} {'CPU s':>8s} {'img/s':>9s} "
           f"{'img/CPU-s':>9s} {'peak RSS':>9s}")
@@ -246,12 +308,15 @@ def main() -> None:
         print(f"{run.line()}  workers idle: {shares}")
     print(f"load average: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     if len(runs) == 2:
-        print(f"pairfarm / img2dataset, images per CPU-second: "
-              f"{runs[0].per_core / runs[1].per_core:.2f}x")
-    top = ceiling(pool, ImageSettings(image_size=256, resize_mode="border"), seconds=8)
-    print(f"decode+resize ceiling: {top:.1f} img/CPU-s; pairfarm reaches "
-          f"{runs[0].per_core / top:.0%} of it")
-
+        i2d = runs[1]
+        for run in [runs[0], *(farm for farm, _ in farms)]:
+            speed = run.successes / run.wall_s / (i2d.successes / i2d.wall_s)
+            print(f"{run.name} / img2dataset: images/s {speed:.2f}x, "
+                  f"CPU per image {i2d.per_core / run.per_core:.2f}x")
+    for name, counts in lost.items():
+        total = sum(counts.values())
+        print(f"saved by img2dataset, not by {name}: {total}"
+              + (f" ({', '.join(f'{k} {v}' for k, v in counts.most_common())})" if total else ""))
 
 if __name__ == "__main__":
     main()

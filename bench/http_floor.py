@@ -56,11 +56,11 @@ def compare(args: argparse.Namespace) -> None:
     from bench.image_server import image_pool
 
     image_pool(args.pool_dir, 48, 0)
-    server, port = start_server(args.hosts, args.pool_dir)
+    server, port = start_server(args.hosts, args.pool_dir, args.web)
     try:
         with tempfile.TemporaryDirectory(prefix="pairfarm-floor-") as tmp:
             listing = Path(tmp) / "urls.parquet"
-            url_list(listing, args.urls, args.hosts, port)
+            url_list(listing, args.urls, args.hosts, port, args.web)
             print(f"{args.urls} URLs over {args.hosts} loopback hosts, concurrency "
                   f"{args.concurrency}, {os.cpu_count()} cores")
             print(f"{'client':12s} {'complete':>8s} {'MB':>7s} {'wall s':>7s} {'CPU s':>7s} "

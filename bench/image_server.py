@@ -1,11 +1,13 @@
 """A local image server with realistic behaviour, for the worker benchmark.
 
-``python -m bench.image_server --hosts 16 --pool-dir DIR`` listens on 127.0.0.1..16
-(one port, printed as ``READY <port>``) and serves ``/img/<n>.jpg``: the first byte
-after 50-300 ms, JPEGs of 20-400 KB and 200-2000 px, and a deterministic 25 % of
-failures (404, 500, connection reset, HTML served as image/jpeg, a 2 KB image).
-The behaviour of URL ``n`` depends only on ``n`` and ``--seed``, so every tool run
-against the same list meets the same server.
+``python -m bench.image_server --hosts 16 --pool-dir DIR`` listens on ``--hosts`` loopback
+addresses (``host_address``: 127.0.0.1..254, then 127.0.1.1 and on; one port, printed as
+``READY <port>``) and serves ``/img/<n>.jpg``: JPEGs of 20-400 KB and 200-2000 px, and a
+deterministic 25 % of failures (404, 500, connection reset, HTML served as image/jpeg, a
+2 KB image). The first byte comes after 50-300 ms; with ``--web real`` (the real-web
+latency mix of issue 12) 3 % of the answers come after 2-20 s instead.
+The behaviour of URL ``n`` depends only on ``n``, ``--seed`` and ``--web``, so every tool
+run against the same list meets the same server.
 """
 
 from __future__ import annotations
@@ -55,9 +57,21 @@ def image_pool(directory: Path, count: int, seed: int) -> list[bytes]:
     return pool
 
 
-def behaviour(n: int, seed: int) -> tuple[str, float]:
+#: share of slow answers and their first-byte delay range (s) in the real-web mix
+SLOW_SHARE, SLOW_DELAY = 0.03, (2.0, 20.0)
+
+
+def host_address(index: int) -> str:
+    """The loopback address of host ``index`` (0-based): 127.0.0.1..254, 127.0.1.1.."""
+    return f"127.0.{index // 254}.{index % 254 + 1}"
+
+
+def behaviour(n: int, seed: int, web: str = "uniform") -> tuple[str, float]:
+    """URL ``n``'s answer kind and first-byte delay (s)."""
     rng = random.Random(seed * 1_000_003 + n)
     delay = rng.uniform(0.05, 0.3)
+    if web == "real" and rng.random() < SLOW_SHARE:
+        delay = rng.uniform(*SLOW_DELAY)
     roll = rng.random()
     for name, share in FAILURES:
         if roll < share:
@@ -67,9 +81,10 @@ def behaviour(n: int, seed: int) -> tuple[str, float]:
 
 
 class Server:
-    def __init__(self, pool: list[bytes], seed: int) -> None:
+    def __init__(self, pool: list[bytes], seed: int, web: str = "uniform") -> None:
         self.pool = pool
         self.seed = seed
+        self.web = web
         self.small = _small_jpeg()
 
     async def handle(self, stream: trio.SocketStream) -> None:
@@ -81,7 +96,7 @@ class Server:
         except ValueError:
             await _send(stream, 404, b"not found", "text/plain")
             return
-        kind, delay = behaviour(n, self.seed)
+        kind, delay = behaviour(n, self.seed, self.web)
         await trio.sleep(delay)
         if kind == "ok":
             await _send(stream, 200, self.pool[n % len(self.pool)], "image/jpeg")
@@ -137,8 +152,8 @@ async def _send(stream: trio.SocketStream, status: int, body: bytes, ctype: str)
 async def serve(hosts: int, port: int, server: Server) -> None:
     listeners = await trio.open_tcp_listeners(port, host="127.0.0.1", backlog=4096)
     port = listeners[0].socket.getsockname()[1]
-    for i in range(2, hosts + 1):
-        listeners += await trio.open_tcp_listeners(port, host=f"127.0.0.{i}", backlog=4096)
+    for i in range(1, hosts):
+        listeners += await trio.open_tcp_listeners(port, host=host_address(i), backlog=4096)
     print(f"READY {port}", flush=True)
     await trio.serve_listeners(server.handle, listeners)
 
@@ -150,12 +165,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pool-size", type=int, default=48)
     parser.add_argument("--pool-dir", type=Path, default=Path("/tmp/pairfarm-bench-pool"))
+    parser.add_argument("--web", choices=("uniform", "real"), default="uniform",
+                        help="latency mix: uniform 50-300 ms, or real (3 %% after 2-20 s)")
     args = parser.parse_args()
     pool = image_pool(args.pool_dir, args.pool_size, args.seed)
     print(f"pool: {len(pool)} JPEGs, {sum(map(len, pool)) // len(pool) // 1024} KB mean",
           file=sys.stderr, flush=True)
     try:
-        trio.run(serve, args.hosts, args.port, Server(pool, args.seed))
+        trio.run(serve, args.hosts, args.port, Server(pool, args.seed, args.web))
     except KeyboardInterrupt:
         return
 
