@@ -267,11 +267,12 @@ def _routes(app: FastAPI, settings: CoordinatorSettings, engine: sa.Engine,
                                 heartbeat_interval_s=lease.heartbeat_interval_s)
 
     @app.post(f"{API_PREFIX}/download/lease", response_model=DownloadLease,
-              responses={204: {"description": "nothing left to lease"}})
+              responses={204: {"description": "nothing left to lease (for a lease-ahead: "
+                                                 "nothing beyond this batch)"}})
     def lease_download(body: LeaseRequest, info: Caller) -> Response:
         wid = worker_id(info, Role.WORKER)
         with metrics.timed_lease(DOWNLOAD):
-            lease = leases.lease_download_raw(wid, body.max_size)
+            lease = leases.lease_download_raw(wid, body.max_size, ahead=body.ahead)
         if lease is None:
             return Response(status_code=204)
         return Response(content=lease.to_json(), media_type="application/json")

@@ -4,6 +4,10 @@ Every operation is one short transaction of O(1) statements, whatever the batch 
 
 Forming a download batch (``lease_download``):
 
+A lease-ahead (``ahead``: the worker still holds a batch) is granted only while something
+is left after it (``anything_left``): the last batch of the queue goes to a worker with
+nothing in hand, not behind the tail of a busy one.
+
 1. re-lease the oldest ``pending`` batch (one that expired or was given back) with the
    same id and the same candidates, so its shard names stay stable;
 2. else create a batch and fill it from ``pending_chunks`` in one statement
@@ -196,13 +200,15 @@ class Leases:
         self.last_form: FormStats | None = None
 
     # -- download ---------------------------------------------------------------------
-    def lease_download(self, worker_id: int, max_size: int | None = None) -> DownloadLease | None:
-        """Lease a batch of candidates to ``worker_id``; None when nothing is left."""
-        raw = self.lease_download_raw(worker_id, max_size)
+    def lease_download(self, worker_id: int, max_size: int | None = None, *,
+                       ahead: bool = False) -> DownloadLease | None:
+        """Lease a batch of candidates to ``worker_id``; None when nothing is left, or
+        (``ahead``: the worker still holds a batch) when this one would be the last."""
+        raw = self.lease_download_raw(worker_id, max_size, ahead=ahead)
         return None if raw is None else DownloadLease.model_validate_json(raw.to_json())
 
-    def lease_download_raw(self, worker_id: int,
-                           max_size: int | None = None) -> RawDownloadLease | None:
+    def lease_download_raw(self, worker_id: int, max_size: int | None = None, *,
+                           ahead: bool = False) -> RawDownloadLease | None:
         """``lease_download`` with the candidates left as the JSON the database built."""
         size = min(max_size or self.settings.batch_size, self.settings.batch_size)
         params = self._lease_params(worker_id)
@@ -218,6 +224,9 @@ class Leases:
                     conn.rollback()
                     return None
                 conn.execute(Q.set_batch_size, {"batch_id": row.id, "size": claimed})
+            if ahead and not conn.execute(Q.anything_left).scalar_one():
+                conn.rollback()  # the last batch: kept for a worker with nothing in hand
+                return None
             found = conn.execute(Q.batch_candidates, {"batch_id": row.id}).one()
             self._count("leases", DOWNLOAD)
             info = LeaseInfo(batch_id=row.id, lease_token=row.lease_token,

@@ -213,8 +213,9 @@ class AsyncCoordinatorClient:
         req = RegisterRequest(name=name, version=__version__)
         return _must(await self._call("POST", _Paths.register, req, RegisterResponse))
 
-    async def lease_download(self, max_size: int | None = None) -> DownloadLease | None:
-        req = LeaseRequest(max_size=max_size)
+    async def lease_download(self, max_size: int | None = None, *,
+                             ahead: bool = False) -> DownloadLease | None:
+        req = LeaseRequest(max_size=max_size, ahead=ahead)
         return await self._call("POST", _Paths.lease("download"), req, DownloadLease)
 
     async def lease_postprocess(self) -> PostprocessLease | None:
@@ -310,9 +311,10 @@ class CoordinatorClient:
         req = RegisterRequest(name=name, version=__version__)
         return _must(self._call("POST", _Paths.register, req, RegisterResponse))
 
-    def lease_download(self, max_size: int | None = None) -> DownloadLease | None:
-        return self._call("POST", _Paths.lease("download"), LeaseRequest(max_size=max_size),
-                          DownloadLease)
+    def lease_download(self, max_size: int | None = None, *,
+                       ahead: bool = False) -> DownloadLease | None:
+        return self._call("POST", _Paths.lease("download"),
+                          LeaseRequest(max_size=max_size, ahead=ahead), DownloadLease)
 
     def lease_postprocess(self) -> PostprocessLease | None:
         return self._call("POST", _Paths.lease("postprocess"), LeaseRequest(), PostprocessLease)

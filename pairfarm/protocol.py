@@ -123,6 +123,11 @@ class LeaseRequest(_Model):
     max_size: StrictInt | None = Field(
         default=None, ge=1, le=INT_MAX,
         description="take at most this many candidates (server caps it)")
+    ahead: bool = Field(
+        default=False,
+        description="the caller still holds a batch (a lease-ahead): granted only while "
+                    "more than this batch is left, so that the last one goes to a worker "
+                    "with nothing in hand")
 
 
 NO_EXTRA: Mapping[str, Any] = MappingProxyType({})

@@ -382,3 +382,41 @@ def test_a_drained_queue_still_leases_a_released_batch(db_url: str) -> None:
         again = service.lease_download(worker)
         assert again is not None and again.batch_id == lease.batch_id
         assert [c.id for c in again.candidates] == [c.id for c in lease.candidates]
+
+
+def test_a_lease_ahead_never_takes_the_last_batch(db_url: str) -> None:
+    """Three batches' worth: worker A's lease-ahead gets the second while a third is left,
+    not the third; worker B (nothing in hand) gets the third, and A's next lease-ahead
+    finds nothing. The refused lease-ahead draws no batch (its transaction rolls back)."""
+    insert_candidates(db_url, 30)
+    with engine_for(db_url) as engine:
+        service = leases(engine, batch_size=10)
+        a, b = new_worker(engine, "a"), new_worker(engine, "b")
+        first = service.lease_download(a)
+        second = service.lease_download(a, ahead=True)
+        assert first is not None and second is not None
+        drawn = _batch_ids_drawn(engine)
+        assert service.lease_download(a, ahead=True) is None  # the last batch: kept
+        assert _batch_ids_drawn(engine) == drawn + 1  # drawn, rolled back: nothing stored
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM batches")).scalar_one() == 2
+        third = service.lease_download(b)
+        assert third is not None and len(third.candidates) == 10
+        assert service.lease_download(a, ahead=True) is None
+        _assert_exactly_once([[c.id for c in lease.candidates]
+                              for lease in (first, second, third)], _all_ids(engine))
+
+
+def test_a_lease_ahead_does_not_take_the_last_released_batch(db_url: str) -> None:
+    insert_candidates(db_url, 20)
+    with engine_for(db_url) as engine:
+        service = leases(engine, batch_size=10)
+        a, b = new_worker(engine, "a"), new_worker(engine, "b")
+        held = service.lease_download(a)
+        given_back = service.lease_download(b)
+        assert held is not None and given_back is not None
+        service.fail("download", given_back.batch_id, b, FailReport(
+            lease_token=given_back.lease_token, reason="shutdown", release=True))
+        assert service.lease_download(a, ahead=True) is None
+        again = service.lease_download(b)
+        assert again is not None and again.batch_id == given_back.batch_id

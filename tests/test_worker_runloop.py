@@ -70,6 +70,10 @@ class ScriptedCoordinator:
     #: the first N leases answer 429 (a quarantine) with Retry-After: 120
     refuse_leases: int = 0
     lease_times: list[float] = field(default_factory=list)
+    #: each lease request's ``ahead`` flag
+    lease_ahead: list[bool] = field(default_factory=list)
+    #: refuse (204) a lease-ahead that would take the last batch, as the coordinator does
+    keep_last: bool = False
     _next: int = 0
 
     def transport(self) -> httpx.MockTransport:
@@ -95,19 +99,21 @@ class ScriptedCoordinator:
             return _ok(RegisterResponse(worker_id=1, role=Role.WORKER, batch_size=10,
                                         lease_ttl_s=60, heartbeat_interval_s=self.heartbeat_s))
         if path == "/download/lease":
-            LeaseRequest.model_validate(body)
-            return self._lease()
+            request = LeaseRequest.model_validate(body)
+            self.lease_ahead.append(request.ahead)
+            return self._lease(request.ahead)
         batch_id = int(path.split("/")[2])
         action = path.split("/")[3]
         return getattr(self, f"_{action}")(batch_id, body)
 
-    def _lease(self) -> httpx.Response:
+    def _lease(self, ahead: bool) -> httpx.Response:
         self.lease_times.append(trio.current_time())
         if self.refuse_leases > 0:
             self.refuse_leases -= 1
             return httpx.Response(429, headers={"Retry-After": "120"}, json={
                 "error": "quarantined", "detail": "this worker is quarantined for 120 s"})
-        if self._next >= len(self.batches):
+        if self._next >= len(self.batches) or (
+                self.keep_last and ahead and self._next == len(self.batches) - 1):
             return httpx.Response(204)
         urls = self.batches[self._next]
         self._next += 1
@@ -207,8 +213,26 @@ def test_batches_are_downloaded_completed_and_reported(tmp_path: Path) -> None:
     assert _public_files(tmp_path) == ["00000001.parquet", "00000001.tar",
                                        "00000001_stats.json", "00000002.parquet",
                                        "00000002.tar", "00000002_stats.json"]
-    # lease-ahead: batch 2 was leased during batch 1, the 204 (exit_when_idle) during batch 2
-    assert coord.calls.count("/download/lease") == 3
+    # lease-ahead: batch 2 was leased during batch 1; the 204 to the lease-ahead during
+    # batch 2 is asked again (not ahead) once batch 2 ended, and that 204 ends the run
+    assert coord.lease_ahead == [False, True, True, False]
+    assert coord.calls[-1] == "/download/lease"
+
+
+def test_a_refused_lease_ahead_is_asked_again_once_the_batch_in_hand_ended(
+        tmp_path: Path) -> None:
+    """The coordinator keeps the last batch from a worker that still holds one: the
+    worker asks for it again, not ahead, once its batch completed, and downloads it."""
+    coord = ScriptedCoordinator(batches=[], keep_last=True)
+    loop = _run(coord, tmp_path, paths=[["/a.jpg", "/b.jpg"], ["/a.jpg"]])
+    assert loop.summary.batches_completed == 2 and sorted(coord.completed) == [1, 2]
+    # batch 2's own tail asks ahead too (refused: nothing left), then once more at its end
+    assert coord.lease_ahead == [False, True, False, True, False]
+    # the refused lease-ahead (the 2nd) did not make the worker exit, and batch 2 was
+    # leased only after batch 1 completed
+    assert coord.calls.index("/download/1/complete") < coord.calls.index("/download/2/complete")
+    third = [i for i, c in enumerate(coord.calls) if c == "/download/lease"][2]
+    assert coord.calls.index("/download/1/complete") < third
 
 
 def test_heartbeats_run_while_a_batch_is_in_hand(tmp_path: Path) -> None:
@@ -217,7 +241,9 @@ def test_heartbeats_run_while_a_batch_is_in_hand(tmp_path: Path) -> None:
     # the slow image takes 8 virtual seconds: beats at 3 and 6, the fence before the rename
     assert [batch for _, batch in coord.heartbeats] == [1, 1, 1]
     assert [round(t) for t, _ in coord.heartbeats] == [3, 6, 8]
-    assert coord.calls[-1] == "/download/1/complete"  # the 204 came during the batch
+    # the 204 to the lease-ahead came during the batch; asked again after it, not ahead
+    assert coord.calls[-2:] == ["/download/1/complete", "/download/lease"]
+    assert coord.lease_ahead == [False, True, False]
 
 
 def test_lost_lease_discards_the_work(tmp_path: Path) -> None:
@@ -509,22 +535,25 @@ def _lease_ahead_run(tmp_path: Path, lease_ahead_at: int, **coord: Any
 
 def test_the_next_batch_is_leased_during_the_tail_and_no_time_is_idle(tmp_path: Path) -> None:
     """Batch 1's fast images end at t=2, leaving its 8 s image: with --lease-ahead-at 1
-    batch 2 is leased then (2 s) and downloads while batch 1's tail runs. The only time
-    with nothing in flight is the first lease; both batches heartbeat and complete."""
+    batch 2 is leased then (2 s) and downloads while batch 1's tail runs. The only times
+    with nothing in flight are the first lease and the last one (the 204 that ends the
+    run); both batches heartbeat and complete."""
     coord, loop, run = _lease_ahead_run(tmp_path, lease_ahead_at=1)
     idle = run.metric("pairfarm_worker_idle_seconds_total")
     assert sorted(coord.completed) == [1, 2] and loop.summary.batches_completed == 2
     assert coord.completed[1].outcomes == {"ok": 3} and coord.completed[2].outcomes == {"ok": 2}
     leases = [i for i, c in enumerate(coord.calls) if c == "/download/lease"]
     assert leases[1] < coord.calls.index("/download/1/complete")  # leased ahead
-    # answered at t=2, 4 and (once batch 1 ended: 2 in hand at most) 12: the 204
-    assert [round(t) for t in coord.lease_times] == [2, 4, 12]
+    # answered at t=2, 4 and (once batch 1 ended: 2 in hand at most) 12: the 204 to a
+    # lease-ahead, asked again once batch 2 ended (t=12): the 204 at 14 ends the run
+    assert [round(t) for t in coord.lease_times] == [2, 4, 12, 14]
     beats = {batch for _, batch in coord.heartbeats}
     assert beats == {1, 2} and any(t < 10 for t, b in coord.heartbeats if b == 2)
-    assert idle == pytest.approx(2, abs=0.1)  # the first lease only: no gap between batches
+    # the first lease and the last 204 (t=12-14): no gap between batches
+    assert idle == pytest.approx(4, abs=0.1)
     wire = run.metric("pairfarm_worker_downloaded_bytes_total")
     assert sum(r.bytes_downloaded for r in coord.completed.values()) == wire  # none twice
-    assert loop.summary.idle_fraction == pytest.approx(2 / 12, abs=0.01)  # run ends at t=12
+    assert loop.summary.idle_fraction == pytest.approx(4 / 14, abs=0.01)  # run ends at t=14
 
 
 def test_without_lease_ahead_the_worker_idles_between_batches(tmp_path: Path) -> None:

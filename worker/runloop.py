@@ -10,6 +10,9 @@ At most two batches in hand, the second leased during the first's tail::
                  |     `-- storage error: give the batch back (cause "worker")
                  `-- once lease_ahead_at or fewer of its candidates are unfinished (or it
                      ended), and fewer than 2 batches are in hand: lease the next one
+                     (``ahead`` while one is still in hand; the coordinator refuses an
+                     ahead lease that would take the last batch: asked again once the
+                     batch in hand ended)
 
 Lease-ahead (``lease_ahead_at``, 0: off, one batch at a time): the batches in hand share
 one ``worker.pipeline.SharedPipeline``: ``concurrency`` fetch slots (first come, first
@@ -50,6 +53,7 @@ import signal
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TypeVar
 
 import fsspec
@@ -225,25 +229,33 @@ class RunLoop:
         once the last one reached its tail and fewer than ``IN_HAND`` are in hand."""
         done = 0
         in_hand = trio.Semaphore(IN_HAND)
+        last: BatchRun | None = None
         async with trio.open_nursery() as batches:
             while not self._signals.draining.is_set():
                 if self._s.max_batches is not None and done >= self._s.max_batches:
                     return
                 if not await self._unless_drained(in_hand.acquire):
                     return
+                ahead = last is not None and not last.ended.is_set()
                 lease = await self._call(
-                    "lease", lambda: self._client.lease_download(self._s.max_batch),
+                    "lease", partial(self._client.lease_download, self._s.max_batch,
+                                     ahead=ahead),
                     self._signals.draining)
                 if lease is None:
                     in_hand.release()
+                    if ahead and last is not None:
+                        # the coordinator keeps the last batch for a worker with nothing in
+                        # hand: ask again once this one's batch ended
+                        await self._unless_drained(last.ended.wait)
+                        continue
                     if self._s.exit_when_idle or self._signals.draining.is_set():
                         return
                     await self._idle()
                     continue
-                run = BatchRun(size=len(lease.candidates), tail_at=self._tail_at())
-                batches.start_soon(self._hold, lease, run, in_hand)
+                last = BatchRun(size=len(lease.candidates), tail_at=self._tail_at())
+                batches.start_soon(self._hold, lease, last, in_hand)
                 done += 1
-                await self._unless_drained(run.tail.wait)
+                await self._unless_drained(last.tail.wait)
 
     def _tail_at(self) -> int:
         """Unfinished candidates at which the next batch is leased (-1: at the end)."""
@@ -261,6 +273,7 @@ class RunLoop:
         finally:
             in_hand.release()
             run.tail.set()
+            run.ended.set()
 
     async def _idle(self) -> None:
         log.info("no batch to lease; polling again in %.0fs", self._s.idle_poll_s)

@@ -35,6 +35,15 @@ SELECT (SELECT id FROM pending_chunks ORDER BY id LIMIT 1) IS NOT NULL
     OR EXISTS (SELECT 1 FROM url_retries WHERE batch_id IS NULL AND not_before <= now())
        AS found;
 
+-- name: anything_left
+-- Whether anything would be left to lease after this transaction's claim: a pending
+-- batch, a pending chunk or a due retry (each one index probe). A lease-ahead that would
+-- take the last of the queue is refused on it (the worker asks again once its batch ended).
+SELECT (SELECT id FROM batches WHERE status = 'pending' ORDER BY id LIMIT 1) IS NOT NULL
+    OR (SELECT id FROM pending_chunks ORDER BY id LIMIT 1) IS NOT NULL
+    OR EXISTS (SELECT 1 FROM url_retries WHERE batch_id IS NULL AND not_before <= now())
+       AS found;
+
 -- name: insert_leased_batch
 INSERT INTO batches (status, worker_id, lease_token, lease_expires_at, attempts, leased_at)
 VALUES ('leased', :worker_id, :lease_token, now() + make_interval(secs => :ttl), 1, now())
