@@ -67,9 +67,6 @@ def scoring_options(f: Callable[..., Any]) -> Callable[..., Any]:
                      type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT,
                      show_default=True, help="Output folder (filtered shards, parquet, "
                                              "embeddings/)."),
-        click.option("--tfds-dir", envvar="PAIRFARM_TFDS_DIR",
-                     type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help="Also write the TFDS laion400m layout here."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -99,7 +96,7 @@ def build_settings(kw: dict[str, Any]) -> tuple[Any, Any]:
         precision=kw["precision"], batch_size=kw["batch_size"],
         workers=default_workers() if kw["workers"] is None else kw["workers"],
         nsfw=kw["nsfw"], watermark=watermark)
-    return scoring, OutputSettings(out_dir=kw["out_dir"], tfds_dir=kw["tfds_dir"])
+    return scoring, OutputSettings(out_dir=kw["out_dir"])
 
 
 @contextlib.contextmanager

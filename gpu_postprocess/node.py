@@ -130,8 +130,7 @@ def process_shard(scorer: Scorer, shard: Shard, batch_id: int, out: OutputSettin
                   on_batch: Callable[[int], None] | None = None) -> Written:
     scores = score_shard(scorer, shard, on_batch=on_batch)
     decisions = decide(shard, scores, scorer.thresholds)
-    return write_outputs(shard, batch_id, scores, decisions, out_dir=out.out_dir,
-                         tfds_dir=out.tfds_dir)
+    return write_outputs(shard, batch_id, scores, decisions, out_dir=out.out_dir)
 
 
 def report_of(lease: PostprocessLease, written: Written, duration_s: float) -> PostprocessReport:

@@ -1,4 +1,4 @@
-"""Writing a scored shard: filtered webdataset, metadata parquet, embeddings, TFDS layout.
+"""Writing a scored shard: filtered webdataset, metadata parquet, embeddings, stats.
 
 For a shard with stem ``S`` (``pairfarm.shardformat.shard_stem``) under ``out_dir``::
 
@@ -13,10 +13,9 @@ For a shard with stem ``S`` (``pairfarm.shardformat.shard_stem``) under ``out_di
     S_postprocess.json                     counts over the shard's samples (kept + dropped =
                                            its ok rows) and histogram; written last: "done"
 
-and, with a TFDS folder, the ``laion400m`` layout for shard index ``i``: ``{i:05d}.tar``,
-``{i:05d}.parquet`` (caption, NSFW, similarity, LICENSE, url, original_width,
-original_height, key; every row, so that a tar key's integer is its parquet row),
-``img_emb_{i}.npy``, ``text_emb_{i}.npy``, ``metadata_{i}.parquet`` (unpadded).
+The embedding file names are ``pairfarm.shardformat.embedding_files``. Dataset layouts
+(TFDS ``laion400m``, clip-retrieval, webdataset numbered from 0) are made from this
+folder by ``pairfarm export`` (``export/``).
 
 Every file is written under a temporary name in its folder and renamed when complete.
 
@@ -29,7 +28,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
@@ -50,12 +48,12 @@ from pairfarm.shardformat import (
     STATUS_FAILED_TO_DOWNLOAD,
     STATUS_FAILED_TO_RESIZE,
     STATUS_SUCCESS,
+    embedding_files,
     shard_stem,
     stats_name,
 )
 
 TAR_MTIME = 0  # reproducible tars
-TFDS_MISSING_SIMILARITY = -1.0
 
 
 @dataclass(frozen=True)
@@ -155,22 +153,6 @@ def kept_embeddings(scores: ShardScores, keep: np.ndarray) -> tuple[np.ndarray, 
     return to_fp16_unit(scores.img_emb[sel]), to_fp16_unit(scores.text_emb[sel])
 
 
-def tfds_table(shard: Shard, tags: Tags) -> pa.Table:
-    sim = np.where(np.isnan(tags.similarity), TFDS_MISSING_SIMILARITY, tags.similarity)
-    license_col = shard.column("LICENSE") if "LICENSE" in shard.table.column_names else \
-        shard.column("license")
-    return pa.table({
-        "caption": pa.array(shard.column("caption"), pa.string()),
-        "NSFW": pa.array([nsfw_label(float(p)).value for p in tags.punsafe]),
-        "similarity": pa.array(sim.astype(np.float64)),
-        "LICENSE": pa.array([v if v is not None else "?" for v in license_col], pa.string()),
-        "url": pa.array(shard.column("url"), pa.string()),
-        "original_width": pa.array(shard.column("original_width"), pa.int32()),
-        "original_height": pa.array(shard.column("original_height"), pa.int32()),
-        "key": pa.array(shard.keys, pa.string()),
-    })
-
-
 @dataclass(frozen=True)
 class Written:
     """What ``write_outputs`` wrote: name -> path, and the summary it wrote last."""
@@ -180,27 +162,20 @@ class Written:
 
 
 def write_outputs(shard: Shard, batch_id: int, scores: ShardScores, decisions: Decisions, *,
-                  out_dir: Path, tfds_dir: Path | None = None) -> Written:
+                  out_dir: Path) -> Written:
     stem = shard_stem(batch_id)
     n = shard.table.num_rows
     tags = Tags.of(n, scores, decisions)
     meta = metadata_table(shard, decisions, tags)
     img, txt = kept_embeddings(scores, decisions.keep)
     emb = out_dir / "embeddings"
-    paths = {
-        "tar": out_dir / f"{stem}.tar", "parquet": out_dir / f"{stem}.parquet",
-        "img_emb": emb / "img_emb" / f"img_emb_{stem}.npy",
-        "text_emb": emb / "text_emb" / f"text_emb_{stem}.npy",
-        "metadata": emb / "metadata" / f"metadata_{stem}.parquet",
-    }
+    paths = {"tar": out_dir / f"{stem}.tar", "parquet": out_dir / f"{stem}.parquet",
+             **{name: emb / path for name, path in embedding_files(stem).items()}}
     write_filtered_tar(shard, decisions.keep, tags, paths["tar"])
     _write_parquet(meta, paths["parquet"])
     _write_npy(img, paths["img_emb"])
     _write_npy(txt, paths["text_emb"])
     _write_parquet(meta.filter(pa.array(decisions.keep)), paths["metadata"])
-    if tfds_dir is not None:
-        paths.update(write_tfds(shard, batch_id, tags, decisions, img=img, txt=txt,
-                                filtered_tar=paths["tar"], tfds_dir=tfds_dir))
     paths["stats"] = out_dir / stats_name(batch_id)
     with atomic(paths["stats"]) as tmp:
         tmp.write_text(json.dumps(shard_stats(shard, decisions), indent=1))
@@ -210,23 +185,6 @@ def write_outputs(shard: Shard, batch_id: int, scores: ShardScores, decisions: D
         tmp.write_text(json.dumps(summary, indent=1, sort_keys=True))
     paths["summary"] = done
     return Written({k: str(v) for k, v in paths.items()}, summary)
-
-
-def write_tfds(shard: Shard, i: int, tags: Tags, decisions: Decisions, *,
-               img: np.ndarray, txt: np.ndarray, filtered_tar: Path,
-               tfds_dir: Path) -> dict[str, Path]:
-    paths = {"tfds_tar": tfds_dir / f"{i:05d}.tar", "tfds_parquet": tfds_dir / f"{i:05d}.parquet",
-             "tfds_img_emb": tfds_dir / f"img_emb_{i}.npy",
-             "tfds_text_emb": tfds_dir / f"text_emb_{i}.npy",
-             "tfds_metadata": tfds_dir / f"metadata_{i}.parquet"}
-    with atomic(paths["tfds_tar"]) as tmp:
-        shutil.copyfile(filtered_tar, tmp)
-    table = tfds_table(shard, tags)
-    _write_parquet(table, paths["tfds_parquet"])
-    _write_npy(img, paths["tfds_img_emb"])
-    _write_npy(txt, paths["tfds_text_emb"])
-    _write_parquet(table.filter(pa.array(decisions.keep)), paths["tfds_metadata"])
-    return paths
 
 
 def shard_stats(shard: Shard, decisions: Decisions) -> dict[str, Any]:

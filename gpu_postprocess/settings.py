@@ -44,7 +44,6 @@ class ScoringSettings:
 @dataclass(frozen=True, kw_only=True)
 class OutputSettings:
     out_dir: Path
-    tfds_dir: Path | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "postprocess-shard": "gpu_postprocess.command:postprocess_shard",
     "worker": "worker.cli:worker_command",
     "download": "worker.cli:download_command",
+    "export": "export.cli:export_command",
     "status": "pairfarm.status:status",
 }
 

@@ -193,7 +193,7 @@ class LeaseInfo(_Model):
 
 
 class DownloadLease(LeaseInfo):
-    """A batch to download. ``candidates[i]`` is written under key ``key_of(i)``.
+    """A batch to download. ``candidates[i]`` is written under key ``key_of(batch_id, i)``.
 
     On the wire ``candidates`` is a ``CandidateColumns`` object; in Python a list of
     ``Candidate``."""

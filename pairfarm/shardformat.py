@@ -11,8 +11,11 @@ A download shard for batch N is three files in the output location:
 - ``{N:08d}_stats.json``: img2dataset's stats keys (``STATS_KEYS``) with its meaning,
   ``status_dict`` from ``status_dict_of``; written last: it marks the shard done.
 
-The key of a sample is its row index in the batch (``key_of(i)``), so that the TFDS
-``laion400m`` reader finds a sample's metadata by the integer of its key.
+The key of a sample is unique across the farm, img2dataset's scheme with a fixed row
+width: ``key_of(shard, row) = f"{shard * 10**KEY_ROW_DIGITS + row:0{KEY_WIDTH}d}"``, the
+shard's 8-digit stem followed by the row's 6 digits (``00000042000007``: batch 42, row 7);
+``split_key`` recovers both. A batch has at most 1,000,000 rows (the coordinator's bound),
+so the row always fits. Exports number their own shards from 0 with the same scheme.
 """
 
 from __future__ import annotations
@@ -21,7 +24,12 @@ from collections.abc import Mapping
 
 from pairfarm.outcomes import RESIZE_FAILURES, TRANSIENT, Outcome
 
-KEY_WIDTH = 9
+#: digits of the row in a key; a shard holds at most ``10**KEY_ROW_DIGITS`` rows
+KEY_ROW_DIGITS = 6
+#: digits of the shard number in a key (as in the shard's stem)
+KEY_SHARD_DIGITS = 8
+KEY_WIDTH = KEY_SHARD_DIGITS + KEY_ROW_DIGITS
+MAX_SHARD_ROWS = 10**KEY_ROW_DIGITS
 
 #: img2dataset's ``status`` values; the outcome class itself is in ``error_class``
 #: (null for a success).
@@ -111,6 +119,24 @@ def stats_name(batch_id: int) -> str:
     return f"{shard_stem(batch_id)}_stats.json"
 
 
-def key_of(index: int) -> str:
-    """The webdataset key of the sample at row ``index`` of its batch."""
-    return f"{index:0{KEY_WIDTH}d}"
+def embedding_files(stem: str) -> dict[str, str]:
+    """clip-retrieval's embedding layout (embedding-reader and autofaiss read it), relative
+    to its folder: ``img_emb`` / ``text_emb`` (float16, L2-normalised, one row per sample)
+    and ``metadata`` (one parquet row per embedding row), for the shard named ``stem``."""
+    return {"img_emb": f"img_emb/img_emb_{stem}.npy",
+            "text_emb": f"text_emb/text_emb_{stem}.npy",
+            "metadata": f"metadata/metadata_{stem}.parquet"}
+
+
+def key_of(shard: int, row: int) -> str:
+    """The webdataset key of the sample at ``row`` of shard (batch) ``shard``: unique
+    across shards, the row recoverable (``split_key``)."""
+    if not 0 <= row < MAX_SHARD_ROWS or shard < 0:
+        raise ValueError(f"no key for row {row} of shard {shard}: a shard has at most "
+                         f"{MAX_SHARD_ROWS} rows")
+    return f"{shard * MAX_SHARD_ROWS + row:0{KEY_WIDTH}d}"
+
+
+def split_key(key: str) -> tuple[int, int]:
+    """``(shard, row)`` of a key made by ``key_of``."""
+    return divmod(int(key), MAX_SHARD_ROWS)

@@ -50,7 +50,7 @@ def write_shard(folder: Path, batch_id: int, rows: list[Row]) -> ShardFiles:
     columns.update(language=[], LICENSE=[])
     with tarfile.open(tar_path, "w") as tar:
         for i, row in enumerate(rows):
-            key = key_of(i)
+            key = key_of(batch_id, i)
             ok = row.image is not None and row.status == Outcome.OK.value
             failure = Outcome.HTTP_4XX if row.status == Outcome.OK.value else Outcome(row.status)
             values = {"key": key, "url": f"http://127.0.0.1/img/{i}.jpg",

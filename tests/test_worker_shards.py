@@ -57,7 +57,8 @@ def _check_shard(directory: Path, stem: str, candidates: list[Candidate]) -> Non
         [f"{stem}.tar", f"{stem}.parquet", f"{stem}_stats.json"])  # no temp file left
     table = pq.read_table(directory / f"{stem}.parquet").to_pylist()
     assert list(table[0])[: len(PARQUET_COLUMNS)] == list(PARQUET_COLUMNS)
-    assert [row["key"] for row in table] == [key_of(i) for i in range(len(candidates))]
+    assert [row["key"] for row in table] == [key_of(int(stem), i)
+                                             for i in range(len(candidates))]
     assert [row["url"] for row in table] == [c.url for c in candidates]
     assert [row["error_class"] or "ok" for row in table] == EXPECTED
     assert [row["similarity"] for row in table] == [c.extra["similarity"] for c in candidates]

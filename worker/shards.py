@@ -76,11 +76,11 @@ class ShardStats:
     bytes_downloaded: int
 
 
-def _row(sample: Sample, url_retries: int) -> dict[str, Any]:
+def _row(sample: Sample, batch_id: int, url_retries: int) -> dict[str, Any]:
     image = sample.image
     attempt = sample.candidate.attempt
     return {
-        "key": key_of(sample.index), "url": sample.candidate.url,
+        "key": key_of(batch_id, sample.index), "url": sample.candidate.url,
         "caption": sample.candidate.caption, "status": status_of(sample.outcome),
         "error_class": None if sample.outcome is Outcome.OK else sample.outcome.value,
         "width": image.width if image else None, "height": image.height if image else None,
@@ -150,7 +150,7 @@ class ShardWriter:
 
     def add(self, sample: Sample) -> None:
         """Record the sample's row; write its tar members when it is ok."""
-        row = _row(sample, self.url_retries)
+        row = _row(sample, self.batch_id, self.url_retries)
         self._rows[sample.index] = row
         if not row["final"]:
             self._retry[sample.index] = (sample.outcome.value, sample.candidate.id)

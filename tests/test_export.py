@@ -1,0 +1,218 @@
+"""`pairfarm export` on farm-format shards built in the test: numbering from 0 over gaps,
+keys unique across the export, incremental runs that rewrite nothing, resharding, a run
+interrupted mid-way, and the errors a user meets. The real farm and the real readers are
+in ``test_export_readers.py``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from export.errors import ExportError, LayoutError, ManifestError, SourceError
+from export.layouts import LAYOUTS
+from export.run import ExportSettings, export
+from localfarm import synthetic
+from pairfarm.outcomes import Outcome
+from pairfarm.shardformat import KEY_WIDTH, MAX_SHARD_ROWS, key_of, split_key
+from tests.conftest import REPO, run_cli
+from tests.gpu_shards import Row, write_shard
+
+
+def test_keys_are_unique_across_shards_and_give_back_the_row() -> None:
+    keys = {key_of(shard, row) for shard in (0, 1, 2, 41, 10**7) for row in (0, 1, 999_999)}
+    assert len(keys) == 15 and {len(k) for k in keys} == {KEY_WIDTH}
+    assert key_of(42, 7) == "00000042000007"
+    assert split_key(key_of(41, 999_999)) == (41, 999_999)
+    with pytest.raises(ValueError, match="at most"):
+        key_of(1, MAX_SHARD_ROWS)
+
+
+def _rows(batch: int, n: int) -> list[Row]:
+    """``n`` rows, every third a failed download; captions name their batch and row."""
+    rng = np.random.default_rng(batch)
+    rows = []
+    for i in range(n):
+        sample = synthetic.matched(rng)
+        failed = i % 3 == 2
+        rows.append(Row(caption=f"b{batch} r{i} {sample.caption}",
+                        image=None if failed else synthetic.jpeg_bytes(sample.image),
+                        status=Outcome.HTTP_4XX.value if failed else Outcome.OK.value))
+    return rows
+
+
+def _farm(folder: Path, batches: dict[int, int]) -> list[str]:
+    """Download shards for ``batches`` (id -> rows); the captions of their ok rows."""
+    captions = []
+    for batch, n in sorted(batches.items()):  # an export takes new batches in id order
+        rows = _rows(batch, n)
+        write_shard(folder, batch, rows)
+        captions += [r.caption for r in rows if r.image is not None]
+    return captions
+
+
+def _wds_samples(dest: Path) -> list[tuple[str, str, str]]:
+    """(shard stem, key, caption) of every sample, shard by shard, in tar order."""
+    found = []
+    for tar_path in sorted(dest.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for name in tar.getnames():
+                if name.endswith(".txt"):
+                    text = tar.extractfile(name).read().decode()  # type: ignore[union-attr]
+                    found.append((tar_path.stem, name.removesuffix(".txt"), text))
+    return found
+
+
+def _digests(dest: Path) -> dict[str, str]:
+    return {str(p.relative_to(dest)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(dest.rglob("*")) if p.is_file() and p.name != "pairfarm-export.json"}
+
+
+def _check_webdataset(dest: Path, captions: list[str]) -> None:
+    samples = _wds_samples(dest)
+    assert [c for _, _, c in samples] == captions  # each once, in batch then row order
+    keys = [k for _, k, _ in samples]
+    assert len(set(keys)) == len(keys)
+    stems = sorted({s for s, _, _ in samples})
+    assert stems == [f"{i:08d}" for i in range(len(stems))]  # consecutive from 0
+    for stem in stems:
+        in_shard = [k for s, k, _ in samples if s == stem]
+        assert in_shard == [key_of(int(stem), row) for row in range(len(in_shard))]
+        table = pq.read_table(dest / f"{stem}.parquet").to_pylist()
+        assert [r["key"] for r in table] == in_shard
+        assert [r["caption"] for r in table] == [c for s, _, c in samples if s == stem]
+        assert all(split_key(r["source_key"])[0] >= 1 for r in table)  # the farm's key
+        stats = json.loads((dest / f"{stem}_stats.json").read_text())
+        assert stats["count"] == stats["successes"] == len(in_shard)
+        assert stats["status_dict"] == {"success": len(in_shard)}
+
+
+def test_webdataset_numbers_shards_from_zero_over_gaps_and_adds_new_batches(
+        tmp_path: Path) -> None:
+    farm, dest = tmp_path / "shards", tmp_path / "wds"
+    captions = _farm(farm, {1: 7, 2: 5, 4: 6})  # batch 3 failed: a gap
+    export(ExportSettings(layout="webdataset", source=farm, dest=dest))
+    _check_webdataset(dest, captions)
+    assert sorted(p.name for p in dest.glob("*.tar")) == [f"{i:08d}.tar" for i in range(3)]
+    before = _digests(dest)
+
+    captions += _farm(farm, {6: 4, 5: 3})  # more batches finished
+    result = export(ExportSettings(layout="webdataset", source=farm, dest=dest))
+    assert (result.batches, result.shards) == (2, 5)
+    _check_webdataset(dest, captions)
+    after = _digests(dest)
+    assert {k: after[k] for k in before} == before  # nothing rewritten
+    again = export(ExportSettings(layout="webdataset", source=farm, dest=dest))
+    assert (again.batches, again.samples) == (0, 0) and _digests(dest) == after
+
+
+def test_resharding_fills_shards_and_rewrites_only_the_short_last_one(tmp_path: Path) -> None:
+    farm, dest = tmp_path / "shards", tmp_path / "wds"
+    captions = _farm(farm, {1: 9, 3: 6})  # 6 + 4 ok rows
+    settings = ExportSettings(layout="webdataset", source=farm, dest=dest, samples_per_shard=4)
+    export(settings)
+    _check_webdataset(dest, captions)
+    assert [len(pq.read_table(p)) for p in sorted(dest.glob("*.parquet"))] == [4, 4, 2]
+    full = {k: v for k, v in _digests(dest).items() if not k.startswith("00000002")}
+
+    captions += _farm(farm, {4: 12})  # 8 more ok rows
+    export(settings)
+    _check_webdataset(dest, captions)
+    assert [len(pq.read_table(p)) for p in sorted(dest.glob("*.parquet"))] == [4, 4, 4, 4, 2]
+    after = _digests(dest)
+    assert {k: after[k] for k in full} == full
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _stop_after(n: int) -> Callable[[int], None]:
+    done = [0]
+
+    def advance(k: int) -> None:
+        done[0] += k
+        if done[0] > n:
+            raise Interrupted
+
+    return advance
+
+
+@pytest.mark.parametrize("per_shard", [None, 3])
+def test_an_interrupted_export_resumes_without_a_sample_twice(tmp_path: Path,
+                                                               per_shard: int | None) -> None:
+    farm = tmp_path / "shards"
+    captions = _farm(farm, {1: 8, 2: 8, 5: 8})
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    export(ExportSettings(layout="webdataset", source=farm, dest=once,
+                          samples_per_shard=per_shard))
+    settings = ExportSettings(layout="webdataset", source=farm, dest=twice,
+                              samples_per_shard=per_shard)
+    with pytest.raises(Interrupted):
+        export(settings, advance=_stop_after(7))  # mid-way through batch 2
+    assert not [p for p in twice.rglob(".*.tmp")]  # the open shard's files are gone
+    export(settings)
+    _check_webdataset(twice, captions)
+    assert _digests(twice).keys() == _digests(once).keys()
+
+
+def test_a_killed_runs_temporary_files_are_removed(tmp_path: Path) -> None:
+    farm, dest = tmp_path / "shards", tmp_path / "wds"
+    captions = _farm(farm, {1: 4})
+    dest.mkdir()
+    (dest / ".00000000.tar.tmp").write_bytes(b"half a tar")
+    export(ExportSettings(layout="webdataset", source=farm, dest=dest))
+    assert not (dest / ".00000000.tar.tmp").exists()
+    _check_webdataset(dest, captions)
+
+
+def test_other_options_on_an_existing_export_are_refused(tmp_path: Path) -> None:
+    farm, dest = tmp_path / "shards", tmp_path / "wds"
+    _farm(farm, {1: 4})
+    export(ExportSettings(layout="webdataset", source=farm, dest=dest))
+    with pytest.raises(ManifestError, match="samples_per_shard None"):
+        export(ExportSettings(layout="webdataset", source=farm, dest=dest, samples_per_shard=2))
+
+
+def test_errors_name_what_is_wrong(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="holds no farm shards"):
+        export(ExportSettings(layout="webdataset", source=tmp_path / "empty",
+                              dest=tmp_path / "out"))
+    _farm(tmp_path / "shards", {1: 4})
+    with pytest.raises(LayoutError, match="needs embeddings"):
+        export(ExportSettings(layout="clip-retrieval", source=tmp_path / "shards",
+                              dest=tmp_path / "out"))
+    (tmp_path / "shards" / "00000001.tar").write_bytes(b"not a tar")
+    with pytest.raises(ExportError, match=r"00000001\.tar"):
+        export(ExportSettings(layout="webdataset", source=tmp_path / "shards",
+                              dest=tmp_path / "out2"))
+
+
+def test_cli_exports_and_says_what_it_did(tmp_path: Path) -> None:
+    farm = tmp_path / "shards"
+    captions = _farm(farm, {2: 4, 7: 3})
+    out = run_cli("export", "webdataset", str(farm), str(tmp_path / "wds"), "--no-progress")
+    assert "exported 5 samples of 2 new batches" in out.stdout
+    _check_webdataset(tmp_path / "wds", captions)
+    bad = run_cli("export", "clip-retrieval", str(farm), str(tmp_path / "cr"), check=False)
+    assert bad.returncode == 1 and "needs embeddings" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_readme_documents_the_command_its_flags_and_layouts() -> None:
+    readme = (REPO / "README.md").read_text()
+    help_text = run_cli("export", "--help").stdout
+    for flag in ("--samples-per-shard", "--embeddings/--no-embeddings", "--progress",
+                 "PAIRFARM_EXPORT_SAMPLES_PER_SHARD", "PAIRFARM_EXPORT_EMBEDDINGS"):
+        assert flag in readme
+    for flag in ("--samples-per-shard", "--no-embeddings", "--no-progress"):
+        assert flag in help_text
+    for name in LAYOUTS:
+        assert f"`{name}`" in readme
