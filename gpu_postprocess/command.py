@@ -39,6 +39,14 @@ def scoring_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--workers", envvar="PAIRFARM_DECODE_WORKERS", default=None, type=int,
                      help="Decode/preprocess processes (default: CPUs - 1, at most 8; "
                           "0 decodes in the main process)."),
+        click.option("--decode", envvar="PAIRFARM_DECODE", default="auto",
+                     type=click.Choice(["auto", "cpu", "device"]), show_default=True,
+                     help="Where JPEGs are decoded and preprocessed: auto (on the device "
+                          "when it is a GPU), cpu (Pillow in the workers), device "
+                          "(torchvision decode_jpeg on --device)."),
+        click.option("--prefetch", envvar="PAIRFARM_PREFETCH", default=2, type=int,
+                     show_default=True,
+                     help="Batches decoded on the device ahead of the model."),
         click.option("--threshold", "thresholds", envvar="PAIRFARM_THRESHOLDS", multiple=True,
                      metavar="LANG=SIM",
                      help="Similarity threshold per language, '*' for the others "
@@ -77,6 +85,7 @@ def build_settings(kw: dict[str, Any]) -> tuple[Any, Any]:
     """``ScoringSettings`` and ``OutputSettings`` from the command's keyword arguments."""
     from gpu_postprocess.models import ModelSpec
     from gpu_postprocess.settings import (
+        DecodeMode,
         OutputSettings,
         ScoringSettings,
         default_workers,
@@ -95,6 +104,7 @@ def build_settings(kw: dict[str, Any]) -> tuple[Any, Any]:
         thresholds=parse_thresholds(kw["thresholds"]), device=kw["device"],
         precision=kw["precision"], batch_size=kw["batch_size"],
         workers=default_workers() if kw["workers"] is None else kw["workers"],
+        decode=DecodeMode(kw["decode"]), prefetch=kw["prefetch"],
         nsfw=kw["nsfw"], watermark=watermark)
     return scoring, OutputSettings(out_dir=kw["out_dir"])
 

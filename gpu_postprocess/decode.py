@@ -87,10 +87,12 @@ class ShardSamples(Dataset[tuple[Any, ...]]):
 
 
 def make_loader(dataset: ShardSamples, batch_size: int, workers: int,
-                pin_memory: bool) -> DataLoader[tuple[Any, ...]]:
-    """Batches in dataset order; ``workers`` decode processes (0: decode in this process)."""
+                pin_memory: bool, collate_fn: Callable[[list[Any]], Any] | None = None,
+                ) -> DataLoader[tuple[Any, ...]]:
+    """Batches in dataset order; ``workers`` decode processes (0: decode in this process);
+    ``collate_fn`` as the ``DataLoader``'s (None: its default)."""
     extra: dict[str, Any] = {}
     if workers > 0:
         extra = {"prefetch_factor": 4, "multiprocessing_context": "fork"}
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=pin_memory, **extra)
+                      pin_memory=pin_memory, collate_fn=collate_fn, **extra)

@@ -3,7 +3,9 @@
 ``build_scorer`` loads every model once per node; ``score_shard`` streams a shard's ``ok``
 samples through the decode workers (``decode.make_loader``) and the models in batches
 (``inference_mode``, autocast on GPU), and ``decide`` applies the per-language thresholds
-to every row of the shard (failed downloads included, with their drop reason).
+to every row of the shard (failed downloads included, with their drop reason). On the
+device path (``--decode``, ``device_decode``) the workers only read and tokenize, and the
+JPEGs are decoded and preprocessed on the model's device a few batches ahead.
 
 Languages routed by ``--text-model`` are scored by their own model (image and text
 towers); the exported embeddings always come from the primary model, so that one
@@ -12,16 +14,26 @@ embedding folder holds one embedding space.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from gpu_postprocess import nsfw
-from gpu_postprocess.decode import ShardSamples, make_loader
+from gpu_postprocess.decode import ShardSamples, Transform, make_loader
+from gpu_postprocess.device_decode import (
+    DeviceBatcher,
+    ImageSpec,
+    Prefetcher,
+    RawShardSamples,
+    collate_raw,
+    resolve_decode,
+)
 from gpu_postprocess.errors import SettingsError
 from gpu_postprocess.models import (
     ClipModel,
@@ -49,6 +61,8 @@ class Scorer:
     nsfw: nsfw.NsfwDetector | None
     watermark: Watermark | None
     settings: ScoringSettings
+    #: how the device preprocesses each of ``image_inputs``; None: decode on the CPU
+    device_specs: list[ImageSpec] | None = None
 
     def model_for(self, language: str) -> ClipModel:
         """The model scoring ``language``: its own route, else English's (the primary
@@ -69,9 +83,12 @@ def build_scorer(settings: ScoringSettings) -> Scorer:
     if settings.nsfw and detector is None:
         log.warning("no NSFW model for %d-d embeddings (shipped: 512 ViT-B/32, 768 ViT-L/14): "
                     "punsafe left empty", primary.embed_dim)
-    return Scorer(primary=primary, routes=routes, thresholds=settings.thresholds,
-                  nsfw=detector, watermark=load_watermark(settings.watermark, device),
-                  settings=settings)
+    scorer = Scorer(primary=primary, routes=routes, thresholds=settings.thresholds,
+                    nsfw=detector, watermark=load_watermark(settings.watermark, device),
+                    settings=settings)
+    transforms, _ = image_inputs(scorer)
+    scorer.device_specs = resolve_decode(settings.decode, device, transforms)
+    return scorer
 
 
 def _load_routes(text_models: dict[str, ModelSpec], primary: ClipModel, device: torch.device,
@@ -107,31 +124,50 @@ def score_shard(scorer: Scorer, shard: Shard, *, on_batch: Callable[[int], None]
     languages = [normalize_language(v) for v in shard.column("language")]
     captions = [str(c or "") for c in shard.column("caption")]
     acc = _Accumulator(len(rows), scorer.primary.embed_dim)
-    dataset = _dataset(scorer, shard, rows, captions)
-    loader = make_loader(dataset, scorer.settings.batch_size, scorer.settings.workers,
-                         scorer.primary.device.type == "cuda")
-    try:
-        for batch in loader:
+    with _batches(scorer, shard, rows, captions) as batches:
+        for batch in batches:
             _score_batch(scorer, batch, rows, captions=captions, languages=languages, acc=acc)
             if on_batch is not None:
                 on_batch(len(batch[0]))
-    finally:
-        dataset.close()
     return acc.result(rows, languages)
 
 
-def _dataset(scorer: Scorer, shard: Shard, rows: npt.NDArray[np.int64],
-             captions: list[str]) -> ShardSamples:
+@contextlib.contextmanager
+def _batches(scorer: Scorer, shard: Shard, rows: npt.NDArray[np.int64],
+             captions: list[str]) -> Iterator[Any]:
+    """Batches ``[index, decoded, tokens, *images]``: decoded on the CPU by the loader's
+    workers, or on the device a few batches ahead of the model."""
+    transforms, shapes = image_inputs(scorer)
     keys = shard.keys
     members = [shard.image_member(keys[r])[1] for r in rows]
-    transforms = [scorer.primary.preprocess]
+    kind = ShardSamples if scorer.device_specs is None else RawShardSamples
+    dataset = kind(shard.tar_path, members, [captions[r] for r in rows],
+                   transforms=transforms, tokenizer=scorer.primary.tokenizer, shapes=shapes)
+    device = scorer.primary.device
+    settings = scorer.settings
+    try:
+        if scorer.device_specs is None:
+            yield make_loader(dataset, settings.batch_size, settings.workers,
+                              device.type == "cuda")
+            return
+        loader = make_loader(dataset, settings.batch_size, settings.workers, False,
+                             collate_fn=collate_raw)
+        batcher = DeviceBatcher(device, scorer.device_specs, transforms, shapes)
+        with Prefetcher(loader, batcher, device, settings.prefetch) as batches:
+            yield batches
+    finally:
+        dataset.close()
+
+
+def image_inputs(scorer: Scorer) -> tuple[list[Transform], list[tuple[int, ...]]]:
+    """The image tensors each sample needs: CLIP's, and the EfficientNet watermark
+    model's when it runs; their transforms and shapes."""
+    transforms: list[Transform] = [scorer.primary.preprocess]
     shapes: list[tuple[int, ...]] = [_image_shape(scorer.primary)]
     if isinstance(scorer.watermark, EfficientNetWatermark):
         transforms.append(scorer.watermark.transform)
         shapes.append(scorer.watermark.input_shape)
-    return ShardSamples(shard.tar_path, members, [captions[r] for r in rows],
-                        transforms=transforms, tokenizer=scorer.primary.tokenizer,
-                        shapes=shapes)
+    return transforms, shapes
 
 
 def _image_shape(model: ClipModel) -> tuple[int, ...]:

@@ -11,12 +11,21 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from gpu_postprocess.errors import SettingsError
 from gpu_postprocess.models import ModelSpec
 from gpu_postprocess.scoring import DEFAULT_THRESHOLDS, Thresholds, normalize_language
 from gpu_postprocess.watermark import WatermarkSettings
+
+
+class DecodeMode(StrEnum):
+    """Where images are decoded and preprocessed (``--decode``)."""
+
+    AUTO = "auto"  # on the device when it is a GPU and the preprocessing is understood
+    CPU = "cpu"  # Pillow + torchvision's PIL transforms in the decode workers
+    DEVICE = "device"  # torchvision.io.decode_jpeg + tensor transforms on the model's device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,6 +40,9 @@ class ScoringSettings:
     precision: str = "auto"
     batch_size: int = 256
     workers: int = 2
+    decode: DecodeMode = DecodeMode.AUTO
+    #: batches decoded ahead of the model on the device path (each holds its images)
+    prefetch: int = 2
     nsfw: bool = True
     watermark: WatermarkSettings = field(default_factory=WatermarkSettings)
 
@@ -39,6 +51,8 @@ class ScoringSettings:
             raise SettingsError("--batch-size must be at least 1")
         if self.workers < 0:
             raise SettingsError("--workers must be 0 or more")
+        if self.prefetch < 1:
+            raise SettingsError("--prefetch must be at least 1")
 
 
 @dataclass(frozen=True, kw_only=True)
