@@ -37,6 +37,10 @@ class Outcome(StrEnum):
     BOMB = "bomb"  # declared pixel count over the cap (decompression bomb)
     DECODE_ERROR = "decode_error"  # truncated or corrupt image data
     SIZE_FILTERED = "size_filtered"  # below min size or over max aspect ratio
+    #: the body's hash (``--compute-hash``) differs from the one in its input row's
+    #: ``--verify-hash`` column, or that cell is empty (img2dataset's "hash mismatch",
+    #: counted as ``failed_to_download`` as img2dataset does)
+    HASH_MISMATCH = "hash_mismatch"
 
 
 #: Outcomes that img2dataset's stats json counts as `failed_to_resize`: decided on a body

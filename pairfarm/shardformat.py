@@ -6,8 +6,9 @@ A download shard for batch N is three files in the output location:
   (caption) and ``{key}.json`` (metadata), only for samples whose outcome is ``ok``.
 - ``{N:08d}.parquet``: one row per candidate of the batch, in key order, failures
   included. Columns: see ``PARQUET_COLUMNS``, ``error_message``, ``ATTEMPT_COLUMNS``,
-  then the ingest's extra columns. ``status`` is img2dataset's (``status_of``);
-  ``error_class`` the ``Outcome`` of a failure.
+  those of ``OPTIONAL_COLUMNS`` the settings ask for, then the ingest's extra columns.
+  ``status`` is img2dataset's (``status_of``); ``error_class`` the ``Outcome`` of a
+  failure.
 - ``{N:08d}_stats.json``: img2dataset's stats keys (``STATS_KEYS``) with its meaning,
   ``status_dict`` from ``status_dict_of``; written last: it marks the shard done.
 
@@ -56,6 +57,12 @@ PARQUET_COLUMNS: tuple[str, ...] = (
 #: later row, of a higher attempt, in another batch's shard. Each candidate has exactly
 #: one final row among the farm's shards (none when its last batch failed for good).
 ATTEMPT_COLUMNS: tuple[str, ...] = ("attempt", "final")
+
+#: Columns a shard has when the worker's settings ask for them, after the attempt
+#: columns (img2dataset's names): ``exif`` (``--extract-exif``, JSON text of the EXIF
+#: tags) and the ``--compute-hash`` digest of the downloaded bytes when it is not
+#: ``sha256`` (always written).
+OPTIONAL_COLUMNS: tuple[str, ...] = ("exif", "md5", "sha512")
 
 #: Keys of the per-shard stats json (img2dataset's names).
 STATS_KEYS: tuple[str, ...] = (

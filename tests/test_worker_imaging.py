@@ -59,7 +59,7 @@ def test_exif_orientation_is_applied() -> None:
 
 def test_transparency_is_composited_on_white() -> None:
     data = hs.png_bytes(300, 300, mode="RGBA", color=(0, 0, 0, 0))
-    out = _open(process_image(data, ImageSettings(resize_mode="no", output_format="webp",
+    out = _open(process_image(data, ImageSettings(resize_mode="no", encode_format="webp",
                                                   quality=100)).data)
     assert out.mode == "RGB"
     colors = set(out.get_flattened_data())  # type: ignore[attr-defined]

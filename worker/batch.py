@@ -40,16 +40,25 @@ import trio
 
 from pairfarm.outcomes import Outcome
 from pairfarm.protocol import Candidate, ShardFiles
+from pairfarm.shardformat import PARQUET_COLUMNS
+from worker.blur import parse_boxes
 from worker.budget import ByteBudget, return_freed_memory
 from worker.errors import FetchFailure, ImageRejected
 from worker.fetcher import Fetched, Fetcher
 from worker.hosts import HostGate
-from worker.imaging import OpenedImage, ProcessedImage, finish_image, open_image
+from worker.imaging import (
+    NO_ROW,
+    OpenedImage,
+    ProcessedImage,
+    RowInput,
+    finish_image,
+    open_image,
+)
 from worker.metrics import WorkerMetrics, build_metrics
 from worker.network import Dialer, GuardedBackend, TrioDialer
 from worker.resolver import CachingResolver, Resolver, SystemResolver
 from worker.robotstxt import RobotsCache, RobotsFetcher, RobotsGuard
-from worker.settings import PipelineSettings
+from worker.settings import ImageSettings, PipelineSettings
 from worker.shards import Sample, ShardStats, ShardWriter
 from worker.transport import build_client
 
@@ -83,6 +92,10 @@ class PreparedShard:
     async def commit(self) -> ShardFiles:
         return await trio.to_thread.run_sync(self.writer.commit, self.stats)
 
+    async def publish(self) -> None:
+        """Finish the shard in any layout (``commit`` is the farm's, webdataset only)."""
+        await trio.to_thread.run_sync(self.writer.publish, self.stats)
+
     async def abort(self) -> None:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self.writer.abort)
@@ -95,22 +108,42 @@ async def download_batch(batch_id: int, candidates: Sequence[Candidate], *,
                          settings: PipelineSettings, fs: fsspec.AbstractFileSystem,
                          directory: str, network: Network | None = None,
                          on_sample: OnSample | None = None,
-                         metrics: WorkerMetrics | None = None) -> PreparedShard:
+                         metrics: WorkerMetrics | None = None,
+                         layout: str = "webdataset") -> PreparedShard:
     """Fetch and process every candidate; every one ends in exactly one ``Sample``.
 
-    ``metrics`` (a fresh registry by default) records fetches, decodes and outcomes."""
+    ``metrics`` (a fresh registry by default) records fetches, decodes and outcomes;
+    ``layout`` is where the samples go (``worker.layouts``)."""
     net = network or Network()
-    writer = await new_writer(fs, directory, batch_id, settings)
+    writer = await new_writer(fs, directory, batch_id, settings, layout=layout)
     recorder = Recorder(metrics or build_metrics(), on_sample)
     return await into_shard(writer, lambda: _run(candidates, settings, net, writer, recorder))
 
 
 async def new_writer(fs: fsspec.AbstractFileSystem, directory: str, batch_id: int,
-                     settings: PipelineSettings, *, url_retries: int = 0) -> ShardWriter:
+                     settings: PipelineSettings, *, url_retries: int = 0,
+                     layout: str = "webdataset") -> ShardWriter:
     """The batch's ``ShardWriter`` (opened in a thread)."""
     return await trio.to_thread.run_sync(lambda: ShardWriter(
-        fs, directory, batch_id, image_ext=settings.image.output_format,
-        url_retries=url_retries))
+        fs, directory, batch_id, image_ext=settings.image.encode_format,
+        url_retries=url_retries, columns=optional_columns(settings.image), layout=layout))
+
+
+def optional_columns(image: ImageSettings) -> tuple[str, ...]:
+    """The shard's columns beyond the fixed ones: ``exif``, the ``compute_hash`` digest
+    (``sha256`` is always there)."""
+    wanted = (*(("exif",) if image.extract_exif else ()), image.compute_hash)
+    return tuple(name for name in wanted if name not in PARQUET_COLUMNS)
+
+
+def row_input(candidate: Candidate, image: ImageSettings) -> RowInput:
+    """What the candidate's input row asks (its ``verify_hash`` and ``bbox_col`` cells)."""
+    if image.verify_hash is None and image.bbox_col is None:
+        return NO_ROW
+    extra = candidate.extra
+    expected = extra.get(image.verify_hash) if image.verify_hash is not None else None
+    boxes = parse_boxes(extra.get(image.bbox_col)) if image.bbox_col is not None else ()
+    return RowInput(expected_hash=None if expected is None else str(expected), boxes=boxes)
 
 
 async def into_shard(writer: ShardWriter, fill: Callable[[], Awaitable[int]]) -> PreparedShard:
@@ -248,7 +281,7 @@ class Stage:
         fetched.release()
         return fetched
 
-    async def decode(self, fetched: Fetched) -> ProcessedImage:
+    async def decode(self, fetched: Fetched, row: RowInput = NO_ROW) -> ProcessedImage:
         """Decode and resize in threads; the body's bytes are given back at the end.
 
         The header is read first (``open_image``), then the pixels its decode needs are
@@ -257,7 +290,7 @@ class Stage:
         calls (queueing excluded)."""
         timer = _ThreadTimer()
         try:
-            opened = await self._in_thread(timer, open_image, fetched.body, self._image)
+            opened = await self._in_thread(timer, open_image, fetched.body, self._image, row)
             try:
                 return await self._finish(opened, timer)
             finally:
@@ -284,7 +317,8 @@ class Stage:
         try:
             if self._robots is not None:
                 await self._robots.check(candidate.url)
-            image = await self.decode(await self._fetcher.fetch(candidate.url))
+            row = row_input(candidate, self._image)
+            image = await self.decode(await self._fetcher.fetch(candidate.url), row)
         except FetchFailure as exc:
             return Sample(index=index, candidate=candidate, outcome=exc.outcome,
                           detail=exc.detail)

@@ -10,20 +10,25 @@ import logging
 import math
 import os
 import socket
-import time
-from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
 from typing import Any
 
 import click
 
 from pairfarm.outcomes import Outcome
+from worker.settings import (
+    ENCODE_FORMATS,
+    HASHES,
+    INCREMENTAL_MODES,
+    INPUT_FORMATS,
+    LAYOUTS,
+)
 from worker.settings import INTERPOLATIONS as INTERPOLATION_CHOICES
 
 log = logging.getLogger("pairfarm.worker")
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+INPUT_CHOICES = (*INPUT_FORMATS, *(f"{name}.gz" for name in INPUT_FORMATS))
 
 
 def _opt(*names: str, env: str, **kwargs: Any) -> Decorator:
@@ -90,10 +95,21 @@ _PIPELINE_OPTIONS: list[Decorator] = [
          help="Drop images whose shorter side is smaller (size_filtered)."),
     _opt("--max-aspect-ratio", env="MAX_ASPECT_RATIO", type=click.FloatRange(1), default=math.inf,
          help="Drop images with a larger long/short side ratio (size_filtered)."),
-    _opt("--output-format", env="OUTPUT_FORMAT", type=click.Choice(["jpg", "webp"]),
-         default="jpg", help="Encoding of the output images."),
+    _opt("--encode-format", env="ENCODE_FORMAT", type=click.Choice(ENCODE_FORMATS),
+         default="jpg", help="Encoding of the output images (img2dataset's encode_format)."),
     _opt("--quality", env="QUALITY", type=click.IntRange(1, 100), default=95,
-         help="JPEG / WebP quality."),
+         help="JPEG / WebP quality (PNG: zlib level 6)."),
+    _opt("--skip-reencode", env="SKIP_REENCODE", is_flag=True, default=False,
+         help="Keep the downloaded bytes when the image needs no resize, crop, border, "
+              "turn or blur and already is --encode-format."),
+    _opt("--extract-exif/--no-extract-exif", env="EXTRACT_EXIF", default=True,
+         help="An exif column: the EXIF tags as JSON text (img2dataset's extract_exif)."),
+    _opt("--compute-hash", env="COMPUTE_HASH", type=click.Choice(HASHES), default="sha256",
+         help="Digest of the downloaded bytes written as its own column (sha256 always is)."),
+    _opt("--verify-hash", env="VERIFY_HASH", default=None,
+         help="Input column holding the expected --compute-hash digest: a body whose digest "
+              "differs (or whose cell is empty) ends hash_mismatch (img2dataset's "
+              "verify_hash)."),
     _opt("--downscale-interpolation", env="DOWNSCALE_INTERPOLATION", default="area",
          type=click.Choice(INTERPOLATION_CHOICES),
          help="Filter when shrinking (img2dataset's names; area = box averaging)."),
@@ -151,9 +167,12 @@ def _pipeline_settings(opts: dict[str, Any]) -> Any:
         resize_only_if_bigger=opts["resize_only_if_bigger"],
         min_bytes=opts["min_body_bytes"],
         min_image_size=opts["min_image_size"], max_aspect_ratio=opts["max_aspect_ratio"],
-        output_format=opts["output_format"], quality=opts["quality"],
+        encode_format=opts["encode_format"], quality=opts["quality"],
         downscale_interpolation=opts["downscale_interpolation"],
-        upscale_interpolation=opts["upscale_interpolation"])
+        upscale_interpolation=opts["upscale_interpolation"],
+        skip_reencode=opts["skip_reencode"], extract_exif=opts["extract_exif"],
+        compute_hash=opts["compute_hash"], verify_hash=opts["verify_hash"] or None,
+        bbox_col=opts.get("bbox_col") or None)
     return PipelineSettings(fetch=fetch, image=image, decode_threads=opts["decode_threads"],
                             decode_memory_bytes=int(opts["decode_memory_mb"] * 1024 * 1024),
                             robots=_robots_settings(opts))
@@ -222,6 +241,12 @@ def _network(opts: dict[str, Any], pipeline: Any, shared: Any = None) -> Any:
     return Network(resolver=SystemResolver(timeout=opts["dns_timeout"]), robots=robots)
 
 
+def trio_run(func: Callable[..., Any], *args: Any) -> Any:
+    import trio
+
+    return trio.run(func, *args)
+
+
 def _peak_rss_mb() -> float:
     from pairfarm.rss import peak_rss_bytes
 
@@ -229,98 +254,75 @@ def _peak_rss_mb() -> float:
 
 
 @click.command("download")
-@click.argument("url_list")
-@_opt("--input-format", env="INPUT_FORMAT", default=None,
-      type=click.Choice(["txt", "csv", "tsv", "parquet"]),
-      help="Format of URL_LIST (default: from its extension).")
+@click.argument("url_list", nargs=-1, required=True)
+@_opt("--input-format", env="INPUT_FORMAT", default=None, type=click.Choice(INPUT_CHOICES),
+      help="Format of every input file (default: from each file's name).")
 @_opt("--url-col", env="URL_COL", default="url", help="Column holding the image URL.")
 @_opt("--caption-col", env="CAPTION_COL", default="caption",
       help="Column holding the caption ('' for none).")
+@_opt("--bbox-col", env="BBOX_COL", default=None,
+      help="Column holding face boxes to blur: a list of [x0, y0, x1, y1] relative to the "
+           "image (img2dataset's bbox_col).")
 @_opt("--shard-size", env="SHARD_SIZE", type=click.IntRange(1), default=10_000,
-      help="Candidates per shard.")
+      help="Candidates per shard (img2dataset's number_sample_per_shard).")
+@_opt("--output-format", env="OUTPUT_FORMAT", type=click.Choice(LAYOUTS), default="webdataset",
+      help="Layout of the shards (img2dataset's output_format).")
+@_opt("--incremental-mode", env="INCREMENTAL_MODE", type=click.Choice(INCREMENTAL_MODES),
+      default="incremental",
+      help="incremental: skip the shards whose stats json exists, redo the others; "
+           "overwrite: redo every shard.")
+@_opt("--processes", env="PROCESSES", type=click.IntRange(1, 256), default=1,
+      help="Processes downloading shards at once (img2dataset's processes_count).")
 @pipeline_options
-def download_command(url_list: str, input_format: str | None, url_col: str, caption_col: str,
-                     shard_size: int, **opts: Any) -> None:
-    """Download a URL list into shards, without a coordinator (like img2dataset).
+def download_command(url_list: tuple[str, ...], **opts: Any) -> None:
+    """Download URL lists into shards, without a coordinator (like img2dataset).
 
-    URL_LIST is a txt, csv, tsv or parquet file (local or fsspec URL). Shard N is written
-    as {N:08d}.tar / .parquet / _stats.json in --output, rows in input order.
+    URL_LIST: files, folders and glob patterns (local or fsspec URLs) of txt, csv, tsv,
+    json, jsonl or parquet files, each optionally .gz. Shard N is {N:08d}.parquet and
+    _stats.json in --output, with {N:08d}.tar, a {N:08d}/ folder, or the images in the
+    parquet (--output-format). A rerun skips the shards already done.
     """
-    from worker import inputs
+    from worker import download
+    from worker.inputs import Columns
 
     settings = _settings_or_exit(lambda: _pipeline_settings(opts))
-    fmt = input_format or _settings_or_exit(lambda: inputs.guess_format(url_list))
-    table = _settings_or_exit(lambda: inputs.read_table(url_list, fmt))
-    caption = caption_col if caption_col and fmt != "txt" else None
-    items = _settings_or_exit(lambda: inputs.candidates(table, url_col, caption))
+    plan = download.DownloadPlan(
+        sources=url_list, input_format=opts["input_format"], output=opts["output"],
+        columns=Columns(url=opts["url_col"], caption=opts["caption_col"] or None,
+                        verify_hash=opts["verify_hash"] or None, bbox=opts["bbox_col"] or None),
+        shard_size=opts["shard_size"], layout=opts["output_format"],
+        processes=opts["processes"], incremental=opts["incremental_mode"] == "incremental")
     metrics_settings = _settings_or_exit(lambda: _metrics_settings(opts))
-    fs, directory = _storage(opts["output"])
     with ExitStack() as stack:
-        job = _DownloadJob(items=items, shard_size=shard_size, settings=settings, fs=fs,
-                           directory=directory, opts=opts,
-                           metrics=_serve_metrics(stack, metrics_settings))
-        _print_totals(_run_trio(_download_all, job), len(items))
+        metrics = _serve_metrics(stack, metrics_settings)
+        with _progress(opts["progress"]) as advance:
+            totals = _settings_or_exit(lambda: download.run(plan, settings, metrics, advance))
+    _print_totals(totals)
 
 
-def _run_trio(func: Callable[..., Any], *args: Any) -> Any:
-    import trio
-
-    return trio.run(func, *args)
-
-
-@dataclass(frozen=True, kw_only=True)
-class _DownloadJob:
-    items: list[Any]
-    shard_size: int
-    settings: Any
-    fs: Any
-    directory: str
-    opts: dict[str, Any]
-    metrics: Any
-
-
-async def _download_all(job: _DownloadJob) -> tuple[Counter[str], float]:
-    from worker import inputs
-    from worker.batch import download_batch
-    from worker.metrics import BatchResult
-
-    totals: Counter[str] = Counter()
-    start = time.monotonic()
-    network = _network(job.opts, job.settings)
-    with _progress(job.opts["progress"], len(job.items)) as advance:
-        for number, chunk in inputs.shards_of(job.items, job.shard_size):
-            prepared = await download_batch(number, chunk, settings=job.settings, fs=job.fs,
-                                            directory=job.directory,
-                                            network=network, on_sample=advance,
-                                            metrics=job.metrics)
-            await prepared.commit()
-            job.metrics.batch(BatchResult.COMPLETED)
-            totals.update(prepared.outcomes)
-    return totals, time.monotonic() - start
-
-
-def _progress(enabled: bool, total: int) -> Any:
+def _progress(enabled: bool) -> Any:
     from contextlib import contextmanager
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     @contextmanager
     def bar() -> Any:
         columns = ("[progress.description]{task.description}", BarColumn(),
-                   MofNCompleteColumn(), TimeRemainingColumn())
+                   MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, disable=not enabled, transient=False) as progress:
-            task = progress.add_task("downloading", total=total)
+            task = progress.add_task("downloading", total=None)
             yield lambda _sample: progress.advance(task)
 
     return bar()
 
 
-def _print_totals(result: tuple[Counter[str], float], count: int) -> None:
-    totals, elapsed = result
-    ok = totals.get(Outcome.OK.value, 0)
-    click.echo(f"{count} URLs in {elapsed:.1f}s: {ok} ok ({ok / max(elapsed, 1e-9):.1f}/s), "
+def _print_totals(totals: Any) -> None:
+    ok = totals.outcomes.get(Outcome.OK.value, 0)
+    click.echo(f"{totals.urls} URLs in {totals.seconds:.1f}s: {ok} ok "
+               f"({ok / max(totals.seconds, 1e-9):.1f}/s), {totals.shards_written} shards "
+               f"written, {totals.shards_skipped} already done; "
                f"peak RSS {_peak_rss_mb():.0f} MB")
-    for name, number in sorted(totals.items(), key=lambda kv: -kv[1]):
+    for name, number in sorted(totals.outcomes.items(), key=lambda kv: -kv[1]):
         click.echo(f"  {name:15s} {number}")
 
 
@@ -369,7 +371,7 @@ def worker_command(**opts: Any) -> None:
         lease_ahead_at=opts["lease_ahead_at"], metrics=_metrics_settings(opts)))
     with ExitStack() as stack:
         metrics = _serve_metrics(stack, settings.metrics)
-        summary = _run_trio(_work, settings, opts, metrics)
+        summary = trio_run(_work, settings, opts, metrics)
     click.echo(f"worker done: {summary.batches_completed} batches completed "
                f"({summary.samples} samples), {summary.batches_released} released, "
                f"{summary.batches_lost} lost, {summary.batches_failed} failed; "

@@ -1,11 +1,13 @@
 """Bodies to dataset images: validate, decode, orient, resize, encode. Blocking code.
 
-``process_image(body, settings)`` runs in a worker thread (``worker.batch`` sends it
+``process_image(body, settings, row)`` runs in a worker thread (``worker.batch`` sends it
 there with ``trio.to_thread.run_sync``); Pillow releases the GIL while it decodes,
 resizes and encodes, so the decode threads use the cores.
 
 The checks, in order, each ending in a named outcome:
 
+0. with ``verify_hash`` set, the body's ``compute_hash`` digest differs from the row's
+   (``RowInput.expected_hash``): ``hash_mismatch``;
 1. fewer than ``min_bytes`` bytes (LAION's 5 KB rule): ``too_small``;
 2. not one of the safe formats (``Image.open(..., formats=...)``): ``not_image``;
 3. the header declares more than ``max_pixels`` (or Pillow's bomb warning fires, which
@@ -24,6 +26,11 @@ and resizing follows img2dataset's modes (``no``, ``keep_ratio``,
 ``keep_ratio_largest``, ``center_crop``, ``border``) and its interpolation defaults:
 area averaging (Pillow's BOX filter, OpenCV's INTER_AREA) when shrinking, Lanczos when
 enlarging. Area averaging took ~0.7x the CPU of Lanczos on the benchmark's JPEGs.
+The row's face boxes (``RowInput.boxes``, ``worker.blur``) are blurred after the resize,
+before the crop or border, as img2dataset does. With ``skip_reencode`` the downloaded
+bytes are kept (still decoded once, so that corrupt data is ``decode_error``) when the
+output would be the same pixels in the same format. The shard's ``sha256`` (always),
+``compute_hash`` digest and ``exif`` are of the downloaded bytes (``worker.digests``).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pairfarm.outcomes import Outcome
+from worker import digests
+from worker.blur import Box, blur_boxes
 from worker.errors import ImageRejected
 from worker.settings import ImageSettings
 
@@ -48,7 +57,9 @@ _FILTERS = {
     "bicubic": Image.Resampling.BICUBIC, "area": Image.Resampling.BOX,
     "lanczos": Image.Resampling.LANCZOS, "lanczos4": Image.Resampling.LANCZOS,
 }
-_SAVE_FORMAT = {"jpg": "JPEG", "webp": "WEBP"}
+_SAVE_FORMAT = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+#: Pillow's format names by the encode format they already are
+_SOURCE_FORMAT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 _TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
@@ -61,6 +72,23 @@ class ProcessedImage:
     original_height: int
     sha256: str
     source_format: str
+    #: the ``compute_hash`` digest of the downloaded bytes, by its name
+    digests: tuple[tuple[str, str], ...] = ()
+    #: img2dataset's ``exif`` (JSON text); None when not extracted or unreadable
+    exif: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RowInput:
+    """What a candidate's own input row asks of its image."""
+
+    #: the ``compute_hash`` digest its bytes must have (``verify_hash``)
+    expected_hash: str | None = None
+    #: relative face boxes to blur (``bbox_col``)
+    boxes: tuple[Box, ...] = ()
+
+
+NO_ROW = RowInput()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +100,7 @@ class OpenedImage:
     settings: ImageSettings
     oriented: tuple[int, int]
     target: tuple[int, int]
+    row: RowInput
     #: bytes decoding, converting and resizing may hold at once (an upper estimate)
     cost: int
 
@@ -79,30 +108,35 @@ class OpenedImage:
         self.image.close()
 
 
-def process_image(body: bytes, settings: ImageSettings) -> ProcessedImage:
+def process_image(body: bytes, settings: ImageSettings, row: RowInput = NO_ROW
+                  ) -> ProcessedImage:
     """The encoded output image of ``body``; raises ``ImageRejected`` with the outcome."""
-    opened = open_image(body, settings)
+    opened = open_image(body, settings, row)
     try:
         return finish_image(opened)
     finally:
         opened.close()
 
 
-def open_image(body: bytes, settings: ImageSettings) -> OpenedImage:
-    """Checks 1-4 on ``body``'s header, the JPEG draft set; raises ``ImageRejected``."""
+def open_image(body: bytes, settings: ImageSettings, row: RowInput = NO_ROW) -> OpenedImage:
+    """Checks 0-4 on ``body`` and its header, the JPEG draft set; raises
+    ``ImageRejected``."""
+    if settings.verify_hash is not None:
+        digests.verify(body, settings.compute_hash, row.expected_hash)
     if len(body) < settings.min_bytes:
         raise ImageRejected(Outcome.TOO_SMALL, f"{len(body)} bytes < {settings.min_bytes}")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         image = _open(body, settings)
     try:
-        return _checked(image, body, settings)
+        return _checked(image, body, settings, row)
     except BaseException:
         image.close()
         raise
 
 
-def _checked(image: Image.Image, body: bytes, settings: ImageSettings) -> OpenedImage:
+def _checked(image: Image.Image, body: bytes, settings: ImageSettings, row: RowInput
+             ) -> OpenedImage:
     oriented = _oriented_size(image)
     _check_filters(oriented, settings)
     target = output_size(oriented, settings)
@@ -112,7 +146,7 @@ def _checked(image: Image.Image, body: bytes, settings: ImageSettings) -> Opened
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageRejected(Outcome.DECODE_ERROR, f"{type(exc).__name__}: {exc}") from exc
     return OpenedImage(image=image, body=body, settings=settings, oriented=oriented,
-                       target=target, cost=decode_cost(image, full, target))
+                       target=target, row=row, cost=decode_cost(image, full, target))
 
 
 def finish_image(opened: OpenedImage) -> ProcessedImage:
@@ -139,17 +173,54 @@ def _open(body: bytes, settings: ImageSettings) -> Image.Image:
 
 
 def _convert(opened: OpenedImage) -> ProcessedImage:
-    image, settings = opened.image, opened.settings
     try:
-        rgb = _to_rgb(_upright(image))
-        out = _resize(rgb, opened.target, settings)
-        data = _encode(out, settings)
+        data, size = _pixels(opened)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageRejected(Outcome.DECODE_ERROR, f"{type(exc).__name__}: {exc}") from exc
-    return ProcessedImage(data=data, width=out.width, height=out.height,
+    settings, body = opened.settings, opened.body
+    return ProcessedImage(data=data, width=size[0], height=size[1],
                           original_width=opened.oriented[0], original_height=opened.oriented[1],
-                          sha256=hashlib.sha256(opened.body).hexdigest(),
-                          source_format=image.format or "")
+                          sha256=hashlib.sha256(body).hexdigest(),
+                          source_format=opened.image.format or "",
+                          digests=((settings.compute_hash,
+                                    digests.digest(body, settings.compute_hash)),),
+                          exif=digests.exif_json(body) if settings.extract_exif else None)
+
+
+def _pixels(opened: OpenedImage) -> tuple[bytes, tuple[int, int]]:
+    """The output image's bytes and size: the downloaded bytes themselves when
+    ``keeps_original``, else decoded, oriented, resized, blurred, fitted and encoded."""
+    image, settings = opened.image, opened.settings
+    if keeps_original(opened):
+        image.load()  # corrupt data still ends decode_error
+        return opened.body, image.size
+    scaled = _scale(_to_rgb(_upright(image)), opened.target, settings)
+    out = _fit(blur_boxes(scaled, opened.row.boxes), settings)
+    return _encode(out, settings), out.size
+
+
+def keeps_original(opened: OpenedImage) -> bool:
+    """``skip_reencode`` and nothing to change: already ``encode_format``, not turned,
+    no transparency, no box to blur, and no resize, crop or border."""
+    image, settings = opened.image, opened.settings
+    return (settings.skip_reencode and not opened.row.boxes
+            and _SOURCE_FORMAT.get(image.format or "") == settings.encode_format
+            and not _needs_turning(image) and not _transparent(image)
+            and opened.target == image.size and _fitted(image.size, settings))
+
+
+def _transparent(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
+
+
+def _fitted(size: tuple[int, int], settings: ImageSettings) -> bool:
+    """Whether the crop or border of ``resize_mode`` leaves ``size`` as it is."""
+    side = settings.image_size
+    if settings.resize_mode == "center_crop":
+        return size[0] <= side and size[1] <= side
+    if settings.resize_mode == "border":
+        return size[0] >= side and size[1] >= side
+    return True
 
 
 def _pixel_bytes(mode: str) -> int:
@@ -181,8 +252,7 @@ def _converted(image: Image.Image, pixels: int) -> int:
         return 0
     if image.mode == "RGBA":
         return 4 * pixels
-    transparent = image.mode in ("LA", "PA", "La", "RGBa") or "transparency" in image.info
-    return 8 * pixels if transparent else 4 * pixels
+    return 8 * pixels if _transparent(image) else 4 * pixels
 
 
 def _decoder_buffers(image: Image.Image, full: tuple[int, int]) -> int:
@@ -285,11 +355,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _resize(image: Image.Image, target: tuple[int, int], settings: ImageSettings) -> Image.Image:
-    if image.size != target:
-        shrinking = target[0] * target[1] < image.width * image.height
-        name = settings.downscale_interpolation if shrinking else settings.upscale_interpolation
-        image = image.resize(target, _FILTERS[name])
+def _scale(image: Image.Image, target: tuple[int, int], settings: ImageSettings) -> Image.Image:
+    if image.size == target:
+        return image
+    shrinking = target[0] * target[1] < image.width * image.height
+    name = settings.downscale_interpolation if shrinking else settings.upscale_interpolation
+    return image.resize(target, _FILTERS[name])
+
+
+def _fit(image: Image.Image, settings: ImageSettings) -> Image.Image:
+    """The crop or border of ``resize_mode`` (img2dataset's, after its resize)."""
     if settings.resize_mode == "center_crop":
         return _center_crop(image, settings.image_size)
     if settings.resize_mode == "border":
@@ -313,5 +388,5 @@ def _border(image: Image.Image, side: int) -> Image.Image:
 
 def _encode(image: Image.Image, settings: ImageSettings) -> bytes:
     out = io.BytesIO()
-    image.save(out, format=_SAVE_FORMAT[settings.output_format], quality=settings.quality)
+    image.save(out, format=_SAVE_FORMAT[settings.encode_format], quality=settings.quality)
     return out.getvalue()

@@ -37,7 +37,16 @@ def user_agent_for(token: str) -> str:
 USER_AGENT = user_agent_for(AGENT_TOKEN)
 
 RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
-OUTPUT_FORMATS = ("jpg", "webp")
+#: img2dataset's ``encode_format`` values
+ENCODE_FORMATS = ("jpg", "png", "webp")
+#: img2dataset's ``compute_hash`` values: a digest of the downloaded bytes
+HASHES = ("md5", "sha256", "sha512")
+#: ``pairfarm download``'s input formats (img2dataset's), each also gzip-compressed
+INPUT_FORMATS = ("txt", "csv", "tsv", "json", "jsonl", "parquet")
+#: img2dataset's ``output_format`` values ``pairfarm download`` writes (``worker.layouts``)
+LAYOUTS = ("webdataset", "files", "parquet")
+#: img2dataset's ``incremental_mode`` values ``pairfarm download`` knows
+INCREMENTAL_MODES = ("incremental", "overwrite")
 #: img2dataset's interpolation names (its OpenCV flags; "area" is Pillow's BOX filter)
 INTERPOLATIONS = ("nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos",
                   "lanczos4")
@@ -176,8 +185,22 @@ class ImageSettings:
     resize_only_if_bigger: bool = False
     min_image_size: int = 0
     max_aspect_ratio: float = math.inf
-    output_format: str = "jpg"
+    encode_format: str = "jpg"
+    #: JPEG / WebP quality (PNG is written at zlib level 6 whatever it says)
     quality: int = 95
+    #: keep the downloaded bytes when the image is not resized and already is
+    #: ``encode_format`` (no transparency, orientation or blur to apply)
+    skip_reencode: bool = False
+    #: an ``exif`` column (img2dataset's ``extract_exif``)
+    extract_exif: bool = True
+    #: the digest of the downloaded bytes written as its own column (``sha256`` is
+    #: always written)
+    compute_hash: str = "sha256"
+    #: the input column holding the expected ``compute_hash`` digest (img2dataset's
+    #: ``verify_hash``); None: not verified
+    verify_hash: str | None = None
+    #: the input column holding face boxes to blur (img2dataset's ``bbox_col``)
+    bbox_col: str | None = None
     #: img2dataset's defaults: area averaging when shrinking, Lanczos when enlarging
     downscale_interpolation: str = "area"
     upscale_interpolation: str = "lanczos"
@@ -190,8 +213,13 @@ class ImageSettings:
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
             raise SettingsError(f"resize mode must be one of {RESIZE_MODES}")
-        if self.output_format not in OUTPUT_FORMATS:
-            raise SettingsError(f"output format must be one of {OUTPUT_FORMATS}")
+        if self.encode_format not in ENCODE_FORMATS:
+            raise SettingsError(f"encode format must be one of {ENCODE_FORMATS}")
+        if self.compute_hash not in HASHES:
+            raise SettingsError(f"compute_hash must be one of {HASHES}, "
+                                f"not {self.compute_hash!r}")
+        if self.verify_hash == "" or self.bbox_col == "":
+            raise SettingsError("an input column name must not be empty")
         if not 1 <= self.quality <= 100:
             raise SettingsError("quality must be within 1..100")
         for name in (self.downscale_interpolation, self.upscale_interpolation):

@@ -1,28 +1,28 @@
 """Write one download shard: webdataset tar, metadata parquet, stats json (last).
 
-Layout and names come from ``pairfarm.shardformat``. Storage is any fsspec location: a
-local or shared directory, or ``s3://...`` and the like when the matching fsspec
-package is installed.
+Layout and names come from ``pairfarm.shardformat``; ``pairfarm download`` may put the
+samples in img2dataset's other layouts instead of the tar (``worker.layouts``: a
+``files`` folder, or the image bytes in the ``parquet``). Storage is any fsspec
+location: a local or shared directory, or ``s3://...`` and the like when the matching
+fsspec package is installed.
 
-Resource handling: ``ShardWriter`` opens the tar under a hidden temporary name when it
-is created; ``commit`` closes it, writes the parquet under a temporary name, renames
-both, then writes the stats json the same way: its presence marks the shard complete.
-``abort`` removes the temporary files. All methods block: call them from a thread.
+Resource handling: ``ShardWriter`` opens the tar (or the layout's members) under a
+hidden temporary name when it is created; ``commit`` (``publish`` for any layout)
+closes it, writes the parquet under a temporary name, renames both, then writes the
+stats json the same way: its presence marks the shard complete. ``abort`` removes the
+temporary files. All methods block: call them from a thread.
 
 Error handling: storage errors (``OSError`` and fsspec's) become ``ShardWriteError``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import tarfile
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -36,6 +36,7 @@ from pairfarm.shardformat import (
     is_final,
     key_of,
     parquet_name,
+    shard_stem,
     stats_name,
     status_dict_of,
     status_of,
@@ -43,15 +44,18 @@ from pairfarm.shardformat import (
 )
 from worker.errors import ShardWriteError
 from worker.imaging import ProcessedImage
+from worker.layouts import HashingWriter, Members, TarMembers, open_members
 
 T = TypeVar("T")
-_MTIME = 0  # reproducible tars: every member has the same timestamp
 _DETAIL_CHARS = 300
+#: parquet rows written at a time (the parquet layout reads their images back for it)
+_ROW_GROUP = 512
 _TYPES: dict[str, pa.DataType] = {
     "key": pa.string(), "url": pa.string(), "caption": pa.string(), "status": pa.string(),
     "error_class": pa.string(), "width": pa.int32(), "height": pa.int32(),
     "original_width": pa.int32(), "original_height": pa.int32(), "sha256": pa.string(),
     "error_message": pa.string(), "attempt": pa.int16(), "final": pa.bool_(),
+    "exif": pa.string(), "md5": pa.string(), "sha512": pa.string(),
 }
 #: the shared columns in their order, then our free-text detail, the attempt columns,
 #: then the ingest's extras
@@ -76,9 +80,11 @@ class ShardStats:
     bytes_downloaded: int
 
 
-def _row(sample: Sample, batch_id: int, url_retries: int) -> dict[str, Any]:
+def _row(sample: Sample, batch_id: int, url_retries: int,
+         columns: tuple[str, ...]) -> dict[str, Any]:
     image = sample.image
     attempt = sample.candidate.attempt
+    optional = dict(image.digests, exif=image.exif) if image else {}
     return {
         "key": key_of(batch_id, sample.index), "url": sample.candidate.url,
         "caption": sample.candidate.caption, "status": status_of(sample.outcome),
@@ -89,26 +95,8 @@ def _row(sample: Sample, batch_id: int, url_retries: int) -> dict[str, Any]:
         "sha256": image.sha256 if image else None,
         "error_message": sample.detail[:_DETAIL_CHARS] or None,
         "attempt": attempt, "final": is_final(sample.outcome, attempt, url_retries),
+        **{name: optional.get(name) for name in columns},
     }
-
-
-class _HashingWriter(io.RawIOBase):
-    """A write-only file that hashes and counts what passes through to ``target``."""
-
-    def __init__(self, target: IO[bytes]) -> None:
-        self._target = target
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self.sha256.update(view)
-        self.size += len(view)
-        self._target.write(view)
-        return len(view)
 
 
 def _guard(action: str, func: Callable[[], T]) -> T:
@@ -129,6 +117,11 @@ class ShardWriter:
     #: the lease's ``url_retries``: a transient outcome at an attempt up to it is not
     #: final (``retry_requests``)
     url_retries: int = 0
+    #: ``OPTIONAL_COLUMNS`` this shard has (``exif``, ``md5``, ``sha512``), after the
+    #: attempt columns
+    columns: tuple[str, ...] = ()
+    #: ``worker.layouts.LAYOUTS``: where the ``ok`` samples go (``commit`` needs the tar)
+    layout: str = "webdataset"
     _rows: dict[int, dict[str, Any]] = field(default_factory=dict)
     _retry: dict[int, tuple[str, int]] = field(default_factory=dict)
     _extras: dict[int, Mapping[str, Any]] = field(default_factory=dict)
@@ -136,11 +129,9 @@ class ShardWriter:
 
     def __post_init__(self) -> None:
         _guard("create output directory", lambda: self.fs.makedirs(self.directory, exist_ok=True))
-        self._tar_file = _guard("open tar", lambda: self.fs.open(self._tmp(tar_name), "wb"))
-        self._hasher = _HashingWriter(self._tar_file)
-        # closed by commit() or abort(): the writer owns the open tar across calls
-        self._tar = tarfile.open(  # noqa: SIM115
-            fileobj=self._hasher, mode="w|", format=tarfile.PAX_FORMAT)
+        name_of = tar_name if self.layout == "webdataset" else shard_stem
+        self._members: Members = _guard("open shard", lambda: open_members(
+            self.layout, self.fs, self._tmp(name_of), self._path(name_of), self.image_ext))
 
     def _path(self, name_of: Callable[[int], str]) -> str:
         return f"{self.directory.rstrip('/')}/{name_of(self.batch_id)}"
@@ -150,42 +141,39 @@ class ShardWriter:
 
     def add(self, sample: Sample) -> None:
         """Record the sample's row; write its tar members when it is ok."""
-        row = _row(sample, self.batch_id, self.url_retries)
+        row = _row(sample, self.batch_id, self.url_retries, self.columns)
         self._rows[sample.index] = row
         if not row["final"]:
             self._retry[sample.index] = (sample.outcome.value, sample.candidate.id)
         self._extras[sample.index] = sample.candidate.extra
         if sample.image is not None:
-            _guard("write tar", lambda: self._write_members(row, sample))
+            _guard("write samples", lambda: self._write_members(row, sample))
 
     def _write_members(self, row: dict[str, Any], sample: Sample) -> None:
         assert sample.image is not None
         meta = {**row, **sample.candidate.extra}
-        self._member(f"{row['key']}.{self.image_ext}", sample.image.data)
-        self._member(f"{row['key']}.txt", sample.candidate.caption.encode())
-        self._member(f"{row['key']}.json", json.dumps(meta, default=str).encode())
-
-    def _member(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), _MTIME, 0o444
-        self._tar.addfile(info, io.BytesIO(data))
+        self._members.add(row["key"], [
+            (self.image_ext, sample.image.data), ("txt", sample.candidate.caption.encode()),
+            ("json", json.dumps(meta, default=str).encode())])
 
     def commit(self, stats: ShardStats) -> ShardFiles:
-        """Finish the shard: tar, then parquet, then the stats json (the done marker)."""
-        _guard("close tar", self._close_tar)
-        parquet = self._parquet_bytes()
-        _guard("write parquet", lambda: self._put(parquet, parquet_name))
-        _guard("rename tar", lambda: self.fs.mv(self._tmp(tar_name), self._path(tar_name)))
+        """Finish a ``webdataset`` shard (``publish``) and say where its files are."""
+        tar = self._members
+        assert isinstance(tar, TarMembers), "the farm's shards are webdataset"
+        parquet_sha256 = self.publish(stats)
+        return ShardFiles(tar=self._url(tar_name), parquet=self._url(parquet_name),
+                          stats=self._url(stats_name), tar_sha256=tar.hasher.sha256.hexdigest(),
+                          parquet_sha256=parquet_sha256, tar_bytes=tar.hasher.size)
+
+    def publish(self, stats: ShardStats) -> str:
+        """Finish the shard: samples, then parquet, then the stats json (the done marker).
+        Returns the parquet's sha256."""
+        _guard("close shard", self._members.close)
+        parquet_sha256 = _guard("write parquet", self._write_parquet)
+        _guard("rename shard", self._members.publish)
         stats_json = json.dumps(self.stats_dict(stats), indent=1).encode()
         _guard("write stats", lambda: self._put(stats_json, stats_name))
-        return ShardFiles(tar=self._url(tar_name), parquet=self._url(parquet_name),
-                          stats=self._url(stats_name), tar_sha256=self._hasher.sha256.hexdigest(),
-                          parquet_sha256=hashlib.sha256(parquet).hexdigest(),
-                          tar_bytes=self._hasher.size)
-
-    def _close_tar(self) -> None:
-        self._tar.close()
-        self._tar_file.close()
+        return parquet_sha256
 
     def _put(self, data: bytes, name_of: Callable[[int], str]) -> None:
         with self.fs.open(self._tmp(name_of), "wb") as out:
@@ -197,12 +185,8 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop the temporary files (best effort: the shard is abandoned anyway)."""
-        for close in (self._tar.close, self._tar_file.close):
-            try:
-                close()
-            except (OSError, ValueError):
-                continue
-        for name_of in (tar_name, parquet_name, stats_name):
+        self._members.abort()
+        for name_of in (parquet_name, stats_name):
             try:
                 if self.fs.exists(self._tmp(name_of)):
                     self.fs.rm(self._tmp(name_of))
@@ -233,15 +217,38 @@ class ShardWriter:
             "bytes_downloaded": stats.bytes_downloaded, "batch_id": self.batch_id,
         }
 
-    def _parquet_bytes(self) -> bytes:
+    def _table(self) -> pa.Table:
         order = sorted(self._rows)
-        columns = {name: [self._rows[i][name] for i in order] for name in _COLUMNS}
+        columns = {name: [self._rows[i][name] for i in order]
+                   for name in (*_COLUMNS, *self.columns)}
         arrays = {name: pa.array(values, type=_TYPES[name])
                   for name, values in columns.items()}
         arrays.update(_extra_arrays([self._extras[i] for i in order], set(arrays)))
-        out = io.BytesIO()
-        pq.write_table(pa.table(arrays), out)
-        return out.getvalue()
+        return pa.table(arrays)
+
+    def _write_parquet(self) -> str:
+        """The parquet under its temporary name, ``_ROW_GROUP`` rows at a time with the
+        layout's columns, then renamed; returns its sha256."""
+        table = self._table()
+        with self.fs.open(self._tmp(parquet_name), "wb") as out:
+            hasher = HashingWriter(out)
+            writer: pq.ParquetWriter | None = None
+            for start in range(0, max(table.num_rows, 1), _ROW_GROUP):
+                chunk = self._with_layout(table.slice(start, _ROW_GROUP))
+                writer = writer or pq.ParquetWriter(hasher, chunk.schema)
+                writer.write_table(chunk)
+            assert writer is not None
+            writer.close()
+        self.fs.mv(self._tmp(parquet_name), self._path(parquet_name))
+        return hasher.sha256.hexdigest()
+
+    def _with_layout(self, chunk: pa.Table) -> pa.Table:
+        extra = self._members.parquet_columns(chunk.column("key").to_pylist())
+        for name, array in extra.items():  # an input column of that name gives way
+            if name in chunk.column_names:
+                chunk = chunk.remove_column(chunk.column_names.index(name))
+            chunk = chunk.append_column(name, array)
+        return chunk
 
 
 def _extra_arrays(extras: list[Mapping[str, Any]], taken: set[str]) -> dict[str, pa.Array]:
