@@ -2,7 +2,7 @@
 
 A download shard for batch N is three files in the output location:
 
-- ``{N:08d}.tar``: webdataset; members ``{key}.jpg`` (or ``.webp``), ``{key}.txt``
+- ``{N:08d}.tar``: webdataset; members ``{key}.jpg`` (or ``.png``, ``.webp``), ``{key}.txt``
   (caption) and ``{key}.json`` (metadata), only for samples whose outcome is ``ok``.
 - ``{N:08d}.parquet``: one row per candidate of the batch, in key order, failures
   included. Columns: see ``PARQUET_COLUMNS``, ``error_message``, ``ATTEMPT_COLUMNS``,

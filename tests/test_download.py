@@ -216,9 +216,11 @@ def test_processes_share_the_shards_each_url_fetched_once(tmp_path: Path) -> Non
     with hs.server_thread(routes) as server:
         listing = _listing(tmp_path, server.port, count)
         proc = run_cli(*_download_args(listing, out, "--shard-size", str(size),
-                                       "--processes", "2"))
-        requested = Counter(r.path for r in server.requests if r.path != "/robots.txt")
-    assert requested == Counter(f"/{n}.jpg" for n in range(count))
+                                       "--processes", "2", "--user-agent-token", "farmbot"))
+        images = [r for r in server.requests if r.path != "/robots.txt"]
+    assert Counter(r.path for r in images) == Counter(f"/{n}.jpg" for n in range(count))
+    # the user-agent token reaches the pool's processes (img2dataset's user_agent_token)
+    assert {r.headers["user-agent"].split(" ", 1)[0] for r in images} == {"farmbot"}
     assert f"{count} URLs" in proc.stdout and "4 shards written" in proc.stdout
     assert sorted(p.name for p in out.glob("*_stats.json")) == [
         f"{n:08d}_stats.json" for n in range(4)]
