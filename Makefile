@@ -7,7 +7,14 @@ EXTRAS ?= coordinator,worker,gpu,extract,export,s3,knn,dev
 # machines pip takes both wheels from the local disk (see README "Post-processing").
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test lint pytest demo
+# The readers' venv: TFDS's laion400m builder, embedding-reader and webdataset read
+# `pairfarm export` output in tests/test_export_readers.py (skipped without it). Built
+# once, kept while its marker exists; TensorFlow is never a dependency of pairfarm.
+READERS ?= .venv-tf
+READER_PACKAGES ?= tensorflow-cpu==2.21.0 tensorflow-datasets==4.9.10 \
+	importlib_resources==7.1.0 embedding-reader==1.8.1 webdataset==1.0.2 pillow pandas pyarrow
+
+.PHONY: setup test lint pytest demo readers
 
 setup: $(VENV)/.installed
 
@@ -16,6 +23,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	touch $@
+
+readers: $(READERS)/.installed
+
+$(READERS)/.installed:
+	python3 -m venv $(READERS)
+	$(READERS)/bin/python -m pip install -q -U pip
+	$(READERS)/bin/python -m pip install -q $(READER_PACKAGES)
 	touch $@
 
 lint: setup

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -19,6 +20,7 @@ from export.errors import ExportError, LayoutError, ManifestError, SourceError
 from export.layouts import LAYOUTS
 from export.run import ExportSettings, export
 from localfarm import synthetic
+from localfarm.demo_server import DemoPlan, DemoServer
 from pairfarm.outcomes import Outcome
 from pairfarm.shardformat import KEY_WIDTH, MAX_SHARD_ROWS, key_of, split_key
 from tests.conftest import REPO, run_cli
@@ -74,7 +76,7 @@ def _digests(dest: Path) -> dict[str, str]:
             for p in sorted(dest.rglob("*")) if p.is_file() and p.name != "pairfarm-export.json"}
 
 
-def _check_webdataset(dest: Path, captions: list[str]) -> None:
+def _check_webdataset(dest: Path, captions: list[str], first_batch: int = 1) -> None:
     samples = _wds_samples(dest)
     assert [c for _, _, c in samples] == captions  # each once, in batch then row order
     keys = [k for _, k, _ in samples]
@@ -87,7 +89,7 @@ def _check_webdataset(dest: Path, captions: list[str]) -> None:
         table = pq.read_table(dest / f"{stem}.parquet").to_pylist()
         assert [r["key"] for r in table] == in_shard
         assert [r["caption"] for r in table] == [c for s, _, c in samples if s == stem]
-        assert all(split_key(r["source_key"])[0] >= 1 for r in table)  # the farm's key
+        assert all(split_key(r["source_key"])[0] >= first_batch for r in table)  # the farm's
         stats = json.loads((dest / f"{stem}_stats.json").read_text())
         assert stats["count"] == stats["successes"] == len(in_shard)
         assert stats["status_dict"] == {"success": len(in_shard)}
@@ -216,3 +218,24 @@ def test_readme_documents_the_command_its_flags_and_layouts() -> None:
         assert flag in help_text
     for name in LAYOUTS:
         assert f"`{name}`" in readme
+
+
+def test_pairfarm_download_keys_are_unique_across_its_shards_and_export(tmp_path: Path) -> None:
+    server = DemoServer(DemoPlan(seed=5), hosts=1, delay=(0.0, 0.0)).start()
+    try:
+        items = [server.plan.item(n) for n in range(14)]
+        pq.write_table(pa.table({"url": [server.url(i.n) for i in items],
+                                 "caption": [i.caption for i in items]}),
+                       tmp_path / "urls.parquet")
+        run_cli("download", str(tmp_path / "urls.parquet"), "--output", str(tmp_path / "dl"),
+                "--shard-size", "5", "--allow-cidr", "127.0.0.0/8", "--no-progress",
+                timeout=300)
+    finally:
+        server.stop()
+    rows = [(p.stem, r) for p in sorted((tmp_path / "dl").glob("*.parquet"))
+            for r in pq.read_table(p).to_pylist()]
+    assert [stem for stem, _ in rows][::5] == ["00000000", "00000001", "00000002"]
+    assert [r["key"] for _, r in rows] == [key_of(n // 5, n % 5) for n in range(14)]
+    ok = [r["caption"] for _, r in rows if r["status"] == "success"]
+    export(ExportSettings(layout="webdataset", source=tmp_path / "dl", dest=tmp_path / "wds"))
+    _check_webdataset(tmp_path / "wds", ok, first_batch=0)

@@ -59,6 +59,7 @@ def _check_shard(directory: Path, stem: str, candidates: list[Candidate]) -> Non
     assert list(table[0])[: len(PARQUET_COLUMNS)] == list(PARQUET_COLUMNS)
     assert [row["key"] for row in table] == [key_of(int(stem), i)
                                              for i in range(len(candidates))]
+    assert table[1]["key"] == f"{stem}000001"  # unique across shards: the stem, the row
     assert [row["url"] for row in table] == [c.url for c in candidates]
     assert [row["error_class"] or "ok" for row in table] == EXPECTED
     assert [row["similarity"] for row in table] == [c.extra["similarity"] for c in candidates]

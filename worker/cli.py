@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from pairfarm.outcomes import Outcome
+from pairfarm.shardformat import MAX_SHARD_ROWS
 from worker.settings import (
     ENCODE_FORMATS,
     HASHES,
@@ -263,8 +264,9 @@ def _peak_rss_mb() -> float:
 @_opt("--bbox-col", env="BBOX_COL", default=None,
       help="Column holding face boxes to blur: a list of [x0, y0, x1, y1] relative to the "
            "image (img2dataset's bbox_col).")
-@_opt("--shard-size", env="SHARD_SIZE", type=click.IntRange(1), default=10_000,
-      help="Candidates per shard (img2dataset's number_sample_per_shard).")
+@_opt("--shard-size", env="SHARD_SIZE", type=click.IntRange(1, MAX_SHARD_ROWS), default=10_000,
+      help="Candidates per shard (img2dataset's number_sample_per_shard; at most 1,000,000: "
+           "a key is the shard number and a 6-digit row).")
 @_opt("--output-format", env="OUTPUT_FORMAT", type=click.Choice(LAYOUTS), default="webdataset",
       help="Layout of the shards (img2dataset's output_format).")
 @_opt("--incremental-mode", env="INCREMENTAL_MODE", type=click.Choice(INCREMENTAL_MODES),
