@@ -3,7 +3,8 @@
     KnnError
     ├── SourceError      the embeddings folder is missing, empty or inconsistent
     ├── IndexBuildError  an index cannot be chosen, built or written
-    └── IndexLoadError   an index folder cannot be read
+    ├── IndexLoadError   an index folder cannot be read
+    └── SisapError       the SISAP export cannot be made or written
 """
 
 from __future__ import annotations
@@ -23,3 +24,7 @@ class IndexBuildError(KnnError):
 
 class IndexLoadError(KnnError):
     """An index folder cannot be read."""
+
+
+class SisapError(KnnError):
+    """The SISAP export cannot be made from this source or written to this folder."""

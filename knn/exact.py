@@ -43,22 +43,26 @@ def _top(sims: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndar
 
 
 def exact_knn(queries: np.ndarray, chunks: Iterable[np.ndarray], k: int, *,
-              dtype: npt.DTypeLike = np.float32) -> Neighbours:
+              dtype: npt.DTypeLike = np.float32,
+              exclude: np.ndarray | None = None) -> Neighbours:
     """The k nearest database rows of each query by cosine; ``chunks`` are the database's
-    consecutive row blocks (ids count across them). Fewer than k rows in all: k shrinks."""
+    consecutive row blocks (ids count across them); rows whose ids are in ``exclude`` are
+    left out. Fewer than k rows in all: k shrinks."""
     q = normalise(queries, dtype)
+    skip = np.empty(0, dtype=np.int64) if exclude is None else np.asarray(exclude)
     best_s = np.empty((len(q), 0), dtype=dtype)
     best_i = np.empty((len(q), 0), dtype=np.int64)
     start = 0
     for chunk in chunks:
-        x = normalise(chunk, dtype)
-        ids = np.arange(start, start + len(x), dtype=np.int64)
+        ids = np.arange(start, start + len(chunk), dtype=np.int64)
+        keep = ~np.isin(ids, skip)
+        x, ids = normalise(chunk[keep], dtype), ids[keep]
+        start += len(chunk)
         blocks = [_merge(q[b:b + QUERY_BLOCK], x, ids,
                          (best_s[b:b + QUERY_BLOCK], best_i[b:b + QUERY_BLOCK]), k)
                   for b in range(0, len(q), QUERY_BLOCK)]
         best_s = np.concatenate([s for s, _ in blocks]) if blocks else best_s
         best_i = np.concatenate([i for _, i in blocks]) if blocks else best_i
-        start += len(x)
     return Neighbours(best_i, best_s)
 
 

@@ -57,11 +57,16 @@ def embeddings_folder(folder: Path) -> Path:
     return root
 
 
+def _order(stem: str) -> tuple[bool, int, str]:
+    return (not stem.isdigit(), int(stem) if stem.isdigit() else 0, stem)
+
+
 def list_shards(folder: Path) -> list[str]:
-    """The shard stems with an embeddings file, in order."""
+    """The shard stems with an embeddings file, in numeric order (post-processing names
+    them by batch id, ``%08d``; ``pairfarm export clip-retrieval`` from 0 unpadded)."""
     root = embeddings_folder(folder)
-    return sorted(p.name[len("img_emb_"):-len(".npy")] for p in (root / "img_emb").glob(
-        "img_emb_*.npy"))
+    return sorted((p.name[len("img_emb_"):-len(".npy")] for p in (root / "img_emb").glob(
+        "img_emb_*.npy")), key=_order)
 
 
 def _keep_mask(table: pa.Table, keep_untagged: bool) -> np.ndarray:

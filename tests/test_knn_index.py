@@ -27,9 +27,9 @@ def test_parse_memory() -> None:
 
 @pytest.mark.parametrize(("n", "budget", "key"), [
     (500, 10**9, "Flat"),
-    (1_000_000, 16 * 2**30, "HNSW32"),  # autofaiss: floor((16G / 4n - d) / 2) capped at 32
-    (1_000_000, 2_300_000_000, "HNSW31"),
-    (100_000, 100_000 * (D * 4 + 8) + 1024 * D * 4, "IVF1024,Flat"),
+    (1_000_000, 16 * 2**30, "HNSW32_SQfp16"),  # at most 32 links
+    (1_000_000, 1_000_000 * (8 + 2 * 512 + 8 * 20) + 7, "HNSW20_SQfp16"),
+    (100_000, 100_000 * (D * 2 + 8) + 1024 * D * 4, "IVF1024,SQfp16"),
     (100_000, 100_000 * (D + 8) + 1024 * D * 4, "IVF1024,SQ8"),
     (2_000_000, 2_000_000 * 24, "OPQ8_40,IVF16384_HNSW32,PQ8x8"),
 ])
@@ -46,7 +46,7 @@ def test_a_budget_too_small_for_any_index_is_refused() -> None:
 
 
 def test_rebuild_reasons() -> None:
-    ivf = Choice("IVFFlat", nlist=64)
+    ivf = Choice("IVFfp16", nlist=64)
     assert rebuild_reason(ivf, 10_000, 80_000, D, 10**9) is None
     assert "trained for 10,000" in str(rebuild_reason(ivf, 10_000, 80_001, D, 10**9))
     assert "Flat is for fewer" in str(rebuild_reason(Choice("Flat"), 900, 1000, D, 10**9))
@@ -79,11 +79,14 @@ def test_build_reaches_the_recall_target_and_maps_ids_to_rows(
     report = build_index(src, tmp_path / "idx", BuildSettings(budget=2**30, eval_queries=200))
     info = report.info
     kept = _kept(x[:2000])
-    assert (info.key, info.ntotal, report.added) == ("HNSW32", len(kept), len(kept))
+    assert (info.key, info.ntotal, report.added) == ("HNSW32_SQfp16", len(kept), len(kept))
     assert sum(s.dropped for s in info.shards) == 2000 - len(kept)  # NSFW rows removed
     assert info.recall_at_10 is not None and info.recall_at_10 >= 0.95
     assert info.param == "efSearch" and info.value is not None and info.value >= 11
     index = open_index(tmp_path / "idx")
+    assert index.ntotal == len(kept)  # the held-out evaluation rows were added after tuning
+    found = index.search(kept, 1)[1][:, 0]
+    assert (found == np.arange(len(kept))).mean() > 0.99  # every row under its own id
     sims, ids = index.search(kept[[5, 900]].astype(np.float16), 3)
     assert ids[:, 0].tolist() == [5, 900]
     np.testing.assert_allclose(sims[:, 0], 1, atol=2e-3)
@@ -97,9 +100,9 @@ def test_build_reaches_the_recall_target_and_maps_ids_to_rows(
 def test_an_ivf_index_grows_without_retraining(farm: tuple[Path, np.ndarray],
                                                tmp_path: Path) -> None:
     src, x = farm
-    budget = 300_000  # 1,715 rows: IVF43,Flat takes 239k bytes, HNSW8 would take 329k
+    budget = 200_000  # 1,715 rows: IVF43,SQfp16 takes 129k bytes, HNSW8 would take 233k
     first = build_index(src, tmp_path / "idx", BuildSettings(budget=budget, eval_queries=100))
-    assert first.info.kind == "IVFFlat" and first.rebuilt == "new index"
+    assert first.info.kind == "IVFfp16" and first.rebuilt == "new index"
     old_file = tmp_path / "idx" / first.info.index_file
     write_embeddings(src, x[2000:3000], 500, nsfw_every=7, first_batch=5)
     grown = build_index(src, tmp_path / "idx", BuildSettings(budget=2 * budget,
@@ -120,7 +123,7 @@ def test_an_ivf_index_grows_without_retraining(farm: tuple[Path, np.ndarray],
 
 def test_a_flat_index_is_rebuilt_once_it_grows_past_exact_size(
         farm: tuple[Path, np.ndarray], tmp_path: Path) -> None:
-    src, x = farm
+    _, x = farm
     small = tmp_path / "small"
     write_embeddings(small, x[:600], 600)
     first = build_index(small, tmp_path / "idx", BuildSettings(budget=2**30))
@@ -135,7 +138,7 @@ def test_clear_errors(tmp_path: Path, farm: tuple[Path, np.ndarray]) -> None:
     src, _ = farm
     with pytest.raises(SourceError, match="no img_emb"):
         build_index(tmp_path / "nowhere", tmp_path / "idx", BuildSettings(budget=2**30))
-    with pytest.raises(IndexLoadError, match="no index.json"):
+    with pytest.raises(IndexLoadError, match=r"no index\.json"):
         open_index(tmp_path)
     (src / "embeddings" / "metadata" / "metadata_00000002.parquet").unlink()
     with pytest.raises(SourceError, match="no metadata file"):
