@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
-EXTRAS ?= coordinator,worker,gpu,extract,export,s3,knn,dev
+EXTRAS ?= coordinator,worker,gpu,extract,export,s3,knn,search,dev
 # torch first, pinned, so that the gpu extra does not pull a CUDA build from PyPI: on these
 # machines pip takes both wheels from the local disk (see README "Post-processing").
 TORCH ?= torch==2.14.1 torchvision==0.29.1

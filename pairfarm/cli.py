@@ -29,6 +29,8 @@ COMMANDS: dict[str, str] = {
     "worker": "worker.cli:worker_command",
     "download": "worker.cli:download_command",
     "export": "export.cli:export_command",
+    "search": "search.command:search_command",
+    "serve-search": "search.command:serve_search_command",
     "status": "pairfarm.status:status",
 }
 
