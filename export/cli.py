@@ -23,6 +23,9 @@ from pairfarm.shardformat import MAX_SHARD_ROWS
               envvar="PAIRFARM_EXPORT_EMBEDDINGS",
               help="Write the embeddings when the layout takes them and the source has "
                    "them.")
+@click.option("--layout-option", "-O", "layout_options", multiple=True, metavar="KEY=VALUE",
+              help="An option of the layout itself (repeatable; for layouts that take "
+                   "options, see docs/export.md).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar.")
 def export_command(layout: str, source: Path, dest: Path, **opts: Any) -> None:
@@ -42,13 +45,24 @@ def export_command(layout: str, source: Path, dest: Path, **opts: Any) -> None:
     try:
         settings = ExportSettings(layout=layout, source=source, dest=dest,
                                   samples_per_shard=opts["samples_per_shard"],
-                                  embeddings=opts["embeddings"])
+                                  embeddings=opts["embeddings"],
+                                  options=_options(opts["layout_options"]))
         with _Bar(opts["progress"]) as bar:
-            result = export(settings, advance=bar.advance, on_plan=bar.start)
+            result = export(settings, advance=bar.advance, on_total=bar.start)
     except ExportError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"exported {result.samples} samples of {result.batches} new batches to {dest} "
                f"({layout}): {result.shards} shards, {result.total} samples in all")
+
+
+def _options(pairs: tuple[str, ...]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--layout-option")
+        options[key] = value
+    return options
 
 
 class _Bar:
@@ -67,8 +81,8 @@ class _Bar:
     def __exit__(self, *exc: object) -> None:
         self._progress.stop()
 
-    def start(self, plan: object) -> None:
-        self._progress.update(self._task, total=getattr(plan, "samples", None))
+    def start(self, total: int) -> None:
+        self._progress.update(self._task, total=total)
 
     def advance(self, n: int) -> None:
         self._progress.advance(self._task, n)

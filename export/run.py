@@ -20,32 +20,13 @@ from export import manifest as manifests
 from export.errors import LayoutError
 from export.files import remove_leftovers
 from export.layouts import load_layout
-from export.layouts.base import Embeddings, Layout, ShardSink
+from export.layouts.base import DatasetLayout, Embeddings, Layout, ShardSink
 from export.manifest import Manifest
+from export.settings import ExportResult, ExportSettings
 from export.source import Sample, Source, open_source
-from pairfarm.shardformat import MAX_SHARD_ROWS, key_of
+from pairfarm.shardformat import key_of
 
-
-@dataclass(frozen=True, kw_only=True)
-class ExportSettings:
-    layout: str
-    source: Path
-    dest: Path
-    samples_per_shard: int | None = None
-    embeddings: bool = True
-
-    def __post_init__(self) -> None:
-        if self.samples_per_shard is not None and not \
-                0 < self.samples_per_shard <= MAX_SHARD_ROWS:
-            raise LayoutError(f"--samples-per-shard must be in 1..{MAX_SHARD_ROWS}")
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    batches: int  # batches added by this run
-    samples: int  # samples added by this run
-    shards: int  # shards in the export
-    total: int  # samples in the export
+__all__ = ["ExportResult", "ExportSettings", "export"]
 
 
 @dataclass(frozen=True)
@@ -115,9 +96,10 @@ class ShardStream:
         self.manifest.save(self.dest)
 
 
-def prepare(settings: ExportSettings) -> tuple[Layout, Source, Manifest]:
-    """The layout, the source and the manifest (the existing one when options match)."""
-    layout = load_layout(settings.layout)
+def prepare(layout: Layout, settings: ExportSettings) -> tuple[Source, Manifest]:
+    """The source and the manifest (the existing one when options match)."""
+    if settings.options:
+        raise LayoutError(f"the {layout.name} layout takes no --layout-option")
     source = open_source(settings.source)
     if layout.embeddings is Embeddings.REQUIRED and not (
             source.has_embeddings and settings.embeddings):
@@ -131,9 +113,9 @@ def prepare(settings: ExportSettings) -> tuple[Layout, Source, Manifest]:
                       and layout.embeddings is not Embeddings.NONE)
     existing = manifests.load(settings.dest)
     if existing is None:
-        return layout, source, wanted
+        return source, wanted
     wanted.check_same(existing, settings.dest)
-    return layout, source, existing
+    return source, existing
 
 
 def plan(source: Source, manifest: Manifest) -> Plan:
@@ -161,15 +143,24 @@ def _tail_samples(source: Source, tail: list[tuple[int, int]]) -> Iterator[Sampl
 
 
 def export(settings: ExportSettings, advance: Callable[[int], None] | None = None,
-           on_plan: Callable[[Plan], None] | None = None) -> ExportResult:
-    """Add the source's new batches to the export at ``settings.dest``."""
-    layout, source, manifest = prepare(settings)
+           on_total: Callable[[int], None] | None = None) -> ExportResult:
+    """Add the source's new batches to the export at ``settings.dest``; ``on_total`` is
+    told how many samples this run adds, ``advance`` each one as it is written."""
+    layout = load_layout(settings.layout)
+    step = advance or (lambda n: None)
+    if isinstance(layout, DatasetLayout):
+        return layout.export(settings, advance=step, on_total=on_total or (lambda n: None))
+    return _export_shards(layout, settings, step, on_total)
+
+
+def _export_shards(layout: Layout, settings: ExportSettings, step: Callable[[int], None],
+                   on_total: Callable[[int], None] | None) -> ExportResult:
+    source, manifest = prepare(layout, settings)
     remove_leftovers(settings.dest)
     work = plan(source, manifest)
-    if on_plan is not None:
-        on_plan(work)
+    if on_total is not None:
+        on_total(work.samples)
     stream = ShardStream(layout, settings.dest, manifest)
-    step = advance or (lambda n: None)
     try:
         for sample in _tail_samples(source, work.tail):
             stream.add(sample)

@@ -6,10 +6,12 @@ in ``test_export_readers.py``."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +24,7 @@ from export.run import ExportSettings, export
 from localfarm import synthetic
 from localfarm.demo_server import DemoPlan, DemoServer
 from pairfarm.outcomes import Outcome
-from pairfarm.shardformat import KEY_WIDTH, MAX_SHARD_ROWS, key_of, split_key
+from pairfarm.shardformat import KEY_WIDTH, MAX_SHARD_ROWS, embedding_files, key_of, split_key
 from tests.conftest import REPO, run_cli
 from tests.gpu_shards import Row, write_shard
 
@@ -212,9 +214,10 @@ def test_readme_documents_the_command_its_flags_and_layouts() -> None:
     readme = (REPO / "README.md").read_text()
     help_text = run_cli("export", "--help").stdout
     for flag in ("--samples-per-shard", "--embeddings/--no-embeddings", "--progress",
-                 "PAIRFARM_EXPORT_SAMPLES_PER_SHARD", "PAIRFARM_EXPORT_EMBEDDINGS"):
+                 "--layout-option", "PAIRFARM_EXPORT_SAMPLES_PER_SHARD",
+                 "PAIRFARM_EXPORT_EMBEDDINGS"):
         assert flag in readme
-    for flag in ("--samples-per-shard", "--no-embeddings", "--no-progress"):
+    for flag in ("--samples-per-shard", "--no-embeddings", "--no-progress", "--layout-option"):
         assert flag in help_text
     for name in LAYOUTS:
         assert f"`{name}`" in readme
@@ -239,3 +242,93 @@ def test_pairfarm_download_keys_are_unique_across_its_shards_and_export(tmp_path
     ok = [r["caption"] for _, r in rows if r["status"] == "success"]
     export(ExportSettings(layout="webdataset", source=tmp_path / "dl", dest=tmp_path / "wds"))
     _check_webdataset(tmp_path / "wds", ok, first_batch=0)
+
+
+def _postprocessed(folder: Path, batches: dict[int, int], width: int) -> list[dict[str, Any]]:
+    """Post-processed shards in the farm's layout (``gpu_postprocess.outputs``): the kept
+    samples' tar, the parquet with ``keep``, the kept rows' unit float16 embeddings, the
+    done marker. Returns the kept rows (caption, embedding) in export order."""
+    kept = []
+    for batch, n in sorted(batches.items()):
+        rows = _rows(batch, n)
+        files = write_shard(folder, batch, rows)
+        table = pq.read_table(files.parquet)
+        keep = [r.image is not None and i % 4 != 1 for i, r in enumerate(rows)]
+        pq.write_table(table.append_column("keep", pa.array(keep)), files.parquet)
+        keys = {k for k, kk in zip(table.column("key").to_pylist(), keep, strict=True) if kk}
+        with tarfile.open(files.tar) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()  # type: ignore[union-attr]
+                       if m.name.split(".")[0] in keys]
+        with tarfile.open(files.tar, "w") as tar:
+            for member, data in members:
+                tar.addfile(member, io.BytesIO(data))
+        rng = np.random.default_rng(batch)
+        emb = rng.normal(size=(sum(keep), width))
+        emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float16)
+        stem = f"{batch:08d}"
+        for name, array in (("img_emb", emb), ("text_emb", -emb)):
+            path = folder / "embeddings" / embedding_files(stem)[name]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.save(path, array)
+        (folder / f"{stem}_postprocess.json").write_text("{}")
+        kept += [{"caption": r.caption, "img_emb": e}
+                 for r, e in zip([r for r, k in zip(rows, keep, strict=True) if k], emb,
+                                 strict=True)]
+    return kept
+
+
+def test_clip_retrieval_keeps_embeddings_aligned_with_metadata_across_reshards(
+        tmp_path: Path) -> None:
+    farm, dest = tmp_path / "post", tmp_path / "cr"
+    kept = _postprocessed(farm, {2: 9, 5: 7}, width=16)
+    export(ExportSettings(layout="clip-retrieval", source=farm, dest=dest, samples_per_shard=3))
+    kept += _postprocessed(farm, {6: 6}, width=16)
+    export(ExportSettings(layout="clip-retrieval", source=farm, dest=dest, samples_per_shard=3))
+    got_meta, got_emb = [], []
+    shards = len(list((dest / "img_emb").glob("*.npy")))
+    for i in range(shards):
+        files = embedding_files(str(i))
+        meta = pq.read_table(dest / files["metadata"]).to_pylist()
+        img, txt = np.load(dest / files["img_emb"]), np.load(dest / files["text_emb"])
+        assert len(meta) == len(img) == len(txt) and img.dtype == np.float16
+        np.testing.assert_array_equal(txt, -img)
+        assert [m["key"] for m in meta] == [key_of(i, r) for r in range(len(meta))]
+        got_meta += meta
+        got_emb += list(img)
+    assert [m["caption"] for m in got_meta] == [k["caption"] for k in kept]
+    np.testing.assert_array_equal(np.stack(got_emb), np.stack([k["img_emb"] for k in kept]))
+
+
+def test_tfds_layout_names_members_by_row_and_refuses_other_widths(tmp_path: Path) -> None:
+    farm = tmp_path / "post"
+    kept = _postprocessed(farm, {1: 8, 3: 8}, width=32)
+    with pytest.raises(LayoutError, match="512-wide embeddings; these are 32 wide"):
+        export(ExportSettings(layout="tfds-laion400m", source=farm, dest=tmp_path / "t32"))
+    assert not (tmp_path / "t32" / "00000.tar").exists()  # refused before writing
+    dest = tmp_path / "tfds"
+    export(ExportSettings(layout="tfds-laion400m", source=farm, dest=dest, embeddings=False))
+    assert sorted(p.name for p in dest.iterdir() if not p.name.startswith("pairfarm")) == [
+        "00000.parquet", "00000.tar", "00001.parquet", "00001.tar"]
+    captions = []
+    for i in range(2):
+        table = pq.read_table(dest / f"{i:05d}.parquet").to_pylist()
+        with tarfile.open(dest / f"{i:05d}.tar") as tar:
+            for name in tar.getnames():
+                stem, ext = name.split(".")
+                if ext == "txt":
+                    row = table[int(stem)]  # TFDS: the member's integer is its row (iloc)
+                    text = tar.extractfile(name).read().decode()  # type: ignore[union-attr]
+                    assert row["caption"] == text and row["key"] == key_of(i, int(stem))
+                    assert row["similarity"] == -1.0 and row["NSFW"] == "UNTAGGED"
+                    captions.append(text)
+    assert captions == [k["caption"] for k in kept]
+
+
+def test_per_shard_layouts_refuse_layout_options(tmp_path: Path) -> None:
+    _farm(tmp_path / "shards", {1: 3})
+    bad = run_cli("export", "webdataset", str(tmp_path / "shards"), str(tmp_path / "w"),
+                  "-O", "queries=10", check=False)
+    assert bad.returncode == 1 and "takes no --layout-option" in bad.stderr
+    bad = run_cli("export", "webdataset", str(tmp_path / "shards"), str(tmp_path / "w"),
+                  "-O", "queries", check=False)
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr

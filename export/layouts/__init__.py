@@ -1,7 +1,9 @@
 """The layouts ``pairfarm export`` writes: name -> the module that writes it.
 
-Each module defines ``LAYOUT``, an object with the ``Layout`` protocol (``base``). A new
-layout is one module and one line here; modules are imported only when their layout is
+Each module defines ``LAYOUT``: a ``Layout`` (``base``: a writer of numbered shards, which
+``export.run`` feeds sample by sample, keeping the manifest) or a ``DatasetLayout`` (one
+``export`` call that writes the whole folder itself, with its own ``--layout-option``s). A
+new layout is one module and one line here; modules are imported only when their layout is
 asked for.
 """
 
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from export.layouts.base import Layout
+from export.layouts.base import DatasetLayout, Layout
 
 #: layout name -> module defining ``LAYOUT``
 LAYOUTS: dict[str, str] = {
@@ -19,7 +21,7 @@ LAYOUTS: dict[str, str] = {
 }
 
 
-def load_layout(name: str) -> Layout:
+def load_layout(name: str) -> Layout | DatasetLayout:
     layout = importlib.import_module(LAYOUTS[name]).LAYOUT
-    assert isinstance(layout, Layout)
+    assert isinstance(layout, Layout | DatasetLayout), name
     return layout

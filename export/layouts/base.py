@@ -1,4 +1,5 @@
-"""What a layout is: a writer of numbered output shards.
+"""What a layout is: a writer of numbered output shards (``Layout``), or a writer of a
+whole dataset folder (``DatasetLayout``).
 
 ``export.run`` opens shard ``index`` (numbered from 0, consecutive), adds its samples
 with their export key (``pairfarm.shardformat.key_of(index, row)``) and row, then
@@ -8,10 +9,12 @@ them in ``commit`` (``export.files.Staged``), or removes them in ``abort``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from export.settings import ExportResult, ExportSettings
 from export.source import Sample
 
 
@@ -40,3 +43,16 @@ class Layout(Protocol):
         """Raise ``LayoutError`` when the layout cannot hold this (first) sample."""
 
     def open_shard(self, dest: Path, index: int, *, embeddings: bool) -> ShardSink: ...
+
+
+@runtime_checkable
+class DatasetLayout(Protocol):
+    """A layout that writes the whole folder in one call (its own files, manifest and
+    increments), reading ``settings.source`` with ``export.source`` and taking its own
+    ``settings.options``; ``on_total`` gets the samples it will add, ``advance`` each
+    one. Errors are ``ExportError``s."""
+
+    name: str
+
+    def export(self, settings: ExportSettings, *, advance: Callable[[int], None],
+               on_total: Callable[[int], None]) -> ExportResult: ...

@@ -1,0 +1,34 @@
+"""What an export is asked to do and what it did (shared by ``run`` and the layouts)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from export.errors import LayoutError
+from pairfarm.shardformat import MAX_SHARD_ROWS
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportSettings:
+    layout: str
+    source: Path
+    dest: Path
+    samples_per_shard: int | None = None
+    embeddings: bool = True
+    #: ``--layout-option KEY=VALUE``: for layouts that take options of their own
+    options: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.samples_per_shard is not None and not \
+                0 < self.samples_per_shard <= MAX_SHARD_ROWS:
+            raise LayoutError(f"--samples-per-shard must be in 1..{MAX_SHARD_ROWS}")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    batches: int  # batches added by this run
+    samples: int  # samples added by this run
+    shards: int  # shards in the export
+    total: int  # samples in the export
