@@ -1,8 +1,9 @@
-"""The click commands of the knn component: ``pairfarm index`` and the SISAP export.
+"""``pairfarm index``: the click command of the knn component.
 
-Both read post-processing's embeddings folder (``knn.source``): a farm's ``--out`` folder
-of post-processed shards, its ``embeddings/`` folder, or a ``pairfarm export
+It reads post-processing's embeddings folder (``knn.source``): a farm's ``--out`` folder,
+a post-processing output folder, its ``embeddings/`` folder, or a ``pairfarm export
 clip-retrieval`` folder. Errors of the knn component become a one-line ``ClickException``.
+(The SISAP export is a layout of ``pairfarm export``: ``knn.sisap_layout``.)
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def _progress(enabled: bool) -> Iterator[Progress]:
             bar.update(tasks[stage], completed=done, total=total or None)
 
         yield advance
+
+
+def _require_extra() -> None:
+    """faiss and h5py come with the ``knn`` extra; say so instead of a traceback."""
+    import importlib.util
+
+    missing = [m for m in ("faiss", "h5py") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise click.ClickException(f"{', '.join(missing)} missing: this command needs the "
+                                   f"'knn' extra: pip install 'pairfarm[knn]'")
 
 
 def _threads(n: int) -> None:
@@ -72,6 +83,7 @@ def index_command(source: Path, index_dir: Path, **opts: Any) -> None:
     from knn.build import BuildSettings, build_index
     from knn.choose import parse_memory
 
+    _require_extra()
     try:
         _threads(opts["threads"])
         settings = BuildSettings(
@@ -97,42 +109,3 @@ def describe(report: Any) -> str:
     param = f"{info.param}={info.value}, " if info.param else ""
     return (f"{line}; {param}recall@10 {info.recall_at_10:.4f} on {info.eval_queries} "
             f"queries (target {info.recall_target}), {info.queries_per_s:,.0f} queries/s")
-
-
-@click.command("sisap")
-@click.argument("source", type=click.Path(file_okay=False, path_type=Path))
-@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--queries", type=click.IntRange(1), default=10_000, show_default=True,
-              envvar="PAIRFARM_SISAP_QUERIES", help="Size of the public query set.")
-@click.option("--query-shards", type=click.IntRange(1), default=1, show_default=True,
-              envvar="PAIRFARM_SISAP_QUERY_SHARDS",
-              help="Leading shards that form part 0, the queries' part (not in the database).")
-@click.option("--neighbours", type=click.IntRange(1), default=100, show_default=True,
-              envvar="PAIRFARM_SISAP_NEIGHBOURS", help="Neighbours per query in the gold "
-              "standards.")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the query sample and the sketch planes.")
-@click.option("--keep-untagged", is_flag=True, envvar="PAIRFARM_SISAP_KEEP_UNTAGGED",
-              help="Keep rows without an NSFW score (NSFW rows are always removed).")
-@click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Show progress on stderr.")
-def sisap_command(source: Path, dest: Path, **opts: Any) -> None:
-    """Export SOURCE's embeddings in the LAION2B / SISAP layout into DEST.
-
-    HDF5 float16 embeddings, 32-d and 96-d PCA projections, 1024-bit sketches, a query
-    set from the first shard(s), and exact 1-based gold standards (1 - cos) computed in
-    float32 and float64.
-    """
-    from knn.sisap import SisapSettings, export_sisap
-
-    try:
-        settings = SisapSettings(queries=opts["queries"], query_shards=opts["query_shards"],
-                                 neighbours=opts["neighbours"], seed=opts["seed"],
-                                 keep_untagged=opts["keep_untagged"])
-        with _progress(opts["progress"]) as progress:
-            result = export_sisap(source, dest, settings, progress)
-    except KnnError as exc:
-        raise click.ClickException(str(exc)) from exc
-    click.echo(f"exported {result.n:,} vectors of width {result.dim} and {result.queries:,} "
-               f"queries ({result.neighbours} neighbours each) to {dest}; "
-               f"{result.dropped_nsfw:,} NSFW or unscored rows left out")

@@ -99,6 +99,8 @@ class SisapResult:
     neighbours: int
     files: dict[str, str] = field(default_factory=dict)
     dropped_nsfw: int = 0
+    query_shards: list[str] = field(default_factory=list)
+    database_shards: list[str] = field(default_factory=list)
 
 
 def size_label(n: int) -> str:
@@ -263,7 +265,7 @@ def _write_database(src: Path, stems: list[str], n: int, paths: dict[str, Path],
             staged(paths["meta"]) as tmp_meta, open(tmp_meta, "w", encoding="utf-8") as tsv:
         tsv.write("\t".join(("id", *TSV_COLUMNS)) + "\n")
         parts = source.iter_shards(src, stems, keep_untagged=settings.keep_untagged)
-        for done, part in enumerate(parts, 1):
+        for part in parts:
             rows = len(part.vectors)
             if moments is None:
                 emb = f.create_dataset("emb", shape=(n, part.vectors.shape[1]), dtype="<f2")
@@ -272,7 +274,7 @@ def _write_database(src: Path, stems: list[str], n: int, paths: dict[str, Path],
             moments = moments.add(part.vectors)
             tsv.writelines(line + "\n" for line in _tsv_lines(part.metadata, start + 1))
             start += rows
-            progress("database", done, len(stems))
+            progress("database rows", start, n)
     assert moments is not None
     return moments
 
@@ -358,10 +360,10 @@ def export_sisap(src: Path, dest: Path, settings: SisapSettings,
     progress("gold standards", 0, 1)
     _write_gold(paths, qs, settings)
     result = SisapResult(n, len(qs.vectors), d, min(settings.neighbours, n),
-                         {k: p.name for k, p in paths.items()}, dropped + qs.dropped)
+                         {k: p.name for k, p in paths.items()}, dropped + qs.dropped,
+                         q_stems, db_stems)
     with staged(dest / "sisap.json") as tmp:
         tmp.write_text(json.dumps({**asdict(result), "settings": asdict(settings),
-                                   "source": str(src), "query_shards": q_stems,
-                                   "database_shards": db_stems,
+                                   "source": str(src),
                                    "sketch": "sign random projections of x - mean"}, indent=1))
     return result

@@ -6,7 +6,8 @@
     embeddings/metadata/metadata_S.parquet    the same rows: url, caption, key, similarity,
                                               punsafe, pwatermark, NSFW, ...
 
-A source folder is that ``embeddings`` folder or the output folder above it. Shards are
+A source folder is that ``embeddings`` folder, the post-processing output folder above it,
+or a farm's ``--out`` folder (``postprocessed/embeddings``). Shards are
 read in stem order (the order the page wants the parts concatenated in), each whole: a
 shard is one batch, at most a few tens of thousands of rows.
 
@@ -48,13 +49,13 @@ class ShardPart:
 
 
 def embeddings_folder(folder: Path) -> Path:
-    """``folder/embeddings`` when it exists, else ``folder`` (which must hold img_emb/)."""
-    inner = folder / "embeddings"
-    root = inner if (inner / "img_emb").is_dir() else folder
-    if not (root / "img_emb").is_dir():
-        raise SourceError(f"{folder}: no img_emb/ folder (post-processing's embeddings "
-                          f"layout: embeddings/img_emb/img_emb_S.npy)")
-    return root
+    """The folder holding ``img_emb/``: ``folder`` itself, its ``embeddings/``, or a farm
+    ``--out`` folder's ``postprocessed/embeddings/``."""
+    for root in (folder, folder / "embeddings", folder / "postprocessed" / "embeddings"):
+        if (root / "img_emb").is_dir():
+            return root
+    raise SourceError(f"{folder}: no img_emb/ folder (post-processing's embeddings "
+                      f"layout: embeddings/img_emb/img_emb_S.npy)")
 
 
 def _order(stem: str) -> tuple[bool, int, str]:

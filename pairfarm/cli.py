@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "worker": "worker.cli:worker_command",
     "download": "worker.cli:download_command",
     "export": "export.cli:export_command",
+    "index": "knn.command:index_command",
     "search": "search.command:search_command",
     "serve-search": "search.command:serve_search_command",
     "status": "pairfarm.status:status",

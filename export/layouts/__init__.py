@@ -18,6 +18,7 @@ LAYOUTS: dict[str, str] = {
     "webdataset": "export.layouts.webdataset",
     "tfds-laion400m": "export.layouts.tfds",
     "clip-retrieval": "export.layouts.clip_retrieval",
+    "sisap": "knn.sisap_layout",  # LAION2B / SISAP HDF5 files (needs pairfarm[knn])
 }
 
 
