@@ -307,18 +307,26 @@ def build_index(src: Path, dest: Path, settings: BuildSettings,
     holdout = _holdout(job, first_id, sum(e.rows for e in to_add))
     added = _add(index, job, to_add, first_id, holdout)
     info = _finish(index, choice, job, entries, trained_n=trained_n,
-                   held=(holdout, added.held_out))
+                   held=(holdout, added.held_out), previous=None if reason else previous)
     store.commit(dest, info, previous)
     return BuildReport(info, added.rows, reason)
 
 
+def _untuned(choice: Choice, previous: store.IndexInfo | None) -> tuple[Any, Any, Any]:
+    """Too few new rows to hold any out: keep what the index had, else the safest value."""
+    if previous is not None:
+        return previous.value, previous.recall_at_10, previous.queries_per_s
+    return (param_range(choice)[1] if choice.param else None), None, None
+
+
 def _finish(index: Any, choice: Choice, job: Job, entries: list[store.ShardEntry], *,
-            trained_n: int, held: tuple[np.ndarray, np.ndarray]) -> store.IndexInfo:
+            trained_n: int, held: tuple[np.ndarray, np.ndarray],
+            previous: store.IndexInfo | None) -> store.IndexInfo:
     """Tune on the held-out rows, add them, write the faiss file; the info to commit."""
     src, settings = job.src, job.settings
     ev = evaluation_set(job, entries, *held)
     value, recall, qps = tune(index, choice, ev, settings.recall_target, job.progress) if ev \
-        else (param_range(choice)[1] if choice.param else None, None, None)
+        else _untuned(choice, previous)
     if len(held[0]):
         _faiss_call("add vectors", partial(index.add_with_ids, held[1], held[0]))
     if value is not None:
@@ -329,7 +337,8 @@ def _finish(index: Any, choice: Choice, job: Job, entries: list[store.ShardEntry
         dim=index.d, ntotal=n, trained_n=trained_n, budget=settings.budget,
         index_file=f"knn-{n}.index", source=str(src), param=choice.param, value=value,
         recall_at_10=recall, recall_target=settings.recall_target,
-        eval_queries=0 if ev is None else len(ev.queries), queries_per_s=qps,
+        eval_queries=len(ev.queries) if ev else previous.eval_queries if previous else 0,
+        queries_per_s=qps,
         keep_untagged=settings.keep_untagged, shards=entries)
     if recall is not None and recall < settings.recall_target:
         log.warning("%s reaches recall@10 %.3f at most (target %.2f): a larger memory "

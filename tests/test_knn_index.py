@@ -119,6 +119,11 @@ def test_an_ivf_index_grows_without_retraining(farm: tuple[Path, np.ndarray],
     assert row is not None and row["shard"] == "00000006" and ids[0, 0] == len(kept) - 1
     again = build_index(src, tmp_path / "idx", BuildSettings(budget=2 * budget))
     assert again.added == 0 and again.info == grown.info
+    write_embeddings(src, x[3000:3005], 5, first_batch=9)  # too few rows to hold any out
+    tiny = build_index(src, tmp_path / "idx", BuildSettings(budget=2 * budget))
+    assert tiny.added == 5 and tiny.info.ntotal == grown.info.ntotal + 5
+    assert (tiny.info.value, tiny.info.recall_at_10) == (grown.info.value,
+                                                         grown.info.recall_at_10)
 
 
 def test_a_flat_index_is_rebuilt_once_it_grows_past_exact_size(
