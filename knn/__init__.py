@@ -9,7 +9,8 @@ Modules, one idea each:
 ``build``    builds or extends an index folder, tunes its search parameter, measures recall
 ``index``    ``open_index(folder) -> KnnIndex``: the loading and query API
 ``sisap``    the ``pairfarm export sisap`` layout (HDF5, PCA, sketches, gold standards)
-``command``  the click commands
+``sisap_layout``  the ``sisap`` layout of ``pairfarm export`` (a ``DatasetLayout``)
+``command``  the ``pairfarm index`` click command
 
 Nothing here imports the coordinator or the worker; faiss and h5py are imported only by
 the modules that need them (the ``knn`` extra).

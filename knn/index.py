@@ -11,8 +11,9 @@
 ``search`` normalises the queries (cosine similarity, like the CLIP embeddings the farm
 writes) and returns ``(similarities, ids)``: float32 and int64 arrays of shape (nq, k),
 best first. Similarities are cosines (``1 - L2^2 / 2`` of the unit vectors the index
-holds: exact for Flat, HNSW and IVF-Flat, approximate for quantized indices). Where the
-index finds fewer than k neighbours, ids are -1 and similarities NaN.
+holds: exact for Flat, to float16 rounding for HNSW and IVF-SQfp16 (the farm's
+embeddings are float16), approximate for SQ8 and PQ). Where the index finds fewer than k
+neighbours, ids are -1 and similarities NaN.
 
 Ids are 0-based rows of the index (``knn.store``); ``rows(ids)`` maps them back to the
 metadata the farm exported: ``id``, ``shard`` (batch stem), ``key`` (the webdataset key

@@ -35,6 +35,7 @@ from knn.errors import SourceError
 #: metadata columns carried into an index and an export, when the shard has them
 METADATA_COLUMNS = ("key", "url", "caption", "similarity", "punsafe", "pwatermark", "NSFW")
 NSFW_LABEL = "NSFW"
+DONE_SUFFIX = "_postprocess.json"  # post-processing's last file for a shard
 UNTAGGED_LABEL = "UNTAGGED"
 
 
@@ -63,11 +64,16 @@ def _order(stem: str) -> tuple[bool, int, str]:
 
 
 def list_shards(folder: Path) -> list[str]:
-    """The shard stems with an embeddings file, in numeric order (post-processing names
-    them by batch id, ``%08d``; ``pairfarm export clip-retrieval`` from 0 unpadded)."""
+    """The finished shard stems with an embeddings file, in numeric order (post-processing
+    names them by batch id, ``%08d``; ``pairfarm export clip-retrieval`` from 0 unpadded).
+
+    In a post-processing output folder a shard is finished once its ``S_postprocess.json``
+    (written last) is there: shards still being written are left for the next run."""
     root = embeddings_folder(folder)
-    return sorted((p.name[len("img_emb_"):-len(".npy")] for p in (root / "img_emb").glob(
+    stems = sorted((p.name[len("img_emb_"):-len(".npy")] for p in (root / "img_emb").glob(
         "img_emb_*.npy")), key=_order)
+    done = {s for s in stems if (root.parent / f"{s}{DONE_SUFFIX}").exists()}
+    return [s for s in stems if s in done] if done else stems
 
 
 def _keep_mask(table: pa.Table, keep_untagged: bool) -> np.ndarray:

@@ -158,3 +158,15 @@ def test_queries_of_the_wrong_width_are_refused(farm: tuple[Path, np.ndarray],
     build_index(src, tmp_path / "idx", BuildSettings(budget=2**30, eval_queries=20))
     with pytest.raises(ValueError, match="width 16"):
         open_index(tmp_path / "idx").search(np.ones((1, 16)), 1)
+
+
+def test_shards_still_being_post_processed_wait_for_the_next_run(
+        farm: tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    src, _ = farm
+    for stem in ("00000001", "00000002", "00000003"):  # 00000004 has no done marker yet
+        (src / f"{stem}_postprocess.json").write_text("{}")
+    first = build_index(src, tmp_path / "idx", BuildSettings(budget=2**30, eval_queries=50))
+    assert [s.stem for s in first.info.shards] == ["00000001", "00000002", "00000003"]
+    (src / "00000004_postprocess.json").write_text("{}")
+    second = build_index(src, tmp_path / "idx", BuildSettings(budget=2**30, eval_queries=50))
+    assert second.rebuilt is None and second.info.shards[-1].stem == "00000004"
