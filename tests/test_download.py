@@ -280,6 +280,36 @@ def test_encode_formats(fmt: str, pillow: str) -> None:
     assert image.format == pillow and max(image.size) == 64
 
 
+def _zlib_level_class(png: bytes) -> int:
+    """FLEVEL of the first IDAT's zlib header: 0 (level 0-1), 1 (2-5), 2 (6), 3 (7-9)."""
+    at = png.index(b"IDAT") + 4
+    return png[at + 1] >> 6
+
+
+def test_png_quality_is_the_compression_level_as_img2dataset() -> None:
+    """img2dataset's Resizer encodes png with IMWRITE_PNG_COMPRESSION = encode_quality."""
+    body = hs.jpeg_bytes(300, 200, seed=3)
+    out = {q: process_image(body, ImageSettings(image_size=128, encode_format="png",
+                                                 quality=q)).data for q in (0, 1, 9, None)}
+    assert {q: _zlib_level_class(d) for q, d in out.items()} == {0: 0, 1: 0, 9: 3, None: 2}
+    assert len(out[0]) > len(out[9])  # level 0 stores the pixels
+    pixels = {q: _pixels(d).tobytes() for q, d in out.items()}
+    assert len(set(pixels.values())) == 1  # lossless at every level
+    for bad in (10, 95):
+        with pytest.raises(SettingsError, match="compression level"):
+            ImageSettings(encode_format="png", quality=bad)
+    assert ImageSettings(quality=None).encode_quality == 95
+
+
+def test_png_quality_out_of_range_is_a_clear_error(tmp_path: Path) -> None:
+    listing = tmp_path / "list.txt"
+    listing.write_text("http://127.0.0.1:9/a.jpg\n")
+    proc = run_cli("download", str(listing), "-o", str(tmp_path / "out"), "--encode-format",
+                   "png", "--quality", "95", check=False)
+    assert proc.returncode != 0 and "compression level" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_skip_reencode_keeps_the_downloaded_bytes_only_when_nothing_changes() -> None:
     body = BODIES[1]
     keep = ImageSettings(resize_mode="no", skip_reencode=True)

@@ -98,8 +98,9 @@ _PIPELINE_OPTIONS: list[Decorator] = [
          help="Drop images with a larger long/short side ratio (size_filtered)."),
     _opt("--encode-format", env="ENCODE_FORMAT", type=click.Choice(ENCODE_FORMATS),
          default="jpg", help="Encoding of the output images (img2dataset's encode_format)."),
-    _opt("--quality", env="QUALITY", type=click.IntRange(1, 100), default=95,
-         help="JPEG / WebP quality (PNG: zlib level 6)."),
+    _opt("--quality", env="QUALITY", type=click.IntRange(0, 100), default=None,
+         help="img2dataset's encode_quality: JPEG / WebP quality 1..100 (default 95); for "
+              "PNG the zlib compression level 0..9 (default 6)."),
     _opt("--skip-reencode", env="SKIP_REENCODE", is_flag=True, default=False,
          help="Keep the downloaded bytes when the image needs no resize, crop, border, "
               "turn or blur and already is --encode-format."),

@@ -388,5 +388,9 @@ def _border(image: Image.Image, side: int) -> Image.Image:
 
 def _encode(image: Image.Image, settings: ImageSettings) -> bytes:
     out = io.BytesIO()
-    image.save(out, format=_SAVE_FORMAT[settings.encode_format], quality=settings.quality)
+    if settings.encode_format == "png":  # img2dataset: encode_quality is the png compression
+        image.save(out, format="PNG", compress_level=settings.encode_quality)
+    else:
+        image.save(out, format=_SAVE_FORMAT[settings.encode_format],
+                   quality=settings.encode_quality)
     return out.getvalue()

@@ -176,6 +176,21 @@ class RobotsSettings:
                                 f"max_redirects >= 0")
 
 
+#: the quality an unset ``--quality`` means, per encode format
+DEFAULT_QUALITY = {"jpg": 95, "webp": 95, "png": 6}
+
+
+def _check_quality(encode_format: str, quality: int | None) -> None:
+    """img2dataset's rule: for png the quality is the compression level, 0..9."""
+    if quality is None:
+        return
+    if encode_format == "png" and not 0 <= quality <= 9:
+        raise SettingsError("for png, quality is the zlib compression level (img2dataset's "
+                            f"encode_quality): 0..9, got {quality}")
+    if encode_format != "png" and not 1 <= quality <= 100:
+        raise SettingsError(f"quality must be within 1..100, got {quality}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ImageSettings:
     """How bodies become images; img2dataset's names and defaults where it has them."""
@@ -186,8 +201,9 @@ class ImageSettings:
     min_image_size: int = 0
     max_aspect_ratio: float = math.inf
     encode_format: str = "jpg"
-    #: JPEG / WebP quality (PNG is written at zlib level 6 whatever it says)
-    quality: int = 95
+    #: img2dataset's ``encode_quality``: JPEG / WebP quality (1..100), or for PNG the zlib
+    #: compression level (0..9); None: 95 for JPEG / WebP, 6 for PNG
+    quality: int | None = None
     #: keep the downloaded bytes when the image is not resized and already is
     #: ``encode_format`` (no transparency, orientation or blur to apply)
     skip_reencode: bool = False
@@ -220,8 +236,7 @@ class ImageSettings:
                                 f"not {self.compute_hash!r}")
         if self.verify_hash == "" or self.bbox_col == "":
             raise SettingsError("an input column name must not be empty")
-        if not 1 <= self.quality <= 100:
-            raise SettingsError("quality must be within 1..100")
+        _check_quality(self.encode_format, self.quality)
         for name in (self.downscale_interpolation, self.upscale_interpolation):
             if name not in INTERPOLATIONS:
                 raise SettingsError(f"interpolation must be one of {INTERPOLATIONS}, "
@@ -229,6 +244,11 @@ class ImageSettings:
         _positive(self, ("image_size", "max_pixels", "max_aspect_ratio"))
         if self.min_bytes < 0:
             raise SettingsError(f"min_bytes must be >= 0, got {self.min_bytes}")
+
+    @property
+    def encode_quality(self) -> int:
+        """The quality the encoder gets (PNG: its compression level)."""
+        return DEFAULT_QUALITY[self.encode_format] if self.quality is None else self.quality
 
 
 @dataclass(frozen=True, kw_only=True)
