@@ -64,7 +64,8 @@ def _threads(n: int) -> None:
               help="recall@10 the search parameter (efSearch / nprobe) is tuned to reach.")
 @click.option("--eval-queries", type=click.IntRange(1), default=1000, show_default=True,
               envvar="PAIRFARM_INDEX_EVAL_QUERIES",
-              help="Rows drawn from the index to measure recall@10 against exact search.")
+              help="Rows held out while tuning, to measure recall@10 against exact "
+                   "search (added afterwards).")
 @click.option("--keep-untagged", is_flag=True, envvar="PAIRFARM_INDEX_KEEP_UNTAGGED",
               help="Keep rows without an NSFW score (NSFW rows are always left out).")
 @click.option("--rebuild", is_flag=True, help="Build anew instead of adding new shards.")
@@ -75,10 +76,11 @@ def _threads(n: int) -> None:
 def index_command(source: Path, index_dir: Path, **opts: Any) -> None:
     """Build a kNN index of SOURCE's image embeddings in INDEX_DIR, or add new shards.
 
-    The index type comes from --memory as autofaiss chooses it (Flat, HNSW, IVF-Flat,
-    IVF-SQ8, OPQ-IVF-PQ); shards already indexed are skipped, new ones are added without
-    retraining unless the index outgrew its type (then it is rebuilt, and says why).
-    Prints the recall@10 reached against exact search.
+    The index type comes from --memory as autofaiss chooses it (Flat, HNSW, IVF, IVF-SQ8,
+    OPQ-IVF-PQ; vectors in float16 as the farm writes them); shards already indexed are
+    skipped, new ones are added without retraining unless the index outgrew its type
+    (then it is rebuilt, and says why). Prints the recall@10 reached against exact
+    search on rows held out of the index while it is tuned.
     """
     from knn.build import BuildSettings, build_index
     from knn.choose import parse_memory
