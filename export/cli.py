@@ -13,8 +13,8 @@ from pairfarm.shardformat import MAX_SHARD_ROWS
 
 @click.command("export")
 @click.argument("layout", type=click.Choice(sorted(LAYOUTS)), metavar="LAYOUT")
-@click.argument("source", type=click.Path(file_okay=False, path_type=Path))
-@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("source")
+@click.argument("dest")
 @click.option("--samples-per-shard", type=click.IntRange(1, MAX_SHARD_ROWS), default=None,
               envvar="PAIRFARM_EXPORT_SAMPLES_PER_SHARD",
               help="Reshard: this many samples per output shard (default: one output "
@@ -28,22 +28,27 @@ from pairfarm.shardformat import MAX_SHARD_ROWS
                    "options, see docs/export.md).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Show a progress bar.")
-def export_command(layout: str, source: Path, dest: Path, **opts: Any) -> None:
+def export_command(layout: str, source: str, dest: str, **opts: Any) -> None:
     """Export a farm's finished shards to DEST in LAYOUT, shards numbered from 0.
 
     LAYOUT: webdataset (img2dataset's), tfds-laion400m (TFDS's laion400m manual_dir,
     embeddings beside it), clip-retrieval (img_emb/ text_emb/ metadata/).
 
     SOURCE is a farm's --out folder (its postprocessed/ folder, else its shards/), or a
-    folder of post-processed or download shards; any set of batch ids. Run it again after
+    folder of post-processed or download shards; any set of batch ids; a local path or an
+    fsspec URL (s3://bucket/farm/shards). DEST is a local folder. Run it again after
     more batches finish: it adds them and rewrites nothing already exported (a short last
     shard of a --samples-per-shard export excepted). Keys are unique across the export.
     """
     from export.errors import ExportError
     from export.run import ExportSettings, export
+    from export.settings import is_url
 
+    if is_url(dest):
+        raise click.BadParameter(f"{dest}: DEST is a local folder (export here, then copy "
+                                 "it)", param_hint="DEST")
     try:
-        settings = ExportSettings(layout=layout, source=source, dest=dest,
+        settings = ExportSettings(layout=layout, source_url=source, dest=Path(dest),
                                   samples_per_shard=opts["samples_per_shard"],
                                   embeddings=opts["embeddings"],
                                   options=_options(opts["layout_options"]))

@@ -100,7 +100,7 @@ def prepare(layout: Layout, settings: ExportSettings) -> tuple[Source, Manifest]
     """The source and the manifest (the existing one when options match)."""
     if settings.options:
         raise LayoutError(f"the {layout.name} layout takes no --layout-option")
-    source = open_source(settings.source)
+    source = open_source(settings.source_url)
     if layout.embeddings is Embeddings.REQUIRED and not (
             source.has_embeddings and settings.embeddings):
         raise LayoutError(f"the {layout.name} layout needs embeddings: {source.folder} is a "

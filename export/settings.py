@@ -13,7 +13,9 @@ from pairfarm.shardformat import MAX_SHARD_ROWS
 @dataclass(frozen=True, kw_only=True)
 class ExportSettings:
     layout: str
-    source: Path
+    #: the farm folder: a local path or an fsspec URL (``s3://bucket/farm``)
+    source_url: str | Path
+    #: a local folder (the staged renames that make a killed export safe are local ones)
     dest: Path
     samples_per_shard: int | None = None
     embeddings: bool = True
@@ -24,6 +26,20 @@ class ExportSettings:
         if self.samples_per_shard is not None and not \
                 0 < self.samples_per_shard <= MAX_SHARD_ROWS:
             raise LayoutError(f"--samples-per-shard must be in 1..{MAX_SHARD_ROWS}")
+
+    @property
+    def source(self) -> Path:
+        """The source as a local folder, for layouts that read it themselves."""
+        if is_url(str(self.source_url)):
+            raise LayoutError(f"the {self.layout} layout reads a local SOURCE folder, not "
+                              f"{self.source_url} (copy it here first)")
+        return Path(self.source_url)
+
+
+def is_url(location: str) -> bool:
+    """An fsspec URL other than ``file://`` (``s3://...``, ``gs://...``)."""
+    protocol, sep, _ = location.partition("://")
+    return bool(sep) and protocol != "file"
 
 
 @dataclass(frozen=True)

@@ -12,21 +12,27 @@ Two kinds, told apart by their files (``open_source``):
 A farm's ``--out`` folder (``pairfarm up``) is read through its ``postprocessed/`` folder
 when it has one, else its ``shards/`` folder. Samples come in parquet row order.
 
-Error handling: a missing or unreadable file, or a tar that lacks a selected row's image,
-raises ``SourceError`` naming the file.
+The folder is a local path or an fsspec URL (``s3://bucket/farm``: where ``pairfarm
+worker --output`` put the shards); everything is read through its fsspec filesystem, a
+tar with one open file that is indexed, then read member by member with seeks.
+
+Error handling: a missing or unreadable file (``OSError`` and fsspec's ``ValueError``s),
+or a tar that lacks a selected row's image, raises ``SourceError`` naming the file.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,8 +76,14 @@ class Member:
 
 @dataclass(frozen=True)
 class Source:
-    folder: Path
+    fs: fsspec.AbstractFileSystem
+    root: str  # the shard folder, in ``fs``'s terms
     kind: SourceKind
+
+    @property
+    def folder(self) -> str:
+        """The shard folder as the user names it (a path or a URL)."""
+        return str(self.fs.unstrip_protocol(self.root)) if _remote(self.fs) else self.root
 
     @property
     def has_embeddings(self) -> bool:
@@ -80,8 +92,8 @@ class Source:
     def done_batches(self) -> list[int]:
         """Batch ids whose shard is finished, ascending (any set: gaps are fine)."""
         pattern = DONE_MARKER[self.kind]
-        return sorted(int(m.group(1)) for p in self.folder.iterdir()
-                      if (m := pattern.match(p.name)))
+        return sorted(int(m.group(1)) for name in _names(self.fs, self.root)
+                      if (m := pattern.match(name)))
 
     def selected_rows(self, batch_id: int) -> list[int]:
         """Parquet rows of the batch that the export takes, in order."""
@@ -94,10 +106,10 @@ class Source:
         table = self._table(batch_id)
         selected = _selected(self.kind, table)
         emb = self._embeddings(batch_id, len(selected))
-        index = _index_tar(self._path(batch_id, ".tar"))
         tar_path = self._path(batch_id, ".tar")
         records = table.to_pylist()
-        with _open(tar_path) as tar_file:
+        with _open(self.fs, tar_path) as tar_file:
+            index = _index_tar(tar_file, tar_path)
             for n, row in enumerate(selected):
                 if n < skip or (rows is not None and row not in rows):
                     continue
@@ -106,23 +118,25 @@ class Source:
                               tar_path=tar_path,
                               emb=None if emb is None else (emb[0][n], emb[1][n]))
 
-    def _path(self, batch_id: int, suffix: str) -> Path:
-        return self.folder / f"{shard_stem(batch_id)}{suffix}"
+    def _path(self, batch_id: int, suffix: str) -> str:
+        return f"{self.root}/{shard_stem(batch_id)}{suffix}"
 
     def _table(self, batch_id: int, columns: list[str] | None = None) -> pa.Table:
         path = self._path(batch_id, ".parquet")
         try:
-            schema = pq.read_schema(path)
-            wanted = None if columns is None else [c for c in columns if c in schema.names]
-            return pq.read_table(path, columns=wanted)
-        except (OSError, pa.ArrowException) as exc:
+            with self.fs.open(path, "rb") as f:
+                schema = pq.read_schema(f)
+                wanted = None if columns is None else [c for c in columns if c in schema.names]
+                f.seek(0)
+                return pq.read_table(f, columns=wanted)
+        except (OSError, ValueError, pa.ArrowException) as exc:
             raise SourceError(f"cannot read {path}: {exc}") from exc
 
     def _embeddings(self, batch_id: int, n: int) -> tuple[np.ndarray, np.ndarray] | None:
         if not self.has_embeddings:
             return None
         files = embedding_files(shard_stem(batch_id))
-        img, txt = (_load_npy(self.folder / "embeddings" / files[name])
+        img, txt = (_load_npy(self.fs, f"{self.root}/embeddings/{files[name]}")
                     for name in ("img_emb", "text_emb"))
         if len(img) != n or len(txt) != n:
             raise SourceError(f"{self.folder}: batch {batch_id} has {n} kept rows but "
@@ -130,22 +144,41 @@ class Source:
         return img, txt
 
 
-def open_source(path: Path) -> Source:
-    """The source at ``path``: a farm's ``--out`` folder or a folder of shards."""
-    if not path.is_dir():
-        raise SourceError(f"{path} is not a folder")
-    for sub, kind in (("postprocessed", SourceKind.POSTPROCESSED),
-                      ("shards", SourceKind.DOWNLOAD)):
-        if (path / sub).is_dir():
-            return Source(path / sub, kind)
-    names = [p.name for p in path.iterdir()]
-    if (path / "embeddings").is_dir() or any(DONE_MARKER[SourceKind.POSTPROCESSED].match(n)
-                                             for n in names):
-        return Source(path, SourceKind.POSTPROCESSED)
+def open_source(location: str | Path) -> Source:
+    """The source at ``location`` (a local path or an fsspec URL): a farm's ``--out``
+    folder or a folder of shards."""
+    try:
+        fs, root = fsspec.core.url_to_fs(str(location))
+        root = root.rstrip("/") or root
+        if not fs.isdir(root):
+            raise SourceError(f"{location} is not a folder")
+        for sub, kind in (("postprocessed", SourceKind.POSTPROCESSED),
+                          ("shards", SourceKind.DOWNLOAD)):
+            if fs.isdir(f"{root}/{sub}"):
+                return Source(fs, f"{root}/{sub}", kind)
+        names = _names(fs, root)
+    except (OSError, ValueError, ImportError) as exc:
+        raise SourceError(f"cannot read {location}: {exc}") from exc
+    if "embeddings" in names or any(DONE_MARKER[SourceKind.POSTPROCESSED].match(n)
+                                    for n in names):
+        return Source(fs, root, SourceKind.POSTPROCESSED)
     if any(DONE_MARKER[SourceKind.DOWNLOAD].match(n) for n in names):
-        return Source(path, SourceKind.DOWNLOAD)
-    raise SourceError(f"{path} holds no farm shards (no NNNNNNNN_stats.json nor "
+        return Source(fs, root, SourceKind.DOWNLOAD)
+    raise SourceError(f"{location} holds no farm shards (no NNNNNNNN_stats.json nor "
                       "NNNNNNNN_postprocess.json, no shards/ or postprocessed/ folder)")
+
+
+def _remote(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" not in fs.protocol if isinstance(fs.protocol, tuple) else fs.protocol != "file"
+
+
+def _names(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
+    """The names of the entries of ``folder`` (fresh: no listing cached by fsspec)."""
+    try:
+        fs.invalidate_cache(folder)
+        return [PurePosixPath(p.rstrip("/")).name for p in fs.ls(folder, detail=False)]
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"cannot list {folder}: {exc}") from exc
 
 
 def _selected(kind: SourceKind, table: pa.Table) -> list[int]:
@@ -156,42 +189,46 @@ def _selected(kind: SourceKind, table: pa.Table) -> list[int]:
     return [i for i, s in enumerate(table.column("status").to_pylist()) if s == STATUS_SUCCESS]
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _load_npy(fs: fsspec.AbstractFileSystem, path: str) -> np.ndarray:
     try:
-        return np.load(path)
+        with fs.open(path, "rb") as f:
+            return np.load(io.BytesIO(f.read()))
     except (OSError, ValueError) as exc:
         raise SourceError(f"cannot read {path}: {exc}") from exc
 
 
-def _open(path: Path) -> Any:
+def _open(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     try:
-        return open(path, "rb")
-    except OSError as exc:
+        return fs.open(path, "rb")
+    except (OSError, ValueError) as exc:
         raise SourceError(f"cannot read {path}: {exc}") from exc
 
 
-def _index_tar(path: Path) -> dict[str, dict[str, Member]]:
-    """key -> extension -> where the member's bytes are."""
+def _index_tar(tar_file: Any, path: str) -> dict[str, dict[str, Member]]:
+    """key -> extension -> where the member's bytes are in the open ``tar_file``."""
     index: dict[str, dict[str, Member]] = {}
     try:
-        with tarfile.open(path, "r:") as tar:
+        with tarfile.open(fileobj=tar_file, mode="r:") as tar:
             for info in tar:
                 if info.isfile():
-                    key, _, ext = Path(info.name).name.partition(".")
+                    key, _, ext = PurePosixPath(info.name).name.partition(".")
                     index.setdefault(key, {})[ext.lower()] = Member(info.offset_data, info.size)
-    except (OSError, tarfile.TarError) as exc:
+    except (OSError, ValueError, tarfile.TarError) as exc:
         raise SourceError(f"cannot read {path}: {exc}") from exc
     return index
 
 
 def _read(tar_file: Any, member: Member) -> bytes:
-    tar_file.seek(member.offset)
-    data: bytes = tar_file.read(member.size)
+    try:
+        tar_file.seek(member.offset)
+        data: bytes = tar_file.read(member.size)
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"cannot read {tar_file.path}: {exc}") from exc
     return data
 
 
 def _sample(batch_id: int, row: int, record: dict[str, Any], *, parts: dict[str, Member],
-            tar_file: Any, tar_path: Path,
+            tar_file: Any, tar_path: str,
             emb: tuple[np.ndarray, np.ndarray] | None) -> Sample:
     ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
     if ext is None:

@@ -101,25 +101,25 @@ def test_webdataset_numbers_shards_from_zero_over_gaps_and_adds_new_batches(
         tmp_path: Path) -> None:
     farm, dest = tmp_path / "shards", tmp_path / "wds"
     captions = _farm(farm, {1: 7, 2: 5, 4: 6})  # batch 3 failed: a gap
-    export(ExportSettings(layout="webdataset", source=farm, dest=dest))
+    export(ExportSettings(layout="webdataset", source_url=farm, dest=dest))
     _check_webdataset(dest, captions)
     assert sorted(p.name for p in dest.glob("*.tar")) == [f"{i:08d}.tar" for i in range(3)]
     before = _digests(dest)
 
     captions += _farm(farm, {6: 4, 5: 3})  # more batches finished
-    result = export(ExportSettings(layout="webdataset", source=farm, dest=dest))
+    result = export(ExportSettings(layout="webdataset", source_url=farm, dest=dest))
     assert (result.batches, result.shards) == (2, 5)
     _check_webdataset(dest, captions)
     after = _digests(dest)
     assert {k: after[k] for k in before} == before  # nothing rewritten
-    again = export(ExportSettings(layout="webdataset", source=farm, dest=dest))
+    again = export(ExportSettings(layout="webdataset", source_url=farm, dest=dest))
     assert (again.batches, again.samples) == (0, 0) and _digests(dest) == after
 
 
 def test_resharding_fills_shards_and_rewrites_only_the_short_last_one(tmp_path: Path) -> None:
     farm, dest = tmp_path / "shards", tmp_path / "wds"
     captions = _farm(farm, {1: 9, 3: 6})  # 6 + 4 ok rows
-    settings = ExportSettings(layout="webdataset", source=farm, dest=dest, samples_per_shard=4)
+    settings = ExportSettings(layout="webdataset", source_url=farm, dest=dest, samples_per_shard=4)
     export(settings)
     _check_webdataset(dest, captions)
     assert [len(pq.read_table(p)) for p in sorted(dest.glob("*.parquet"))] == [4, 4, 2]
@@ -154,9 +154,9 @@ def test_an_interrupted_export_resumes_without_a_sample_twice(tmp_path: Path,
     farm = tmp_path / "shards"
     captions = _farm(farm, {1: 8, 2: 8, 5: 8})
     once, twice = tmp_path / "once", tmp_path / "twice"
-    export(ExportSettings(layout="webdataset", source=farm, dest=once,
+    export(ExportSettings(layout="webdataset", source_url=farm, dest=once,
                           samples_per_shard=per_shard))
-    settings = ExportSettings(layout="webdataset", source=farm, dest=twice,
+    settings = ExportSettings(layout="webdataset", source_url=farm, dest=twice,
                               samples_per_shard=per_shard)
     with pytest.raises(Interrupted):
         export(settings, advance=_stop_after(7))  # mid-way through batch 2
@@ -171,7 +171,7 @@ def test_a_killed_runs_temporary_files_are_removed(tmp_path: Path) -> None:
     captions = _farm(farm, {1: 4})
     dest.mkdir()
     (dest / ".00000000.tar.tmp").write_bytes(b"half a tar")
-    export(ExportSettings(layout="webdataset", source=farm, dest=dest))
+    export(ExportSettings(layout="webdataset", source_url=farm, dest=dest))
     assert not (dest / ".00000000.tar.tmp").exists()
     _check_webdataset(dest, captions)
 
@@ -179,23 +179,23 @@ def test_a_killed_runs_temporary_files_are_removed(tmp_path: Path) -> None:
 def test_other_options_on_an_existing_export_are_refused(tmp_path: Path) -> None:
     farm, dest = tmp_path / "shards", tmp_path / "wds"
     _farm(farm, {1: 4})
-    export(ExportSettings(layout="webdataset", source=farm, dest=dest))
+    export(ExportSettings(layout="webdataset", source_url=farm, dest=dest))
     with pytest.raises(ManifestError, match="samples_per_shard None"):
-        export(ExportSettings(layout="webdataset", source=farm, dest=dest, samples_per_shard=2))
+        export(ExportSettings(layout="webdataset", source_url=farm, dest=dest, samples_per_shard=2))
 
 
 def test_errors_name_what_is_wrong(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="holds no farm shards"):
-        export(ExportSettings(layout="webdataset", source=tmp_path / "empty",
+        export(ExportSettings(layout="webdataset", source_url=tmp_path / "empty",
                               dest=tmp_path / "out"))
     _farm(tmp_path / "shards", {1: 4})
     with pytest.raises(LayoutError, match="needs embeddings"):
-        export(ExportSettings(layout="clip-retrieval", source=tmp_path / "shards",
+        export(ExportSettings(layout="clip-retrieval", source_url=tmp_path / "shards",
                               dest=tmp_path / "out"))
     (tmp_path / "shards" / "00000001.tar").write_bytes(b"not a tar")
     with pytest.raises(ExportError, match=r"00000001\.tar"):
-        export(ExportSettings(layout="webdataset", source=tmp_path / "shards",
+        export(ExportSettings(layout="webdataset", source_url=tmp_path / "shards",
                               dest=tmp_path / "out2"))
 
 
@@ -240,7 +240,7 @@ def test_pairfarm_download_keys_are_unique_across_its_shards_and_export(tmp_path
     assert [stem for stem, _ in rows][::5] == ["00000000", "00000001", "00000002"]
     assert [r["key"] for _, r in rows] == [key_of(n // 5, n % 5) for n in range(14)]
     ok = [r["caption"] for _, r in rows if r["status"] == "success"]
-    export(ExportSettings(layout="webdataset", source=tmp_path / "dl", dest=tmp_path / "wds"))
+    export(ExportSettings(layout="webdataset", source_url=tmp_path / "dl", dest=tmp_path / "wds"))
     _check_webdataset(tmp_path / "wds", ok, first_batch=0)
 
 
@@ -281,9 +281,9 @@ def test_clip_retrieval_keeps_embeddings_aligned_with_metadata_across_reshards(
         tmp_path: Path) -> None:
     farm, dest = tmp_path / "post", tmp_path / "cr"
     kept = _postprocessed(farm, {2: 9, 5: 7}, width=16)
-    export(ExportSettings(layout="clip-retrieval", source=farm, dest=dest, samples_per_shard=3))
+    export(ExportSettings(layout="clip-retrieval", source_url=farm, dest=dest, samples_per_shard=3))
     kept += _postprocessed(farm, {6: 6}, width=16)
-    export(ExportSettings(layout="clip-retrieval", source=farm, dest=dest, samples_per_shard=3))
+    export(ExportSettings(layout="clip-retrieval", source_url=farm, dest=dest, samples_per_shard=3))
     got_meta, got_emb = [], []
     shards = len(list((dest / "img_emb").glob("*.npy")))
     for i in range(shards):
@@ -303,10 +303,10 @@ def test_tfds_layout_names_members_by_row_and_refuses_other_widths(tmp_path: Pat
     farm = tmp_path / "post"
     kept = _postprocessed(farm, {1: 8, 3: 8}, width=32)
     with pytest.raises(LayoutError, match="512-wide embeddings; these are 32 wide"):
-        export(ExportSettings(layout="tfds-laion400m", source=farm, dest=tmp_path / "t32"))
+        export(ExportSettings(layout="tfds-laion400m", source_url=farm, dest=tmp_path / "t32"))
     assert not (tmp_path / "t32" / "00000.tar").exists()  # refused before writing
     dest = tmp_path / "tfds"
-    export(ExportSettings(layout="tfds-laion400m", source=farm, dest=dest, embeddings=False))
+    export(ExportSettings(layout="tfds-laion400m", source_url=farm, dest=dest, embeddings=False))
     assert sorted(p.name for p in dest.iterdir() if not p.name.startswith("pairfarm")) == [
         "00000.parquet", "00000.tar", "00001.parquet", "00001.tar"]
     captions = []
