@@ -21,14 +21,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from export.errors import LayoutError
+from pairfarm.staging import TMP_SUFFIX, temporary_beside
 
 T = TypeVar("T")
 TAR_MTIME = 0  # reproducible tars, as the farm writes them
-TMP_SUFFIX = ".tmp"
 
 
 def tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{TMP_SUFFIX}")
+    return temporary_beside(path)
 
 
 def guard(path: Path, func: Callable[[], T]) -> T:

@@ -14,12 +14,12 @@ shard size, raises ``ManifestError``.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from export.errors import ManifestError
+from pairfarm.staging import replacing
 
 NAME = "pairfarm-export.json"
 VERSION = 1
@@ -59,12 +59,11 @@ class Manifest:
                                 "folder or repeat the same options")
 
     def save(self, dest: Path) -> None:
-        path, tmp = dest / NAME, dest / f".{NAME}.tmp"
+        path = dest / NAME
         data = {"version": VERSION, **asdict(self)}
         try:
-            dest.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(data, indent=1))
-            os.replace(tmp, path)
+            with replacing(path) as tmp:
+                tmp.write_text(json.dumps(data, indent=1))
         except OSError as exc:
             raise ManifestError(f"cannot write {path}: {exc}") from exc
 

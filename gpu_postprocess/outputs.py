@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
@@ -52,6 +51,7 @@ from pairfarm.shardformat import (
     shard_stem,
     stats_name,
 )
+from pairfarm.staging import replacing
 
 TAR_MTIME = 0  # reproducible tars
 
@@ -79,16 +79,13 @@ def _nullable(x: np.ndarray) -> list[float | None]:
 
 @contextlib.contextmanager
 def atomic(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` on success."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Yield a temporary path beside ``path``; rename it to ``path`` on success
+    (``pairfarm.staging.replacing``)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        yield tmp
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            yield tmp
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

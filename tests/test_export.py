@@ -332,3 +332,24 @@ def test_per_shard_layouts_refuse_layout_options(tmp_path: Path) -> None:
     bad = run_cli("export", "webdataset", str(tmp_path / "shards"), str(tmp_path / "w"),
                   "-O", "queries", check=False)
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
+
+
+def test_replacing_keeps_the_old_file_until_the_new_one_is_whole(tmp_path: Path) -> None:
+    """``pairfarm.staging.replacing``, which the export's manifest and post-processing's
+    outputs write through: a failed block leaves the old file and no temporary name."""
+    from pairfarm.staging import replacing, temporary_beside
+
+    target = tmp_path / "sub" / "manifest.json"
+    with replacing(target) as tmp:
+        assert tmp == temporary_beside(target) == tmp_path / "sub" / ".manifest.json.tmp"
+        tmp.write_text("one")
+    assert target.read_text() == "one"
+
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom), replacing(target) as tmp:
+        tmp.write_text("half")
+        raise Boom
+    assert target.read_text() == "one" and sorted(p.name for p in target.parent.iterdir()) == [
+        "manifest.json"]
