@@ -209,6 +209,42 @@ def test_a_rerun_after_kill_9_skips_done_shards_and_redoes_the_rest(tmp_path: Pa
         assert stats["count"] == stats["successes"] == size
 
 
+def test_named_columns_and_format_then_overwrite_leaves_no_earlier_shard(
+        tmp_path: Path) -> None:
+    """--input-format for a name that says nothing, --url-col / --caption-col, and
+    --incremental-mode overwrite after a longer list: img2dataset deletes the folder, so
+    no shard of the earlier run may survive (its other files do here)."""
+    routes = {f"/{n}.jpg": hs.route_ok(BODIES[n]) for n in range(5)}
+    out = tmp_path / "out"
+    listing = tmp_path / "urls.list"
+    with hs.server_thread(routes) as server:
+        def write(count: int, tag: str) -> None:
+            listing.write_text("link,text\n" + "".join(
+                f"http://127.0.0.1:{server.port}/{n}.jpg,{tag} {n}\n" for n in range(count)))
+
+        def download(*extra: str) -> str:
+            return run_cli("download", str(listing), "-o", str(out), "--allow-cidr",
+                           "127.0.0.0/8", "--no-progress", "--input-format", "csv",
+                           "--url-col", "link", "--caption-col", "text", "--shard-size",
+                           "2", "--decode-threads", "1", *extra).stdout
+
+        write(5, "first")
+        download("--output-format", "files")
+        assert sorted(p.name for p in out.glob("0*")) == [
+            f"{n:08d}{s}" for n in range(3) for s in ("", ".parquet", "_stats.json")]
+        assert [r["caption"] for r in _rows(out)] == [f"first {n}" for n in range(5)]
+        (out / "notes.md").write_text("mine")
+        write(2, "second")
+        assert "0 shards written, 1 already done" in download("--output-format", "files")
+        said = download("--output-format", "files", "--incremental-mode", "overwrite")
+    assert "1 shards written, 0 already done" in said
+    assert sorted(p.name for p in out.iterdir()) == [
+        "00000000", "00000000.parquet", "00000000_stats.json", "notes.md"]
+    assert [r["caption"] for r in _rows(out)] == ["second 0", "second 1"]
+    assert sorted(p.name for p in (out / "00000000").iterdir()) == sorted(
+        f"{r['key']}.{e}" for r in _rows(out) for e in ("jpg", "txt", "json"))
+
+
 def test_processes_share_the_shards_each_url_fetched_once(tmp_path: Path) -> None:
     count, size = 16, 4
     routes = {f"/{n}.jpg": hs.route_ok(BODIES[n]) for n in range(count)}

@@ -273,7 +273,7 @@ def _peak_rss_mb() -> float:
 @_opt("--incremental-mode", env="INCREMENTAL_MODE", type=click.Choice(INCREMENTAL_MODES),
       default="incremental",
       help="incremental: skip the shards whose stats json exists, redo the others; "
-           "overwrite: redo every shard.")
+           "overwrite: remove the earlier run's shards, redo every shard.")
 @_opt("--processes", env="PROCESSES", type=click.IntRange(1, 256), default=1,
       help="Processes downloading shards at once (img2dataset's processes_count).")
 @pipeline_options

@@ -8,7 +8,10 @@ Resume (img2dataset's ``incremental`` mode, the default): a shard whose stats js
 is done (the json is written last) and is skipped; any other shard is downloaded again
 from its first row, and its files replace what an interrupted run left; the hidden
 temporary files such a run left are removed first. So after a kill -9 and a rerun every
-input row is in exactly one finished shard. ``overwrite`` downloads every shard again.
+input row is in exactly one finished shard. ``overwrite`` starts the folder afresh as
+img2dataset's does (it deletes the whole folder): every shard file of an earlier run is
+removed first (only those: ``N.tar``, ``N.parquet``, ``N_stats.json``, ``N/``; other files
+stay), so no shard of an earlier, longer list survives, then every shard is downloaded.
 One ``pairfarm download`` per output folder at a time.
 
 ``processes`` > 1 runs the shards in that many processes (``spawn``), each shard in one
@@ -42,6 +45,8 @@ from worker.robotstxt import RobotsCache
 from worker.settings import PipelineSettings
 
 _DONE = re.compile(r"^(\d+)_stats\.json$")
+#: what a shard of ``pairfarm download`` is made of, in any layout
+_SHARD_FILE = re.compile(r"^\d+(\.tar|\.parquet|_stats\.json)?$")
 _TEMPORARY = ".tmp-"
 
 
@@ -116,6 +121,17 @@ def done_shards(fs: fsspec.AbstractFileSystem, directory: str) -> set[int]:
     return {int(m.group(1)) for m in map(_DONE.match, names) if m}
 
 
+def clear_shards(fs: fsspec.AbstractFileSystem, directory: str) -> int:
+    """Remove every shard file and folder of an earlier run (``overwrite``)."""
+    if not fs.exists(directory):
+        return 0
+    found = [path for path in fs.ls(directory, detail=False)
+             if _SHARD_FILE.match(path.rstrip("/").rsplit("/", 1)[-1])]
+    for path in found:
+        fs.rm(path, recursive=True)
+    return len(found)
+
+
 def clear_leftovers(fs: fsspec.AbstractFileSystem, directory: str) -> int:
     """Remove the hidden temporary files and folders an interrupted run left."""
     if not fs.exists(directory):
@@ -153,6 +169,8 @@ def run(plan: DownloadPlan, settings: PipelineSettings, metrics: WorkerMetrics,
     fs, directory = storage(plan.output)
     fs.makedirs(directory, exist_ok=True)
     clear_leftovers(fs, directory)
+    if not plan.incremental:
+        clear_shards(fs, directory)
     totals = Totals()
     start = time.monotonic()
     shards = pending(plan, fs, directory, totals)
