@@ -118,8 +118,10 @@ def test_two_processes_lease_every_candidate_once(db_url: str, engine: sa.Engine
 def test_two_processes_reap_each_expired_lease_once(db_url: str, engine: sa.Engine,
                                                    tmp_path: Path) -> None:
     insert_candidates(db_url, 10 * BATCH)
+    # the TTL outlasts the ten leases even on a loaded machine (at 1 s a lease could
+    # expire and be re-leased by the next client before all ten were out)
     running = start_coordinator(db_url, tmp_path / "coordinator.log", "--processes", "2",
-                                "--batch-size", str(BATCH), "--lease-ttl", "1",
+                                "--batch-size", str(BATCH), "--lease-ttl", "5",
                                 "--reap-interval", "0.2")
     try:
         first: list[int] = []
@@ -128,6 +130,7 @@ def test_two_processes_reap_each_expired_lease_once(db_url: str, engine: sa.Engi
                 lease = client.lease_download()
                 assert lease is not None
                 first.append(lease.batch_id)
+        assert len(set(first)) == 10, f"a lease expired while leasing: {first}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with engine.connect() as conn:
