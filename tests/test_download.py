@@ -19,11 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import trio
-from PIL import Image, ImageChops
+from PIL import Image, ImageChops, ImageFilter
 
 from tests import hostile_server as hs
 from tests.conftest import REPO, cli_env, run_cli
-from worker.blur import grown_box, parse_boxes
+from worker.blur import blur_boxes, grown_box, parse_boxes
 from worker.errors import SettingsError
 from worker.imaging import RowInput, process_image
 from worker.inputs import Columns, input_files, shards_of_files
@@ -401,6 +401,15 @@ def test_blur_changes_pixels_only_in_the_grown_box_and_its_rim(mode: str) -> Non
 
 def _changed_box(a: Image.Image, b: Image.Image) -> tuple[int, int, int, int] | None:
     return ImageChops.difference(a, b).getbbox()
+
+
+def test_a_box_reaching_the_edges_blurs_the_last_row_and_column_too() -> None:
+    """img2dataset's mask[y0:y1, x0:x1] = 1 with slices clamped at the image's size: a
+    box over the whole image masks every pixel, so the result is the blurred image."""
+    image = _pixels(hs.jpeg_bytes(120, 90, seed=4))
+    assert grown_box((0.0, 0.0, 1.0, 1.0), image.size)[:4] == (0, 0, 120, 90)
+    whole = blur_boxes(image, [(0.0, 0.0, 1.0, 1.0)])
+    assert whole.tobytes() == image.filter(ImageFilter.GaussianBlur(0.1 * 120)).tobytes()
 
 
 def test_box_cells_as_img2dataset_stores_them() -> None:

@@ -47,7 +47,9 @@ def _box(item: object) -> Box:
 
 
 def grown_box(box: Box, size: tuple[int, int]) -> tuple[int, int, int, int, int]:
-    """The box in pixels grown by 10 % of its larger side and clipped, and that side."""
+    """The box in pixels grown by 10 % of its larger side and clipped to the image, its
+    ends excluded as numpy slices (``x1`` may be ``width``: the last column is in it),
+    and that side."""
     width, height = size
     x0, y0, x1, y1 = (int(box[0] * width), int(box[1] * height),
                       int(box[2] * width), int(box[3] * height))
@@ -55,7 +57,7 @@ def grown_box(box: Box, size: tuple[int, int]) -> tuple[int, int, int, int, int]
     grow = 0.1 * side
 
     def clip(v: float, top: int) -> int:
-        return min(max(int(v), 0), top - 1)
+        return min(max(int(v), 0), top)
 
     return (clip(x0 - grow, width), clip(y0 - grow, height),
             clip(x1 + grow, width), clip(y1 + grow, height), side)
