@@ -5,10 +5,12 @@ rename) each time a shard is complete, so that it never names a shard that is no
 ``counts``: samples per complete shard, shard ``i`` at ``counts[i]``. ``partial``: the
 batch being read when the last shard was completed and how many of its samples were
 taken. ``tail``: with ``--samples-per-shard``, the samples (batch, parquet row) of the last
-shard when it is not full: that shard is rewritten when more samples come.
+shard when it is not full: that shard is rewritten when more samples come. ``source``:
+the shard folder exported (batch ids mean something only within one farm, so another
+source is refused).
 
-Error handling: an unreadable manifest, or one written with another layout, source kind or
-shard size, raises ``ManifestError``.
+Error handling: an unreadable manifest, or one written with another source, layout,
+source kind or shard size, raises ``ManifestError``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ class Manifest:
     source_kind: str
     samples_per_shard: int | None
     embeddings: bool
+    #: the source's shard folder (``Source.folder``: absolute path or URL); None in a
+    #: manifest written before it was recorded
+    source: str | None = None
     batches: list[int] = field(default_factory=list)
     counts: list[int] = field(default_factory=list)
     partial: tuple[int, int] | None = None
@@ -57,6 +62,10 @@ class Manifest:
                              for k in mine if mine[k] != theirs[k])
             raise ManifestError(f"{dest} holds an export with {diff}; export to another "
                                 "folder or repeat the same options")
+        if None not in (self.source, other.source) and self.source != other.source:
+            raise ManifestError(f"{dest} holds an export of {other.source}, not "
+                                f"{self.source}: its batch ids would be taken for those "
+                                "already exported; export to another folder")
 
     def save(self, dest: Path) -> None:
         path = dest / NAME

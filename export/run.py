@@ -107,7 +107,7 @@ def prepare(layout: Layout, settings: ExportSettings) -> tuple[Source, Manifest]
                           f"{source.kind} folder without them (export a post-processed "
                           "folder)" if settings.embeddings else
                           f"the {layout.name} layout needs embeddings (no --no-embeddings)")
-    wanted = Manifest(layout=layout.name, source_kind=source.kind.value,
+    wanted = Manifest(layout=layout.name, source_kind=source.kind.value, source=source.folder,
                       samples_per_shard=settings.samples_per_shard,
                       embeddings=settings.embeddings and source.has_embeddings
                       and layout.embeddings is not Embeddings.NONE)
@@ -115,6 +115,7 @@ def prepare(layout: Layout, settings: ExportSettings) -> tuple[Source, Manifest]
     if existing is None:
         return source, wanted
     wanted.check_same(existing, settings.dest)
+    existing.source = existing.source or wanted.source  # a manifest from before it was kept
     return source, existing
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import posixpath
 import re
 import tarfile
 from collections.abc import Iterator
@@ -150,6 +151,8 @@ def open_source(location: str | Path) -> Source:
     try:
         fs, root = fsspec.core.url_to_fs(str(location))
         root = root.rstrip("/") or root
+        if not _remote(fs):
+            root = posixpath.normpath(root)  # one name per folder: the manifest keeps it
         if not fs.isdir(root):
             raise SourceError(f"{location} is not a folder")
         for sub, kind in (("postprocessed", SourceKind.POSTPROCESSED),

@@ -184,6 +184,24 @@ def test_other_options_on_an_existing_export_are_refused(tmp_path: Path) -> None
         export(ExportSettings(layout="webdataset", source_url=farm, dest=dest, samples_per_shard=2))
 
 
+def test_another_farm_into_the_same_export_is_refused(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch ids mean something within one farm only: another farm's batch 1 would be
+    taken for the one already exported and silently skipped."""
+    dest = tmp_path / "wds"
+    captions = _farm(tmp_path / "a" / "shards", {1: 4})
+    export(ExportSettings(layout="webdataset", source_url=tmp_path / "a", dest=dest))
+    _farm(tmp_path / "b" / "shards", {1: 5, 2: 3})
+    with pytest.raises(ManifestError, match=r"holds an export of .*a/shards, not .*b/shards"):
+        export(ExportSettings(layout="webdataset", source_url=tmp_path / "b", dest=dest))
+    monkeypatch.chdir(tmp_path / "b")  # the same farm under another name is the same
+    captions += _farm(tmp_path / "a" / "shards", {3: 4})
+    again = export(ExportSettings(layout="webdataset", source_url="../a/./shards/",
+                                  dest=dest))
+    assert again.batches == 1
+    _check_webdataset(dest, captions)
+
+
 def test_errors_name_what_is_wrong(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="holds no farm shards"):
