@@ -7,8 +7,8 @@
   equal the input row's (hex, case ignored); a different or missing one raises
   ``ImageRejected(HASH_MISMATCH)``.
 - ``exif_json(body)``: img2dataset's ``extract_exif``: ``exifread.process_file(...,
-  details=False)``, every tag as ``str(value).strip()``, as a JSON object string; None
-  when the body has no EXIF or exifread cannot read it.
+  details=False)``, every tag as ``str(value).strip()``, as a JSON object string (``{}``
+  when the body has no EXIF); None when exifread cannot read it.
 
 All blocking: called in the decode thread.
 """
@@ -43,7 +43,8 @@ def verify(body: bytes, name: str, expected: object) -> None:
 
 
 def exif_json(body: bytes) -> str | None:
-    """The EXIF tags of ``body`` as img2dataset writes them, or None."""
+    """The EXIF tags of ``body`` as img2dataset writes them (``{}``: none), or None when
+    exifread fails on it."""
     import exifread
 
     try:
