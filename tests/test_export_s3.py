@@ -29,10 +29,11 @@ pytest.importorskip("moto", reason="the loopback S3 server is moto[server] (dev 
 BUCKET = "farm"
 
 
-@pytest.fixture
-def s3(tmp_path: Path) -> Iterator[tuple[str, object]]:
-    """The endpoint of a loopback S3 server with a bucket ``farm``, and an s3fs on it."""
-    with moto_server(tmp_path, BUCKET) as endpoint:
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, object]]:
+    """The endpoint of a loopback S3 server with a bucket ``farm``, and an s3fs on it
+    (one server for the module: each test uses its own prefix)."""
+    with moto_server(tmp_path_factory.mktemp("moto"), BUCKET) as endpoint:
         fs = s3fs.S3FileSystem(key="farm", secret="farm",
                                client_kwargs={"endpoint_url": endpoint,
                                               "region_name": "us-east-1"})
