@@ -28,11 +28,15 @@ from coordinator.ingest.reader import FORMATS
               help="Keep only these extra columns (repeatable); default: keep all others.")
 @click.option("--rejects", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write every rejected row (file, row, reason, url) to this CSV file.")
+@click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
+              envvar="PAIRFARM_INGEST_JOBS",
+              help="Load this many files at once, each on its own connections (and its "
+                   "own PostgreSQL backend); each file is still one transaction.")
 @friendly_errors
 def ingest(*, database_url: str | None, data_dir: Path, files: tuple[Path, ...],
            input_format: str | None, url_col: str, caption_col: str,
            language_col: str | None, extra_cols: tuple[str, ...],
-           rejects: Path | None) -> None:
+           rejects: Path | None, jobs: int) -> None:
     """Load candidate (URL, caption) pairs from FILES into the coordinator.
 
     Rows are validated (http/https only, URL <= 2048 and caption 5..4096 characters,
@@ -53,5 +57,5 @@ def ingest(*, database_url: str | None, data_dir: Path, files: tuple[Path, ...],
     with engine_for(settings) as engine, make_progress() as progress:
         url = engine.url.render_as_string(hide_password=False)
         summaries = run_ingest(url, files, columns, fmt=input_format, rejects=rejects,
-                               progress=progress)
+                               progress=progress, jobs=jobs)
     print_summary(Console(), summaries)

@@ -1,32 +1,52 @@
-"""Ingest files one after another, each in its own transaction, with a progress bar.
+"""Ingest files, each in its own transaction, one after another or ``jobs`` at once,
+with a progress bar.
 
 Within a file, one worker thread reads, validates, hashes and encodes the next chunk (and
 takes its block of ids) while the server copies the current one (``prefetched``): Arrow,
 hashlib and psycopg release the GIL, so the Python side runs on the other core beside the
 server's work instead of adding to it.
 
-Resource handling: two psycopg connections for the whole run (the files' transactions,
-and the id blocks'), closed at the end; the
-rejects file (if asked for) is closed at the end; the prefetch thread is joined when the
-file ends or fails (after the chunk it is preparing). Error handling: the first malformed
-file stops the run with ``IngestError`` (files before it stay loaded, it loads nothing).
+With ``jobs`` > 1, that many threads take the next file from the list as each finishes,
+each on its own connections: several backends load at once, which uses more cores on
+the server's side when its CPU per row is the bound (it grows with ``url_hashes``, see
+BENCHMARKS.md). Each file is still one transaction. The dedup stays exact: a hash
+another file's open transaction inserted makes the second one wait for its commit (then
+it is a duplicate) or rollback. Two files can each wait for a hash the other inserted;
+PostgreSQL then aborts one (a deadlock's victim), which loads nothing and is loaded again
+from its start (``DEADLOCK_ATTEMPTS``). Between files loaded at once, the first to insert
+a URL's hash wins, not necessarily the earlier file of the list.
+
+Resource handling: two psycopg connections per job (the files' transactions, and the id
+blocks'), closed when the job ends; one more for the final ANALYZE; the rejects file (if
+asked for) is closed at the end, each file's rejected rows spooled to a temporary file
+until the file ends; the prefetch thread is joined when the file ends or fails (after the
+chunk it is preparing). Error handling: the first malformed file stops the run with
+``IngestError`` (files before it, and files that other jobs were loading meanwhile, stay
+loaded; it loads nothing); an interrupt cancels the statements of every job (their files
+load nothing).
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Generator, Iterator, Sequence
+import queue
+import tempfile
+import threading
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
 
 import psycopg
+from psycopg import errors
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
 )
@@ -41,28 +61,151 @@ from coordinator.ingest.validate import Columns, Validated, validate
 from coordinator.queries import Q
 
 REJECT_FIELDS = ("file", "row", "reason", "url")
+#: a file whose transaction PostgreSQL chose as a deadlock's victim is loaded again from
+#: its start, up to this many attempts in all
+DEADLOCK_ATTEMPTS = 5
 _END = object()
 T = TypeVar("T")
 
 
 def ingest(database_url: str, paths: Sequence[Path], columns: Columns, *,
            fmt: str | None = None, rejects: Path | None = None,
-           progress: Progress | None = None) -> list[FileSummary]:
-    """Load ``paths`` into the candidates table; one summary per file."""
+           progress: Progress | None = None, jobs: int = 1) -> list[FileSummary]:
+    """Load ``paths`` into the candidates table; one summary per file, in their order.
+
+    ``jobs`` files load at once, each on its own connections (``_Jobs``)."""
+    if jobs < 1:
+        raise IngestError(f"jobs must be at least 1, not {jobs}")
     sources = [detect(p, fmt) for p in paths]
-    with _connect(database_url) as conn, _connect(database_url) as id_conn, \
-            _rejects_writer(rejects) as writer:
-        ids = IdBlocks(id_conn)
-        summaries = [_ingest_file(conn, ids, source, columns, writer=writer,
-                                  progress=progress)
-                     for source in sources]
-        conn.execute(Q.sql("ingest_analyze"))
+    with _rejects_writer(rejects) as writer:
+        run = _Run(database_url, columns, _Rejects(writer), progress)
+        summaries = run.all(sources, jobs)
+        with _connect(database_url) as conn:
+            conn.execute(Q.sql("ingest_analyze"))
     return summaries
 
 
+@dataclass
+class _Run:
+    """What every file of one ``ingest`` call shares."""
+
+    database_url: str
+    columns: Columns
+    rejects: _Rejects
+    progress: Progress | None
+
+    def all(self, sources: Sequence[InputFile], jobs: int) -> list[FileSummary]:
+        """Each file's summary, in order; the first file that fails (in the files'
+        order) raises once every job has stopped."""
+        todo: queue.SimpleQueue[tuple[int, InputFile]] = queue.SimpleQueue()
+        for item in enumerate(sources):
+            todo.put(item)
+        state = _Jobs([None] * len(sources))
+        if jobs == 1 or len(sources) == 1:
+            self.job(todo, state)
+        else:
+            state.run_threads(min(jobs, len(sources)), lambda: self.job(todo, state))
+        return state.result()
+
+    def job(self, todo: queue.SimpleQueue[tuple[int, InputFile]], state: _Jobs) -> None:
+        """Load files from ``todo`` on a connection pair of this job until none is left or
+        a file failed."""
+        try:
+            with _connect(self.database_url) as conn, _connect(self.database_url) as id_conn:
+                state.opened(conn)
+                ids = IdBlocks(id_conn)
+                while not state.stop.is_set():
+                    try:
+                        index, source = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    try:
+                        state.summaries[index] = self.file(conn, ids, source)
+                    except Exception as exc:
+                        state.failed(index, exc)
+        except Exception as exc:  # connecting
+            state.failed(-1, exc)
+
+    def file(self, conn: psycopg.Connection, ids: IdBlocks,
+             source: InputFile) -> FileSummary:
+        """One file in one transaction; loaded again from its start when PostgreSQL
+        chose it as a deadlock's victim."""
+        task = self.progress.add_task(source.path.name, total=None) if self.progress else None
+        try:
+            for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+                with self.rejects.spool() as spool:
+                    try:
+                        return _ingest_file(conn, ids, source, self.columns,
+                                            writer=spool.writer, progress=self.progress,
+                                            task=task)
+                    except _Deadlock:
+                        if attempt == DEADLOCK_ATTEMPTS:
+                            raise
+                        spool.discard()
+                        if self.progress is not None and task is not None:
+                            self.progress.reset(task)
+            raise AssertionError("unreachable")
+        except _Deadlock as exc:
+            raise IngestError(f"{source.name}: chosen as a deadlock's victim "
+                              f"{DEADLOCK_ATTEMPTS} times with concurrent ingests: "
+                              f"{exc.cause} (nothing of this file was loaded)") from exc
+        finally:
+            if self.progress is not None and task is not None:
+                self.progress.stop_task(task)
+
+
+class _Deadlock(IngestError):
+    """The file's transaction was a deadlock's victim (two ingests, each waiting for a
+    URL hash the other inserted); nothing of the file was loaded."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+@dataclass
+class _Jobs:
+    """The summaries and the first failure of the jobs of one run; the connections in
+    use, to cancel their statements when the run is interrupted."""
+
+    summaries: list[FileSummary | None]
+    stop: threading.Event = field(default_factory=threading.Event)
+    errors: list[tuple[int, Exception]] = field(default_factory=list)
+    connections: list[psycopg.Connection] = field(default_factory=list)
+
+    def opened(self, conn: psycopg.Connection) -> None:
+        self.connections.append(conn)
+
+    def failed(self, index: int, exc: Exception) -> None:
+        self.errors.append((index, exc))
+        self.stop.set()
+
+    def run_threads(self, count: int, target: Callable[[], None]) -> None:
+        threads = [threading.Thread(target=target, name=f"ingest-job-{i}")
+                   for i in range(count)]
+        for thread in threads:
+            thread.start()
+        try:
+            for thread in threads:
+                thread.join()
+        except BaseException:
+            self.stop.set()  # Ctrl-C: the files in flight fail, loading nothing
+            for conn in list(self.connections):
+                conn.cancel_safe()
+            for thread in threads:
+                thread.join()
+            raise
+
+    def result(self) -> list[FileSummary]:
+        if self.errors:
+            raise min(self.errors, key=lambda e: e[0] if e[0] >= 0 else len(self.summaries))[1]
+        assert all(s is not None for s in self.summaries)
+        return cast(list[FileSummary], self.summaries)
+
+
 def _ingest_file(conn: psycopg.Connection, ids: IdBlocks, source: InputFile,
-                 columns: Columns, *, writer: Any, progress: Progress | None) -> FileSummary:
-    task = progress.add_task(source.path.name, total=None) if progress else None
+                 columns: Columns, *, writer: Any, progress: Progress | None,
+                 task: TaskID | None) -> FileSummary:
     try:
         with conn.transaction():
             loader = FileLoader(conn, source, ids.reserve)
@@ -77,12 +220,11 @@ def _ingest_file(conn: psycopg.Connection, ids: IdBlocks, source: InputFile,
         message = str(exc)
         prefix = "" if message.startswith(source.name) else f"{source.name}: "
         raise IngestError(f"{prefix}{message} (nothing of this file was loaded)") from exc
+    except errors.DeadlockDetected as exc:
+        raise _Deadlock(str(exc).strip()) from exc
     except psycopg.Error as exc:
         raise IngestError(f"{source.name}: the database refused the data: "
                           f"{str(exc).strip()} (nothing of this file was loaded)") from exc
-    finally:
-        if progress is not None and task is not None:
-            progress.stop_task(task)
 
 
 def _prepared(loader: FileLoader, source: InputFile,
@@ -126,6 +268,41 @@ def _rejects_writer(path: Path | None) -> Iterator[Any]:
         writer = csv.writer(handle)
         writer.writerow(REJECT_FIELDS)
         yield writer
+
+
+class _Rejects:
+    """The run's rejects CSV (or none), shared by its jobs: each file's rejected rows are
+    spooled to a temporary file and appended whole, under a lock, when the file ends
+    (loaded or failed); a deadlock's victim discards its spool and starts again."""
+
+    def __init__(self, writer: Any) -> None:
+        self._writer = writer
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def spool(self) -> Iterator[_Spool]:
+        if self._writer is None:
+            yield _Spool(None)
+            return
+        with tempfile.TemporaryFile("w+", newline="", encoding="utf-8") as handle:
+            spool = _Spool(handle)
+            try:
+                yield spool
+            finally:
+                if not spool.discarded:
+                    handle.seek(0)
+                    with self._lock:
+                        self._writer.writerows(csv.reader(handle))
+
+
+class _Spool:
+    def __init__(self, handle: IO[str] | None) -> None:
+        self.handle = handle
+        self.writer = csv.writer(handle) if handle is not None else None
+        self.discarded = False
+
+    def discard(self) -> None:
+        self.discarded = True
 
 
 def _write_rejects(writer: Any, source: InputFile, checked: Validated) -> None:

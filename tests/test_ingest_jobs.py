@@ -1,0 +1,139 @@
+"""Ingest: several files at once (--jobs), and a file that was a deadlock's victim."""
+
+from __future__ import annotations
+
+import csv
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import psycopg
+import pyarrow as pa
+import pyarrow.parquet as pq
+import sqlalchemy as sa
+
+from coordinator.ingest.reader import PARQUET_BATCH_ROWS
+from coordinator.ingest.run import ingest
+from coordinator.ingest.urlhash import url_hash
+from coordinator.ingest.validate import Columns
+from tests.conftest import cli_env, run_cli
+from tests.leasing import engine_for
+
+
+def _csv(path: Path, urls: list[str]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["url", "caption"])
+        writer.writerows((u, f"caption of {u}") for u in urls)
+    return path
+
+
+def _scalar(db_url: str, query: str) -> Any:
+    with engine_for(db_url) as engine, engine.connect() as conn:
+        return conn.execute(sa.text(query)).scalar_one()
+
+
+def _hold_hashes(conn: psycopg.Connection, *urls: str) -> None:
+    for url in urls:
+        conn.execute("INSERT INTO url_hashes (h) VALUES (%s)", [UUID(bytes=url_hash(url))])
+
+
+def _wait_for(what: str, done: Any, thread: threading.Thread, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert thread.is_alive(), f"the ingest ended before {what}"
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.05)
+
+
+def _waits_for_a_lock(db_url: str) -> bool:
+    return bool(_scalar(db_url, "SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                                "current_database() AND wait_event_type = 'Lock'"))
+
+
+def test_jobs_load_overlapping_files_each_url_once(db_url: str, tmp_path: Path) -> None:
+    """Four files whose URLs overlap, two at a time: every URL once, each file's summary
+    in the files' order, read = inserted + duplicates, one hash and one pending id each."""
+    files = [_csv(tmp_path / f"f{k}.csv", [f"http://o.test/{i}.jpg"
+                                          for i in range(k * 60, k * 60 + 100)])
+             for k in range(4)]
+    out = run_cli("ingest", "--jobs", "2", *map(str, files),
+                  env=cli_env(DATABASE_URL=db_url)).stdout
+    unique = 3 * 60 + 100
+    assert f"read 400, inserted {unique}, duplicate {400 - unique}" in out
+    assert [line.split()[1] for line in out.splitlines()
+            if line.strip().startswith("│ f")] == [f"f{k}.csv" for k in range(4)]
+    assert _scalar(db_url, "SELECT count(DISTINCT url) FROM candidates") == unique
+    assert _scalar(db_url, "SELECT count(*) FROM candidates") == unique
+    assert _scalar(db_url, "SELECT count(*) FROM url_hashes") == unique
+    assert _scalar(db_url, "SELECT count(*) FROM pending_chunks p, unnest(p.ids)") == unique
+
+
+def test_a_file_waiting_for_a_hash_does_not_hold_back_the_next_file(
+        db_url: str, tmp_path: Path) -> None:
+    """With two jobs, while the first file waits for a URL hash another open transaction
+    holds, the second file loads and commits; once that transaction commits, the first
+    file finishes with the URL counted a duplicate."""
+    first = _csv(tmp_path / "first.csv", [f"http://w.test/{i}.jpg" for i in range(50)])
+    second = _csv(tmp_path / "second.csv", [f"http://x.test/{i}.jpg" for i in range(50)])
+    summaries: list[Any] = []
+    with psycopg.connect(db_url.replace("+psycopg", "")) as other:
+        _hold_hashes(other, "http://w.test/7.jpg")
+        thread = threading.Thread(target=lambda: summaries.extend(
+            ingest(db_url, [first, second], Columns(), jobs=2)))
+        thread.start()
+        try:
+            _wait_for("the second file committed", lambda: _scalar(
+                db_url, "SELECT count(*) FROM candidates WHERE url LIKE 'http://x.test/%'")
+                == 50, thread, seconds=30)
+            assert _waits_for_a_lock(db_url), "the first file was not waiting"
+            assert _scalar(db_url, "SELECT count(*) FROM candidates "
+                                   "WHERE url LIKE 'http://w.test/%'") == 0
+        finally:
+            other.commit()
+            thread.join(60)
+    assert [(s.inserted, s.duplicates) for s in summaries] == [(49, 1), (50, 0)]
+    assert _scalar(db_url, "SELECT count(*) FROM candidates") == 99
+
+
+def test_a_deadlock_victim_file_is_loaded_again_with_its_rejects_once(
+        db_url: str, tmp_path: Path) -> None:
+    """The ingest inserted hash y (chunk 1) and waits for hash x, which another
+    transaction holds; that transaction then asks for y: a deadlock, and PostgreSQL
+    aborts the ingest (it checks first: deadlock_timeout 2 s against 60 s). The file is
+    loaded again from its start once the other transaction rolls back: every row in, one
+    ingests record, its rejected row in the rejects file once."""
+    n = PARQUET_BATCH_ROWS + 1
+    urls = [f"http://d.test/{i}.jpg" for i in range(n)]
+    y, x = urls[5], urls[-1]  # chunk 1, chunk 2
+    urls[9] = "ftp://d.test/not-http.jpg"
+    path = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(n)]}),
+                   path)
+    rejects = tmp_path / "rejects.csv"
+    name = db_url.rsplit("/", 1)[1]
+    with psycopg.connect(db_url.replace("+psycopg", ""), autocommit=True) as admin:
+        admin.execute(f"ALTER DATABASE {name} SET deadlock_timeout = '2s'")
+    summaries: list[Any] = []
+    with psycopg.connect(db_url.replace("+psycopg", "")) as other:
+        other.execute("SET deadlock_timeout = '60s'")
+        _hold_hashes(other, x)
+        thread = threading.Thread(target=lambda: summaries.extend(
+            ingest(db_url, [path], Columns(), rejects=rejects)))
+        thread.start()
+        try:
+            _wait_for("the ingest waited for x", lambda: _waits_for_a_lock(db_url), thread)
+            _hold_hashes(other, y)  # waits until the ingest is aborted
+        finally:
+            other.rollback()
+            thread.join(120)
+    [summary] = summaries
+    assert (summary.read, summary.inserted, summary.duplicates) == (n, n - 1, 0)
+    assert _scalar(db_url, "SELECT count(*) FROM candidates") == n - 1
+    assert _scalar(db_url, "SELECT count(*) FROM url_hashes") == n - 1
+    assert _scalar(db_url, "SELECT count(*) FROM ingests") == 1
+    rows = list(csv.reader(rejects.read_text().splitlines()))
+    assert rows[0] == ["file", "row", "reason", "url"]
+    assert [r[1:] for r in rows[1:]] == [["10", "not_http", "ftp://d.test/not-http.jpg"]]
