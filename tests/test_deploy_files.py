@@ -14,6 +14,7 @@ import yaml
 
 from pairfarm.cli import cli
 from tests.conftest import REPO
+from tests.docs_text import docs_text
 
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
@@ -137,7 +138,7 @@ def test_vm_environment_names_are_worker_settings() -> None:
 
 
 def test_readme_names_what_was_verified_without_docker() -> None:
-    readme = (REPO / "README.md").read_text()
+    readme = docs_text()
     assert "docker compose up" in readme
     assert "tests/test_deploy_files.py" in readme
 

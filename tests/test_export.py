@@ -25,7 +25,8 @@ from localfarm import synthetic
 from localfarm.demo_server import DemoPlan, DemoServer
 from pairfarm.outcomes import Outcome
 from pairfarm.shardformat import KEY_WIDTH, MAX_SHARD_ROWS, embedding_files, key_of, split_key
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
+from tests.docs_text import docs_text
 from tests.gpu_shards import Row, write_shard
 
 
@@ -229,7 +230,7 @@ def test_cli_exports_and_says_what_it_did(tmp_path: Path) -> None:
 
 
 def test_readme_documents_the_command_its_flags_and_layouts() -> None:
-    readme = (REPO / "README.md").read_text()
+    readme = docs_text()
     help_text = run_cli("export", "--help").stdout
     for flag in ("--samples-per-shard", "--embeddings/--no-embeddings", "--progress",
                  "--layout-option", "PAIRFARM_EXPORT_SAMPLES_PER_SHARD",

@@ -1,18 +1,15 @@
-"""The README's Extract section names every flag and environment variable of the command."""
+"""README.md + docs/*.md name every flag and environment variable of pairfarm extract."""
 
 from __future__ import annotations
 
 import click
 
 from extract.cli import extract_command
-from tests.conftest import REPO
+from tests.docs_text import docs_text
 
 
 def extract_section() -> str:
-    text = (REPO / "README.md").read_text()
-    start = text.index("## Extract")
-    end = text.find("\n## ", start + 1)
-    return text[start:] if end == -1 else text[start:end]
+    return docs_text()
 
 
 def test_every_flag_and_envvar_is_documented() -> None:

@@ -1,4 +1,4 @@
-"""The README's post-processing section names every command, flag and environment variable."""
+"""README.md + docs/*.md name every post-processing command, flag and environment variable."""
 
 from __future__ import annotations
 
@@ -6,19 +6,12 @@ import click
 import pytest
 
 from gpu_postprocess.command import postprocess, postprocess_shard
-from tests.conftest import REPO
-
-
-def section() -> str:
-    text = (REPO / "README.md").read_text()
-    start = text.index("## Post-processing")
-    end = text.find("\n## ", start + 1)
-    return text[start:] if end < 0 else text[start:end]
+from tests.docs_text import docs_text
 
 
 @pytest.mark.parametrize("command", [postprocess, postprocess_shard], ids=lambda c: c.name)
 def test_every_option_and_envvar_is_documented(command: click.Command) -> None:
-    doc = section()
+    doc = docs_text()
     assert f"pairfarm {command.name}" in doc
     for param in command.params:
         if not isinstance(param, click.Option):

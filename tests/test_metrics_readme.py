@@ -1,4 +1,4 @@
-"""Every metric a component exports is documented in the README's metric tables."""
+"""Every metric a component exports has one row in the metric tables of README.md + docs/*.md."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from coordinator.metrics import metric_names as coordinator_names
 from gpu_postprocess.metrics import metric_names as postprocess_names
-from tests.conftest import REPO
+from tests.docs_text import table_rows
 from worker.metrics import metric_names as worker_names
 
 # prometheus_client's own process and platform collectors, documented as a group
@@ -26,9 +26,14 @@ def _family(name: str) -> str:
     return name.removesuffix(suffix) if suffix else name
 
 
+def _rows() -> list[str]:
+    """The metrics each table row documents (those named in its first cell), row by row."""
+    first_cells = [ln.split("|")[1] for ln in table_rows()]
+    return [m for cell in first_cells for m in re.findall(r"`(pairfarm_[a-z_]+)`", cell)]
+
+
 def _documented() -> set[str]:
-    rows = [ln for ln in (REPO / "README.md").read_text().splitlines() if ln.startswith("|")]
-    return {m for ln in rows for m in re.findall(r"`(pairfarm_[a-z_]+)`", ln)}
+    return set(_rows())
 
 
 @pytest.mark.parametrize("names", [coordinator_names, worker_names, postprocess_names],
@@ -42,3 +47,8 @@ def test_every_exported_metric_has_a_readme_row(names: object) -> None:
 def test_no_readme_row_names_a_metric_nobody_exports() -> None:
     every = _families(coordinator_names() | worker_names() | postprocess_names())
     assert _documented() - every == set()
+
+
+def test_each_metric_is_documented_in_one_row_only() -> None:
+    rows = _rows()
+    assert sorted({m for m in rows if rows.count(m) > 1}) == []

@@ -1,4 +1,4 @@
-"""The README documents every coordinator command, flag and environment variable."""
+"""README.md + docs/*.md document every coordinator command, flag and environment variable."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import click
 import pytest
 
 from pairfarm.cli import COMMANDS, _load
-from tests.conftest import REPO
+from tests.docs_text import docs_text
 
 COORDINATOR_COMMANDS = [n for n, target in COMMANDS.items() if target.startswith("coordinator")]
 
@@ -20,7 +20,7 @@ def _commands(name: str) -> list[tuple[str, click.Command]]:
 
 @pytest.mark.parametrize("name", COORDINATOR_COMMANDS)
 def test_readme_names_every_command_flag_and_envvar(name: str) -> None:
-    readme = (REPO / "README.md").read_text()
+    readme = docs_text()
     for full_name, command in _commands(name):
         assert f"pairfarm {full_name}" in readme, full_name
         for param in command.params:

@@ -11,7 +11,8 @@ import sqlalchemy as sa
 
 from pairfarm.client import CoordinatorClient
 from pairfarm.protocol import API_PREFIX, FarmStats, PostprocessReport
-from tests.conftest import REPO, RunningCoordinator, cli_env, insert_candidates, run_cli
+from tests.conftest import RunningCoordinator, cli_env, insert_candidates, run_cli
+from tests.docs_text import docs_text
 from tests.leasing import engine_for, report
 
 EDGES = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -127,6 +128,6 @@ def test_farm_stats_parse_across_versions() -> None:
 
 
 def test_readme_documents_pairfarm_status() -> None:
-    readme = (REPO / "README.md").read_text()
+    readme = docs_text()
     for text in ("pairfarm status", "--coordinator", "PAIRFARM_COORDINATOR", "--json"):
         assert text in readme, text

@@ -1,15 +1,14 @@
-"""The README's worker section names every flag and environment variable of both commands."""
+"""README.md + docs/*.md name every flag and environment variable of both worker commands."""
 
 from __future__ import annotations
 
 import click
 import pytest
 
-from tests.conftest import REPO
+from tests.docs_text import docs_text
 from worker.cli import download_command, worker_command
 
-README = (REPO / "README.md").read_text()
-SECTION = README[README.index("## Download worker"):]
+SECTION = docs_text()
 
 
 @pytest.mark.parametrize("command", [worker_command, download_command], ids=lambda c: c.name)
