@@ -25,6 +25,10 @@ Variants (the server's side of ``FileLoader.write`` for chunks without duplicate
 - ``partN``: ``full`` with ``url_hashes`` range-partitioned N ways on the hash's leading
   bits (N a power of 2 <= 256);
 - ``sbXg``: ``full`` with shared_buffers X GB;
+- ``hashes-run``: the hashes only, all of a step's in one sorted ``COPY`` (a sorted run
+  of --step hashes instead of one per 131,072-row chunk);
+- ``runK``: ``full`` with K chunks at a time: their hashes merged into one sorted
+  ``COPY`` (a run of K x 131,072), then their candidates and pending_chunks;
 - ``bigint``: ``full`` with the dedup key as a bigint (the hash's first 8 bytes) instead
   of uuid (a narrower key: more entries a leaf);
 - ``parallelK``: ``full`` with the step's chunks split over K connections, each its own
@@ -47,6 +51,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import psycopg
@@ -142,6 +147,23 @@ def put_no_hashes(conn: psycopg.Connection, chunk: Chunk) -> None:
     put_pending(conn, chunk)
 
 
+def put_hash_run(conn: psycopg.Connection, chunks: list[Chunk]) -> None:
+    """All the chunks' hashes in one sorted COPY."""
+    rows = [c[0][19 + i:19 + i + 22] for c in chunks for i in range(0, len(c[0]) - 21, 22)]
+    rows.sort()
+    with conn.transaction():
+        copy(conn, Q.sql("ingest_copy_hashes"), chunks[0][0][:19] + b"".join(rows) + b"\xff\xff")
+
+
+def put_runs(k: int, conn: psycopg.Connection, chunks: list[Chunk]) -> None:
+    """``k`` chunks at a time: one sorted COPY of their hashes, then their rows."""
+    for i in range(0, len(chunks), k):
+        group = chunks[i:i + k]
+        put_hash_run(conn, group)
+        for chunk in group:
+            put_no_hashes(conn, chunk)
+
+
 def put_bigint(conn: psycopg.Connection, chunk: Chunk) -> None:
     with conn.transaction():
         copy(conn, "COPY url_hashes (h) FROM STDIN (FORMAT binary)", _as_bigint(chunk[0]))
@@ -178,16 +200,19 @@ BIGINT_DDL = ("DROP TABLE url_hashes", "CREATE TABLE url_hashes (h bigint PRIMAR
 
 
 def variant(name: str) -> tuple[dict[str, str], tuple[str, ...], Callable[..., None], int]:
-    """(server settings, DDL, per-chunk step, connections) of a variant."""
-    simple: dict[str, Callable[..., None]] = {
-        "full": put_all, "no-hashes": put_no_hashes, "hashes": put_hashes,
-        "candidates": put_candidates}
+    """(server settings, DDL, per-chunk step, connections) of a variant; 0 connections:
+    one, and the step takes all of a step's chunks at once."""
+    simple: dict[str, tuple[Callable[..., None], int]] = {
+        "full": (put_all, 1), "no-hashes": (put_no_hashes, 1), "hashes": (put_hashes, 1),
+        "candidates": (put_candidates, 1), "hashes-run": (put_hash_run, 0)}
     if name in simple:
-        return {}, (), simple[name], 1
+        return {}, (), *simple[name]
     if m := re.fullmatch(r"part(\d+)", name):
         return {}, partitioned_ddl(int(m[1])), put_all, 1
     if m := re.fullmatch(r"sb(\d+)g", name):
         return {"shared_buffers": f"{m[1]}GB"}, (), put_all, 1
+    if m := re.fullmatch(r"run(\d+)", name):
+        return {}, (), partial(put_runs, int(m[1])), 0
     if name == "bigint":
         return {}, BIGINT_DDL, put_bigint, 1
     if m := re.fullmatch(r"parallel(\d+)", name):
@@ -245,7 +270,7 @@ def run_variant(name: str, folders: list[Path], work: Path, step: int,
         ensure_database(server.url(), "growth")
         url = libpq_url(server.url().rsplit("/", 1)[0] + "/growth")
         upgrade(server.url().rsplit("/", 1)[0] + "/growth")
-        conns = [psycopg.connect(url, autocommit=True) for _ in range(connections)]
+        conns = [psycopg.connect(url, autocommit=True) for _ in range(max(1, connections))]
         try:
             for ddl_line in ddl:
                 conns[0].execute(ddl_line)
@@ -277,7 +302,10 @@ def _step(conns: list[psycopg.Connection], put: Callable[..., None], chunks: lis
     cpu0 = server_cpu(postmaster, pids)
     t0 = time.perf_counter()
     shares = [chunks[i::len(conns)] for i in range(len(conns))]
-    if len(conns) == 1:
+    if put is put_hash_run or isinstance(put, partial):
+        with conns[0].transaction():
+            put(conns[0], chunks)
+    elif len(conns) == 1:
         _load(conns[0], put, shares[0])
     else:
         threads = [threading.Thread(target=_load, args=(c, put, s))
