@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -32,3 +33,12 @@ def test_shared_modules_import_no_heavy_library() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=cli_env(), cwd=REPO, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_readme_commands_table_lists_every_command_with_its_reference() -> None:
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("\n## Commands\n"):].split("\n## ")[1]
+    rows = {row.split("|")[1].strip(): row for row in table.splitlines() if row.startswith("| `")}
+    listed = {name for cell in rows for name in re.findall(r"pairfarm ([a-z-]+)", cell)}
+    assert listed == set(COMMANDS)
+    assert all("](" in row for row in rows.values())
