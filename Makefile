@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 EXTRAS ?= coordinator,worker,gpu,extract,export,s3,knn,search,dev
 # torch first, pinned, so that the gpu extra does not pull a CUDA build from PyPI: on these
-# machines pip takes both wheels from the local disk (see README "Post-processing").
+# machines pip takes both wheels from the local disk (see docs/postprocess.md).
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 # The readers' venv: TFDS's laion400m builder, embedding-reader and webdataset read

@@ -11,7 +11,7 @@ wheel, so nothing is downloaded at run time; it loads in about a second and labe
 thousands of short texts per second on one core. With ``norm_probs=True`` its scores are
 probabilities in [0, 1], so one threshold means the same for every language.
 (lingua-language-detector was measured too: 12 s to load all languages, 1.4 GB per process
-and ~2.7k texts/s; see README "Extract".)
+and ~2.7k texts/s; see docs/extract.md.)
 
 Resource handling: the model is loaded once per process by ``LanguageLabeller()``, never at
 import time.
