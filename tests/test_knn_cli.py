@@ -10,19 +10,19 @@ import h5py
 import numpy as np
 
 from knn.command import index_command
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli
+from tests.docs_text import docs_text
 from tests.knn_data import clustered, write_embeddings
 
-README = (REPO / "README.md").read_text()
-SECTION = README[README.index("## kNN"):].split("\n## ")[0]
+DOCS = docs_text()  # README.md and docs/*.md: the kNN section may live on either
 
 
 def test_every_option_and_envvar_is_documented() -> None:
     for param in index_command.params:
         if isinstance(param, click.Option):
-            assert param.opts[0] in SECTION, param.opts[0]
+            assert param.opts[0] in DOCS, param.opts[0]
             if param.envvar:
-                assert f"`{param.envvar}`" in SECTION, param.envvar
+                assert f"`{param.envvar}`" in DOCS, param.envvar
 
 
 def test_index_builds_grows_and_reports_recall(tmp_path: Path) -> None:
@@ -53,7 +53,7 @@ def test_every_sisap_option_is_documented() -> None:
     from knn.sisap_layout import OPTIONS
 
     for key in OPTIONS:
-        assert f"`-O {key}=" in SECTION, key
+        assert f"`-O {key}=" in DOCS, key
 
 
 def test_sisap_export_from_the_command_line(tmp_path: Path) -> None:
