@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 from bench.coordinator_bench import BENCH_SETTINGS, ServerCpu, synthetic_file  # noqa: E402
 from coordinator.db import ensure_database, libpq_url  # noqa: E402
 from coordinator.embedded_pg import EmbeddedPostgres  # noqa: E402
-from coordinator.ingest.loader import ChunkPreparer, Prepared  # noqa: E402
+from coordinator.ingest.loader import ChunkPreparer, Prepared, run_of  # noqa: E402
 from coordinator.ingest.reader import detect, read_batches  # noqa: E402
 from coordinator.ingest.run import ingest  # noqa: E402
 from coordinator.ingest.validate import Columns, validate  # noqa: E402
@@ -65,6 +65,8 @@ OLD_INSERT = ("INSERT INTO old_candidates (url, caption, language, ingest_id, ex
               "ON CONFLICT (url) DO NOTHING")
 EMPTY = "TRUNCATE candidates, url_hashes, pending_chunks, ingests RESTART IDENTITY"
 Step = Callable[[psycopg.Connection, Prepared], object]
+#: each prepared chunk's sorted hashes as COPY binary (a run of one chunk), by id()
+HASH_COPY: dict[int, bytes] = {}
 
 
 def prepared_chunks(path: Path) -> tuple[list[Prepared], float]:
@@ -83,6 +85,7 @@ def prepared_chunks(path: Path) -> tuple[list[Prepared], float]:
     chunks, row = [], 1
     for batch in read_batches(source, columns.text_columns()):
         chunks.append(preparer.prepare(validate(batch, columns, row), batch.num_rows))
+        HASH_COPY[id(chunks[-1])] = run_of([chunks[-1]]).hash_copy
         row += batch.num_rows
     return chunks, time.process_time() - start
 
@@ -93,11 +96,11 @@ def copy(conn: psycopg.Connection, statement: str, data: bytes | memoryview) -> 
 
 
 def hashes_by_copy(conn: psycopg.Connection, chunk: Prepared) -> None:
-    copy(conn, Q.sql("ingest_copy_hashes"), chunk.hash_copy)
+    copy(conn, Q.sql("ingest_copy_hashes"), HASH_COPY[id(chunk)])
 
 
 def hashes_on_conflict(conn: psycopg.Connection, chunk: Prepared) -> None:
-    copy(conn, Q.sql("ingest_copy_staging"), chunk.hash_copy)
+    copy(conn, Q.sql("ingest_copy_staging"), HASH_COPY[id(chunk)])
     conn.execute(Q.sql("ingest_insert_hashes")).fetchone()
     conn.execute(Q.sql("ingest_truncate"))
 

@@ -62,7 +62,7 @@ sys.path.insert(0, str(REPO))
 from bench.coordinator_bench import BENCH_SETTINGS, synthetic_file  # noqa: E402
 from coordinator.db import ensure_database, libpq_url  # noqa: E402
 from coordinator.embedded_pg import EmbeddedPostgres  # noqa: E402
-from coordinator.ingest.loader import ChunkPreparer  # noqa: E402
+from coordinator.ingest.loader import ChunkPreparer, run_of  # noqa: E402
 from coordinator.ingest.reader import detect, read_batches  # noqa: E402
 from coordinator.ingest.validate import Columns, validate  # noqa: E402
 from coordinator.migrate import upgrade  # noqa: E402
@@ -101,7 +101,7 @@ def prepare(work: Path, rows: int, step: int) -> list[Path]:
         for i, batch in enumerate(read_batches(source, Columns().text_columns())):
             chunk = preparer.prepare(validate(batch, Columns(), row), batch.num_rows)
             row += batch.num_rows
-            (folder / f"{i:05d}.h").write_bytes(chunk.hash_copy)
+            (folder / f"{i:05d}.h").write_bytes(run_of([chunk]).hash_copy)
             (folder / f"{i:05d}.csv").write_bytes(bytes(chunk.csv))
             (folder / f"{i:05d}.pc").write_bytes(chunk.chunks)
         parquet.unlink()

@@ -137,3 +137,43 @@ def test_a_deadlock_victim_file_is_loaded_again_with_its_rejects_once(
     rows = list(csv.reader(rejects.read_text().splitlines()))
     assert rows[0] == ["file", "row", "reason", "url"]
     assert [r[1:] for r in rows[1:]] == [["10", "not_http", "ftp://d.test/not-http.jpg"]]
+
+
+def test_chunks_go_to_the_server_in_runs_of_one_sorted_hash_copy(
+        db_url: str, tmp_path: Path, monkeypatch: Any) -> None:
+    """Chunks of 4 rows in runs of at least 8 rows: a URL repeated within a run is
+    dropped before the server sees it, one repeated across runs is found by the server;
+    each run's hashes are one sorted COPY of its distinct URLs' hashes; the first row
+    wins either way."""
+    from coordinator.ingest import reader
+    from coordinator.ingest import run as run_module
+    from coordinator.ingest.ids import IdBlocks
+    from coordinator.ingest.loader import FileLoader
+    from coordinator.ingest.urlhash import sorted_copy_binary
+
+    monkeypatch.setattr(reader, "PARQUET_BATCH_ROWS", 4)
+    monkeypatch.setattr(run_module, "RUN_ROWS", 8)
+    urls = [f"http://r.test/{i}.jpg" for i in range(20)]
+    urls[5] = urls[1]  # chunk 1 repeats chunk 0: same run
+    urls[13] = urls[2]  # chunk 3 (second run) repeats chunk 0
+    path = tmp_path / "runs.parquet"
+    pq.write_table(pa.table({"url": urls, "caption": [f"caption {i}" for i in range(20)]}),
+                   path)
+    source = reader.detect(path, None)
+    plain = db_url.replace("+psycopg", "")
+    with psycopg.connect(plain, autocommit=True) as conn, \
+            psycopg.connect(plain, autocommit=True) as id_conn, conn.transaction():
+        loader = FileLoader(conn, source, IdBlocks(id_conn).reserve)
+        runs = list(run_module._prepared(loader, source, Columns()))
+        assert [len(r.chunks) for _, r in runs] == [3, 2]
+        assert [len(checked) for checked, _ in runs] == [3, 2]
+        expected = [sorted({url_hash(u) for u in urls[:12]}),
+                    sorted({url_hash(u) for u in urls[12:]})]
+        assert [r.hash_copy for _, r in runs] == [sorted_copy_binary(e) for e in expected]
+        for _, r in runs:
+            loader.write(r)
+        summary = loader.finish()
+    assert (summary.read, summary.inserted, summary.duplicates) == (20, 18, 2)
+    with psycopg.connect(plain) as conn:
+        loaded = [r[0] for r in conn.execute("SELECT url FROM candidates ORDER BY id")]
+    assert loaded == [u for i, u in enumerate(urls) if i not in (5, 13)]

@@ -1,29 +1,36 @@
 """Bulk load of validated rows, with exact URL dedup through ``url_hashes``.
 
-A chunk goes in two steps:
+Chunks (the reader's batches, 131,072 rows of parquet) go in runs of several
+(``PreparedRun``, ~1M rows, see ``coordinator.ingest.run.RUN_ROWS``), in two steps:
 
 - ``prepare`` (no transaction; may run in another thread while the server works on the
-  chunk before, see ``coordinator.ingest.run``): hash each URL
-  (``coordinator.ingest.urlhash``), drop the chunk's own repeats (the first row wins),
-  take a block of ids (``coordinator.ingest.ids``), and encode the rows for ``COPY``:
-  the sorted hashes (binary), the candidates with their ids (CSV), and their
-  ``pending_chunks`` (``CHUNK_SIZE`` consecutive ids a row).
-- ``write`` (the file's transaction): insert the hashes into ``url_hashes``; drop the
-  rows whose hash was already there (an earlier file, an earlier chunk, or a candidate
+  run before, see ``coordinator.ingest.run``): hash each URL
+  (``coordinator.ingest.urlhash``), drop the chunk's own repeats and the URLs an earlier
+  chunk of the run had (the first row wins), take a block of ids
+  (``coordinator.ingest.ids``), and encode the rows for ``COPY``: the candidates with
+  their ids (CSV) and their ``pending_chunks`` (``CHUNK_SIZE`` consecutive ids a row);
+  ``run_of`` sorts the run's hashes into one binary ``COPY``.
+- ``write`` (the file's transaction): insert the run's hashes into ``url_hashes``; drop
+  the rows whose hash was already there (an earlier file, an earlier run, or a candidate
   archived since: duplicates, counted); ``COPY`` the rest into ``candidates`` and their
-  chunks into ``pending_chunks``.
+  chunks into ``pending_chunks``, chunk by chunk.
+
+One sorted run of ~1M hashes, not one per 131k chunk: each hash goes to a random leaf of
+``url_hashes``' primary key, and the more of a run land on the same leaf, the fewer
+leaves each insert must find and bring into the CPU's caches (BENCHMARKS.md: 22 % less
+backend CPU per row at 8-10M rows).
 
 The hashes go in by ``COPY`` in a savepoint, the cheap path: with no duplicate in the
-chunk it is the whole dedup. A duplicate makes the ``COPY`` fail on the unique index;
-the chunk is then rolled back to the savepoint and inserted with ``ON CONFLICT DO
-NOTHING`` from a temporary table, which answers the hashes already present. A chunk that
-had duplicates sends the next one the second way directly; a chunk without, the first
+run it is the whole dedup. A duplicate makes the ``COPY`` fail on the unique index;
+the run is then rolled back to the savepoint and inserted with ``ON CONFLICT DO
+NOTHING`` from a temporary table, which answers the hashes already present. A run that
+had duplicates sends the next one the second way directly; a run without, the first
 way. Both are exact with concurrent ingests: a hash another open transaction inserted
 waits for it.
 
 Each savepoint is a subtransaction of the file's transaction. PostgreSQL keeps 64 of them
-per transaction in shared memory; a file of more than 64 chunks through this path (over
-~8.4M rows) makes other sessions' snapshots "suboverflowed" while it loads: their
+per transaction in shared memory; a file of more than 64 runs through this path (over
+~64M rows) makes other sessions' snapshots "suboverflowed" while it loads: their
 visibility checks of rows written since the file's transaction began (its own, and the
 farm's leases meanwhile) then look up ``pg_subtrans``.
 
@@ -85,7 +92,6 @@ class Prepared:
     rows: pa.Table  # url, caption, language, extra (json text): the rows to insert
     hashes: list[bytes]  # each row's URL hash, in row order
     first_id: int  # ids first_id .. first_id + len(rows) - 1, in row order
-    hash_copy: bytes  # the hashes, sorted, as COPY binary
     csv: memoryview  # the candidates, as CSV in CANDIDATE_COLUMNS order
     chunks: bytes  # their pending_chunks rows, as COPY text
     read: int
@@ -95,6 +101,20 @@ class Prepared:
     @property
     def count(self) -> int:
         return self.rows.num_rows
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """Consecutive chunks of one file whose hashes go to the server in one sorted run
+    (``run_of``): no hash occurs twice among them."""
+
+    chunks: list[Prepared]
+    hash_copy: bytes  # every chunk's hashes, sorted, as COPY binary (b"" when none)
+
+
+def run_of(chunks: list[Prepared]) -> PreparedRun:
+    hashes = [h for chunk in chunks for h in chunk.hashes]
+    return PreparedRun(chunks, sorted_copy_binary(hashes) if hashes else b"")
 
 
 @dataclass
@@ -156,14 +176,16 @@ def _json_string(values: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
     return pc.binary_join_element_wise('"', escaped, '"', "")
 
 
-def first_occurrences(hashes: list[bytes]) -> list[int] | None:
-    """The positions of the first occurrence of each hash, in order; None when every
-    hash occurs once."""
-    if len(set(hashes)) == len(hashes):
+def first_occurrences(hashes: list[bytes], earlier: set[bytes]) -> list[int] | None:
+    """The positions of the first occurrence of each hash not in ``earlier``, in order;
+    None when every hash occurs once and none is in ``earlier``."""
+    distinct = set(hashes)
+    if len(distinct) == len(hashes) and distinct.isdisjoint(earlier):
         return None
     first: dict[bytes, int] = {}
     for i, h in enumerate(hashes):
-        first.setdefault(h, i)
+        if h not in earlier:
+            first.setdefault(h, i)
     return sorted(first.values())
 
 
@@ -199,14 +221,19 @@ class ChunkPreparer:
         self._reserve = reserve
         self._extras: list[tuple[str, str]] | None = None  # (input name, kind)
 
-    def prepare(self, chunk: Validated, read: int) -> Prepared:
+    def prepare(self, chunk: Validated, read: int, seen: set[bytes] | None = None) -> Prepared:
+        """``chunk`` encoded; its rows whose hash is in ``seen`` (an earlier chunk of the
+        same run), or repeats an earlier row, dropped as repeats; its hashes added to
+        ``seen``."""
         good = chunk.good
         if good.num_rows == 0:
             return self._encode(pa.table({}), [], read, 0, chunk.rejected)
         if self._extras is None:
             self._extras = [(f.name, kind_of(f.type)) for f in good.schema][4:]
         hashes = url_hashes(good.column(1))
-        keep = first_occurrences(hashes)
+        keep = first_occurrences(hashes, seen or set())
+        if seen is not None:
+            seen.update(hashes)
         if keep is not None:
             good = good.take(pa.array(keep, pa.int64()))
             hashes = [hashes[i] for i in keep]
@@ -221,9 +248,9 @@ class ChunkPreparer:
                 rejected: Counter[str]) -> Prepared:
         n = len(hashes)
         if n == 0:
-            return Prepared(rows, [], 0, b"", memoryview(b""), b"", read, repeats, rejected)
+            return Prepared(rows, [], 0, memoryview(b""), b"", read, repeats, rejected)
         first_id = self._reserve(n)
-        return Prepared(rows, hashes, first_id, sorted_copy_binary(hashes),
+        return Prepared(rows, hashes, first_id,
                         candidates_csv(rows, first_id, self.ingest_id),
                         pending_chunks_text(first_id, n), read, repeats, rejected)
 
@@ -234,8 +261,7 @@ class ChunkPreparer:
         rows = chunk.rows.take(pa.array(keep, pa.int64()))
         hashes = [chunk.hashes[i] for i in keep]
         if not keep:
-            return replace(chunk, rows=rows, hashes=[], hash_copy=b"",
-                           csv=memoryview(b""), chunks=b"")
+            return replace(chunk, rows=rows, hashes=[], csv=memoryview(b""), chunks=b"")
         return replace(chunk, rows=rows, hashes=hashes,
                        csv=candidates_csv(rows, chunk.first_id, self.ingest_id),
                        chunks=pending_chunks_text(chunk.first_id, len(keep)))
@@ -267,22 +293,27 @@ class FileLoader:
         self._staged = False
         self._try_copy = True
 
-    def load(self, chunk: Validated, read: int) -> None:
-        self.write(self.prepare(chunk, read))
+    def prepare(self, chunk: Validated, read: int, seen: set[bytes] | None = None) -> Prepared:
+        """The chunk encoded for ``write`` (no transaction: may run in another thread);
+        ``seen``: the hashes of the run's earlier chunks (``ChunkPreparer.prepare``)."""
+        return self._preparer.prepare(chunk, read, seen)
 
-    def prepare(self, chunk: Validated, read: int) -> Prepared:
-        """The chunk encoded for ``write`` (no transaction: may run in another thread)."""
-        return self._preparer.prepare(chunk, read)
-
-    def write(self, chunk: Prepared) -> None:
-        """Insert the chunk's new hashes, then its new candidates and their chunks."""
-        self.summary.read += chunk.read
-        self.summary.rejected.update(chunk.rejected)
-        self.summary.duplicates += chunk.repeats
-        if chunk.count == 0:
+    def write(self, run: PreparedRun) -> None:
+        """Insert the run's new hashes, then each chunk's new candidates and their
+        pending chunks."""
+        for chunk in run.chunks:
+            self.summary.read += chunk.read
+            self.summary.rejected.update(chunk.rejected)
+            self.summary.duplicates += chunk.repeats
+        if not run.hash_copy:
             return
-        present = self._insert_hashes(chunk)
-        if present:
+        present = self._insert_hashes(run.hash_copy)
+        for chunk in run.chunks:
+            self._write_rows(chunk, present)
+
+    def _write_rows(self, chunk: Prepared, present: set[bytes]) -> None:
+        """The chunk's candidates whose hash was not ``present``, and their chunks."""
+        if present and chunk.count:
             fresh = self._preparer.without(chunk, present)
             self.summary.duplicates += chunk.count - fresh.count
             chunk = fresh
@@ -298,24 +329,25 @@ class FileLoader:
             "rejected": json.dumps(dict(s.rejected)), "ingest_id": self._ingest_id})
         return s
 
-    def _insert_hashes(self, chunk: Prepared) -> set[bytes]:
-        """Insert the chunk's hashes into ``url_hashes``; answer those already there."""
+    def _insert_hashes(self, hash_copy: bytes) -> set[bytes]:
+        """Insert a run's hashes (COPY binary) into ``url_hashes``; answer those already
+        there."""
         if self._try_copy:
             try:
                 with self.conn.transaction():
-                    self._copy(Q.sql("ingest_copy_hashes"), chunk.hash_copy)
+                    self._copy(Q.sql("ingest_copy_hashes"), hash_copy)
                 return set()
             except errors.UniqueViolation:
                 pass
-        present = self._insert_hashes_on_conflict(chunk)
+        present = self._insert_hashes_on_conflict(hash_copy)
         self._try_copy = not present
         return present
 
-    def _insert_hashes_on_conflict(self, chunk: Prepared) -> set[bytes]:
+    def _insert_hashes_on_conflict(self, hash_copy: bytes) -> set[bytes]:
         if not self._staged:
             self.conn.execute(Q.sql("ingest_staging"))
             self._staged = True
-        self._copy(Q.sql("ingest_copy_staging"), chunk.hash_copy)
+        self._copy(Q.sql("ingest_copy_staging"), hash_copy)
         present = self._one(Q.sql("ingest_insert_hashes"), {})
         self.conn.execute(Q.sql("ingest_truncate"))
         return set(present or ())
