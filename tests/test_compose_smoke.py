@@ -243,11 +243,16 @@ def compose(podman_api: Path, tmp_path: Path) -> Iterator[Compose]:
     inputs.mkdir()
     inputs.chmod(0o755)  # the coordinator image runs as uid 10001
     stack = Compose(f"pfsmoke{os.getpid()}", tmp_path, podman_api, inputs)
+    volumes_before = set(podman("volume", "ls", "-q").split())
     with HealthTicker(stack.project):
         try:
             yield stack
         finally:
             stack("down", "-v", "--remove-orphans", timeout=600)
+            # the anonymous volume of the Prometheus container the mid-test `down` removed
+            for volume in set(podman("volume", "ls", "-q").split()) - volumes_before:
+                subprocess.run(["podman", "volume", "rm", volume], capture_output=True,
+                               check=False)
 
 
 # -- what the test reads ------------------------------------------------------------------
