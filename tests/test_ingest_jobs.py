@@ -177,3 +177,25 @@ def test_chunks_go_to_the_server_in_runs_of_one_sorted_hash_copy(
     with psycopg.connect(plain) as conn:
         loaded = [r[0] for r in conn.execute("SELECT url FROM candidates ORDER BY id")]
     assert loaded == [u for i, u in enumerate(urls) if i not in (5, 13)]
+
+
+def test_a_runs_hashes_are_sorted_bytewise_on_both_sorting_paths(monkeypatch: Any) -> None:
+    """The COPY binary of a run equals its hashes sorted by Python's bytes order and
+    framed row by row, for a short run (one sort) and a long one (grouped by the first
+    byte, then sorted group by group), every first byte present or not."""
+    import hashlib
+
+    from coordinator.ingest import urlhash
+
+    def reference(hashes: list[bytes]) -> bytes:
+        return (urlhash.COPY_HEADER
+                + b"".join(b"\x00\x01\x00\x00\x00\x10" + h for h in sorted(hashes))
+                + urlhash.COPY_TRAILER)
+
+    hashes = [hashlib.sha256(str(i).encode()).digest()[:16] for i in range(5000)]
+    hashes += [b"\x00" * 16, b"\xff" * 16, b"\x7f" + b"\x00" * 15]
+    few = [h for h in hashes if h[0] in (3, 200)]
+    assert urlhash.sorted_copy_binary(hashes) == reference(hashes)
+    monkeypatch.setattr(urlhash, "RADIX_FROM", 64)
+    assert urlhash.sorted_copy_binary(hashes) == reference(hashes)
+    assert urlhash.sorted_copy_binary(few) == reference(few)
