@@ -38,7 +38,9 @@ from pairfarm.protocol import FarmStats
 from tests.conftest import REPO, cli_env, run_cli
 
 COUNT = 600
-SMALL = 240
+#: 8 batches: 4 in hand (2 a worker) and a batch left over even after 3 finished (a
+#: lease-ahead is refused when it would take the last batch)
+SMALL = 320
 BATCH = 40
 HELD = ["--worker-arg=--read-timeout=600", "--worker-arg=--deadline=600"]
 STOP_LINE = re.compile(r"every batch in hand was finished or released "
@@ -272,7 +274,7 @@ def test_ctrl_c_releases_the_batches_in_hand_then_rerun_resumes(
     farm = Farm(out)
     wait_for("the farm to start", farm.ready, proc)
     pump(gate, "a downloaded batch", lambda: farm.downloaded_batches() >= 1, proc)
-    # lease-ahead: a 40-candidate batch is all tail, so each worker holds 2 of the 5 left
+    # lease-ahead: a 40-candidate batch is all tail, so each worker holds 2 of those left
     wait_for("both workers to hold 2 batches", lambda: farm.holds_batch("up-worker-1", 2)
              and farm.holds_batch("up-worker-2", 2), proc)
 

@@ -131,8 +131,6 @@ class BatchRun:
     started: trio.Event = field(default_factory=trio.Event)
     #: set once the batch reached its tail (the run loop then leases the next one)
     tail: trio.Event = field(default_factory=trio.Event)
-    #: set once the batch left the worker's hands (completed, released, lost or failed)
-    ended: trio.Event = field(default_factory=trio.Event)
     finished: int = 0
 
     @property

@@ -147,6 +147,8 @@ class RunLoop:
         self._unheld: trio.CancelScope | None = None
         self._own_failures = 0
         self._pipeline: SharedPipeline | None = None
+        #: set (and replaced) each time a batch leaves the worker's hands
+        self._batch_ended = trio.Event()
         self.summary = RunSummary()
 
     def _tally(self, result: BatchResult) -> None:
@@ -229,33 +231,33 @@ class RunLoop:
         once the last one reached its tail and fewer than ``IN_HAND`` are in hand."""
         done = 0
         in_hand = trio.Semaphore(IN_HAND)
-        last: BatchRun | None = None
         async with trio.open_nursery() as batches:
             while not self._signals.draining.is_set():
                 if self._s.max_batches is not None and done >= self._s.max_batches:
                     return
                 if not await self._unless_drained(in_hand.acquire):
                     return
-                ahead = last is not None and not last.ended.is_set()
+                ahead = in_hand.value < IN_HAND - 1  # another batch is still in hand
+                ended = self._batch_ended
                 lease = await self._call(
                     "lease", partial(self._client.lease_download, self._s.max_batch,
                                      ahead=ahead),
                     self._signals.draining)
                 if lease is None:
                     in_hand.release()
-                    if ahead and last is not None:
+                    if ahead:
                         # the coordinator keeps the last batch for a worker with nothing in
-                        # hand: ask again once this one's batch ended
-                        await self._unless_drained(last.ended.wait)
+                        # hand: ask again once a batch in hand ended (at once if one did)
+                        await self._unless_drained(ended.wait)
                         continue
                     if self._s.exit_when_idle or self._signals.draining.is_set():
                         return
                     await self._idle()
                     continue
-                last = BatchRun(size=len(lease.candidates), tail_at=self._tail_at())
-                batches.start_soon(self._hold, lease, last, in_hand)
+                run = BatchRun(size=len(lease.candidates), tail_at=self._tail_at())
+                batches.start_soon(self._hold, lease, run, in_hand)
                 done += 1
-                await self._unless_drained(last.tail.wait)
+                await self._unless_drained(run.tail.wait)
 
     def _tail_at(self) -> int:
         """Unfinished candidates at which the next batch is leased (-1: at the end)."""
@@ -273,7 +275,8 @@ class RunLoop:
         finally:
             in_hand.release()
             run.tail.set()
-            run.ended.set()
+            self._batch_ended.set()
+            self._batch_ended = trio.Event()
 
     async def _idle(self) -> None:
         log.info("no batch to lease; polling again in %.0fs", self._s.idle_poll_s)
