@@ -1,7 +1,7 @@
 """Bulk load of validated rows, with exact URL dedup through ``url_hashes``.
 
-Chunks (the reader's batches, 131,072 rows of parquet) go in runs of several
-(``PreparedRun``, ~1M rows, see ``coordinator.ingest.run.RUN_ROWS``), in two steps:
+Chunks (the reader's batches, 131,072 rows of parquet) go in runs (``PreparedRun``: at
+least ``coordinator.ingest.run.RUN_ROWS`` rows, whole chunks), in two steps:
 
 - ``prepare`` (no transaction; may run in another thread while the server works on the
   run before, see ``coordinator.ingest.run``): hash each URL
@@ -15,10 +15,11 @@ Chunks (the reader's batches, 131,072 rows of parquet) go in runs of several
   archived since: duplicates, counted); ``COPY`` the rest into ``candidates`` and their
   chunks into ``pending_chunks``, chunk by chunk.
 
-One sorted run of ~1M hashes, not one per 131k chunk: each hash goes to a random leaf of
-``url_hashes``' primary key, and the more of a run land on the same leaf, the fewer
-leaves each insert must find and bring into the CPU's caches (BENCHMARKS.md: 22 % less
-backend CPU per row at 8-10M rows).
+Each hash goes to a random leaf of ``url_hashes``' primary key; the more of a run land on
+the same leaf, the fewer leaves each insert must find and bring into the CPU's caches
+(BENCHMARKS.md: runs of ~1M hashes cost 23 % less backend CPU per row than runs of 131k
+at 8-10M rows). A run is prepared whole before the server gets it, so long runs delay
+the server's start on each file; ``RUN_ROWS`` is one chunk (see there).
 
 The hashes go in by ``COPY`` in a savepoint, the cheap path: with no duplicate in the
 run it is the whole dedup. A duplicate makes the ``COPY`` fail on the unique index;
@@ -29,8 +30,8 @@ way. Both are exact with concurrent ingests: a hash another open transaction ins
 waits for it.
 
 Each savepoint is a subtransaction of the file's transaction. PostgreSQL keeps 64 of them
-per transaction in shared memory; a file of more than 64 runs through this path (over
-~64M rows) makes other sessions' snapshots "suboverflowed" while it loads: their
+per transaction in shared memory; a file of more than 64 runs through this path (~8.4M
+rows in runs of one chunk) makes other sessions' snapshots "suboverflowed" while it loads: their
 visibility checks of rows written since the file's transaction began (its own, and the
 farm's leases meanwhile) then look up ``pg_subtrans``.
 

@@ -61,10 +61,12 @@ from coordinator.ingest.validate import Columns, Validated, validate
 from coordinator.queries import Q
 
 REJECT_FIELDS = ("file", "row", "reason", "url")
-#: the rows whose URL hashes go to the server in one sorted COPY: the random inserts into
-#: url_hashes' primary key cost less per row the more of them land on each leaf
-#: (BENCHMARKS.md: 1M-row runs against 131k, 22 % less backend CPU per row at 8-10M)
-RUN_ROWS = 1_000_000
+#: the rows whose URL hashes go to the server in one sorted COPY (at least; whole chunks).
+#: Longer runs put more of them on each leaf of url_hashes' primary key (1M-row runs: 23 %
+#: less backend CPU per row at 8-10M rows, bench/ingest_growth.py), but a run is prepared
+#: whole before the server gets any of it: with 1M-row files and one job, 1M-row runs
+#: left one core idle (101-147k rows/s against 157-208k with one chunk a run; BENCHMARKS.md)
+RUN_ROWS = 131_072
 #: a file whose transaction PostgreSQL chose as a deadlock's victim is loaded again from
 #: its start, up to this many attempts in all
 DEADLOCK_ATTEMPTS = 5
