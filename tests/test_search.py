@@ -264,10 +264,9 @@ def test_cli_search_prints_the_results_as_json(farm: Path) -> None:
 
 def test_readme_documents_every_search_flag_and_envvar() -> None:
     from search.command import search_command, serve_search_command
-    from tests.conftest import REPO
+    from tests.docs_text import docs_text
 
-    text = (REPO / "README.md").read_text()
-    doc = text[text.index("## Search"):text.index("\n## ", text.index("## Search") + 1)]
+    doc = docs_text()
     for command in (search_command, serve_search_command):
         assert f"pairfarm {command.name}" in doc
         for param in command.params:
