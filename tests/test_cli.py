@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tomllib
 
 import pytest
 
@@ -42,3 +43,14 @@ def test_readme_commands_table_lists_every_command_with_its_reference() -> None:
     listed = {name for cell in rows for name in re.findall(r"pairfarm ([a-z-]+)", cell)}
     assert listed == set(COMMANDS)
     assert all("](" in row for row in rows.values())
+
+
+def test_readme_install_table_names_every_extra() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("\n## Install per role\n"):].split("\n## ")[1]
+    specs = re.findall(r"pairfarm\[([a-z0-9,-]+)\]", table)
+    named = {name for spec in specs for name in spec.split(",")}
+    assert set(extras) - {"dev"} - named == set()
+    assert named <= set(extras)
