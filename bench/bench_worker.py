@@ -188,14 +188,14 @@ def pairfarm_argv(listing: Path, out: Path, args: argparse.Namespace) -> list[st
     return [sys.executable, "-m", "pairfarm", "download", str(listing), "-o", str(out),
             "--allow-cidr", "127.0.0.0/8", "--image-size", "256", "--resize-mode", "border",
             "--quality", "95", "--read-timeout", "10", "--concurrency", str(args.concurrency),
-            "--per-host", "16", "--shard-size", "10000", "--no-progress"]
+            "--per-host", str(args.per_host), "--shard-size", "10000", "--no-progress"]
 
 
 def up_argv(listing: Path, out: Path, args: argparse.Namespace,
             lease_ahead_at: int | None) -> list[str]:
     worker = ["--allow-cidr=127.0.0.0/8", "--image-size=256", "--resize-mode=border",
               "--quality=95", "--read-timeout=10", f"--concurrency={args.concurrency}",
-              "--per-host=16"]
+              f"--per-host={args.per_host}"]
     if lease_ahead_at is not None:
         worker.append(f"--lease-ahead-at={lease_ahead_at}")
     size = ["--batch-size", str(args.farm_batch_size)] if args.farm_batch_size else []
@@ -245,6 +245,9 @@ def main() -> None:
     server_arguments(parser)
     parser.add_argument("--i2d", type=Path, default=Path(".venv-i2d/bin/img2dataset"))
     parser.add_argument("--i2d-processes", type=int, default=1)
+    parser.add_argument("--per-host", type=int, default=16,
+                        help="pairfarm's requests in flight per host (img2dataset has no "
+                             "such limit)")
     parser.add_argument("--i2d-shard-size", type=int, default=10000,
                         help="img2dataset's --number_sample_per_shard")
     parser.add_argument("--skip-i2d", action="store_true")
