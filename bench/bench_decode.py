@@ -29,7 +29,7 @@ def ceiling(pool: list[bytes], settings: ImageSettings, seconds: float = 10.0) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--pool-dir", type=Path, default=Path("/tmp/pairfarm-bench-pool"))
+    parser.add_argument("--pool-dir", type=Path, default=Path("bench/out/pool"))
     parser.add_argument("--pool-size", type=int, default=48)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--resize-mode", default="border")

@@ -158,7 +158,7 @@ def lost_images(i2d_out: Path, ours: Path) -> Counter[str]:
 def start_server(hosts: int, pool_dir: Path,
                  web: str = "uniform") -> tuple[subprocess.Popen[str], int]:
     server = subprocess.Popen([sys.executable, "-m", "bench.image_server", "--hosts", str(hosts),
-                               "--pool-dir", str(pool_dir), "--web", web],
+                               "--pool-dir", str(pool_dir.resolve()), "--web", web],
                               stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert server.stdout is not None
     line = server.stdout.readline()

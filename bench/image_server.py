@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pool-size", type=int, default=48)
-    parser.add_argument("--pool-dir", type=Path, default=Path("/tmp/pairfarm-bench-pool"))
+    parser.add_argument("--pool-dir", type=Path, default=Path("bench/out/pool"))
     parser.add_argument("--web", choices=("uniform", "real"), default="uniform",
                         help="latency mix: uniform 50-300 ms, or real (3 %% after 2-20 s)")
     args = parser.parse_args()

@@ -1,7 +1,7 @@
 """Benchmark of ``pairfarm index`` against autofaiss at the same memory budget.
 
     .venv/bin/python bench/knn_bench.py [--n 1000000] [--dim 512] [--memory 2.5G]
-        [--queries 1000] [--work /tmp/pairfarm-knn-bench]
+        [--queries 1000] [--work bench/out/knn]
         [--autofaiss-python .venv-af/bin/python]
 
 1. writes ``--n`` rows of the clustered synthetic generator (``bench/knn_synth.py``) in
@@ -119,7 +119,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--memory", default="2.5G")
     p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--work", type=Path, default=Path("/tmp/pairfarm-knn-bench"))
+    p.add_argument("--work", type=Path, default=Path("bench/out/knn"))
     p.add_argument("--autofaiss-python", type=Path, default=Path(".venv-af/bin/python"))
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """Queries/s of the two indexes ``bench/knn_bench.py`` left in ``--work``, timed in turns
 in one process (so that both see the same machine load), at given search parameters.
 
-    .venv/bin/python bench/knn_requery.py --work /tmp/pf/knnb1m \\
+    .venv/bin/python bench/knn_requery.py --work bench/out/knn \\
         --pairfarm-ef 779 869 --autofaiss-ef 814 1023 [--rounds 3]
 
 pairfarm's index through ``knn.index.open_index``; autofaiss's ``af/knn.index`` with

@@ -11,7 +11,7 @@ def server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--urls", type=int, default=3000)
     parser.add_argument("--hosts", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=128)
-    parser.add_argument("--pool-dir", type=Path, default=Path("/tmp/pairfarm-bench-pool"))
+    parser.add_argument("--pool-dir", type=Path, default=Path("bench/out/pool"))
     parser.add_argument("--web", choices=("uniform", "real"), default="uniform",
                         help="uniform: every answer after 50-300 ms, URLs spread evenly over "
                              "--hosts; real: 3 %% of answers after 2-20 s and hosts drawn "

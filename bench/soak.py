@@ -509,7 +509,7 @@ def main() -> None:
                         help="candidates to ingest (default: 300 per second of the run)")
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--hosts", type=int, default=16)
-    parser.add_argument("--pool-dir", type=Path, default=Path("/tmp/pairfarm-bench-pool"))
+    parser.add_argument("--pool-dir", type=Path, default=Path("bench/out/pool"))
     parser.add_argument("--csv", type=Path, default=None, help="write the samples here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--worker-arg", action="append", default=[],
