@@ -3,10 +3,8 @@ invariant checker on databases where an invariant is broken on purpose."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 
 from bench.simulator import SimConfig, check_invariants, describe, run
@@ -14,15 +12,6 @@ from tests.conftest import insert_candidates
 from tests.leasing import leases, new_worker
 
 FINISHED = "status = 'done', worker_id = NULL, lease_token = NULL, lease_expires_at = NULL"
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[sa.Engine]:
-    engine = sa.create_engine(db_url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def test_a_small_farm_with_failures_and_kills_drains_consistently(
