@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,6 +67,7 @@ import pyarrow as pa
 from knn import source
 from knn.errors import SisapError
 from knn.exact import exact_knn
+from pairfarm.staging import replacing
 
 Progress = Callable[[str, int, int], None]
 CHUNK_ROWS = 65_536
@@ -131,15 +131,11 @@ def file_names(n: int, q: int, d: int, pca_dims: tuple[int, ...]) -> dict[str, s
 @contextlib.contextmanager
 def staged(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path``, renamed to it when the block succeeds."""
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        yield tmp
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            yield tmp
     except OSError as exc:
         raise SisapError(f"cannot write {path}: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_h5(path: Path, datasets: dict[str, np.ndarray]) -> None:

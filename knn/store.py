@@ -20,7 +20,6 @@ Error handling: an unreadable folder raises ``IndexLoadError``, a failed write
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 
 from knn.choose import Choice, Kind
 from knn.errors import IndexBuildError, IndexLoadError
+from pairfarm.staging import replacing
 
 INFO_NAME = "index.json"
 FORMAT_VERSION = 1
@@ -96,15 +96,11 @@ def read_info(folder: Path) -> IndexInfo | None:
 
 
 def _replace(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            write(tmp)
     except OSError as exc:
         raise IndexBuildError(f"cannot write {path}: {exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_rows(folder: Path, stem: str, table: pa.Table) -> None:
