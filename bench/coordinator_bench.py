@@ -13,10 +13,14 @@ defaults, shared_buffers 1GB, max_wal_size 8GB):
 2. lease latency with N pending: 10 calls of ``Leases.lease_download`` (10k batch) right
    after the ingest, then VACUUM ANALYZE and CHECKPOINT (what autovacuum and the
    checkpointer do in the minutes after a large ingest) and --leases calls;
-3. lease latency at 99 % done: all but 1 % of the pending chunks (every 100th chunk id
-   stays) put into a finished batch, VACUUM ANALYZE, then --leases calls again. Leases
-   take whole chunks and put what they do not need back as one chunk, so a drained farm
-   holds whole chunks spread over the table, as here.
+3. lease latency at 50 % and at 99 % done: the pending chunks whose id modulo 100 is
+   under 50 (then under 99) put into finished batches of at most ~1M candidates,
+   VACUUM ANALYZE, then --leases calls again. Leases take whole chunks and put what they
+   do not need back as one chunk, so a drained farm holds whole chunks spread over the
+   table, as here. The PostgreSQL processes' memory (PSS) after the ingest and at the end.
+
+``--jobs J`` loads J files at once (``pairfarm ingest --jobs``); ``--work DIR`` puts the
+server's data and the files there (kept), instead of a temporary folder (removed).
 
 Then, on a separate database of --api-rows candidates, ``pairfarm coordinator`` runs in a
 subprocess and --clients client processes (``pairfarm.client.CoordinatorClient``) lease
@@ -198,23 +202,61 @@ def print_sizes(url: str, rows: int) -> None:
     print(f"  bytes per candidate: {parts}; all {total / rows:.1f}", flush=True)
 
 
-def drain_to_one_percent(url: str) -> None:
+#: chunk ids per statement of the drain (each finished batch holds at most ~1M ids)
+DRAIN_CHUNKS = 62_500
+
+
+def drain_to(url: str, keep_percent: int) -> None:
+    """Finish all pending chunks but those whose id modulo 100 is at least 100 -
+    ``keep_percent`` (what a farm that far along holds: whole chunks spread over the
+    table), into finished batches of at most DRAIN_CHUNKS chunks each, then VACUUM
+    ANALYZE."""
     import psycopg
 
+    keep_from = 100 - keep_percent
     with psycopg.connect(libpq_url(url), autocommit=True) as conn:
         t0 = time.perf_counter()
-        batch = conn.execute("INSERT INTO batches (status, size) VALUES ('done', 0) "
-                             "RETURNING id").fetchone()[0]  # type: ignore[index]
-        conn.execute("WITH taken AS (DELETE FROM pending_chunks WHERE id %% 100 <> 0 "
-                     "RETURNING ids) INSERT INTO batch_members (batch_id, ids) "
-                     "SELECT %s, array_agg(u.id) FROM taken, unnest(taken.ids) AS u(id)",
-                     [batch])
+        top = conn.execute("SELECT COALESCE(max(id), 0) FROM pending_chunks").fetchone()
+        assert top is not None
+        for lo in range(0, int(top[0]) + 1, DRAIN_CHUNKS):
+            with conn.transaction():
+                batch = conn.execute("INSERT INTO batches (status, size) VALUES ('done', 0) "
+                                     "RETURNING id").fetchone()
+                assert batch is not None
+                conn.execute(
+                    "WITH taken AS (DELETE FROM pending_chunks WHERE id >= %s AND id < %s "
+                    "AND id %% 100 < %s RETURNING ids) INSERT INTO batch_members "
+                    "(batch_id, ids) SELECT %s, array_agg(u.id) "
+                    "FROM taken, unnest(taken.ids) AS u(id) HAVING count(*) > 0",
+                    [lo, lo + DRAIN_CHUNKS, keep_from, batch[0]])
         conn.execute("VACUUM ANALYZE pending_chunks")
-        print(f"  (99 % done set up in {time.perf_counter() - t0:.0f} s)", flush=True)
+        print(f"  ({100 - keep_percent} % done set up in {time.perf_counter() - t0:.0f} s)",
+              flush=True)
+
+
+def server_memory(postmaster: int) -> str:
+    """The PostgreSQL processes' memory: the sum of their proportional set sizes (shared
+    buffers counted once across them) and the largest RSS."""
+    pss = rss = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if int(entry.name) != postmaster and ppid != postmaster:
+                continue
+            rollup = (entry / "smaps_rollup").read_text().splitlines()
+        except OSError:
+            continue
+        kb = {line.split(":")[0]: int(line.split()[1]) for line in rollup[1:]
+              if line.split()[-1] == "kB"}
+        pss += kb.get("Pss", 0)
+        rss = max(rss, kb.get("Rss", 0))
+    return f"PostgreSQL memory: PSS {pss / 2**20:.2f} GiB in all, largest RSS {rss / 2**20:.2f} GiB"
 
 
 def bench_rows(server_url: str, work: Path, rows: int, leases: int, cpu: ServerCpu, *,
-               group_rows: int = GROUP_ROWS) -> None:
+               group_rows: int = GROUP_ROWS, jobs: int = 1) -> None:
     name = f"bench_{rows}"
     ensure_database(server_url, name)
     url = server_url.rsplit("/", 1)[0] + f"/{name}"
@@ -224,7 +266,7 @@ def bench_rows(server_url: str, work: Path, rows: int, leases: int, cpu: ServerC
         files = [synthetic_file(work / f"c{rows}_{s}.parquet", s, min(FILE_ROWS, rows - s))
                  for s in range(start, min(rows, start + group_rows), FILE_ROWS)]
         cpu0, wal0, t0 = cpu.seconds(), wal_bytes(url), time.perf_counter()
-        summaries = ingest(url, files, Columns())
+        summaries = ingest(url, files, Columns(), jobs=jobs)
         group = time.perf_counter() - t0
         took += group
         added = sum(s.inserted for s in summaries)
@@ -238,11 +280,14 @@ def bench_rows(server_url: str, work: Path, rows: int, leases: int, cpu: ServerC
     print(f"ingest {rows:,} rows: {took:.1f} s, {inserted / took:,.0f} rows/s "
           f"(inserted {inserted:,})", flush=True)
     print_sizes(url, inserted)
+    print(f"  {server_memory(cpu.postmaster)}", flush=True)
     lease_latency(url, f"lease at {rows:,} pending, right after the ingest", COLD_LEASES)
     vacuum(url)
     lease_latency(url, f"lease at {rows:,} pending", leases)
-    drain_to_one_percent(url)
-    lease_latency(url, f"lease at {rows:,} rows, 99 % done", leases)
+    for keep in (50, 1):
+        drain_to(url, keep)
+        lease_latency(url, f"lease at {rows:,} rows, {100 - keep} % done", leases)
+    print(f"  {server_memory(cpu.postmaster)}", flush=True)
 
 
 def api_client(base: str, token: str, seconds: float, sync: tuple[Any, Any],
@@ -495,6 +540,11 @@ def main() -> None:
     parser.add_argument("--leases", type=int, default=50)
     parser.add_argument("--ingest-rows", type=int, default=GROUP_ROWS,
                         help="rows per ingest call: one rate line each")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="files the ingest loads at once (pairfarm ingest --jobs)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="folder for the server's data and the files (default: a new "
+                             "temporary folder)")
     parser.add_argument("--api-rows", type=int, default=5_000_000)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--api-seconds", type=float, default=20.0)
@@ -514,7 +564,9 @@ def main() -> None:
                         help="before the ingest, rounds of --during-leases/2 leases beside an "
                              "open transaction of 1, then 70 written subtransactions")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="pairfarm-bench-"))
+    work = (Path(tempfile.mkdtemp(prefix="pairfarm-bench-")) if args.work is None
+            else args.work.resolve())
+    work.mkdir(parents=True, exist_ok=True)
     pg = EmbeddedPostgres(work / "data", settings=BENCH_SETTINGS)
     server = pg.start()
     print(f"PostgreSQL in {work}; cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}",
@@ -528,12 +580,13 @@ def main() -> None:
             return
         for rows in [] if args.api_only else args.rows or [1_000_000]:
             bench_rows(server.url(), work, rows, args.leases, ServerCpu(server.pid),
-                       group_rows=args.ingest_rows)
+                       group_rows=args.ingest_rows, jobs=args.jobs)
         if not args.skip_api:
             bench_api(server.url(), work, args.api_rows, args.clients, args.api_seconds)
     finally:
         pg.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
