@@ -1,29 +1,28 @@
-"""What a 10k lease costs with today's layout against chunks that carry their payload.
+"""What a 10k lease costs when the chunks carry their payload, and when they do not.
 
     python bench/lease_floor.py --rows 2000000 --leases 60
 
 On a fresh embedded PostgreSQL 18 (the coordinator benchmark's settings), --rows
-synthetic candidates of ``bench/coordinator_bench.py`` are ingested (``pending_chunks``
-of 16 ids), VACUUM ANALYZEd; then a second pending table is built from the same chunks,
-``pending_payload``: each chunk's ids plus its candidates' fields pre-serialized as
-JSON array fragments (``id_j`` ``1,2,...``, ``url_j`` ``"http://...","http://..."``,
-``caption_j``, ``language_j``, ``extra_j``), what an ingest could write beside the
-candidates. Then, alternating one lease of each kind, --leases leases of --batch
-candidates:
+synthetic candidates of ``bench/coordinator_bench.py`` are ingested into database
+``frag`` (``pending_chunks`` of 16 ids with their JSON fragments, as ``pairfarm
+ingest`` writes them) and VACUUM ANALYZEd. Database ``bare`` is a copy of it whose chunks
+carry no fragments (set to NULL, then ``VACUUM FULL``: the dense 43-rows-a-page layout
+of the chunks before migration 0009). Then, alternating one lease of each kind, --leases
+leases of --batch candidates through ``Leases.lease_download_raw``, each database on its
+own connection:
 
-- **today**: ``Leases.lease_download_raw`` (batch row, ``claim_sampled`` on
-  ``pending_chunks``, ``batch_candidates``: 10k candidates read by ``candidates_pkey``
-  and aggregated into the columnar JSON), and ``batch_candidates`` alone, run again on
-  the leased batch (read only);
-- **payload**: one transaction: the batch row, then one statement that samples
-  ``pending_payload`` (TABLESAMPLE SYSTEM, shuffled, ``FOR UPDATE SKIP LOCKED``, the same
-  shape as ``claim_sampled``), deletes the chunks ``RETURNING`` their fragments, stores
-  the ids in ``batch_members`` and concatenates the fragments into the same columnar
-  JSON (``attempt`` all 1). No ``candidates`` row is read.
+- **fragments**: the claim's ``DELETE ... RETURNING`` hands over the fragments and the
+  lease joins them; no ``candidates`` row is read;
+- **no fragments**: the same claim, then the batch's 10k candidates read from
+  ``candidates`` by primary key and aggregated into JSON (``candidate_fragments``), what
+  every lease did before the fragments;
+- **re-lease read**: ``batch_candidates`` (what a re-leased batch reads) run again on
+  the fragments lease's batch, read only.
 
 Per kind: client-side p50/p99 per lease and the CPU of the backend that served it (from
-/proc, summed over the leases, per lease), and the tables' bytes per candidate. One
-payload lease's JSON is checked against ``candidates`` (every field of every element).
+/proc, summed over the leases, per lease), the tables' bytes per candidate, and a check
+that the last lease of both kinds equals the candidates' rows (every field of every
+element).
 """
 
 from __future__ import annotations
@@ -64,55 +63,6 @@ from coordinator.tokens import authenticate, create_token, touch_worker  # noqa:
 
 TICK = os.sysconf("SC_CLK_TCK")
 T = TypeVar("T")
-PAYLOAD_TABLE = """
-CREATE TABLE pending_payload (
-    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    ids bigint[] NOT NULL,
-    id_j text NOT NULL, url_j text NOT NULL, caption_j text NOT NULL,
-    language_j text NOT NULL, extra_j text NOT NULL)
-"""
-BUILD_PAYLOAD = """
-INSERT INTO pending_payload (ids, id_j, url_j, caption_j, language_j, extra_j)
-SELECT p.ids,
-       string_agg(c.id::text, ',' ORDER BY c.id),
-       string_agg(to_json(c.url)::text, ',' ORDER BY c.id),
-       string_agg(to_json(c.caption)::text, ',' ORDER BY c.id),
-       string_agg(COALESCE(to_json(c.language)::text, 'null'), ',' ORDER BY c.id),
-       string_agg(COALESCE(c.extra::text, '{}'), ',' ORDER BY c.id)
-  FROM pending_chunks p
- CROSS JOIN LATERAL unnest(p.ids) AS u(id)
-  JOIN candidates c ON c.id = u.id
- GROUP BY p.id, p.ids
- ORDER BY p.id
-"""
-INSERT_BATCH = ("INSERT INTO batches (status, worker_id, lease_token, lease_expires_at, "
-                "attempts, leased_at) VALUES ('leased', %(worker)s, md5(random()::text), "
-                "now() + interval '10 minutes', 1, now()) RETURNING id")
-CLAIM_PAYLOAD = """
-WITH sample AS MATERIALIZED (
-    SELECT ctid FROM pending_payload TABLESAMPLE SYSTEM (CAST(%(pct)s AS real))
-), picked AS (
-    SELECT p.ctid FROM pending_payload p
-     WHERE p.ctid = ANY (ARRAY(SELECT ctid FROM sample))
-     ORDER BY random()
-     LIMIT %(chunks)s
-       FOR UPDATE SKIP LOCKED
-), taken AS (
-    DELETE FROM pending_payload
-     WHERE ctid = ANY (ARRAY(SELECT ctid FROM picked))
-    RETURNING ids, id_j, url_j, caption_j, language_j, extra_j
-), stored AS (
-    INSERT INTO batch_members (batch_id, ids)
-    SELECT %(batch_id)s, array_agg(u.id) FROM taken, unnest(taken.ids) AS u(id)
-)
-SELECT sum(cardinality(ids))::int AS n,
-       '{"id":[' || string_agg(id_j, ',') || '],"url":[' || string_agg(url_j, ',')
-       || '],"caption":[' || string_agg(caption_j, ',') || '],"language":['
-       || string_agg(language_j, ',') || '],"extra":[' || string_agg(extra_j, ',')
-       || '],"attempt":[' || rtrim(repeat('1,', sum(cardinality(ids))::int), ',')
-       || ']}' AS candidates
-  FROM taken
-"""
 
 
 def backend_ticks(pid: int) -> int:
@@ -152,51 +102,44 @@ def load(url: str, work: Path, rows: int) -> None:
         path.unlink()
 
 
-def build_payload(conn: psycopg.Connection, rows: int) -> None:
-    t0 = time.perf_counter()
-    conn.execute(PAYLOAD_TABLE)
-    conn.execute(BUILD_PAYLOAD)
-    conn.execute("VACUUM ANALYZE pending_payload")
-    conn.execute("VACUUM ANALYZE candidates, pending_chunks")
-    conn.execute("CHECKPOINT")
-    print(f"pending_payload built in {time.perf_counter() - t0:.1f} s", flush=True)
-    for table in ("candidates", "pending_chunks", "pending_payload"):
-        size = conn.execute("SELECT pg_total_relation_size(%s::regclass)",
-                            [table]).fetchone()[0]  # type: ignore[index]
-        print(f"  {table}: {size / rows:.1f} bytes per candidate (heap, indexes, TOAST)",
-              flush=True)
+def prepare(server_url: str, work: Path, rows: int) -> tuple[str, str]:
+    """The two databases' URLs: fragments, no fragments."""
+    ensure_database(server_url, "frag")
+    frag = server_url.rsplit("/", 1)[0] + "/frag"
+    upgrade(frag)
+    load(frag, work, rows)
+    with psycopg.connect(libpq_url(frag), autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE candidates, pending_chunks")
+    with psycopg.connect(libpq_url(server_url), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE bare TEMPLATE frag")
+    bare = server_url.rsplit("/", 1)[0] + "/bare"
+    with psycopg.connect(libpq_url(bare), autocommit=True) as conn:
+        conn.execute("UPDATE pending_chunks SET url_j = NULL, caption_j = NULL, "
+                     "language_j = NULL, extra_j = NULL")
+        conn.execute("VACUUM FULL ANALYZE pending_chunks")
+        conn.execute("CHECKPOINT")
+    for name, url in (("fragments", frag), ("no fragments", bare)):
+        with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+            size = conn.execute("SELECT pg_total_relation_size('pending_chunks')").fetchone()
+            assert size is not None
+            print(f"  {name}: pending_chunks {size[0] / rows:.1f} bytes per candidate "
+                  "(heap, key, TOAST)", flush=True)
+    return frag, bare
 
 
-def payload_lease(conn: psycopg.Connection, worker: int, chunks: int,
-                  pct: float) -> tuple[int, str]:
-    with conn.transaction():
-        batch = conn.execute(INSERT_BATCH, {"worker": worker}).fetchone()[0]  # type: ignore[index]
-        n, body = conn.execute(CLAIM_PAYLOAD, {  # type: ignore[misc]
-            "pct": pct, "chunks": chunks, "batch_id": batch}).fetchone()
-        conn.execute("UPDATE batches SET size = %s WHERE id = %s", [n, batch])
-    return int(n or 0), str(body)
-
-
-def candidates_of(engine: sa.Engine, batch_id: int) -> int:
-    """``batch_candidates`` of a leased batch, read only; how many."""
-    with engine.connect() as conn:
-        return int(conn.execute(Q.batch_candidates, {"batch_id": batch_id}).one().n)
-
-
-def check_payload(conn: psycopg.Connection, body: str) -> None:
-    """Every element of the payload lease's JSON equals its candidate's row."""
+def check(engine: sa.Engine, body: str) -> None:
+    """Every element of a lease body equals its candidate's row."""
     data = json.loads(body)
-    rows = {r[0]: r[1:] for r in conn.execute(
-        "SELECT id, url, caption, language, extra::text FROM candidates "
-        "WHERE id = ANY(%s)", [data["id"]])}
+    with engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(sa.text(
+            "SELECT id, url, caption, language, extra::text FROM candidates "
+            "WHERE id = ANY(:ids)"), {"ids": data["id"]})}
     assert len(rows) == len(data["id"]) == len(data["url"]) == len(data["attempt"])
     for i, cid in enumerate(data["id"]):
-        url, caption, language, extra = rows[cid]
+        row = rows[cid]
         assert (data["url"][i], data["caption"][i], data["language"][i]) == (
-            url, caption, language), cid
-        assert data["extra"][i] == (json.loads(extra) if extra else {}), cid
-    print(f"payload lease checked: {len(data['id'])} candidates equal their rows",
-          flush=True)
+            row.url, row.caption, row.language), cid
+        assert data["extra"][i] == (json.loads(row.extra) if row.extra else {}), cid
 
 
 def main() -> None:
@@ -209,49 +152,51 @@ def main() -> None:
     pg = EmbeddedPostgres(work / "data", settings=BENCH_SETTINGS)
     server = pg.start()
     try:
-        ensure_database(server.url(), "floor")
-        url = server.url().rsplit("/", 1)[0] + "/floor"
-        upgrade(url)
-        load(url, work, args.rows)
-        raw = psycopg.connect(libpq_url(url), autocommit=True)
-        engine = sa.create_engine(url, pool_size=1, max_overflow=0)
+        frag, bare = prepare(server.url(), work, args.rows)
+        engines = [sa.create_engine(u, pool_size=1, max_overflow=0) for u in (frag, bare)]
         try:
-            build_payload(raw, args.rows)
-            run(engine, raw, args)
+            run(engines[0], engines[1], args)
         finally:
-            engine.dispose()
-            raw.close()
+            for engine in engines:
+                engine.dispose()
     finally:
         pg.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run(engine: sa.Engine, raw: psycopg.Connection, args: argparse.Namespace) -> None:
+def _service(engine: sa.Engine, batch: int) -> tuple[Leases, int, int]:
     _, token = create_token(engine, "worker", "lease-floor")
     worker = touch_worker(engine, authenticate(engine, token))
-    service = Leases(engine, make_lease_settings(batch_size=args.batch))
     with engine.connect() as conn:
-        pid_a = int(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
-    pid_b = int(raw.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
-    chunks = args.batch // 16
-    total = int(raw.execute("SELECT count(*) FROM pending_payload").fetchone()[0])  # type: ignore[index]
-    today, alone, payload = (Kind("today: lease_download_raw"),
-                             Kind("today: batch_candidates alone (read only)"),
-                             Kind("payload: batch + claim + concatenation"))
-    body = ""
+        pid = int(conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+    return Leases(engine, make_lease_settings(batch_size=batch)), worker, pid
+
+
+def run(frag: sa.Engine, bare: sa.Engine, args: argparse.Namespace) -> None:
+    (sf, wf, pf), (sb, wb, pb) = _service(frag, args.batch), _service(bare, args.batch)
+    with_f, without, reread = (Kind("fragments: lease_download_raw"),
+                               Kind("no fragments: lease_download_raw"),
+                               Kind("re-lease read: batch_candidates (read only)"))
+    last: dict[str, tuple[sa.Engine, str]] = {}
     for _ in range(args.leases):
-        lease = timed(today, pid_a, lambda: service.lease_download_raw(worker))
-        assert lease is not None
-        today.sizes.append(lease.count)
-        alone.sizes.append(timed(alone, pid_a, partial(candidates_of, engine,
-                                                       lease.info.batch_id)))
-        pct = min(100.0, 100.0 * 3 * chunks / max(1, total))
-        n, body = timed(payload, pid_b, partial(payload_lease, raw, worker, chunks, pct))
-        payload.sizes.append(n)
-        total -= n // 16
-    for kind in (today, alone, payload):
+        for kind, service, worker, pid, engine in ((with_f, sf, wf, pf, frag),
+                                                   (without, sb, wb, pb, bare)):
+            lease = timed(kind, pid, partial(service.lease_download_raw, worker))
+            assert lease is not None
+            kind.sizes.append(lease.count)
+            last[kind.label] = (engine, lease.candidates)
+            if kind is with_f:
+                def read(batch_id: int = lease.info.batch_id) -> int:
+                    with frag.connect() as conn:
+                        return int(conn.execute(Q.batch_candidates,
+                                                {"batch_id": batch_id}).one().n)
+                reread.sizes.append(timed(reread, pf, read))
+    for kind in (with_f, without, reread):
         kind.report()
-    check_payload(raw, body)
+    for label, (engine, body) in last.items():
+        check(engine, body)
+        print(f"{label}: the last lease's {len(json.loads(body)['id'])} candidates equal "
+              "their rows", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,18 @@ nothing in hand, not behind the tail of a busy one.
    to the yield of earlier samples (``coordinator.sampling``), shuffle the sampled
    chunks, lock enough of them for the batch with ``FOR UPDATE SKIP LOCKED`` (chunks a
    concurrent lease holds or took are passed over, and the rest of the sample stands in
-   for them), delete them, store batch-size of their ids in ``batch_members`` and put
-   the rest back as a new chunk;
+   for them), delete whole chunks while they fit and split the one that crosses the
+   batch size (its rest goes back as a new chunk);
 3. when the sample comes back short (or would be too costly), top it up from the
    primary key of ``pending_chunks`` starting at a random id, again ``SKIP LOCKED``.
+
+The body: each chunk carries its candidates' fields as JSON array fragments (written
+by the ingest); the claim's ``DELETE ... RETURNING`` hands them over and the lease joins
+them (``coordinator.payload``), so forming a batch reads no ``candidates`` row. Retried
+candidates and chunks without fragments are read from ``candidates`` in one statement
+(``candidate_fragments``). The batch's ``batch_members`` row is written once, in the
+body's order (``store_members``); a re-leased batch (step 1) reads all its candidates in
+that order (``batch_candidates``), so each keeps its key.
 
 URL retries: a new batch first takes candidates that wait for a retry and are due
 (``claim_retries``: ``url_retries`` rows by their ``not_before`` index, ``SKIP LOCKED``),
@@ -34,8 +42,7 @@ candidate that is not in the batch or at its last attempt is refused whole.
 
 A candidate leaves ``pending_chunks`` with the delete of its chunk, which succeeds once:
 no two batches can hold it. Sampling and claiming read and write only ``pending_chunks``
-(~625 rows for a 10k batch) and one ``batch_members`` row; the wide ``candidates`` rows
-are read once per lease, by primary key, to build the batch's JSON.
+(~625 rows for a 10k batch) and one ``batch_members`` row.
 
 Fencing: heartbeat, complete and fail name the batch, the caller (``worker_id``, from its
 bearer token) and the lease token. Anything else than "leased to this caller under this
@@ -66,6 +73,7 @@ import sqlalchemy as sa
 from coordinator import reports
 from coordinator.errors import LeaseConflict, NotFound, Quarantined
 from coordinator.models import CHUNK_SIZE
+from coordinator.payload import Part, count_of, lease_body, members_text
 from coordinator.queries import Q
 from coordinator.sampling import SampleRate
 from coordinator.settings import LeaseSettings
@@ -96,7 +104,12 @@ BACK_TO = {DOWNLOAD: BatchStatus.PENDING, POSTPROCESS: BatchStatus.DOWNLOADED}
 #: which kind of client holds a batch in each held status
 KIND_HOLDING = {status.value: kind for kind, status in HELD.items()}
 TABLE_STATS_MAX_AGE_S = 10.0
-#: full pending_chunks rows (16 ids, ~188 bytes with their line pointer) in an 8 kB page
+#: the bytes of a page that hold rows (8 kB less the page header)
+PAGE_BYTES = 8168
+#: a row's bytes beside its columns: tuple header and line pointer
+ROW_OVERHEAD = 28
+#: full pending_chunks rows of 16 ids without fragments (~188 bytes with their line
+#: pointer) in an 8 kB page: the density assumed until a claim measured the rows
 PAGE_ROWS = 43
 #: rounds of the index fallback (each learns how full the chunks are)
 INDEX_ROUNDS = 8
@@ -145,10 +158,10 @@ class FormStats:
 
 @dataclass(frozen=True)
 class TableSize:
-    """Planner statistics of ``pending_chunks``: rows, and rows its pages hold."""
+    """Planner statistics of ``pending_chunks``: rows and pages."""
 
     rows: int
-    capacity: int
+    pages: int
 
 
 class _TableRows:
@@ -165,24 +178,33 @@ class _TableRows:
             rows = int(row.rows)
             if rows < 0:  # never analyzed: the id range bounds the row count
                 rows = int(conn.execute(Q.max_chunk_id).scalar_one())
-            self._size = TableSize(rows, int(row.pages) * PAGE_ROWS)
+            self._size = TableSize(rows, int(row.pages))
             self._at = time.monotonic()
         return self._size
 
 
 class _ChunkFill:
     """How many ids the pending chunks hold on average, learned from the last claim
-    (full chunks hold ``CHUNK_SIZE``; leftovers and the last chunk of an insert fewer)."""
+    (full chunks hold ``CHUNK_SIZE``; leftovers and the last chunk of an insert fewer),
+    and how many chunks a full page holds, from the bytes of the rows it took (rows with
+    fragments are ~10-40 times as wide as rows of ids alone)."""
 
     def __init__(self) -> None:
         self.ids_per_chunk = float(CHUNK_SIZE)
+        self.page_rows = PAGE_ROWS
 
     def chunks_for(self, ids: int) -> int:
         return max(1, math.ceil(ids / self.ids_per_chunk))
 
-    def observe(self, chunks: int, ids: int) -> None:
+    def capacity(self, size: TableSize) -> int:
+        """The chunks the table's pages hold when full (what a sample's pages cost)."""
+        return size.pages * self.page_rows
+
+    def observe(self, chunks: int, ids: int, row_bytes: float | None = None) -> None:
         if chunks > 0:
             self.ids_per_chunk = max(1.0, ids / chunks)
+        if row_bytes:
+            self.page_rows = max(1, int(PAGE_BYTES // (float(row_bytes) + ROW_OVERHEAD)))
 
 
 class Leases:
@@ -215,60 +237,74 @@ class Leases:
         with self.engine.begin() as conn:
             _check_quarantine(conn, worker_id)
             row = conn.execute(Q.lease_pending_batch, {**params, "max_size": size}).first()
-            if row is None:
+            if row is not None:
+                found = conn.execute(Q.batch_candidates, {"batch_id": row.id}).one()
+                count, body = int(found.n), str(found.candidates)
+            else:
                 if not _anything_to_form(conn):
                     return None
                 row = conn.execute(Q.insert_leased_batch, params).one()
-                claimed = self._fill_batch(conn, row.id, size)
-                if not claimed:
+                parts = self._fill_batch(conn, row.id, size)
+                count = count_of(parts)
+                if not count:
                     conn.rollback()
                     return None
-                conn.execute(Q.set_batch_size, {"batch_id": row.id, "size": claimed})
+                conn.execute(Q.set_batch_size, {"batch_id": row.id, "size": count})
+                conn.execute(Q.store_members, {"batch_id": row.id,
+                                               "ids": members_text(parts)})
+                body = lease_body(parts)
             if ahead and not conn.execute(Q.anything_left).scalar_one():
                 conn.rollback()  # the last batch: kept for a worker with nothing in hand
                 return None
-            found = conn.execute(Q.batch_candidates, {"batch_id": row.id}).one()
             self._count("leases", DOWNLOAD)
             info = LeaseInfo(batch_id=row.id, lease_token=row.lease_token,
                              lease_expires_at=row.lease_expires_at, attempt=row.attempts)
-            return RawDownloadLease(info=info, count=found.n, candidates=found.candidates,
+            return RawDownloadLease(info=info, count=count, candidates=body,
                                     url_retries=self.settings.url_retries)
 
-    def _fill_batch(self, conn: sa.Connection, batch_id: int, want: int) -> int:
+    def _fill_batch(self, conn: sa.Connection, batch_id: int, want: int) -> list[Part]:
         """Fill a new batch: due retries (at most ``RETRY_SHARE`` of it), new candidates,
-        then more due retries when the new ones ran short; how many in all."""
-        retries = self._claim_retries(conn, batch_id, max(1, int(want * RETRY_SHARE)))
-        formed = self._form(conn, batch_id, want - retries) if retries < want else 0
-        if retries + formed < want:
-            retries += self._claim_retries(conn, batch_id, want - retries - formed)
-        return retries + formed
+        then more due retries when the new ones ran short; the body's parts."""
+        claim = _Claim()
+        self._claim_retries(conn, batch_id, max(1, int(want * RETRY_SHARE)), claim)
+        if claim.count < want:
+            self._form(conn, batch_id, want - claim.count, claim)
+        if claim.count < want:
+            self._claim_retries(conn, batch_id, want - claim.count, claim)
+        if claim.read_ids:
+            row = conn.execute(Q.candidate_fragments,
+                               {"batch_id": batch_id, "ids": claim.read_ids}).one()
+            claim.parts.append(Part(int(row.n), row.id_j, row.url_j, row.caption_j,
+                                    row.language_j, row.extra_j, row.attempt_j))
+        return claim.parts
 
-    def _claim_retries(self, conn: sa.Connection, batch_id: int, want: int) -> int:
+    def _claim_retries(self, conn: sa.Connection, batch_id: int, want: int,
+                       claim: _Claim) -> None:
         if want < 1:
-            return 0
+            return
         row = conn.execute(Q.claim_retries, {"batch_id": batch_id, "n": want}).one()
-        return int(row.n)
+        claim.read(row.ids or [])
 
-    def _form(self, conn: sa.Connection, batch_id: int, want: int) -> int:
-        """Fill batch ``batch_id`` with up to ``want`` pending candidates; how many."""
+    def _form(self, conn: sa.Connection, batch_id: int, want: int, claim: _Claim) -> None:
+        """Fill batch ``batch_id`` with up to ``want`` pending candidates."""
         size = self._rows.get(conn)
         chunks = self._fill.chunks_for(want)
-        pct = self.rate.percent(chunks, size.rows, size.capacity)
+        pct = self.rate.percent(chunks, size.rows, self._fill.capacity(size))
         claimed = sampled = 0
         if pct is not None:
             row = conn.execute(Q.claim_sampled, {
-                "pct": pct, "chunks": chunks, "n": want, "batch_id": batch_id,
-                "chunk_size": CHUNK_SIZE}).one()
-            claimed, sampled = int(row.n), int(row.sampled)
+                "pct": pct, "chunks": chunks, "n": want, "batch_id": batch_id}).one()
+            claimed, sampled = claim.took(row), int(row.sampled)
             self.rate.observe(pct, size.rows, sampled)
-            self._fill.observe(int(row.chunks), int(row.ids))
+            self._fill.observe(int(row.chunks), int(row.ids), row.row_bytes)
         else:
             self.rate.used_index()
-        from_index = self._claim_by_index(conn, batch_id, want - claimed) if claimed < want else 0
+        from_index = (self._claim_by_index(conn, batch_id, want - claimed, claim)
+                      if claimed < want else 0)
         self.last_form = FormStats(sampled, claimed, from_index)
-        return claimed + from_index
 
-    def _claim_by_index(self, conn: sa.Connection, batch_id: int, want: int) -> int:
+    def _claim_by_index(self, conn: sa.Connection, batch_id: int, want: int,
+                        claim: _Claim) -> int:
         """Take ``want`` candidates from chunks in id order from a random id, wrapping
         around once; each round asks for as many chunks as the fill learned so far needs."""
         start = random.randint(0, int(conn.execute(Q.max_chunk_id).scalar_one()))
@@ -278,10 +314,10 @@ class Leases:
                 break
             chunks = self._fill.chunks_for(want - got)
             row = conn.execute(Q.claim_by_index, {
-                "start": start, "chunks": chunks, "n": want - got, "batch_id": batch_id,
-                "chunk_size": CHUNK_SIZE}).one()
-            got += int(row.n)
-            self._fill.observe(int(row.chunks), int(row.ids))
+                "start": start, "chunks": chunks, "n": want - got,
+                "batch_id": batch_id}).one()
+            got += claim.took(row)
+            self._fill.observe(int(row.chunks), int(row.ids), row.row_bytes)
             if int(row.chunks) < chunks:  # the index ran out from ``start``
                 if start == 0:
                     break
@@ -425,6 +461,30 @@ class Leases:
     def _lease_params(self, worker_id: int) -> dict[str, Any]:
         return {"worker_id": worker_id, "lease_token": new_lease_token(),
                 "ttl": self.settings.lease_ttl_s}
+
+
+class _Claim:
+    """What the claims of one new batch took: the body's parts that came with
+    fragments, the ids whose candidates must be read, how many in all."""
+
+    def __init__(self) -> None:
+        self.parts: list[Part] = []
+        self.read_ids: list[int] = []
+        self.count = 0
+
+    def took(self, row: sa.Row[Any]) -> int:
+        """Add a claim statement's result (``claim_sampled``, ``claim_by_index``); how
+        many candidates it stored."""
+        if int(row.carried):
+            self.parts.append(Part(int(row.carried), row.id_j, row.url_j, row.caption_j,
+                                   row.language_j, row.extra_j))
+        self.read_ids.extend(row.read_ids or [])
+        self.count += int(row.n)
+        return int(row.n)
+
+    def read(self, ids: list[int]) -> None:
+        self.read_ids.extend(ids)
+        self.count += len(ids)
 
 
 def _failure_kind(report: FailReport) -> str:

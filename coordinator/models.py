@@ -157,22 +157,27 @@ CHUNK_SIZE = 16
 
 class PendingChunk(Base):
     """Up to ``CHUNK_SIZE`` candidates no batch holds yet; the row is deleted when a
-    batch takes it (and what the batch did not need goes back as a new row).
+    batch takes it (the chunk that crosses the batch size is split: its rest goes back as
+    a new row with its fragments).
 
-    The ingest fills each chunk with 16 consecutive ids, whose rows share a page or two
-    of ``candidates``. A page holds ~43 chunks (~690 ids); the lease samples ~4 times the
-    chunks it needs and takes its batch at random from them, ~11 chunks from each of ~58
-    pages for a 10k batch. Sampling reads only this table, and a 10k batch locks and
-    deletes ~625 rows here (~1.3k WAL records; 20k when each candidate had its own row).
-
-    The ingest writes the candidates and their chunks in one statement (``INSERT INTO
-    candidates ... RETURNING id`` feeding ``INSERT INTO pending_chunks``); the array
-    elements have no foreign key to ``candidates``.
+    The ingest fills each chunk with 16 consecutive ids and their lease payload: the
+    candidates' fields as JSON array fragments (``url_j`` ...), so forming a batch reads
+    only this table. A page holds 43 rows without fragments, 2-4 with LAION-like ones; a
+    10k batch locks and deletes ~625 rows (~1.3k WAL records; 20k when each candidate had
+    its own row). A writer that changes a row's ``ids`` must clear its fragments (NULL:
+    the lease reads those candidates' rows).
     """
 
     __tablename__ = "pending_chunks"
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger), nullable=False)
+    #: the lease payload (``coordinator.payload``): the candidates' fields as JSON array
+    #: fragments in the order of ``ids``, written by the ingest; NULL when the chunk
+    #: carries none and the lease reads its ``candidates`` rows
+    url_j: Mapped[str | None] = mapped_column(Text)
+    caption_j: Mapped[str | None] = mapped_column(Text)
+    language_j: Mapped[str | None] = mapped_column(Text)
+    extra_j: Mapped[str | None] = mapped_column(Text)
 
 
 class BatchMembers(Base):

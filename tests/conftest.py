@@ -119,18 +119,27 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
         engine.dispose()
 
 
-def insert_candidates(db_url: str, count: int, *, start: int = 0, domains: int = 50) -> None:
+def insert_candidates(db_url: str, count: int, *, start: int = 0, domains: int = 50,
+                      fragments: bool = True) -> None:
     """Insert ``count`` synthetic candidates (``http://host{i % domains}.test/{i}.jpg``)
-    and their ``pending_chunks`` (16 consecutive ids each) with one set-based statement, then
-    ANALYZE so the planner knows the tables' sizes."""
+    and their ``pending_chunks`` (16 consecutive ids each, with their lease payload's
+    fragments as the ingest writes them, or none: ``fragments=False``) with one set-based
+    statement, then ANALYZE so the planner knows the tables' sizes."""
     import psycopg
 
+    payload = ("string_agg(to_json(url)::text, ',' ORDER BY id), "
+               "string_agg(to_json(caption)::text, ',' ORDER BY id), "
+               "string_agg(COALESCE(to_json(language)::text, 'null'), ',' ORDER BY id), "
+               "string_agg(COALESCE(extra::text, '{}'), ',' ORDER BY id)"
+               if fragments else "NULL, NULL, NULL, NULL")
     with psycopg.connect(db_url.replace("+psycopg", ""), autocommit=True) as conn:
         conn.execute(
             "WITH inserted AS (INSERT INTO candidates (url, caption) "
             "SELECT 'http://host' || (i %% %(d)s) || '.test/' || i || '.jpg', 'caption ' || i "
-            "FROM generate_series(%(a)s::bigint, %(b)s::bigint) AS i RETURNING id) "
-            "INSERT INTO pending_chunks (ids) SELECT array_agg(id ORDER BY id) FROM inserted "
+            "FROM generate_series(%(a)s::bigint, %(b)s::bigint) AS i "
+            "RETURNING id, url, caption, language, extra) "
+            "INSERT INTO pending_chunks (ids, url_j, caption_j, language_j, extra_j) "
+            f"SELECT array_agg(id ORDER BY id), {payload} FROM inserted "
             "GROUP BY id / 16 ORDER BY id / 16",
             {"d": domains, "a": start, "b": start + count - 1})
         conn.execute("INSERT INTO ingests (source, rows_read, inserted, finished_at) "

@@ -60,9 +60,11 @@ def mark_batched(engine: sa.Engine, where: str) -> None:
             "INSERT INTO batch_members (batch_id, ids) SELECT :b, array_agg(id) "
             f"FROM (SELECT unnest(ids) AS id FROM pending_chunks) AS s WHERE {where} "
             "HAVING count(*) > 0"), {"b": batch})
-        conn.execute(sa.text(
-            "UPDATE pending_chunks SET ids = "
-            f"ARRAY(SELECT id FROM unnest(ids) AS u(id) WHERE NOT ({where}))"))
+        conn.execute(sa.text(  # a chunk whose ids change loses its fragments
+            "UPDATE pending_chunks SET url_j = NULL, caption_j = NULL, language_j = NULL, "
+            "extra_j = NULL, ids = "
+            f"ARRAY(SELECT id FROM unnest(ids) AS u(id) WHERE NOT ({where})) "
+            f"WHERE EXISTS (SELECT FROM unnest(ids) AS u(id) WHERE {where})"))
         conn.execute(sa.text("DELETE FROM pending_chunks WHERE cardinality(ids) = 0"))
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sa.text("VACUUM ANALYZE pending_chunks"))

@@ -54,7 +54,11 @@ def test_sequential_drain_keeps_batches_full(db_url: str) -> None:
         batches = _drain(service, new_worker(engine, "solo"))
         _assert_exactly_once(batches, _all_ids(engine))
         assert [len(b) for b in batches] == [500] * 10 + [50]
-        assert all(b == sorted(b) for b in batches), "candidates come in key (id) order"
+        with engine.connect() as conn:
+            members = {r.batch_id: sorted(r.ids) for r in conn.execute(
+                sa.text("SELECT batch_id, ids FROM batch_members"))}
+        assert sorted(sorted(b) for b in batches) == sorted(members.values()), (
+            "each lease's candidates are its batch's members")
 
 
 @pytest.mark.parametrize("layout", ["all_pending", "one_percent", "clustered_at_end"])

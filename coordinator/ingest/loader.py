@@ -82,6 +82,7 @@ KINDS: tuple[tuple[Callable[[pa.DataType], bool], str], ...] = (
 )
 #: the columns of ``ingest_copy_candidates``, in the CSV's order
 CANDIDATE_COLUMNS = ("id", "url", "caption", "language", "ingest_id", "extra")
+CHUNK_COLUMNS = ("ids", "url_j", "caption_j", "language_j", "extra_j")
 _CSV = pa_csv.WriteOptions(include_header=False)
 
 
@@ -94,7 +95,7 @@ class Prepared:
     hashes: list[bytes]  # each row's URL hash, in row order
     first_id: int  # ids first_id .. first_id + len(rows) - 1, in row order
     csv: memoryview  # the candidates, as CSV in CANDIDATE_COLUMNS order
-    chunks: bytes  # their pending_chunks rows, as COPY text
+    chunks: bytes  # their pending_chunks rows with their payload, as CSV
     read: int
     repeats: int  # rows dropped as repeats of an earlier row of the chunk
     rejected: Counter[str]
@@ -190,12 +191,29 @@ def first_occurrences(hashes: list[bytes], earlier: set[bytes]) -> list[int] | N
     return sorted(first.values())
 
 
-def pending_chunks_text(first_id: int, count: int) -> bytes:
-    """``count`` ids from ``first_id`` as ``pending_chunks (ids)`` COPY text rows of
-    ``CHUNK_SIZE`` consecutive ids (fewer in the last)."""
-    end = first_id + count
-    return "".join(["{" + ",".join(map(str, range(s, min(s + CHUNK_SIZE, end)))) + "}\n"
-                    for s in range(first_id, end, CHUNK_SIZE)]).encode()
+def pending_chunks_csv(rows: pa.Table, first_id: int) -> bytes:
+    """``rows`` (url, caption, language, extra: the loader's JSON text or null) with ids
+    from ``first_id`` as ``pending_chunks`` CSV rows of ``CHUNK_SIZE`` consecutive ids
+    (fewer in the last) with their lease payload: each field's JSON values joined by
+    commas in id order (``coordinator.payload``), built with Arrow compute."""
+    n = rows.num_rows
+    end = first_id + n
+    ids = ["{" + ",".join(map(str, range(s, min(s + CHUNK_SIZE, end)))) + "}"
+           for s in range(first_id, end, CHUNK_SIZE)]
+    offsets = pa.array([*range(0, n, CHUNK_SIZE), n], pa.int32())
+    values = [_json_string(rows.column("url")), _json_string(rows.column("caption")),
+              pc.fill_null(_json_string(rows.column("language")), "null"),
+              pc.fill_null(rows.column("extra"), "{}")]
+    joined = [pc.binary_join(pa.ListArray.from_arrays(offsets, _flat(v)), ",")
+              for v in values]
+    table = pa.table([pa.array(ids, pa.string()), *joined], names=list(CHUNK_COLUMNS))
+    sink = pa.BufferOutputStream()
+    pa_csv.write_csv(table, sink, _CSV)
+    return sink.getvalue().to_pybytes()
+
+
+def _flat(values: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 
 def candidates_csv(rows: pa.Table, first_id: int, ingest_id: int) -> memoryview:
@@ -253,7 +271,7 @@ class ChunkPreparer:
         first_id = self._reserve(n)
         return Prepared(rows, hashes, first_id,
                         candidates_csv(rows, first_id, self.ingest_id),
-                        pending_chunks_text(first_id, n), read, repeats, rejected)
+                        pending_chunks_csv(rows, first_id), read, repeats, rejected)
 
     def without(self, chunk: Prepared, present: set[bytes]) -> Prepared:
         """``chunk`` without the rows whose hash is in ``present``; the kept rows take
@@ -265,7 +283,7 @@ class ChunkPreparer:
             return replace(chunk, rows=rows, hashes=[], csv=memoryview(b""), chunks=b"")
         return replace(chunk, rows=rows, hashes=hashes,
                        csv=candidates_csv(rows, chunk.first_id, self.ingest_id),
-                       chunks=pending_chunks_text(chunk.first_id, len(keep)))
+                       chunks=pending_chunks_csv(rows, chunk.first_id))
 
     def _conform(self, good: pa.Table) -> pa.Table:
         """Cast a later chunk's extra column to text where its kind differs from the first

@@ -62,87 +62,160 @@ SELECT COALESCE(max(id), 0) AS max_id FROM pending_chunks;
 
 -- name: _store_claimed
 -- The common tail of claim_sampled and claim_by_index, spliced in after their "picked"
--- CTE (the ctids of the locked chunks): delete the chunks, store their first :n ids in
--- batch_members and put the rest back into pending_chunks as chunks of :chunk_size.
-taken AS (
-    DELETE FROM pending_chunks
-     WHERE ctid = ANY (ARRAY(SELECT ctid FROM picked))
-    RETURNING ids
-), members AS (
-    SELECT u.id, row_number() OVER () AS k FROM taken, unnest(taken.ids) AS u(id)
+-- CTE (the locked chunks: ctid, ids, and r, the order in which they were picked). The
+-- batch takes whole chunks in that order while they fit in :n, then the first ids of the
+-- chunk that crosses :n (the rest of that chunk goes back as a new chunk, its fragments
+-- split at the same element); picked chunks past it stay as they are. The taken chunks
+-- are deleted (RETURNING their fragments). The lease body's parts: each whole chunk's
+-- fragments and the crossing chunk's first elements, joined in order of each part's
+-- first id (coordinator.payload); the ids of taken chunks that carry no fragments come
+-- back in read_ids (the lease reads their candidates). The batch's members are stored
+-- once, from the body (store_members).
+ranked AS MATERIALIZED (
+    SELECT p.ctid, p.ids, cardinality(p.ids) AS len,
+           sum(cardinality(p.ids)) OVER (ORDER BY p.r) AS upto
+      FROM picked p
+), used AS MATERIALIZED (
+    SELECT r.ctid, r.ids, r.len, CAST(LEAST(r.len, :n - (r.upto - r.len)) AS int) AS keep
+      FROM ranked r
+     WHERE r.upto - r.len < :n
+), taken AS MATERIALIZED (
+    DELETE FROM pending_chunks c
+     WHERE c.ctid = ANY (ARRAY(SELECT ctid FROM used))
+    RETURNING c.ids, c.url_j, c.caption_j, c.language_j, c.extra_j,
+              pg_column_size(c.ids) + COALESCE(pg_column_size(c.url_j) + pg_column_size(c.caption_j)
+                  + pg_column_size(c.language_j) + pg_column_size(c.extra_j), 0) AS bytes
+), took AS MATERIALIZED (
+    SELECT t.*, u.len, u.keep FROM taken t JOIN used u ON u.ids[1] = t.ids[1]
+), split AS MATERIALIZED (
+    SELECT t.keep, e.k, e.id, e.url, e.caption, e.language, e.extra
+      FROM took t
+     CROSS JOIN LATERAL ROWS FROM (
+            unnest(t.ids),
+            json_array_elements(CAST('[' || t.url_j || ']' AS json)),
+            json_array_elements(CAST('[' || t.caption_j || ']' AS json)),
+            json_array_elements(CAST('[' || t.language_j || ']' AS json)),
+            json_array_elements(CAST('[' || t.extra_j || ']' AS json))
+          ) WITH ORDINALITY AS e(id, url, caption, language, extra, k)
+     WHERE t.keep < t.len
 ), leftover AS (
-    INSERT INTO pending_chunks (ids)
-    SELECT array_agg(id) FROM members WHERE k > :n
-     GROUP BY (k - :n - 1) / :chunk_size
-), stored AS (
-    INSERT INTO batch_members (batch_id, ids)
-    SELECT :batch_id, array_agg(id) FROM members WHERE k <= :n HAVING count(*) > 0
-        ON CONFLICT (batch_id) DO UPDATE SET ids = batch_members.ids || EXCLUDED.ids
+    INSERT INTO pending_chunks (ids, url_j, caption_j, language_j, extra_j)
+    SELECT array_agg(id ORDER BY k), string_agg(url::text, ',' ORDER BY k),
+           string_agg(caption::text, ',' ORDER BY k),
+           string_agg(language::text, ',' ORDER BY k),
+           string_agg(extra::text, ',' ORDER BY k)
+      FROM split WHERE k > keep HAVING count(*) > 0
+), parts AS (
+    SELECT ids[1] AS first, len AS n, array_to_string(ids, ',') AS id_j, url_j,
+           caption_j, language_j, extra_j
+      FROM took WHERE keep = len AND url_j IS NOT NULL
+    UNION ALL
+    SELECT min(id), count(*), string_agg(id::text, ',' ORDER BY k),
+           string_agg(url::text, ',' ORDER BY k), string_agg(caption::text, ',' ORDER BY k),
+           string_agg(language::text, ',' ORDER BY k), string_agg(extra::text, ',' ORDER BY k)
+      FROM split WHERE k <= keep AND url IS NOT NULL HAVING count(*) > 0
+), body AS (
+    SELECT COALESCE(sum(n), 0) AS carried, string_agg(id_j, ',' ORDER BY first) AS id_j,
+           string_agg(url_j, ',' ORDER BY first) AS url_j,
+           string_agg(caption_j, ',' ORDER BY first) AS caption_j,
+           string_agg(language_j, ',' ORDER BY first) AS language_j,
+           string_agg(extra_j, ',' ORDER BY first) AS extra_j
+      FROM parts
 )
 
 -- name: claim_sampled
 -- Fill batch :batch_id with up to :n candidates from a sample: TABLESAMPLE SYSTEM picks
 -- whole pages of pending_chunks (the caller adapts the percentage to the yield it
 -- observes); the sampled chunks are shuffled, up to :chunks of them locked (SKIP LOCKED:
--- chunks another lease holds are passed over) and deleted. Their first :n ids go to
--- batch_members, the rest back into pending_chunks as new chunks of :chunk_size. A chunk
+-- chunks another lease holds are passed over) and taken as _store_claimed says. A chunk
 -- that a concurrent lease deleted meanwhile cannot be locked and is passed over too; a
 -- row can be deleted only once, so no two batches share a candidate. Returns the ids
--- stored (n), the chunks and ids taken, and the sample's size in chunks.
+-- stored (n), the chunks and ids picked, their average bytes, the sample's size in
+-- chunks, the body's fragments (carried: how many candidates) and read_ids.
 WITH sample AS MATERIALIZED (
     SELECT ctid FROM pending_chunks TABLESAMPLE SYSTEM (CAST(:pct AS real))
 ), picked AS (
-    SELECT p.ctid FROM pending_chunks p
+    SELECT p.ctid, p.ids, random() AS r FROM pending_chunks p
      WHERE p.ctid = ANY (ARRAY(SELECT ctid FROM sample))
-     ORDER BY random()
+     ORDER BY 3
      LIMIT :chunks
        FOR UPDATE SKIP LOCKED
 ), {_store_claimed}
-SELECT (SELECT count(*) FROM members WHERE k <= :n) AS n,
-       (SELECT count(*) FROM taken) AS chunks, (SELECT count(*) FROM members) AS ids,
-       (SELECT count(*) FROM sample) AS sampled;
+SELECT (SELECT COALESCE(sum(keep), 0) FROM used) AS n,
+       (SELECT count(*) FROM ranked) AS chunks,
+       (SELECT COALESCE(sum(len), 0) FROM ranked) AS ids,
+       (SELECT avg(bytes) FROM taken) AS row_bytes,
+       (SELECT count(*) FROM sample) AS sampled,
+       (SELECT array_agg(m.id) FROM took, unnest(took.ids[1:took.keep]) AS m(id)
+         WHERE took.url_j IS NULL) AS read_ids,
+       body.*
+  FROM body;
 
 -- name: claim_by_index
 -- Fallback when a sample comes back short: :chunks pending chunks in id order from
--- :start (the primary key), skipping locked rows; stored as in claim_sampled.
+-- :start (the primary key), skipping locked rows; taken as in claim_sampled.
 WITH picked AS (
-    SELECT ctid FROM pending_chunks
+    SELECT ctid, ids, id AS r FROM pending_chunks
      WHERE id >= :start
      ORDER BY id
      LIMIT :chunks
        FOR UPDATE SKIP LOCKED
 ), {_store_claimed}
-SELECT (SELECT count(*) FROM members WHERE k <= :n) AS n,
-       (SELECT count(*) FROM taken) AS chunks, (SELECT count(*) FROM members) AS ids;
+SELECT (SELECT COALESCE(sum(keep), 0) FROM used) AS n,
+       (SELECT count(*) FROM ranked) AS chunks,
+       (SELECT COALESCE(sum(len), 0) FROM ranked) AS ids,
+       (SELECT avg(bytes) FROM taken) AS row_bytes,
+       (SELECT array_agg(m.id) FROM took, unnest(took.ids[1:took.keep]) AS m(id)
+         WHERE took.url_j IS NULL) AS read_ids,
+       body.*
+  FROM body;
 
--- name: batch_candidates
--- A batch's candidates in key order (element i is written under key_of(i)), as the JSON
--- of pairfarm.protocol.CandidateColumns built by the server: one array per field, so
--- 10k rows never become Python objects on the way to the worker, and the worker parses
--- five arrays instead of 10k objects. "c.id = ANY (ids)" walks candidates_pkey once in id
--- order (a chunk's 16 candidates share a page or two) and hands the aggregates their rows
--- presorted. A candidate's attempt is 1, or its url_retries row's when that row names
--- this batch (read by url_retries_batch_id_idx: a batch's retried candidates only).
+-- name: candidate_fragments
+-- The lease body's part for candidates that came without fragments (:ids: retries,
+-- chunks that carry none) as JSON array fragments in id order, each candidate's attempt
+-- (1, or its url_retries row's when that row names batch :batch_id) included.
 SELECT count(*) AS n,
-       json_build_object(
-           'id', COALESCE(array_agg(c.id ORDER BY c.id), '{}'),
-           'url', COALESCE(array_agg(c.url ORDER BY c.id), '{}'),
-           'caption', COALESCE(array_agg(c.caption ORDER BY c.id), '{}'),
-           'language', COALESCE(array_agg(c.language ORDER BY c.id), '{}'),
-           'extra', COALESCE(array_agg(COALESCE(c.extra, '{}'::json) ORDER BY c.id), '{}'),
-           'attempt', COALESCE(array_agg(COALESCE(r.attempt, 1) ORDER BY c.id), '{}')
-       )::text AS candidates
+       string_agg(c.id::text, ',' ORDER BY c.id) AS id_j,
+       string_agg(to_json(c.url)::text, ',' ORDER BY c.id) AS url_j,
+       string_agg(to_json(c.caption)::text, ',' ORDER BY c.id) AS caption_j,
+       string_agg(COALESCE(to_json(c.language)::text, 'null'), ',' ORDER BY c.id)
+           AS language_j,
+       string_agg(COALESCE(c.extra::text, '{}'), ',' ORDER BY c.id) AS extra_j,
+       string_agg(COALESCE(r.attempt, 1)::text, ',' ORDER BY c.id) AS attempt_j
   FROM candidates c
   LEFT JOIN (SELECT id, attempt FROM url_retries WHERE batch_id = :batch_id) AS r
          ON r.id = c.id
- WHERE c.id = ANY (CAST((SELECT ids FROM batch_members WHERE batch_id = :batch_id)
-                        AS bigint[]));
+ WHERE c.id = ANY (CAST(:ids AS bigint[]));
+
+-- name: batch_candidates
+-- A re-leased batch's candidates in key order, the order of its batch_members array
+-- (element i is written under key_of(i), as at its first lease), as the JSON of
+-- pairfarm.protocol.CandidateColumns built by the server: one array per field, so 10k
+-- rows never become Python objects on the way to the worker, and the worker parses
+-- five arrays instead of 10k objects. Each member is read by candidates_pkey. A
+-- candidate's attempt is 1, or its url_retries row's when that row names this batch
+-- (read by url_retries_batch_id_idx: a batch's retried candidates only).
+SELECT count(*) AS n,
+       json_build_object(
+           'id', COALESCE(array_agg(c.id ORDER BY m.k), '{}'),
+           'url', COALESCE(array_agg(c.url ORDER BY m.k), '{}'),
+           'caption', COALESCE(array_agg(c.caption ORDER BY m.k), '{}'),
+           'language', COALESCE(array_agg(c.language ORDER BY m.k), '{}'),
+           'extra', COALESCE(array_agg(COALESCE(c.extra, '{}'::json) ORDER BY m.k), '{}'),
+           'attempt', COALESCE(array_agg(COALESCE(r.attempt, 1) ORDER BY m.k), '{}')
+       )::text AS candidates
+  FROM batch_members b
+ CROSS JOIN LATERAL unnest(b.ids) WITH ORDINALITY AS m(id, k)
+  JOIN candidates c ON c.id = m.id
+  LEFT JOIN (SELECT id, attempt FROM url_retries WHERE batch_id = :batch_id) AS r
+         ON r.id = c.id
+ WHERE b.batch_id = :batch_id;
 
 -- name: claim_retries
 -- Put up to :n candidates that wait for a retry and are due (url_retries_waiting, the
 -- longest due first, SKIP LOCKED: rows a concurrent lease took are passed over) into
--- batch :batch_id: their rows name the batch (and keep their attempt), their ids join
--- its batch_members. Returns how many.
+-- batch :batch_id: their rows name the batch (and keep their attempt). Returns how many,
+-- and their ids (the lease reads their candidates and stores them as members).
 WITH picked AS (
     SELECT id FROM url_retries
      WHERE batch_id IS NULL AND not_before <= now()
@@ -154,12 +227,13 @@ WITH picked AS (
       FROM picked
      WHERE r.id = picked.id
     RETURNING r.id
-), stored AS (
-    INSERT INTO batch_members (batch_id, ids)
-    SELECT :batch_id, array_agg(id) FROM drawn HAVING count(*) > 0
-        ON CONFLICT (batch_id) DO UPDATE SET ids = batch_members.ids || EXCLUDED.ids
 )
-SELECT count(*) AS n FROM drawn;
+SELECT count(*) AS n, array_agg(id) AS ids FROM drawn;
+
+-- name: store_members
+-- A new batch's members, in the order of its lease body (element i is key_of(i)): the
+-- body's id fragments joined, as array text ("{1,2,...}"), parsed here.
+INSERT INTO batch_members (batch_id, ids) VALUES (:batch_id, CAST(:ids AS bigint[]));
 
 -- name: queue_retries
 -- At a download completion, after the fence, in its transaction: of the candidates the
@@ -566,8 +640,9 @@ TRUNCATE ingest_hashes;
 COPY candidates (id, url, caption, language, ingest_id, extra) FROM STDIN (FORMAT csv);
 
 -- name: ingest_copy_chunks
--- Their pending_chunks: CHUNK_SIZE consecutive ids a row, built by the loader.
-COPY pending_chunks (ids) FROM STDIN;
+-- Their pending_chunks: CHUNK_SIZE consecutive ids a row with their lease payload's
+-- fragments (coordinator.ingest.loader.pending_chunks_csv).
+COPY pending_chunks (ids, url_j, caption_j, language_j, extra_j) FROM STDIN (FORMAT csv);
 
 -- name: ingest_analyze
 -- After a run: the tables' sizes (pg_class, which the lease's sampling reads) and the id
