@@ -20,7 +20,8 @@ defaults, shared_buffers 1GB, max_wal_size 8GB):
    table, as here. The PostgreSQL processes' memory (PSS) after the ingest and at the end.
 
 ``--jobs J`` loads J files at once (``pairfarm ingest --jobs``); ``--work DIR`` puts the
-server's data and the files there (kept), instead of a temporary folder (removed).
+server's data and the files there (kept), instead of a temporary folder (removed);
+``--pg-setting NAME=VALUE`` overrides a server setting.
 
 Then, on a separate database of --api-rows candidates, ``pairfarm coordinator`` runs in a
 subprocess and --clients client processes (``pairfarm.client.CoordinatorClient``) lease
@@ -542,6 +543,9 @@ def main() -> None:
                         help="rows per ingest call: one rate line each")
     parser.add_argument("--jobs", type=int, default=1,
                         help="files the ingest loads at once (pairfarm ingest --jobs)")
+    parser.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="a PostgreSQL setting over the benchmark's defaults "
+                             "(repeatable), e.g. shared_buffers=6GB")
     parser.add_argument("--work", type=Path, default=None,
                         help="folder for the server's data and the files (default: a new "
                              "temporary folder)")
@@ -567,10 +571,11 @@ def main() -> None:
     work = (Path(tempfile.mkdtemp(prefix="pairfarm-bench-")) if args.work is None
             else args.work.resolve())
     work.mkdir(parents=True, exist_ok=True)
-    pg = EmbeddedPostgres(work / "data", settings=BENCH_SETTINGS)
+    settings = {**BENCH_SETTINGS, **dict(s.split("=", 1) for s in args.pg_setting)}
+    pg = EmbeddedPostgres(work / "data", settings=settings)
     server = pg.start()
-    print(f"PostgreSQL in {work}; cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}",
-          flush=True)
+    print(f"PostgreSQL in {work}; cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}; "
+          + ", ".join(f"{k}={v}" for k, v in settings.items()), flush=True)
     try:
         if args.lease_during_ingest:
             bench_lease_during_ingest(
