@@ -207,13 +207,18 @@ def check_invariants(engine: sa.Engine) -> Invariants:
 # -- setup ------------------------------------------------------------------------------
 
 def fill(engine: sa.Engine, candidates: int) -> None:
-    """``candidates`` synthetic candidates in pending chunks of 16, then ANALYZE."""
+    """``candidates`` synthetic candidates in pending chunks of 16 with their lease
+    payload's fragments (as ``pairfarm ingest`` writes them), then ANALYZE."""
     with engine.begin() as conn:
         conn.execute(sa.text(
             "WITH inserted AS (INSERT INTO candidates (url, caption) "
             "SELECT 'http://img' || (i % 100000) || '.example.com/' || i || '.jpg', "
             "'a photo of item ' || i FROM generate_series(1, CAST(:n AS bigint)) i "
-            "RETURNING id) INSERT INTO pending_chunks (ids) SELECT array_agg(id ORDER BY id) "
+            "RETURNING id, url, caption) "
+            "INSERT INTO pending_chunks (ids, url_j, caption_j, language_j, extra_j) "
+            "SELECT array_agg(id ORDER BY id), string_agg(to_json(url)::text, ',' ORDER BY id), "
+            "string_agg(to_json(caption)::text, ',' ORDER BY id), "
+            "string_agg('null', ',' ORDER BY id), string_agg('{}', ',' ORDER BY id) "
             "FROM inserted GROUP BY id / 16"), {"n": candidates})
         conn.execute(sa.text("INSERT INTO ingests (source, inserted) VALUES ('simulator', :n)"),
                      {"n": candidates})
