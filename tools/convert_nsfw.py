@@ -3,8 +3,8 @@
 Development tool, run once with TensorFlow in its own virtual environment (TensorFlow is
 never a dependency of pairfarm)::
 
-    python3 -m venv /work/venv-tf && /work/venv-tf/bin/pip install tensorflow-cpu numpy
-    /work/venv-tf/bin/python tools/convert_nsfw.py ../shared/models/laion-nsfw
+    python3 -m venv .venv-nsfw && .venv-nsfw/bin/pip install tensorflow-cpu numpy
+    .venv-nsfw/bin/python tools/convert_nsfw.py ../shared/models/laion-nsfw
 
 It reads ``clip_autokeras_nsfw_b32.zip`` (ViT-B/32, 512-d) and
 ``clip_autokeras_binary_nsfw.zip`` (ViT-L/14, 768-d) and writes

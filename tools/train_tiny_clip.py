@@ -1,6 +1,6 @@
 """Train the tiny CLIP used by the end-to-end tests, and write it as an open_clip ``local-dir:``.
 
-    /work/venv/bin/python tools/train_tiny_clip.py [--out localfarm/demo_model] [--steps 300]
+    .venv/bin/python tools/train_tiny_clip.py [--out localfarm/demo_model] [--steps 300]
 
 The model (``open_clip_config.json``) is a CLIP with a 2-layer 32-wide ViT on 32x32 images
 and a 2-layer 16-wide text transformer over open_clip's standard tokenizer; it learns
