@@ -121,6 +121,17 @@ ranked AS MATERIALIZED (
            string_agg(language_j, ',' ORDER BY first) AS language_j,
            string_agg(extra_j, ',' ORDER BY first) AS extra_j
       FROM parts
+), claimed AS (
+    -- the ids stored (n), the chunks and ids picked, their average bytes, the ids to
+    -- read from candidates, and the body's fragments (carried: how many candidates)
+    SELECT (SELECT COALESCE(sum(keep), 0) FROM used) AS n,
+           (SELECT count(*) FROM ranked) AS chunks,
+           (SELECT COALESCE(sum(len), 0) FROM ranked) AS ids,
+           (SELECT avg(bytes) FROM taken) AS row_bytes,
+           (SELECT array_agg(m.id) FROM took, unnest(took.ids[1:took.keep]) AS m(id)
+             WHERE took.url_j IS NULL) AS read_ids,
+           body.*
+      FROM body
 )
 
 -- name: claim_sampled
@@ -141,15 +152,7 @@ WITH sample AS MATERIALIZED (
      LIMIT :chunks
        FOR UPDATE SKIP LOCKED
 ), {_store_claimed}
-SELECT (SELECT COALESCE(sum(keep), 0) FROM used) AS n,
-       (SELECT count(*) FROM ranked) AS chunks,
-       (SELECT COALESCE(sum(len), 0) FROM ranked) AS ids,
-       (SELECT avg(bytes) FROM taken) AS row_bytes,
-       (SELECT count(*) FROM sample) AS sampled,
-       (SELECT array_agg(m.id) FROM took, unnest(took.ids[1:took.keep]) AS m(id)
-         WHERE took.url_j IS NULL) AS read_ids,
-       body.*
-  FROM body;
+SELECT claimed.*, (SELECT count(*) FROM sample) AS sampled FROM claimed;
 
 -- name: claim_by_index
 -- Fallback when a sample comes back short: :chunks pending chunks in id order from
@@ -161,14 +164,7 @@ WITH picked AS (
      LIMIT :chunks
        FOR UPDATE SKIP LOCKED
 ), {_store_claimed}
-SELECT (SELECT COALESCE(sum(keep), 0) FROM used) AS n,
-       (SELECT count(*) FROM ranked) AS chunks,
-       (SELECT COALESCE(sum(len), 0) FROM ranked) AS ids,
-       (SELECT avg(bytes) FROM taken) AS row_bytes,
-       (SELECT array_agg(m.id) FROM took, unnest(took.ids[1:took.keep]) AS m(id)
-         WHERE took.url_j IS NULL) AS read_ids,
-       body.*
-  FROM body;
+SELECT * FROM claimed;
 
 -- name: candidate_fragments
 -- The lease body's part for candidates that came without fragments (:ids: retries,
