@@ -15,6 +15,10 @@ so that a rerun resumes on the same URLs) and ``run.json`` (PIDs of the running 
 Running ``up`` again on the same OUT resumes: ingest inserts nothing new, expired or
 released batches are leased again, finished shards are kept.
 
+Start-up: the coordinator starts during the ingest when the batch size is given (else
+once the ingest is done), the workers and post-processing right after it: they load
+while it does and register once it answers.
+
 Batch size: an explicit ``batch_size`` is passed to the coordinator as it is. Without one
 (``None``), ``farm_batch_size`` sizes batches to the input and the workers once ingest is
 done (``coordinator.settings.auto_batch_size``: about 4 batches per worker, 100..10,000),
@@ -62,6 +66,10 @@ from pairfarm.protocol import FarmStats
 
 log = logging.getLogger("pairfarm.up")
 DATABASE = "pairfarm"
+#: the workers' longest wait between tries to reach the coordinator (``--backoff-cap``):
+#: they start with it and register within this of its first answer, and a coordinator
+#: that ``up`` restarted is found again as soon
+WORKER_BACKOFF_CAP_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -196,7 +204,7 @@ def ingest(settings: UpSettings, database_url: str) -> None:
     argv = pairfarm_argv("ingest", "--database-url", database_url, *settings.ingest_args,
                          *map(str, settings.inputs))
     if subprocess.run(argv, check=False).returncode != 0:
-        raise StartupFailed("ingest failed (its message is above); nothing was started")
+        raise StartupFailed("ingest failed (its message is above); the farm was not started")
 
 
 def farm_batch_size(settings: UpSettings, database_url: str) -> int:
@@ -246,7 +254,7 @@ def worker_child(settings: UpSettings, url: str, token: str, i: int) -> Child:
     argv = pairfarm_argv(
         "worker", "--coordinator", url, "--token", token, "--name", f"up-worker-{i}",
         "--output", str(settings.out / "shards"), "--idle-poll", "1", "--no-progress",
-        *settings.worker_args)
+        "--backoff-cap", str(WORKER_BACKOFF_CAP_S), *settings.worker_args)
     return Child(f"worker-{i}", argv, _env(), settings.out / "logs" / f"worker-{i}.log")
 
 
@@ -307,18 +315,25 @@ def _farm(settings: UpSettings, signals: StopSignals) -> Iterator[tuple[_Farm, _
         farm = _Farm(settings, signals, Supervisor(run_file=settings.out / "run.json"))
         try:
             tokens = farm_tokens(settings, db.url)
-            ingest(settings, db.url)
             port = state.port("coordinator_port", settings.port)
             url = farm.url = f"http://127.0.0.1:{port}"
             lock.record(url)
             farm.client = CoordinatorClient(url, tokens["admin"])
-            batch_size = farm_batch_size(settings, db.url)
-            coord = farm.supervisor.add(coordinator_child(settings, db, port, batch_size))
-            wait_healthy(url, coord)
+            coord = None
+            if settings.batch_size is not None:  # known: the coordinator starts during the ingest
+                coord = farm.supervisor.add(
+                    coordinator_child(settings, db, port, settings.batch_size))
+            ingest(settings, db.url)
+            if coord is None:  # sized to what the ingest left waiting
+                coord = farm.supervisor.add(
+                    coordinator_child(settings, db, port, farm_batch_size(settings, db.url)))
+            # the clients start with the coordinator: they load while it does, and
+            # register once it answers (WORKER_BACKOFF_CAP_S between their tries)
             for i in range(1, settings.workers + 1):
                 farm.supervisor.add(worker_child(settings, url, tokens[f"worker-{i}"], i))
             if settings.postprocess:
                 farm.supervisor.add(postprocess_child(settings, url, tokens["gpu"]))
+            wait_healthy(url, coord)
             yield farm, db
         except StopRequested as exc:
             raise FarmStopped(str(exc), farm.stop(), settings.out) from None
