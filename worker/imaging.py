@@ -178,12 +178,13 @@ def _convert(opened: OpenedImage) -> ProcessedImage:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageRejected(Outcome.DECODE_ERROR, f"{type(exc).__name__}: {exc}") from exc
     settings, body = opened.settings, opened.body
+    sha256 = hashlib.sha256(body).hexdigest()
+    named = (sha256 if settings.compute_hash == "sha256"  # the default: hashed once
+             else digests.digest(body, settings.compute_hash))
     return ProcessedImage(data=data, width=size[0], height=size[1],
                           original_width=opened.oriented[0], original_height=opened.oriented[1],
-                          sha256=hashlib.sha256(body).hexdigest(),
-                          source_format=opened.image.format or "",
-                          digests=((settings.compute_hash,
-                                    digests.digest(body, settings.compute_hash)),),
+                          sha256=sha256, source_format=opened.image.format or "",
+                          digests=((settings.compute_hash, named),),
                           exif=digests.exif_json(body) if settings.extract_exif else None)
 
 
