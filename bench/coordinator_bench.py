@@ -75,7 +75,8 @@ from coordinator.settings import make_lease_settings  # noqa: E402
 from coordinator.tokens import authenticate, create_token, touch_worker  # noqa: E402
 
 BENCH_SETTINGS = {"shared_buffers": "1GB", "max_wal_size": "8GB",
-                  "maintenance_work_mem": "512MB", "work_mem": "64MB"}
+                  "maintenance_work_mem": "512MB", "work_mem": "64MB",
+                  "track_io_timing": "on"}
 FILE_ROWS = 1_000_000
 #: rows per ingest call (one rate line each), unless --ingest-rows
 GROUP_ROWS = 10_000_000
@@ -132,7 +133,58 @@ def report_latency(label: str, seconds: list[float], sizes: list[int]) -> None:
           f"mean_batch={statistics.mean(sizes):.0f}", flush=True)
 
 
-def lease_latency(url: str, label: str, count: int) -> None:
+class DiskStats:
+    """Reads and writes of the block device that holds a folder (``/proc/diskstats``):
+    what the disk did while a series of leases ran, beside the server's own reads."""
+
+    def __init__(self, folder: Path) -> None:
+        dev = os.stat(folder).st_dev
+        self.key = (os.major(dev), os.minor(dev))
+
+    def sample(self) -> tuple[int, int, int, int, int] | None:
+        """Reads, ms spent reading, writes, ms spent writing, ms busy; None when the
+        device is not listed (e.g. an overlay or a network file system)."""
+        for line in Path("/proc/diskstats").read_text().splitlines():
+            f = line.split()
+            if (int(f[0]), int(f[1])) == self.key:
+                return int(f[3]), int(f[6]), int(f[7]), int(f[10]), int(f[12])
+        return None
+
+    @staticmethod
+    def line(before: tuple[int, ...] | None, after: tuple[int, ...] | None,
+             seconds: float) -> str:
+        if before is None or after is None or seconds <= 0:
+            return "disk: not listed in /proc/diskstats"
+        reads, read_ms, writes, write_ms, busy = (a - b for a, b in zip(after, before, strict=True))
+        return (f"disk: {reads / seconds:,.0f} reads/s ({read_ms / max(reads, 1):.2f} ms "
+                f"each), {writes / seconds:,.0f} writes/s ({write_ms / max(writes, 1):.2f} ms "
+                f"each), busy {100 * busy / 1000 / seconds:.0f} %")
+
+
+def backend_reads(conn: sa.Connection) -> tuple[int, float]:
+    """Blocks the client backends read from outside shared buffers, and the ms they
+    waited for them (``pg_stat_io``; the wait needs ``track_io_timing``)."""
+    row = conn.execute(sa.text(
+        "SELECT COALESCE(sum(reads), 0), COALESCE(sum(read_time), 0) FROM pg_stat_io "
+        "WHERE backend_type = 'client backend'")).one()
+    return int(row[0]), float(row[1])
+
+
+def table_reads(conn: sa.Connection) -> dict[str, int]:
+    """Blocks read from outside shared buffers so far, by table (heap, its indexes, its
+    TOAST table and index) (``pg_statio_user_tables``)."""
+    rows = conn.execute(sa.text(
+        "SELECT relname, heap_blks_read, COALESCE(idx_blks_read, 0), "
+        "COALESCE(toast_blks_read, 0) + COALESCE(tidx_blks_read, 0) "
+        "FROM pg_statio_user_tables")).all()
+    reads: dict[str, int] = {}
+    for name, heap, idx, toast in rows:
+        reads |= {f"{name}": int(heap), f"{name} indexes": int(idx),
+                  f"{name} TOAST": int(toast)}
+    return reads
+
+
+def lease_latency(url: str, label: str, count: int, work: Path) -> None:
     engine = sa.create_engine(url)
     try:
         _, token = create_token(engine, "worker", f"bench-{label}")
@@ -140,6 +192,10 @@ def lease_latency(url: str, label: str, count: int) -> None:
         service = Leases(engine, make_lease_settings(batch_size=10_000))
         lease_fn = service.lease_download_raw
         times, sizes, index_rows = [], [], 0
+        disk = DiskStats(work)
+        with engine.connect() as conn:
+            reads0, tables0 = backend_reads(conn), table_reads(conn)
+        disk0, t_start = disk.sample(), time.perf_counter()
         for _ in range(count):
             t0 = time.perf_counter()
             lease = lease_fn(worker)
@@ -148,7 +204,20 @@ def lease_latency(url: str, label: str, count: int) -> None:
                 break
             sizes.append(lease.count)
             index_rows += service.last_form.from_index if service.last_form else 0
+        disk1, elapsed = disk.sample(), time.perf_counter() - t_start
+        with engine.connect() as conn:  # the pool's one connection: the leases' backend
+            conn.execute(sa.text("SELECT pg_stat_force_next_flush()"))
+            conn.commit()
+            reads1, tables1 = backend_reads(conn), table_reads(conn)
         report_latency(label, times, sizes)
+        n = max(len(times), 1)
+        print(f"{label}: server reads {(reads1[0] - reads0[0]) / n:,.0f} blocks a lease, "
+              f"waited {(reads1[1] - reads0[1]) / n:,.1f} ms a lease; "
+              f"{DiskStats.line(disk0, disk1, elapsed)}", flush=True)
+        by_table = sorted(((tables1[k] - tables0.get(k, 0)) / n, k) for k in tables1)
+        print(f"{label}: blocks read a lease by table: " + ", ".join(
+            f"{name} {blocks:,.0f}" for blocks, name in reversed(by_table) if blocks >= 1),
+              flush=True)
         slowest = sorted(range(len(times)), key=times.__getitem__)[-3:]
         print(f"{label}: slowest " + ", ".join(
             f"#{i + 1} {times[i] * 1000:.0f} ms" for i in reversed(slowest)), flush=True)
@@ -282,12 +351,12 @@ def bench_rows(server_url: str, work: Path, rows: int, leases: int, cpu: ServerC
           f"(inserted {inserted:,})", flush=True)
     print_sizes(url, inserted)
     print(f"  {server_memory(cpu.postmaster)}", flush=True)
-    lease_latency(url, f"lease at {rows:,} pending, right after the ingest", COLD_LEASES)
+    lease_latency(url, f"lease at {rows:,} pending, right after the ingest", COLD_LEASES, work)
     vacuum(url)
-    lease_latency(url, f"lease at {rows:,} pending", leases)
+    lease_latency(url, f"lease at {rows:,} pending", leases, work)
     for keep in (50, 1):
         drain_to(url, keep)
-        lease_latency(url, f"lease at {rows:,} rows, {100 - keep} % done", leases)
+        lease_latency(url, f"lease at {rows:,} rows, {100 - keep} % done", leases, work)
     print(f"  {server_memory(cpu.postmaster)}", flush=True)
 
 
