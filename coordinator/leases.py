@@ -12,7 +12,10 @@ nothing in hand, not behind the tail of a busy one.
    same id and the same candidates, so its shard names stay stable;
 2. else create a batch and fill it from ``pending_chunks`` in one statement
    (``claim_sampled``): sample pages with ``TABLESAMPLE SYSTEM (p)`` at a rate adapted
-   to the yield of earlier samples (``coordinator.sampling``), shuffle the sampled
+   to the yield of earlier samples and to the width of the rows (``oversample`` times the
+   chunks needed, and pages enough that a batch takes at most ``page_share`` chunks from
+   each: ``coordinator.sampling``),
+   shuffle the sampled
    chunks, lock enough of them for the batch with ``FOR UPDATE SKIP LOCKED`` (chunks a
    concurrent lease holds or took are passed over, and the rest of the sample stands in
    for them), delete whole chunks while they fit and split the one that crosses the
@@ -216,7 +219,8 @@ class Leases:
         self.settings = settings
         self.metrics = metrics
         self.rate = SampleRate(oversample=settings.oversample,
-                               max_rows=settings.max_sample_rows // CHUNK_SIZE)
+                               max_rows=settings.max_sample_rows // CHUNK_SIZE,
+                               page_share=settings.page_share)
         self._rows = _TableRows()
         self._fill = _ChunkFill()
         self.last_form: FormStats | None = None
@@ -289,7 +293,8 @@ class Leases:
         """Fill batch ``batch_id`` with up to ``want`` pending candidates."""
         size = self._rows.get(conn)
         chunks = self._fill.chunks_for(want)
-        pct = self.rate.percent(chunks, size.rows, self._fill.capacity(size))
+        pct = self.rate.percent(chunks, size.rows, self._fill.capacity(size),
+                                self._fill.page_rows)
         claimed = sampled = 0
         if pct is not None:
             row = conn.execute(Q.claim_sampled, {

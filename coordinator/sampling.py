@@ -6,7 +6,12 @@ truncates the table's end, so with a fraction f of the counted rows still there,
 yields about ``p/100 * rows * f`` rows. A fixed p therefore starves as the farm drains (at
 99 % done, ``SYSTEM(0.5)`` over 3M rows yields about 150 rows). ``SampleRate`` keeps an
 estimate of f learned from the samples themselves and asks for
-``p = 100 * oversample * want / (f * rows)``. When that p would read more than
+``p = 100 * sample / (f * rows)``, where ``sample`` is ``oversample`` times the rows
+wanted, and at least ``want / page_share`` pages' worth of rows (``page_rows`` a page):
+a batch takes at most ``page_share`` rows from a sampled page on average whatever the
+rows' width, and no more pages are read than that and the margin need (rows of 16 ids
+fill a page with ~43 of them: ~4x the rows wanted; rows carrying their candidates'
+fragments with ~3: the margin alone). When that p would read more than
 ``max_rows`` rows' worth of pages, sampling costs more than it is worth (the pending rows
 are too sparse) and the lease takes its rows from the primary key instead (``None``); the
 estimate then creeps back up so that a later lease samples again if new candidates
@@ -28,20 +33,26 @@ RECOVERY = 1.25
 class SampleRate:
     oversample: float = 1.5
     max_rows: int = 200_000
+    #: 0: no spread rule (the margin alone)
+    page_share: int = 0
     fraction: float = 1.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def percent(self, want: int, table_rows: int, capacity: int = 0) -> float | None:
+    def percent(self, want: int, table_rows: int, capacity: int = 0,
+                page_rows: int = 1) -> float | None:
         """The sample percentage for ``want`` rows, or None to use the index instead.
 
         ``capacity`` is the number of rows the table's pages hold when full: a sample
         reads p % of the pages, empty or not, so its cost is p % of the larger of the two.
+        ``page_rows``: the rows a full page holds (for ``page_share``).
         """
         if table_rows <= 0 or want <= 0:
             return None
         with self._lock:
             fraction = max(self.fraction, MIN_FRACTION)
-        pct = 100.0 * self.oversample * want / (fraction * table_rows)
+        spread = want / self.page_share * page_rows if self.page_share > 0 else 0.0
+        sample = max(self.oversample * want, spread)
+        pct = 100.0 * sample / (fraction * table_rows)
         pct = min(pct, 100.0)
         if pct / 100.0 * max(table_rows, capacity) > self.max_rows:
             return None

@@ -33,10 +33,15 @@ class LeaseSettings:
     batch_size: int = DEFAULT_BATCH_SIZE
     lease_ttl_s: float = 600.0
     max_attempts: int = 3
-    #: sample this many times the chunks a batch needs and take the batch at random from
-    #: them: a batch then takes ~11 chunks from each of ~58 sampled pages (not 43 from each
-    #: of ~15), and a sample is rarely short
-    oversample: float = 4.0
+    #: sample at least this many times the chunks a batch needs (what concurrent leases
+    #: hold and the sample's own variance take away), so that a sample is rarely short
+    oversample: float = 1.25
+    #: and enough pages that a batch takes at most this many chunks from each of them on
+    #: average (the batch is taken at random from the sample): with chunks of ids alone
+    #: (~43 a page) a 10k batch then takes ~11 chunks from each of ~58 pages (not 43 from
+    #: each of ~15), ~4x the chunks it needs; with chunks that carry fragments (~3 a page)
+    #: the oversample alone already spreads it over ~260 pages
+    page_share: int = 11
     #: a sample reading more candidates' worth of pages than this costs more than the
     #: index fallback (with the defaults: once fewer than 8 % of the candidates are pending)
     max_sample_rows: int = 500_000

@@ -58,3 +58,16 @@ def test_rate_counts_the_cost_of_empty_pages() -> None:
     rate = SampleRate(oversample=1.5, max_rows=200_000)
     assert rate.percent(10_000, 100_000) == pytest.approx(15.0)
     assert rate.percent(10_000, 100_000, capacity=10_000_000) is None
+
+
+def test_sample_spreads_over_pages_whatever_the_rows_width() -> None:
+    """Narrow rows (43 a page): enough pages that a batch takes at most page_share chunks
+    from each; wide rows (3 a page): the margin alone, no page read beyond it."""
+    rate = SampleRate(oversample=1.25, max_rows=10_000_000, page_share=11)
+    narrow = rate.percent(625, 1_250_000, page_rows=43)
+    wide = rate.percent(625, 1_250_000, page_rows=3)
+    assert narrow is not None and wide is not None
+    assert narrow / 100 * 1_250_000 == pytest.approx(625 / 11 * 43)  # ~57 pages of 43
+    assert wide / 100 * 1_250_000 == pytest.approx(1.25 * 625)  # ~260 pages of 3
+    assert SampleRate(oversample=1.25).percent(625, 1_250_000, page_rows=43) == \
+        pytest.approx(100 * 1.25 * 625 / 1_250_000), "page_share 0: the margin alone"
