@@ -14,7 +14,8 @@ with the same resize settings (256 px, ``border``, JPEG quality 95, webdataset o
 ``--lease-ahead-at 0`` (one batch at a time), and prints each worker's idle fraction
 (share of its time with no candidate in flight, from its ``worker done`` line).
 For each it measures CPU seconds (user + system of the whole process tree, from
-``wait4``), wall seconds, successes (from the stats json files), and peak RSS (the sum
+``wait4``, plus, for ``up``, its PostgreSQL server's, which ``pg_ctl`` leaves outside the
+tree: ``bench.processes``), wall seconds, successes (from the stats json files), and peak RSS (the sum
 over the process tree, sampled every 50 ms). Images/s per core = successes / CPU
 seconds. It also prints the decode+resize ceiling (``bench.bench_decode``), each
 pairfarm run's images/s and CPU per image against img2dataset's, and the images
@@ -51,6 +52,7 @@ import pyarrow.parquet as pq
 from bench.bench_decode import ceiling
 from bench.image_server import host_address, image_pool
 from bench.options import server_arguments
+from bench.processes import PostmasterCpu
 from worker.settings import ImageSettings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -107,21 +109,29 @@ def _tree_rss(root: psutil.Process) -> int:
 
 
 def measure(name: str, argv: list[str], env: dict[str, str],
-            log: Path) -> tuple[float, float, float]:
-    """(wall s, CPU s of the tree, peak summed RSS MB) of ``argv``."""
+            log: Path, pg_data: Path | None = None) -> tuple[float, float, float]:
+    """(wall s, CPU s of the tree, peak summed RSS MB) of ``argv``; with ``pg_data``, the
+    CPU of the PostgreSQL server the command runs there is added (``pg_ctl`` leaves it
+    outside the tree: ``bench.processes``)."""
     start = time.monotonic()
     with log.open("w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         sampler = RssSampler(proc.pid)
         sampler.start()
+        server = PostmasterCpu(pg_data) if pg_data is not None else None
+        if server is not None:
+            server.start()
         _, status, usage = os.wait4(proc.pid, 0)
-        sampler.done.set()
-        sampler.join()
+        for thread in (sampler, server):
+            if thread is not None:
+                thread.done.set()
+                thread.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - start
     if proc.returncode != 0:
         sys.exit(f"{name} failed ({proc.returncode}); see {log}:\n{log.read_text()[-3000:]}")
-    return wall, usage.ru_utime + usage.ru_stime, sampler.peak / 1024 / 1024
+    pg_cpu = server.seconds if server is not None else 0.0
+    return wall, usage.ru_utime + usage.ru_stime + pg_cpu, sampler.peak / 1024 / 1024
 
 
 def successes(directory: Path) -> tuple[int, int]:
@@ -223,7 +233,7 @@ def farm_runs(listing: Path, work: Path, env: dict[str, str],
     for name, ahead in (("up", None), ("up-no-ahead", 0)):
         out = work / name
         wall, cpu, rss = measure(name, up_argv(listing, out, args, ahead), env,
-                                 work / f"{name}.log")
+                                 work / f"{name}.log", pg_data=out / "pg")
         ok, count = successes(out / "shards")
         runs.append((Run(name, wall, cpu, ok, count, rss), idle_fractions(out / "logs")))
     return runs

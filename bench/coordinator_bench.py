@@ -65,6 +65,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
+from bench.processes import ServerCpu  # noqa: E402
 from coordinator.db import ensure_database, libpq_url  # noqa: E402
 from coordinator.embedded_pg import EmbeddedPostgres  # noqa: E402
 from coordinator.ingest.run import ingest  # noqa: E402
@@ -82,31 +83,6 @@ FILE_ROWS = 1_000_000
 GROUP_ROWS = 10_000_000
 COLD_LEASES = 10
 HOSTS = 100_000
-
-
-class ServerCpu:
-    """CPU seconds of a PostgreSQL server's processes so far: the postmaster, its live
-    children, and its children that have exited (counted in the postmaster's cutime)."""
-
-    def __init__(self, postmaster: int) -> None:
-        self.postmaster = postmaster
-        self.tick = os.sysconf("SC_CLK_TCK")
-
-    def seconds(self) -> float:
-        total = 0
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            pid, ppid = int(entry.name), int(fields[1])
-            if pid == self.postmaster:
-                total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-            elif ppid == self.postmaster:
-                total += int(fields[11]) + int(fields[12])
-        return total / self.tick
 
 
 def synthetic_file(path: Path, start: int, count: int) -> Path:

@@ -45,7 +45,8 @@ import psycopg
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.coordinator_bench import BENCH_SETTINGS, ServerCpu, synthetic_file  # noqa: E402
+from bench.coordinator_bench import BENCH_SETTINGS, synthetic_file  # noqa: E402
+from bench.processes import ServerCpu  # noqa: E402
 from coordinator.db import ensure_database, libpq_url  # noqa: E402
 from coordinator.embedded_pg import EmbeddedPostgres  # noqa: E402
 from coordinator.ingest.loader import ChunkPreparer, Prepared, run_of  # noqa: E402

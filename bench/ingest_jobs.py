@@ -27,11 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.coordinator_bench import (  # noqa: E402
-    BENCH_SETTINGS,
-    ServerCpu,
-    synthetic_file,
-)
+from bench.coordinator_bench import BENCH_SETTINGS, synthetic_file  # noqa: E402
+from bench.processes import ServerCpu  # noqa: E402
 from coordinator.db import ensure_database  # noqa: E402
 from coordinator.embedded_pg import EmbeddedPostgres  # noqa: E402
 from coordinator.ingest.run import ingest  # noqa: E402
