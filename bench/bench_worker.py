@@ -15,8 +15,8 @@ with the same resize settings (256 px, ``border``, JPEG quality 95, webdataset o
 (share of its time with no candidate in flight, from its ``worker done`` line).
 For each it measures CPU seconds (user + system of the whole process tree, from
 ``wait4``, plus, for ``up``, its PostgreSQL server's, which ``pg_ctl`` leaves outside the
-tree: ``bench.processes``), wall seconds, successes (from the stats json files), and peak RSS (the sum
-over the process tree, sampled every 50 ms). Images/s per core = successes / CPU
+tree: ``bench.processes``), wall seconds, successes (from the stats json files), and
+peak RSS (the sum over the process tree, sampled every 50 ms). Images/s per core = successes / CPU
 seconds. It also prints the decode+resize ceiling (``bench.bench_decode``), each
 pairfarm run's images/s and CPU per image against img2dataset's, and the images
 img2dataset saved that each pairfarm run did not, counted by pairfarm's outcome (a named
