@@ -179,10 +179,9 @@ def test_chunks_go_to_the_server_in_runs_of_one_sorted_hash_copy(
     assert loaded == [u for i, u in enumerate(urls) if i not in (5, 13)]
 
 
-def test_a_runs_hashes_are_sorted_bytewise_on_both_sorting_paths(monkeypatch: Any) -> None:
+def test_a_runs_hashes_are_sorted_bytewise() -> None:
     """The COPY binary of a run equals its hashes sorted by Python's bytes order and
-    framed row by row, for a short run (one sort) and a long one (grouped by the first
-    byte, then sorted group by group), every first byte present or not."""
+    framed row by row, the smallest and largest keys included."""
     import hashlib
 
     from coordinator.ingest import urlhash
@@ -194,8 +193,5 @@ def test_a_runs_hashes_are_sorted_bytewise_on_both_sorting_paths(monkeypatch: An
 
     hashes = [hashlib.sha256(str(i).encode()).digest()[:16] for i in range(5000)]
     hashes += [b"\x00" * 16, b"\xff" * 16, b"\x7f" + b"\x00" * 15]
-    few = [h for h in hashes if h[0] in (3, 200)]
     assert urlhash.sorted_copy_binary(hashes) == reference(hashes)
-    monkeypatch.setattr(urlhash, "RADIX_FROM", 64)
-    assert urlhash.sorted_copy_binary(hashes) == reference(hashes)
-    assert urlhash.sorted_copy_binary(few) == reference(few)
+    assert urlhash.sorted_copy_binary(hashes[:1]) == reference(hashes[:1])
