@@ -210,16 +210,12 @@ def fill(engine: sa.Engine, candidates: int) -> None:
     """``candidates`` synthetic candidates in pending chunks of 16 with their lease
     payload's fragments (as ``pairfarm ingest`` writes them), then ANALYZE."""
     with engine.begin() as conn:
-        conn.execute(sa.text(
+        first, last = conn.execute(sa.text(
             "WITH inserted AS (INSERT INTO candidates (url, caption) "
             "SELECT 'http://img' || (i % 100000) || '.example.com/' || i || '.jpg', "
             "'a photo of item ' || i FROM generate_series(1, CAST(:n AS bigint)) i "
-            "RETURNING id, url, caption) "
-            "INSERT INTO pending_chunks (ids, url_j, caption_j, language_j, extra_j) "
-            "SELECT array_agg(id ORDER BY id), string_agg(to_json(url)::text, ',' ORDER BY id), "
-            "string_agg(to_json(caption)::text, ',' ORDER BY id), "
-            "string_agg('null', ',' ORDER BY id), string_agg('{}', ',' ORDER BY id) "
-            "FROM inserted GROUP BY id / 16"), {"n": candidates})
+            "RETURNING id) SELECT min(id), max(id) FROM inserted"), {"n": candidates}).one()
+        conn.execute(Q.chunk_candidates, {"first": first, "last": last})
         conn.execute(sa.text("INSERT INTO ingests (source, inserted) VALUES ('simulator', :n)"),
                      {"n": candidates})
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:

@@ -123,28 +123,33 @@ def insert_candidates(db_url: str, count: int, *, start: int = 0, domains: int =
                       fragments: bool = True) -> None:
     """Insert ``count`` synthetic candidates (``http://host{i % domains}.test/{i}.jpg``)
     and their ``pending_chunks`` (16 consecutive ids each, with their lease payload's
-    fragments as the ingest writes them, or none: ``fragments=False``) with one set-based
-    statement, then ANALYZE so the planner knows the tables' sizes."""
-    import psycopg
+    fragments as the ingest writes them: ``chunk_candidates``, or none:
+    ``fragments=False``), then ANALYZE so the planner knows the tables' sizes."""
+    import sqlalchemy as sa
 
-    payload = ("string_agg(to_json(url)::text, ',' ORDER BY id), "
-               "string_agg(to_json(caption)::text, ',' ORDER BY id), "
-               "string_agg(COALESCE(to_json(language)::text, 'null'), ',' ORDER BY id), "
-               "string_agg(COALESCE(extra::text, '{}'), ',' ORDER BY id)"
-               if fragments else "NULL, NULL, NULL, NULL")
-    with psycopg.connect(db_url.replace("+psycopg", ""), autocommit=True) as conn:
-        conn.execute(
-            "WITH inserted AS (INSERT INTO candidates (url, caption) "
-            "SELECT 'http://host' || (i %% %(d)s) || '.test/' || i || '.jpg', 'caption ' || i "
-            "FROM generate_series(%(a)s::bigint, %(b)s::bigint) AS i "
-            "RETURNING id, url, caption, language, extra) "
-            "INSERT INTO pending_chunks (ids, url_j, caption_j, language_j, extra_j) "
-            f"SELECT array_agg(id ORDER BY id), {payload} FROM inserted "
-            "GROUP BY id / 16 ORDER BY id / 16",
-            {"d": domains, "a": start, "b": start + count - 1})
-        conn.execute("INSERT INTO ingests (source, rows_read, inserted, finished_at) "
-                      "VALUES ('synthetic', %(n)s, %(n)s, now())", {"n": count})
-        conn.execute("ANALYZE candidates, pending_chunks")
+    from coordinator.queries import Q
+
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            first, last = conn.execute(sa.text(
+                "WITH inserted AS (INSERT INTO candidates (url, caption) "
+                "SELECT 'http://host' || (i % :d) || '.test/' || i || '.jpg', 'caption ' || i "
+                "FROM generate_series(CAST(:a AS bigint), CAST(:b AS bigint)) AS i "
+                "RETURNING id) SELECT min(id), max(id) FROM inserted"),
+                {"d": domains, "a": start, "b": start + count - 1}).one()
+            conn.execute(Q.chunk_candidates, {"first": first, "last": last})
+            if not fragments:
+                conn.execute(sa.text(
+                    "UPDATE pending_chunks SET url_j = NULL, caption_j = NULL, "
+                    "language_j = NULL, extra_j = NULL WHERE ids[1] BETWEEN :f AND :l"),
+                    {"f": first, "l": last})
+            conn.execute(sa.text("INSERT INTO ingests (source, rows_read, inserted, finished_at) "
+                                 "VALUES ('synthetic', :n, :n, now())"), {"n": count})
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(sa.text("ANALYZE candidates, pending_chunks"))
+    finally:
+        engine.dispose()
 
 
 # -- a running coordinator -------------------------------------------------------------

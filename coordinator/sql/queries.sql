@@ -166,22 +166,38 @@ WITH picked AS (
 ), {_store_claimed}
 SELECT * FROM claimed;
 
+-- name: _candidate_fragments
+-- The lease payload's JSON array fragments of the candidates "c" (url, caption,
+-- language: null when none, extra: {} when none) in id order, as the ingest writes them
+-- (coordinator.ingest.loader.pending_chunks_csv).
+string_agg(to_json(c.url)::text, ',' ORDER BY c.id) AS url_j,
+string_agg(to_json(c.caption)::text, ',' ORDER BY c.id) AS caption_j,
+string_agg(COALESCE(to_json(c.language)::text, 'null'), ',' ORDER BY c.id) AS language_j,
+string_agg(COALESCE(c.extra::text, '{}'), ',' ORDER BY c.id) AS extra_j
+
 -- name: candidate_fragments
 -- The lease body's part for candidates that came without fragments (:ids: retries,
 -- chunks that carry none) as JSON array fragments in id order, each candidate's attempt
 -- (1, or its url_retries row's when that row names batch :batch_id) included.
 SELECT count(*) AS n,
        string_agg(c.id::text, ',' ORDER BY c.id) AS id_j,
-       string_agg(to_json(c.url)::text, ',' ORDER BY c.id) AS url_j,
-       string_agg(to_json(c.caption)::text, ',' ORDER BY c.id) AS caption_j,
-       string_agg(COALESCE(to_json(c.language)::text, 'null'), ',' ORDER BY c.id)
-           AS language_j,
-       string_agg(COALESCE(c.extra::text, '{}'), ',' ORDER BY c.id) AS extra_j,
+       {_candidate_fragments},
        string_agg(COALESCE(r.attempt, 1)::text, ',' ORDER BY c.id) AS attempt_j
   FROM candidates c
   LEFT JOIN (SELECT id, attempt FROM url_retries WHERE batch_id = :batch_id) AS r
          ON r.id = c.id
  WHERE c.id = ANY (CAST(:ids AS bigint[]));
+
+-- name: chunk_candidates
+-- Pending chunks of 16 consecutive ids (id / 16) carrying their fragments, for the
+-- candidates :first..:last: how the tests and the load simulator give a synthetic farm
+-- the pending chunks that pairfarm ingest writes from Arrow.
+INSERT INTO pending_chunks (ids, url_j, caption_j, language_j, extra_j)
+SELECT array_agg(c.id ORDER BY c.id), {_candidate_fragments}
+  FROM candidates c
+ WHERE c.id BETWEEN :first AND :last
+ GROUP BY c.id / 16
+ ORDER BY c.id / 16;
 
 -- name: batch_candidates
 -- A re-leased batch's candidates in key order, the order of its batch_members array
