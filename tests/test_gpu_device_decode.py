@@ -282,11 +282,13 @@ def test_an_abort_from_on_batch_ends_the_device_path_cleanly(mixed_shard: Path) 
         calls.append(n)
         raise Abort
 
-    threads = threading.active_count()
     with pytest.raises(Abort):
         _scores(mixed_shard, DecodeMode.DEVICE, workers=1, on_batch=abort)
     assert calls == [8]
-    assert threading.active_count() == threads  # the prefetch thread joined
+    # the prefetch thread joined; other threads are not counted: the DataLoader closes
+    # its worker queues without joining their feeder threads (cancel_join_thread), which
+    # end once flushed, after the shutdown returns (one was still alive under load in CI)
+    assert not [t for t in threading.enumerate() if t.name == "prefetch"]
     assert not multiprocessing.active_children()  # the loader's decode worker ended
 
 
