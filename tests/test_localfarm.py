@@ -318,3 +318,31 @@ def test_up_never_sizes_below_a_batch_still_waiting(db_url: str, tmp_path: Path)
             lease_token=lease.lease_token, reason="stopped", release=True))
         again = leases(engine, batch_size=size).lease_download(worker)
         assert again is not None and again.batch_id == lease.batch_id
+
+
+def test_a_failed_ingest_stops_the_coordinator_started_during_it(
+        db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --batch-size given the coordinator starts before the ingest; an ingest that
+    fails raises StartupFailed and leaves no child running, and no worker was started."""
+    from localfarm import up as up_module
+    from localfarm.errors import StartupFailed
+
+    started: list[Supervisor] = []
+
+    class Recorded(Supervisor):
+        def __init__(self, run_file: Path) -> None:
+            super().__init__(run_file=run_file)
+            started.append(self)
+
+    monkeypatch.setattr(up_module, "Supervisor", Recorded)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not a parquet file")
+    settings = UpSettings(inputs=(broken,), out=tmp_path / "farm", workers=2,
+                          database_url=db_url, port=0, batch_size=100, progress=False,
+                          stop_grace_s=10)
+    with pytest.raises(StartupFailed, match="ingest failed"):
+        up_module.run_farm(settings)
+    [supervisor] = started
+    assert [c.name for c in supervisor.children] == ["coordinator"]
+    coordinator = supervisor.children[0]
+    assert coordinator.proc is not None and not coordinator.running()
