@@ -14,12 +14,11 @@ nothing in hand, not behind the tail of a busy one.
    (``claim_sampled``): sample pages with ``TABLESAMPLE SYSTEM (p)`` at a rate adapted
    to the yield of earlier samples and to the width of the rows (``oversample`` times the
    chunks needed, and pages enough that a batch takes at most ``page_share`` chunks from
-   each: ``coordinator.sampling``),
-   shuffle the sampled
-   chunks, lock enough of them for the batch with ``FOR UPDATE SKIP LOCKED`` (chunks a
-   concurrent lease holds or took are passed over, and the rest of the sample stands in
-   for them), delete whole chunks while they fit and split the one that crosses the
-   batch size (its rest goes back as a new chunk);
+   each: ``coordinator.sampling``), shuffle the sampled chunks, lock enough of them for
+   the batch with ``FOR UPDATE SKIP LOCKED`` (chunks a concurrent lease holds or took
+   are passed over, and the rest of the sample stands in for them), delete whole chunks
+   while they fit and split the one that crosses the batch size (its rest goes back as
+   a new chunk);
 3. when the sample comes back short (or would be too costly), top it up from the
    primary key of ``pending_chunks`` starting at a random id, again ``SKIP LOCKED``.
 

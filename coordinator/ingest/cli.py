@@ -42,8 +42,8 @@ def ingest(*, database_url: str | None, data_dir: Path, files: tuple[Path, ...],
     Rows are validated (http/https only; URLs cleaned as a browser requests them, spaces
     and non-ASCII percent-encoded, at most 8,192 characters; captions of 5..4096
     characters, control characters stripped); exact duplicate URLs are skipped, the
-    first one ingested wins. Each file loads in one transaction: a malformed file loads nothing.
-    Re-running a file inserts nothing new.
+    first one ingested wins. Each file loads in one transaction: a malformed file loads
+    nothing. Re-running a file inserts nothing new.
     """
     from rich.console import Console
 
