@@ -155,7 +155,7 @@ def table_reads(conn: sa.Connection) -> dict[str, int]:
         "FROM pg_statio_user_tables")).all()
     reads: dict[str, int] = {}
     for name, heap, idx, toast in rows:
-        reads |= {f"{name}": int(heap), f"{name} indexes": int(idx),
+        reads |= {name: int(heap), f"{name} indexes": int(idx),
                   f"{name} TOAST": int(toast)}
     return reads
 
