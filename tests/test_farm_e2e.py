@@ -37,9 +37,12 @@ from pairfarm.client import ClientError, CoordinatorClient
 from pairfarm.protocol import FarmStats
 from tests.conftest import REPO, cli_env, run_cli
 
+#: 15 batches: 4 in hand (2 a worker) and batches left over even after 10 finished (a
+#: lease-ahead is refused when it would take the last batch); ``pump`` overshoots: it lets
+#: answers through while a finished batch's shard is written and reported (4 batches
+#: were downloaded when it stopped on a loaded 2-core machine)
 COUNT = 600
-#: 8 batches: 4 in hand (2 a worker) and a batch left over even after 3 finished (a
-#: lease-ahead is refused when it would take the last batch)
+#: 8 batches: 4 in hand, for tests that leave the gate closed until they stop the farm
 SMALL = 320
 BATCH = 40
 HELD = ["--worker-arg=--read-timeout=600", "--worker-arg=--deadline=600"]
@@ -128,7 +131,9 @@ def crash_postgres(datadir: Path, proc: subprocess.Popen[str]) -> None:
 def pump(gate: AnswerGate, what: str, check: Callable[[], bool],
          proc: subprocess.Popen[str], step: int = 8) -> None:
     """Let answers through ``step`` at a time until ``check()`` holds, then close the gate:
-    the farm gets no further than the answers let through."""
+    the farm gets no further than the answers let through. ``check()`` sees a batch only
+    once its shard is written and reported, and answers go on passing meanwhile: more
+    may have finished than it asked for."""
     while not check():
         if gate.allowance == 0:
             gate.allow(step)
@@ -268,7 +273,7 @@ def test_kill_worker_restart_coordinator_and_postgres_mid_run(
 def test_ctrl_c_releases_the_batches_in_hand_then_rerun_resumes(
         tmp_path: Path, farm_dir: Path, server: DemoServer,
         up_procs: list[subprocess.Popen[str]], signum: int) -> None:
-    candidates = write_candidates(server, SMALL, tmp_path / "candidates.parquet")
+    candidates = write_candidates(server, COUNT, tmp_path / "candidates.parquet")
     out, gate = farm_dir, server.gate
     proc = start_up(up_procs, out, candidates, "--drain-timeout", "1")
     farm = Farm(out)
@@ -297,7 +302,7 @@ def test_ctrl_c_releases_the_batches_in_hand_then_rerun_resumes(
     rerun = start_up(up_procs, out, candidates)
     output = finish(rerun)
     assert "inserted 0" in output, "the rerun ingests nothing new"
-    assert_complete(out, SMALL)
+    assert_complete(out, COUNT)
     again = sorted(n for n in first_run if gate.requested[n])
     assert again == [], "the rerun downloads no URL of a batch finished before Ctrl-C"
 
