@@ -162,6 +162,11 @@ def auto_archive_settings(*, archive_to: str | None, hot_max_candidates: int,
 @click.option("--url-retry-growth", default=4.0, type=float,
               envvar="PAIRFARM_URL_RETRY_GROWTH", show_default=True,
               help="Each further retry of a URL waits this many times longer.")
+@click.option("--empty-hold", default=1.0, type=float, envvar="PAIRFARM_EMPTY_HOLD",
+              show_default=True,
+              help="Seconds after a lease found nothing during which this process answers "
+                   "leases 204 without asking the database (unless it released, reaped or "
+                   "re-queued something meanwhile); 0: every lease asks.")
 @click.option("--reap-interval", default=10.0, type=float, envvar="PAIRFARM_REAP_INTERVAL",
               show_default=True, help="Seconds between two passes of the lease reaper.")
 @click.option("--max-body-bytes", default=1 << 20, type=int, envvar="PAIRFARM_MAX_BODY_BYTES",
@@ -185,7 +190,8 @@ def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path,
                 port: int, batch_size: int, lease_ttl: float, max_attempts: int,
                 max_sample_rows: int, quarantine_after: int, quarantine_window: float,
                 quarantine_for: float, url_retries: int, url_retry_delay: float,
-                url_retry_growth: float, reap_interval: float, max_body_bytes: int,
+                url_retry_growth: float, empty_hold: float, reap_interval: float,
+                max_body_bytes: int,
                 shard_prefixes: tuple[str, ...], processes: int, migrate: bool,
                 **archive: Any) -> None:
     """Serve the coordinator's REST API (OpenAPI at /docs).
@@ -203,7 +209,7 @@ def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path,
                                 quarantine_window_s=quarantine_window,
                                 quarantine_s=quarantine_for, url_retries=url_retries,
                                 url_retry_delay_s=url_retry_delay,
-                                url_retry_growth=url_retry_growth)
+                                url_retry_growth=url_retry_growth, empty_hold_s=empty_hold)
     settings = make_settings(database_url=database_url, data_dir=data_dir, host=host,
                              port=port, lease=lease, reap_interval_s=reap_interval,
                              max_body_bytes=max_body_bytes, shard_prefixes=shard_prefixes,

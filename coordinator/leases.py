@@ -51,6 +51,14 @@ bearer token) and the lease token. Anything else than "leased to this caller und
 token" raises ``LeaseConflict`` and changes nothing; a repeated completion with the same
 report is recognised by its digest and answered with the batch's current state.
 
+An empty queue (``_EmptyQueue``): once a lease found nothing to lease, this process
+answers "nothing" without a transaction for ``empty_hold_s``, so that thousands of idle
+workers polling an empty farm cost a request each, not a lease transaction each. It
+forgets that at once when this process gives a batch back (``fail``), reaps a lease or
+sends URLs back for a retry; what another process or an ingest adds is seen at most
+``empty_hold_s`` late. A quarantined worker asking meanwhile gets "nothing" instead of
+``Quarantined`` (it is refused on its next lease that looks).
+
 Resource handling: each call borrows one pooled connection for one transaction.
 Quarantine: a download worker whose failure reports (not releases) come
 ``quarantine_after`` in a row, with no completion in between, within
@@ -67,6 +75,7 @@ import math
 import random
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -209,11 +218,32 @@ class _ChunkFill:
             self.page_rows = max(1, int(PAGE_BYTES // (float(row_bytes) + ROW_OVERHEAD)))
 
 
+class _EmptyQueue:
+    """Whether a lease of this process found the queue empty less than ``hold_s`` ago,
+    with nothing given back, reaped or re-queued here since."""
+
+    def __init__(self, hold_s: float, clock: Callable[[], float]) -> None:
+        self._hold_s = hold_s
+        self._clock = clock
+        self._until = float("-inf")
+
+    def holds(self) -> bool:
+        return self._clock() < self._until
+
+    def seen(self) -> None:
+        if self._hold_s > 0:
+            self._until = self._clock() + self._hold_s
+
+    def forget(self) -> None:
+        self._until = float("-inf")
+
+
 class Leases:
     """The lease operations of both kinds of client, on one engine."""
 
     def __init__(self, engine: sa.Engine, settings: LeaseSettings,
-                 metrics: CoordinatorMetrics | None = None) -> None:
+                 metrics: CoordinatorMetrics | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
@@ -222,6 +252,7 @@ class Leases:
                                page_share=settings.page_share)
         self._rows = _TableRows()
         self._fill = _ChunkFill()
+        self._empty = _EmptyQueue(settings.empty_hold_s, clock)
         self.last_form: FormStats | None = None
 
     # -- download ---------------------------------------------------------------------
@@ -235,6 +266,9 @@ class Leases:
     def lease_download_raw(self, worker_id: int, max_size: int | None = None, *,
                            ahead: bool = False) -> RawDownloadLease | None:
         """``lease_download`` with the candidates left as the JSON the database built."""
+        if self._empty.holds():
+            self._count_empty("held")
+            return None
         size = min(max_size or self.settings.batch_size, self.settings.batch_size)
         params = self._lease_params(worker_id)
         with self.engine.begin() as conn:
@@ -245,12 +279,14 @@ class Leases:
                 count, body = int(found.n), str(found.candidates)
             else:
                 if not _anything_to_form(conn):
+                    self._nothing_found()
                     return None
                 row = conn.execute(Q.insert_leased_batch, params).one()
                 parts = self._fill_batch(conn, row.id, size)
                 count = count_of(parts)
                 if not count:
                     conn.rollback()
+                    self._nothing_found()
                     return None
                 conn.execute(Q.set_batch_size, {"batch_id": row.id, "size": count})
                 conn.execute(Q.store_members, {"batch_id": row.id,
@@ -339,6 +375,8 @@ class Leases:
             reports.check_download(report, batch.size)
             sent_back = self._queue_retries(conn, batch_id, report)
             retried = sum(sent_back.values())
+            if retried:
+                self._empty.forget()
             row = conn.execute(Q.complete_download, {
                 "batch_id": batch_id, "worker_id": worker_id,
                 "lease_token": report.lease_token,
@@ -433,6 +471,7 @@ class Leases:
             if kind == DOWNLOAD and not report.release:
                 self._count_failure(conn, worker_id, report.reason)
             self._count("failures", kind)
+            self._empty.forget()
             return BatchState(batch_id=row.id, status=row.status, attempts=row.attempts)
 
     def _count_failure(self, conn: sa.Connection, worker_id: int, reason: str) -> None:
@@ -454,13 +493,24 @@ class Leases:
             if not conn.execute(Q.reap_lock).scalar_one():
                 return []
             rows = conn.execute(Q.reap_expired, {"max_attempts": self.settings.max_attempts})
-            return [Expired(r.id, r.status, KIND_HOLDING[r.held]) for r in rows]
+            expired = [Expired(r.id, r.status, KIND_HOLDING[r.held]) for r in rows]
+        if expired:
+            self._empty.forget()
+        return expired
 
     def _count(self, counter: str, kind: str) -> None:
         """Count one event of ``kind`` in the metrics' counter of that name, if any."""
         if self.metrics is not None:
             metric: Counter = getattr(self.metrics, counter)
             metric.labels(kind=kind).inc()
+
+    def _nothing_found(self) -> None:
+        self._empty.seen()
+        self._count_empty("looked")
+
+    def _count_empty(self, answered: str) -> None:
+        if self.metrics is not None:
+            self.metrics.empty_leases.labels(answered=answered).inc()
 
     def _lease_params(self, worker_id: int) -> dict[str, Any]:
         return {"worker_id": worker_id, "lease_token": new_lease_token(),

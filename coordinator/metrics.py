@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 KINDS = ("download", "postprocess")
 FENCED_ACTIONS = ("heartbeat", "complete", "fail")
+#: how a download lease found nothing: the empty-queue hold answered, or a transaction looked
+EMPTY_ANSWERS = ("held", "looked")
 CANDIDATE_STATES = ("unbatched", *(s.value for s in BatchStatus))
 LEASE_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -61,6 +63,7 @@ class CoordinatorMetrics:
     failures: Counter
     expiries: Counter
     fencing_rejections: Counter
+    empty_leases: Counter
     lease_duration: Histogram
 
     @contextmanager
@@ -101,6 +104,10 @@ def make_metrics(stats: StatsSource | None = None) -> CoordinatorMetrics:
             "pairfarm_fencing_rejections_total",
             "Heartbeat, complete or fail calls refused with 409 (not the caller's lease).",
             ["kind", "action"], registry=registry),
+        empty_leases=Counter(
+            "pairfarm_empty_leases_total",
+            "Download leases answered 204 because nothing was left to lease.",
+            ["answered"], registry=registry),
         lease_duration=Histogram("pairfarm_lease_duration_seconds",
                                  "Time to serve one lease request.", ["kind"],
                                  buckets=LEASE_SECONDS_BUCKETS, registry=registry),
@@ -136,6 +143,8 @@ def _zero(metrics: CoordinatorMetrics) -> None:
         metrics.lease_duration.labels(kind=kind)
         for action in FENCED_ACTIONS:
             metrics.fencing_rejections.labels(kind=kind, action=action)
+    for answered in EMPTY_ANSWERS:
+        metrics.empty_leases.labels(answered=answered)
 
 
 def stats_source(engine: sa.Engine, alive_window_s: float) -> StatsSource:

@@ -57,6 +57,10 @@ class LeaseSettings:
     url_retries: int = 2
     url_retry_delay_s: float = 3600.0
     url_retry_growth: float = 4.0
+    #: after a lease found nothing to lease, this process answers "nothing" (204) without
+    #: a transaction for this long, unless it released, reaped or re-queued something in
+    #: between; 0: every lease looks
+    empty_hold_s: float = 1.0
 
     @property
     def heartbeat_interval_s(self) -> float:
@@ -133,7 +137,8 @@ def make_lease_settings(*, batch_size: int = 10_000, lease_ttl_s: float = 600.0,
                         quarantine_after: int = 5, quarantine_window_s: float = 600.0,
                         quarantine_s: float = 900.0, url_retries: int = 2,
                         url_retry_delay_s: float = 3600.0,
-                        url_retry_growth: float = 4.0) -> LeaseSettings:
+                        url_retry_growth: float = 4.0,
+                        empty_hold_s: float = 1.0) -> LeaseSettings:
     _check(1 <= batch_size <= 1_000_000, f"batch size must be in 1..1000000, not {batch_size}")
     _check(0 <= quarantine_after <= 1000,
            f"quarantine-after must be in 0..1000 (0: off), not {quarantine_after}")
@@ -144,12 +149,14 @@ def make_lease_settings(*, batch_size: int = 10_000, lease_ttl_s: float = 600.0,
     _check(max_sample_rows >= batch_size,
            f"max sample rows must be at least the batch size, not {max_sample_rows}")
     _check_url_retries(url_retries, url_retry_delay_s, url_retry_growth)
+    _check(math.isfinite(empty_hold_s) and 0 <= empty_hold_s <= 60,
+           f"the empty hold must be in 0..60 s (0: off), not {empty_hold_s}")
     return LeaseSettings(batch_size=batch_size, lease_ttl_s=lease_ttl_s,
                          max_attempts=max_attempts, max_sample_rows=max_sample_rows,
                          quarantine_after=quarantine_after,
                          quarantine_window_s=quarantine_window_s, quarantine_s=quarantine_s,
                          url_retries=url_retries, url_retry_delay_s=url_retry_delay_s,
-                         url_retry_growth=url_retry_growth)
+                         url_retry_growth=url_retry_growth, empty_hold_s=empty_hold_s)
 
 
 def _check_url_retries(retries: int, delay_s: float, growth: float) -> None:

@@ -253,8 +253,8 @@ def coordinator_child(settings: UpSettings, db: _Database, port: int,
 def worker_child(settings: UpSettings, url: str, token: str, i: int) -> Child:
     argv = pairfarm_argv(
         "worker", "--coordinator", url, "--token", token, "--name", f"up-worker-{i}",
-        "--output", str(settings.out / "shards"), "--idle-poll", "1", "--no-progress",
-        "--backoff-cap", str(WORKER_BACKOFF_CAP_S), *settings.worker_args)
+        "--output", str(settings.out / "shards"), "--idle-poll", "1", "--idle-poll-max", "1",
+        "--no-progress", "--backoff-cap", str(WORKER_BACKOFF_CAP_S), *settings.worker_args)
     return Child(f"worker-{i}", argv, _env(), settings.out / "logs" / f"worker-{i}.log")
 
 

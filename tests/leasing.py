@@ -25,7 +25,11 @@ def engine_for(db_url: str) -> Iterator[sa.Engine]:
 
 
 def leases(engine: sa.Engine, batch_size: int = 100, **kw: float) -> Leases:
-    return Leases(engine, make_lease_settings(batch_size=batch_size, **kw))  # type: ignore[arg-type]
+    """A lease service; every lease looks at the queue (``empty_hold_s`` 0) unless the
+    test is about the empty-queue hold."""
+    settings = make_lease_settings(batch_size=batch_size,  # type: ignore[arg-type]
+                                   **{"empty_hold_s": 0.0, **kw})
+    return Leases(engine, settings)
 
 
 def new_worker(engine: sa.Engine, name: str, role: str = "worker") -> int:

@@ -9,6 +9,8 @@ import sqlalchemy as sa
 
 from coordinator.errors import InvalidReport, LeaseConflict, NotFound
 from coordinator.leases import Leases
+from coordinator.metrics import make_metrics
+from coordinator.settings import make_lease_settings
 from pairfarm.protocol import BatchStatus, FailCause, FailReport
 from tests.conftest import insert_candidates
 from tests.leasing import (
@@ -424,3 +426,107 @@ def test_a_lease_ahead_does_not_take_the_last_released_batch(db_url: str) -> Non
         assert service.lease_download(a, ahead=True) is None
         again = service.lease_download(b)
         assert again is not None and again.batch_id == given_back.batch_id
+
+
+# -- the empty-queue hold ---------------------------------------------------------------
+
+class _Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _held_service(engine: sa.Engine, clock: _Clock, **kw: float) -> Leases:
+    settings = make_lease_settings(batch_size=10, empty_hold_s=5.0, **kw)  # type: ignore[arg-type]
+    return Leases(engine, settings, make_metrics(), clock=clock)
+
+
+def _statements(engine: sa.Engine) -> list[str]:
+    """The SQL statements ``engine`` runs from now on."""
+    seen: list[str] = []
+    sa.event.listen(engine, "before_cursor_execute",
+                    lambda _c, _cur, statement, *_: seen.append(statement))
+    return seen
+
+
+def _empty_answers(service: Leases) -> dict[str, float]:
+    assert service.metrics is not None
+    return {answered: service.metrics.empty_leases.labels(answered=answered)._value.get()
+            for answered in ("held", "looked")}
+
+
+def test_an_empty_queue_is_answered_without_a_transaction_for_the_hold(db_url: str) -> None:
+    """Drained: the first lease looks and finds nothing; within ``empty_hold_s`` the
+    next ones run no statement (candidates ingested meanwhile wait for the hold's end)."""
+    insert_candidates(db_url, 10)
+    with engine_for(db_url) as engine:
+        clock = _Clock()
+        service, worker = _held_service(engine, clock), new_worker(engine, "w")
+        assert service.lease_download(worker) is not None
+        assert service.lease_download(worker) is None  # looked: nothing
+        insert_candidates(db_url, 10, start=10)  # another process's ingest
+        statements = _statements(engine)
+        clock.now += 4.9
+        assert service.lease_download(worker) is None
+        assert service.lease_download(worker, ahead=True) is None
+        assert statements == [], "a held answer runs no statement"
+        assert _empty_answers(service) == {"held": 2, "looked": 1}
+        clock.now += 0.2  # the hold is over: the next lease looks
+        lease = service.lease_download(worker)
+        assert lease is not None and sorted(c.id for c in lease.candidates) == \
+            sorted(_all_ids(engine) - set(range(1, 11)))
+        assert statements
+
+
+def test_a_release_a_reap_or_a_retry_ends_the_hold_at_once(db_url: str) -> None:
+    insert_candidates(db_url, 30)
+    with engine_for(db_url) as engine:
+        clock = _Clock()
+        service = _held_service(engine, clock, url_retries=2, url_retry_delay_s=0.0)
+        a, b, c = new_worker(engine, "a"), new_worker(engine, "b"), new_worker(engine, "c")
+        held = [service.lease_download(w) for w in (a, b, c)]
+        assert all(lease is not None for lease in held)
+        first, second, third = (lease for lease in held if lease is not None)
+
+        def held_empty() -> None:
+            assert service.lease_download(c) is None
+            assert service.lease_download(c) is None
+            assert _empty_answers(service)["held"] >= 1
+
+        held_empty()  # released: leased again at once
+        service.fail("download", first.batch_id, a, FailReport(
+            lease_token=first.lease_token, reason="shutdown", release=True))
+        again = service.lease_download(c)
+        assert again is not None and again.batch_id == first.batch_id
+
+        held_empty()  # reaped: leased again at once
+        expire(engine, second.batch_id)
+        assert [e.batch_id for e in service.reap_expired()] == [second.batch_id]
+        again = service.lease_download(c)
+        assert again is not None and again.batch_id == second.batch_id
+
+        held_empty()  # a URL sent back for a retry that is due at once: leased at once
+        retried = third.candidates[0].id
+        sent = report(third.lease_token, 10, ok=9).model_copy(
+            update={"retry": {"timeout": [retried]}})
+        service.complete_download(third.batch_id, c, sent)
+        again = service.lease_download(c)
+        assert again is not None and [x.id for x in again.candidates] == [retried]
+
+
+def test_no_hold_with_empty_hold_zero(db_url: str) -> None:
+    insert_candidates(db_url, 10)
+    with engine_for(db_url) as engine:
+        clock = _Clock()
+        settings = make_lease_settings(batch_size=10, empty_hold_s=0.0)
+        service, worker = Leases(engine, settings, make_metrics(), clock=clock), \
+            new_worker(engine, "w")
+        assert service.lease_download(worker) is not None
+        assert service.lease_download(worker) is None
+        insert_candidates(db_url, 10, start=10)
+        assert service.lease_download(worker) is not None
+        assert _empty_answers(service) == {"held": 0, "looked": 1}

@@ -74,6 +74,8 @@ class ScriptedCoordinator:
     lease_ahead: list[bool] = field(default_factory=list)
     #: refuse (204) a lease-ahead that would take the last batch, as the coordinator does
     keep_last: bool = False
+    #: the lease requests (0-based) answered 204 whatever is left: an empty queue
+    empty_at: set[int] = field(default_factory=set)
     _next: int = 0
 
     def transport(self) -> httpx.MockTransport:
@@ -108,6 +110,8 @@ class ScriptedCoordinator:
 
     def _lease(self, ahead: bool) -> httpx.Response:
         self.lease_times.append(trio.current_time())
+        if len(self.lease_times) - 1 in self.empty_at:
+            return httpx.Response(204)
         if self.refuse_leases > 0:
             self.refuse_leases -= 1
             return httpx.Response(429, headers={"Retry-After": "120"}, json={
@@ -485,6 +489,24 @@ def test_the_first_signal_stops_a_worker_that_holds_no_batch_at_once(
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0.3))
     assert ended == [100.0]
     assert requests and max(requests) < 100  # nothing asked after the signal
+
+
+def test_idle_polls_double_up_to_the_cap_and_start_over_after_a_lease(tmp_path: Path) -> None:
+    """Leases 0-3 and 5-6 find the queue empty: the waits before the next lease double from
+    --idle-poll (10 s) to --idle-poll-max (30 s), half fixed and half random, and a lease
+    that got a batch starts them over."""
+    coord = ScriptedCoordinator(batches=[], empty_at={0, 1, 2, 3, 5, 6})
+    settings = _settings(exit_when_idle=False, idle_poll_s=10, idle_poll_max_s=30,
+                         lease_ahead_at=0, max_batches=2)
+    loop = _run(coord, tmp_path, settings, paths=[["/a.jpg"], ["/b.jpg"]])
+    assert loop.summary.batches_completed == 2
+    t = coord.lease_times
+    assert len(t) == 8
+    waits = [t[1] - t[0], t[2] - t[1], t[3] - t[2], t[4] - t[3], t[6] - t[5], t[7] - t[6]]
+    ceilings = [10, 20, 30, 30, 10, 20]  # min(cap, 10 * 2**n); n back to 0 after lease 4
+    for wait, ceiling in zip(waits, ceilings, strict=True):
+        assert ceiling / 2 <= wait <= ceiling + 0.5, (waits, ceilings)
+    assert t[5] - t[4] < 5, "the lease after a batch ended waits for no poll"
 
 
 def test_a_quarantined_worker_waits_out_the_retry_after_then_leases(tmp_path: Path) -> None:

@@ -338,7 +338,10 @@ def _print_totals(totals: Any) -> None:
 @_opt("--max-batch", env="MAX_BATCH", type=click.IntRange(1), default=None,
       help="Lease at most this many candidates at a time (the coordinator caps it).")
 @_opt("--idle-poll", env="IDLE_POLL", type=click.FloatRange(0.1), default=10.0,
-      help="Seconds between lease attempts when no batch is pending.")
+      help="Seconds before asking again when the coordinator had no batch to lease "
+           "(half fixed, half random); doubles while it has none, up to --idle-poll-max.")
+@_opt("--idle-poll-max", env="IDLE_POLL_MAX", type=click.FloatRange(0.1), default=60.0,
+      help="Longest wait between two leases of an empty queue.")
 @_opt("--exit-when-idle", env="EXIT_WHEN_IDLE", is_flag=True, default=False,
       help="Exit when the coordinator has no batch to lease.")
 @_opt("--max-batches", env="MAX_BATCHES", type=click.IntRange(1), default=None,
@@ -368,7 +371,8 @@ def worker_command(**opts: Any) -> None:
     settings = _settings_or_exit(lambda: RunSettings(
         coordinator_url=opts["coordinator"], token=opts["token"], output=opts["output"],
         name=opts["name"], pipeline=_pipeline_settings(opts), max_batch=opts["max_batch"],
-        idle_poll_s=opts["idle_poll"], exit_when_idle=opts["exit_when_idle"],
+        idle_poll_s=opts["idle_poll"], idle_poll_max_s=opts["idle_poll_max"],
+        exit_when_idle=opts["exit_when_idle"],
         max_batches=opts["max_batches"], drain_timeout_s=opts["drain_timeout"],
         backoff_cap_s=opts["backoff_cap"], stop_after_failures=opts["stop_after_failures"],
         lease_ahead_at=opts["lease_ahead_at"], metrics=_metrics_settings(opts)))

@@ -2,7 +2,8 @@
 
 At most two batches in hand, the second leased during the first's tail::
 
-    register -> lease --204--> wait idle_poll_s, lease again
+    register -> lease --204--> wait idle_poll_s (doubling while the queue stays empty,
+                 |             up to idle_poll_max_s), lease again
                  |
                  +-- batch (a task): SharedPipeline.download  ||  heartbeat every interval
                  |     |-- LeaseLost (409) on a heartbeat: cancel, delete temp files
@@ -146,6 +147,8 @@ class RunLoop:
         #: the scope of a wait while no batch is held; the first signal cancels it
         self._unheld: trio.CancelScope | None = None
         self._own_failures = 0
+        #: leases in a row that found nothing: each idle wait doubles, up to idle_poll_max_s
+        self._empty_polls = 0
         self._pipeline: SharedPipeline | None = None
         #: set (and replaced) each time a batch leaves the worker's hands
         self._batch_ended = trio.Event()
@@ -254,6 +257,7 @@ class RunLoop:
                         return
                     await self._idle()
                     continue
+                self._empty_polls = 0
                 run = BatchRun(size=len(lease.candidates), tail_at=self._tail_at())
                 batches.start_soon(self._hold, lease, run, in_hand)
                 done += 1
@@ -279,10 +283,17 @@ class RunLoop:
             self._batch_ended = trio.Event()
 
     async def _idle(self) -> None:
-        log.info("no batch to lease; polling again in %.0fs", self._s.idle_poll_s)
+        """Wait before asking an empty queue again: ``idle_poll_s`` doubled for each lease
+        in a row that found nothing, up to ``idle_poll_max_s``, with equal jitter (thousands
+        of idle workers then cost the coordinator a few requests a second, spread out)."""
+        s = self._s
+        wait = backoff_delay(self._empty_polls, base=s.idle_poll_s,
+                             cap=max(s.idle_poll_s, s.idle_poll_max_s), rng=self._rng)
+        self._empty_polls += 1
+        log.info("no batch to lease; polling again in %.0fs", wait)
         if self._pipeline is not None:
             self._pipeline.idle.flush()
-        with trio.move_on_after(self._s.idle_poll_s):
+        with trio.move_on_after(wait):
             await self._signals.draining.wait()
 
     async def _call(self, what: str, call: Callable[[], Awaitable[T]],

@@ -296,7 +296,10 @@ class RunSettings:
     name: str
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     max_batch: int | None = None
+    #: the first wait after a lease found nothing; each further one in a row doubles, up
+    #: to ``idle_poll_max_s`` (equal jitter: half fixed, half random)
     idle_poll_s: float = 10.0
+    idle_poll_max_s: float = 60.0
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 60.0
     drain_timeout_s: float = 120.0
