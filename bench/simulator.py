@@ -11,8 +11,9 @@ coordinator --processes P`` in a subprocess.
 
 Each virtual worker (one Trio task, all in this one process; --workers-per-client of them
 share an httpx client with as many connections; --ramp spreads their starts) registers,
-then loops: lease (204: wait and ask again until the farm is drained; 429: wait the
-Retry-After); "download" for a time drawn from a log-normal distribution (--download-mean,
+then loops: lease (204: wait --idle s, doubling while the answer stays 204 up to
+--idle-max, and ask again until the farm is drained; 429: wait the Retry-After);
+"download" for a time drawn from a log-normal distribution (--download-mean,
 --download-sigma), heartbeating every TTL/3; then, by chance, completes (a DownloadReport
 with shard files under ``s3://sim/``, outcomes that sum to the batch size), fails
 (--fail-fraction: a fail report, an attempt spent) or is killed (--kill-fraction: it stops
@@ -65,6 +66,7 @@ import trio  # noqa: E402
 from coordinator.queries import Q  # noqa: E402
 from coordinator.tokens import hash_token, new_token  # noqa: E402
 from pairfarm.protocol import API_PREFIX, Role  # noqa: E402
+from worker.backoff import backoff_delay  # noqa: E402
 
 SHA = "0" * 64
 #: the calls timed; "lease 204" is a lease answered "nothing left" (timed apart)
@@ -88,8 +90,12 @@ class SimConfig:
     kill_fraction: float = 0.05
     #: a killed worker comes back (re-registers) after this long
     restart_delay_s: float = 1.0
-    #: a worker answered 204 asks again after this long
+    #: a worker answered 204 asks again after this long, doubled for each 204 in a row up
+    #: to ``idle_max_s``, equal jitter (as ``pairfarm worker --idle-poll/--idle-poll-max``)
     idle_s: float = 1.0
+    idle_max_s: float = 60.0
+    #: the coordinator's ``--empty-hold``
+    empty_hold_s: float = 1.0
     #: the workers start spread evenly over this many seconds (0: all at once)
     ramp_s: float = 0.0
     processes: int = 1
@@ -149,6 +155,8 @@ class SimReport:
     cpu_s: dict[str, float]
     invariants: Invariants
     load: tuple[float, float, float]
+    #: the coordinator's ``pairfarm_empty_leases_total`` by ``answered`` (held / looked)
+    empty_answers: dict[str, float] = field(default_factory=dict)
 
     @property
     def leases_per_s(self) -> float:
@@ -242,7 +250,7 @@ def coordinator(database_url: str, config: SimConfig, log: Path) -> Iterator[tup
             "--processes", str(config.processes), "--batch-size", str(config.batch_size),
             "--lease-ttl", str(config.lease_ttl_s), "--reap-interval",
             str(config.reap_interval_s), "--max-attempts", str(config.max_attempts),
-            "--shard-prefix", "s3://sim/"]
+            "--empty-hold", str(config.empty_hold_s), "--shard-prefix", "s3://sim/"]
     with log.open("wb") as out:
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -350,6 +358,7 @@ async def virtual_worker(farm: Farm, me: Me) -> None:
     """Register, then lease / download / complete-fail-or-die until the farm is drained."""
     cfg = farm.config
     registered = False
+    empty = 0  # leases in a row answered 204
     await trio.sleep(cfg.ramp_s * me.index / max(1, cfg.workers))
     while not farm.drained.is_set():
         if not registered:
@@ -362,10 +371,13 @@ async def virtual_worker(farm: Farm, me: Me) -> None:
             await trio.sleep(cfg.idle_s)
         elif response.status_code == 204:
             farm.calls.events["idle"] += 1
-            await trio.sleep(cfg.idle_s)
+            await trio.sleep(backoff_delay(empty, base=cfg.idle_s,
+                                           cap=max(cfg.idle_s, cfg.idle_max_s), rng=farm.rng))
+            empty += 1
         elif response.status_code == 429:
             await trio.sleep(float(response.headers.get("retry-after", cfg.idle_s)))
         elif response.status_code == 200:
+            empty = 0
             farm.calls.events["leased"] += 1
             farm.calls.leased_at.append(time.perf_counter())
             registered = await _work(farm, me, orjson.loads(response.content))
@@ -494,11 +506,24 @@ def run(config: SimConfig, database_url: str, postgres_pid: int, work: Path) -> 
             cpu = {"coordinator": tree_cpu_s(pid) - cpu0["coordinator"],
                    "postgres": tree_cpu_s(postgres_pid) - cpu0["postgres"],
                    "simulator": time.process_time() - own0}
+            empty = empty_answers(base)
         invariants = check_invariants(engine)
     finally:
         engine.dispose()
     return SimReport(config=config, wall_s=wall, leases=calls.events["leased"], calls=calls,
-                     cpu_s=cpu, invariants=invariants, load=os.getloadavg())
+                     cpu_s=cpu, invariants=invariants, load=os.getloadavg(),
+                     empty_answers=empty)
+
+
+def empty_answers(base: str) -> dict[str, float]:
+    """``pairfarm_empty_leases_total`` by ``answered``, from the coordinator's /metrics
+    (summed over its processes)."""
+    found: dict[str, float] = {}
+    for line in httpx.get(f"{base}/metrics", timeout=30).text.splitlines():
+        if line.startswith("pairfarm_empty_leases_total{"):
+            labels, _, value = line.partition("} ")
+            found[labels.split('answered="')[1].rstrip('"')] = float(value)
+    return found
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -528,6 +553,8 @@ def describe(report: SimReport) -> list[str]:
     errors = ", ".join(f"{op} {kind}: {n}" for (op, kind), n in sorted(report.calls.errors.items()))
     lines.append(f"errors: {errors or 'none'}")
     lines.append("events: " + ", ".join(f"{k} {v}" for k, v in sorted(report.calls.events.items())))
+    lines.append("coordinator's empty answers: " + (", ".join(
+        f"{k} {v:.0f}" for k, v in sorted(report.empty_answers.items())) or "none"))
     per = max(1, report.leases)
     lines.append("CPU per lease: " + ", ".join(
         f"{k} {1000 * v / per:.1f} ms" for k, v in report.cpu_s.items())
@@ -559,7 +586,11 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None]:
     p.add_argument("--kill-fraction", type=float, default=d.kill_fraction)
     p.add_argument("--restart-delay", type=float, default=d.restart_delay_s)
     p.add_argument("--idle", type=float, default=d.idle_s,
-                   help="seconds a worker answered 204 waits (pairfarm worker: 10)")
+                   help="seconds a worker answered 204 first waits (pairfarm worker: 10)")
+    p.add_argument("--idle-max", type=float, default=d.idle_max_s,
+                   help="longest wait of a worker answered 204 again and again (60)")
+    p.add_argument("--empty-hold", type=float, default=d.empty_hold_s,
+                   help="the coordinator's --empty-hold (0: every lease looks)")
     p.add_argument("--ramp", type=float, default=d.ramp_s)
     p.add_argument("--processes", type=int, default=d.processes)
     p.add_argument("--workers-per-client", type=int, default=d.workers_per_client)
@@ -575,6 +606,7 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None]:
         lease_ttl_s=a.lease_ttl, reap_interval_s=a.reap_interval,
         max_attempts=a.max_attempts, fail_fraction=a.fail_fraction,
         kill_fraction=a.kill_fraction, restart_delay_s=a.restart_delay, idle_s=a.idle,
+        idle_max_s=a.idle_max, empty_hold_s=a.empty_hold,
         ramp_s=a.ramp, processes=a.processes, workers_per_client=a.workers_per_client,
         max_run_s=a.max_run, seed=a.seed)
     return config, a.database_url

@@ -18,7 +18,7 @@ def test_a_small_farm_with_failures_and_kills_drains_consistently(
         db_url: str, pg_server: object, engine: sa.Engine, tmp_path: Path) -> None:
     config = SimConfig(workers=50, candidates=3_000, batch_size=50, download_mean_s=1.0,
                        lease_ttl_s=3.0, reap_interval_s=0.3, fail_fraction=0.1,
-                       kill_fraction=0.1, max_attempts=10, max_run_s=240)
+                       kill_fraction=0.1, max_attempts=10, idle_max_s=4.0, max_run_s=240)
     report = run(config, db_url, pg_server.pid, tmp_path)  # type: ignore[attr-defined]
     text = "\n".join(describe(report))
     inv = report.invariants
@@ -38,6 +38,8 @@ def test_a_small_farm_with_failures_and_kills_drains_consistently(
     assert events["leased"] == attempts
     assert report.cpu_s["coordinator"] > 0 and report.cpu_s["postgres"] > 0
     assert all(kind == "409" for _, kind in report.calls.errors), text
+    # every 204 the workers got was answered by a lease that looked or by the hold
+    assert sum(report.empty_answers.values()) == events["idle"] > 0, text
 
 
 def test_the_checker_finds_each_broken_invariant(db_url: str, engine: sa.Engine) -> None:
