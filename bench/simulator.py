@@ -21,7 +21,9 @@ calling, its lease expires after --lease-ttl and the reaper gives it back; the w
 comes back after --restart-delay, as systemd restarts a worker VM's service). A monitor
 ends the run once nothing is pending or leased.
 
-Reported: leases/s, client-side p50/p99/max of each call, errors by call and kind, the CPU
+Reported: leases/s, client-side p50/p99/max of each call beside the coordinator's own
+time for it (its ``Server-Timing`` header), how late the simulator's event loop wakes a
+sleeping task (its own share of the client-side time), errors by call and kind, the CPU
 seconds per lease of the coordinator processes and of PostgreSQL (from /proc via psutil:
 each process tree, dead children included) and of the simulator itself (all on the same
 cores here), the load average; then the invariants read from the database
@@ -64,11 +66,14 @@ import sqlalchemy as sa  # noqa: E402
 import trio  # noqa: E402
 
 from coordinator.queries import Q  # noqa: E402
+from coordinator.timing import app_seconds  # noqa: E402
 from coordinator.tokens import hash_token, new_token  # noqa: E402
 from pairfarm.protocol import API_PREFIX, Role  # noqa: E402
 from worker.backoff import backoff_delay  # noqa: E402
 
 SHA = "0" * 64
+#: the loop-lag probe's sleep, seconds
+LAG_PROBE_S = 0.1
 #: the calls timed; "lease 204" is a lease answered "nothing left" (timed apart)
 OPS = ("register", "lease", "lease 204", "heartbeat", "complete", "fail")
 
@@ -112,6 +117,10 @@ class Calls:
     """Client-side latencies by call, errors by (call, kind), what the workers did."""
 
     seconds: dict[str, list[float]] = field(default_factory=lambda: {op: [] for op in OPS})
+    #: the coordinator's own time for the same calls (its ``Server-Timing`` header)
+    server: dict[str, list[float]] = field(default_factory=lambda: {op: [] for op in OPS})
+    #: how late the simulator's event loop woke a task that slept ``LAG_PROBE_S``
+    loop_lag: list[float] = field(default_factory=list)
     #: when each batch was leased (``perf_counter``)
     leased_at: list[float] = field(default_factory=list)
     errors: Counter[tuple[str, str]] = field(default_factory=Counter)
@@ -335,6 +344,9 @@ class Farm:
             return None
         key = f"{op} 204" if response.status_code == 204 else op
         self.calls.seconds[key].append(time.perf_counter() - t0)
+        server = app_seconds(response.headers.get("server-timing"))
+        if server is not None:
+            self.calls.server[key].append(server)
         if response.status_code >= 400:
             self.calls.errors[(op, str(response.status_code))] += 1
         return response
@@ -451,20 +463,31 @@ def _report(batch_id: int, lease_token: str, size: int, seconds: float) -> dict[
 async def monitor(farm: Farm, engine: sa.Engine, poll_s: float = 1.0) -> None:
     """Set ``farm.drained`` once no candidate is pending or waiting for a URL retry and
     no batch is pending or leased."""
-    query = sa.text("SELECT (SELECT count(*) FROM pending_chunks) + (SELECT count(*) FROM "
-                    "batches WHERE status IN ('pending', 'leased')) + (SELECT count(*) "
-                    "FROM url_retries WHERE batch_id IS NULL)")
+    # EXISTS, not count(*): counting ~10^6 pending chunks every second would cost
+    # PostgreSQL more CPU than some of the calls measured
+    query = sa.text("SELECT EXISTS (SELECT 1 FROM pending_chunks ORDER BY id LIMIT 1) "
+                    "OR EXISTS (SELECT 1 FROM batches WHERE status IN ('pending', 'leased')) "
+                    "OR EXISTS (SELECT 1 FROM url_retries WHERE batch_id IS NULL)")
 
-    def busy() -> int:
+    def busy() -> bool:
         with engine.connect() as conn:
-            return int(conn.execute(query).scalar_one())
+            return bool(conn.execute(query).scalar_one())
 
     while True:
-        if await trio.to_thread.run_sync(busy) == 0:
+        if not await trio.to_thread.run_sync(busy):
             break
         await trio.sleep(poll_s)
     farm.drained_at = time.perf_counter()
     farm.drained.set()
+
+
+async def lag_probe(farm: Farm) -> None:
+    """Sleep ``LAG_PROBE_S`` again and again, recording how late each wake-up came: the
+    share of a call's client-side time that is the simulator's own busy event loop."""
+    while True:
+        t0 = time.perf_counter()
+        await trio.sleep(LAG_PROBE_S)
+        farm.calls.loop_lag.append(max(0.0, time.perf_counter() - t0 - LAG_PROBE_S))
 
 
 async def simulate(base: str, config: SimConfig, tokens: list[str],
@@ -484,6 +507,7 @@ async def simulate(base: str, config: SimConfig, tokens: list[str],
         with trio.move_on_after(config.max_run_s):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(monitor, farm, engine)
+                nursery.start_soon(lag_probe, farm)
                 for i, token in enumerate(tokens):
                     nursery.start_soon(virtual_worker, farm, Me(i, token))
         return farm.calls, farm.drained_at
@@ -491,12 +515,15 @@ async def simulate(base: str, config: SimConfig, tokens: list[str],
 
 # -- a whole run ------------------------------------------------------------------------
 
-def run(config: SimConfig, database_url: str, postgres_pid: int, work: Path) -> SimReport:
-    """Fill ``database_url`` (a migrated, empty database), start the coordinator, run the
-    virtual workers, measure, and check the invariants."""
+def run(config: SimConfig, database_url: str, postgres_pid: int, work: Path, *,
+        filled: bool = False) -> SimReport:
+    """Fill ``database_url`` (a migrated, empty database; ``filled``: copied from a filled
+    template), start the coordinator, run the virtual workers, measure, and check the
+    invariants."""
     engine = sa.create_engine(database_url)
     try:
-        fill(engine, config.candidates)
+        if not filled:
+            fill(engine, config.candidates)
         tokens = make_tokens(engine, config.workers)
         with coordinator(database_url, config, work / "coordinator.log") as (base, pid):
             cpu0 = {"coordinator": tree_cpu_s(pid), "postgres": tree_cpu_s(postgres_pid)}
@@ -549,7 +576,13 @@ def describe(report: SimReport) -> list[str]:
         ms = [s * 1000 for s in report.calls.seconds[op]]
         if ms:
             lines.append(f"  {op:10s} n={len(ms):6d} p50={percentile(ms, 50):8.1f} ms "
-                         f"p99={percentile(ms, 99):8.1f} ms max={max(ms):8.1f} ms")
+                         f"p99={percentile(ms, 99):8.1f} ms max={max(ms):8.1f} ms"
+                         + _server_part(report.calls.server[op]))
+    lag = [s * 1000 for s in report.calls.loop_lag]
+    if lag:
+        lines.append(f"simulator loop lag ({LAG_PROBE_S * 1000:.0f} ms sleeps): "
+                     f"p50={percentile(lag, 50):.1f} ms p99={percentile(lag, 99):.1f} ms "
+                     f"max={max(lag):.1f} ms")
     errors = ", ".join(f"{op} {kind}: {n}" for (op, kind), n in sorted(report.calls.errors.items()))
     lines.append(f"errors: {errors or 'none'}")
     lines.append("events: " + ", ".join(f"{k} {v}" for k, v in sorted(report.calls.events.items())))
@@ -571,7 +604,15 @@ def describe(report: SimReport) -> list[str]:
     return lines
 
 
-def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None]:
+def _server_part(seconds: list[float]) -> str:
+    """The coordinator's own p50/p99 of a call (Server-Timing), or nothing."""
+    if not seconds:
+        return ""
+    ms = [s * 1000 for s in seconds]
+    return f"; in the app p50={percentile(ms, 50):.1f} ms p99={percentile(ms, 99):.1f} ms"
+
+
+def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None, str | None]:
     d = SimConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--workers", type=int, default=d.workers)
@@ -599,7 +640,13 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None]:
     p.add_argument("--database-url", default=None,
                    help="a PostgreSQL server (its database 'pairfarm_sim' is dropped and "
                         "made again); default: an embedded one in a temporary directory")
+    p.add_argument("--template", default=None, metavar="NAME",
+                   help="with --database-url: keep the filled candidates in database NAME "
+                        "(made and filled by the first run) and copy it for each run "
+                        "instead of filling again")
     a = p.parse_args(argv)
+    if a.template and not a.database_url:
+        p.error("--template needs --database-url (the embedded server is removed after a run)")
     config = SimConfig(
         workers=a.workers, candidates=a.candidates, batch_size=a.batch_size,
         download_mean_s=a.download_mean, download_sigma=a.download_sigma,
@@ -609,7 +656,7 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None]:
         idle_max_s=a.idle_max, empty_hold_s=a.empty_hold,
         ramp_s=a.ramp, processes=a.processes, workers_per_client=a.workers_per_client,
         max_run_s=a.max_run, seed=a.seed)
-    return config, a.database_url
+    return config, a.database_url, a.template
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -617,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     from coordinator.embedded_pg import EmbeddedPostgres
     from coordinator.migrate import upgrade
 
-    config, server_url = _parse(argv)
+    config, server_url, template = _parse(argv)
     work = Path(tempfile.mkdtemp(prefix="pairfarm-sim-"))
     pg = None
     try:
@@ -627,11 +674,14 @@ def main(argv: list[str] | None = None) -> int:
             server_url, pg_pid = server.url(), server.pid
         else:
             pg_pid = _postmaster_pid(server_url)
-        url = _fresh_database(server_url, "pairfarm_sim", ensure_database)
-        upgrade(url)
+        if template:
+            url = _copy_of_template(server_url, template, config.candidates, upgrade)
+        else:
+            url = _fresh_database(server_url, "pairfarm_sim", ensure_database)
+            upgrade(url)
         print(f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.2f}; PostgreSQL pid {pg_pid}",
               flush=True)
-        report = run(config, url, pg_pid, work)
+        report = run(config, url, pg_pid, work, filled=template is not None)
         print("\n".join(describe(report)), flush=True)
         return 0 if report.ok else 1
     finally:
@@ -651,6 +701,43 @@ def _fresh_database(server_url: str, name: str, ensure: object) -> str:
         conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     ensure(server_url, name)  # type: ignore[operator]
     return server_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def _copy_of_template(server_url: str, template: str, candidates: int,
+                      upgrade: Any) -> str:
+    """A fresh 'pairfarm_sim' copied from database ``template``, which is made, migrated
+    and filled with ``candidates`` first when it does not exist; ``SystemExit`` when it
+    holds another number of candidates."""
+    import psycopg
+    from psycopg import sql
+
+    from coordinator.db import libpq_url
+    from coordinator.settings import normalize_url
+
+    server_url = normalize_url(server_url)
+    base = server_url.rsplit("/", 1)[0]
+    with psycopg.connect(libpq_url(server_url), autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                              [template]).fetchone()
+        if exists is None:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(template)))
+    if exists is None:
+        upgrade(f"{base}/{template}")
+        engine = sa.create_engine(f"{base}/{template}")
+        try:
+            fill(engine, candidates)
+        finally:
+            engine.dispose()
+    with psycopg.connect(libpq_url(f"{base}/{template}")) as conn:
+        held = int(conn.execute("SELECT count(*) FROM candidates").fetchone()[0])  # type: ignore[index]
+    if held != candidates:
+        raise SystemExit(f"template {template!r} holds {held:,} candidates, not "
+                         f"{candidates:,}: drop it or name another")
+    with psycopg.connect(libpq_url(server_url), autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS pairfarm_sim WITH (FORCE)")
+        conn.execute(sql.SQL("CREATE DATABASE pairfarm_sim TEMPLATE {}").format(
+            sql.Identifier(template)))
+    return f"{base}/pairfarm_sim"
 
 
 def _postmaster_pid(server_url: str) -> int:

@@ -49,6 +49,7 @@ from coordinator.metrics import (
 from coordinator.reaper import Reaper
 from coordinator.settings import CoordinatorSettings
 from coordinator.stats import farm_stats
+from coordinator.timing import ServerTiming
 from pairfarm import __version__
 from pairfarm.protocol import (
     API_PREFIX,
@@ -197,6 +198,7 @@ def create_app(settings: CoordinatorSettings, engine: sa.Engine, *,
     app.state.exposed = exposed
     _routes(app, settings, engine, leases, metrics)
     dashboard.mount(app)
+    app.add_middleware(ServerTiming)  # inside BodyLimit: timed once the body is read
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
 

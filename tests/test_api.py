@@ -11,6 +11,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from coordinator.timing import app_seconds
 from pairfarm.client import CoordinatorClient, LeaseLost, Rejected, Unauthorized
 from pairfarm.protocol import API_PREFIX, FailReport, PostprocessReport
 from tests.conftest import RunningCoordinator, insert_candidates, run_cli, start_coordinator
@@ -382,3 +383,17 @@ def test_a_value_the_database_refuses_is_a_422_not_a_500(db_url: str) -> None:
     assert answer.status_code == 422, answer.text
     assert answer.json()["error"] == "invalid_value"
     assert "integer" in answer.json()["detail"]
+
+
+def test_every_answer_says_how_long_the_app_took(coordinator: RunningCoordinator) -> None:
+    insert_candidates(coordinator.database_url, 5)
+    token = coordinator.token("worker")
+    for body, token_used, status in (({}, token, 200), ({}, None, 401),
+                                     ({"max_size": "x"}, token, 422)):
+        t0 = time.perf_counter()
+        answer = _call(coordinator, "POST", "/download/lease", body, token_used)
+        elapsed = time.perf_counter() - t0
+        assert answer.status_code == status
+        took = app_seconds(answer.headers.get("server-timing"))
+        assert took is not None, answer.headers
+        assert 0 <= took <= elapsed

@@ -40,6 +40,12 @@ def test_a_small_farm_with_failures_and_kills_drains_consistently(
     assert all(kind == "409" for _, kind in report.calls.errors), text
     # every 204 the workers got was answered by a lease that looked or by the hold
     assert sum(report.empty_answers.values()) == events["idle"] > 0, text
+    # each answered call carries the coordinator's own time, within the client's
+    calls = report.calls
+    for op in ("lease", "complete", "lease 204"):
+        assert len(calls.server[op]) == len(calls.seconds[op]) > 0, op
+        assert sum(calls.server[op]) <= sum(calls.seconds[op]), op
+    assert calls.loop_lag and "in the app p50=" in text and "loop lag" in text
 
 
 def test_the_checker_finds_each_broken_invariant(db_url: str, engine: sa.Engine) -> None:
