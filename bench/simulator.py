@@ -392,7 +392,7 @@ async def virtual_worker(farm: Farm, me: Me) -> None:
             empty = 0
             farm.calls.events["leased"] += 1
             farm.calls.leased_at.append(time.perf_counter())
-            registered = await _work(farm, me, orjson.loads(response.content))
+            registered = await _work(farm, me, *lease_head(response.content))
 
 
 async def _register(farm: Farm, me: Me) -> bool:
@@ -401,11 +401,30 @@ async def _register(farm: Farm, me: Me) -> bool:
     return response is not None and response.status_code == 200
 
 
-async def _work(farm: Farm, me: Me, lease: dict[str, Any]) -> bool:
+#: where a lease body's candidates start, as the coordinator writes it
+# (``RawDownloadLease.to_json``): the lease fields first, then the columns, ids first
+_CANDIDATES = b',"candidates":{"id":['
+
+
+def lease_head(body: bytes) -> tuple[int, str, int]:
+    """A lease body's batch id, lease token and candidate count, without building its
+    10^4 x 5 Python objects: the fields before the candidates are parsed, the ids
+    counted. Any other layout is parsed whole."""
+    start = body.find(_CANDIDATES)
+    end = body.find(b"]", start + len(_CANDIDATES)) if start >= 0 else -1
+    if end < 0:
+        lease = orjson.loads(body)
+        return (int(lease["batch_id"]), str(lease["lease_token"]),
+                len(lease["candidates"]["id"]))
+    head = orjson.loads(body[:start] + b"}")
+    ids = body[start + len(_CANDIDATES):end]
+    count = ids.count(b",") + 1 if ids.strip() else 0
+    return int(head["batch_id"]), str(head["lease_token"]), count
+
+
+async def _work(farm: Farm, me: Me, batch_id: int, lease_token: str, size: int) -> bool:
     """One leased batch; False when the worker was killed (it registers again)."""
     cfg = farm.config
-    batch_id, lease_token = int(lease["batch_id"]), str(lease["lease_token"])
-    size = len(lease["candidates"]["id"])
     fate = farm.rng.random()
     if fate < cfg.kill_fraction:
         farm.calls.events["killed"] += 1
@@ -749,10 +768,11 @@ def _postmaster_pid(server_url: str) -> int:
 
     with psycopg.connect(libpq_url(normalize_url(server_url))) as conn:
         pid = int(conn.execute("SELECT pg_backend_pid()").fetchone()[0])  # type: ignore[index]
-    with contextlib.suppress(psutil.Error):
-        parent = psutil.Process(pid).parent()
-        if parent is not None:
-            return parent.pid
+        # the backend's parent, read while the backend (this connection) still lives
+        with contextlib.suppress(psutil.Error):
+            parent = psutil.Process(pid).parent()
+            if parent is not None:
+                return parent.pid
     return pid
 
 

@@ -2,7 +2,9 @@
 
 Every endpoint is a plain function run in the server's thread pool; each does one or two
 short transactions through ``Leases``. Authentication: ``Authorization: Bearer <token>``,
-looked up by its sha256; the role decides what the caller may do (admin may do all).
+looked up by its sha256 and kept until a revocation is seen (``tokens.TokenCache``); the
+role decides what the caller may do (admin may do all). The workers that called are
+marked seen in bulk (``tokens.SeenCache``).
 Read-only aggregates need no token: ``GET /api/v1/stats``, ``GET /metrics`` (Prometheus)
 and the dashboard at ``GET /`` (``coordinator.dashboard``).
 
@@ -153,7 +155,8 @@ def _caller(request: Request) -> tokens.TokenInfo:
     """The caller's token, from ``Authorization: Bearer <token>``."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     bearer = token.strip() if scheme.lower() == "bearer" else None
-    return tokens.authenticate(request.app.state.engine, bearer)
+    cache: tokens.TokenCache = request.app.state.tokens
+    return cache.authenticate(request.app.state.engine, bearer)
 
 
 Caller = Annotated[tokens.TokenInfo, Depends(_caller)]
@@ -193,6 +196,7 @@ def create_app(settings: CoordinatorSettings, engine: sa.Engine, *,
     app = FastAPI(title="pairfarm coordinator", version=__version__, lifespan=lifespan)
     app.state.leases = leases
     app.state.engine = engine
+    app.state.tokens = tokens.TokenCache(settings.revocation_check_s)
     app.state.metrics = metrics
     _install_errors(app)
     app.state.exposed = exposed

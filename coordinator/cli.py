@@ -167,6 +167,11 @@ def auto_archive_settings(*, archive_to: str | None, hot_max_candidates: int,
               help="Seconds after a lease found nothing during which this process answers "
                    "leases 204 without asking the database (unless it released, reaped or "
                    "re-queued something meanwhile); 0: every lease asks.")
+@click.option("--revocation-check", default=1.0, type=float,
+              envvar="PAIRFARM_REVOCATION_CHECK", show_default=True,
+              help="Each process keeps the tokens it has seen and checks for revoked ones "
+                   "at most this often, in seconds (a revoked token is refused within "
+                   "it); 0: look the token up on every request.")
 @click.option("--reap-interval", default=10.0, type=float, envvar="PAIRFARM_REAP_INTERVAL",
               show_default=True, help="Seconds between two passes of the lease reaper.")
 @click.option("--max-body-bytes", default=1 << 20, type=int, envvar="PAIRFARM_MAX_BODY_BYTES",
@@ -190,8 +195,8 @@ def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path,
                 port: int, batch_size: int, lease_ttl: float, max_attempts: int,
                 max_sample_rows: int, quarantine_after: int, quarantine_window: float,
                 quarantine_for: float, url_retries: int, url_retry_delay: float,
-                url_retry_growth: float, empty_hold: float, reap_interval: float,
-                max_body_bytes: int,
+                url_retry_growth: float, empty_hold: float, revocation_check: float,
+                reap_interval: float, max_body_bytes: int,
                 shard_prefixes: tuple[str, ...], processes: int, migrate: bool,
                 **archive: Any) -> None:
     """Serve the coordinator's REST API (OpenAPI at /docs).
@@ -213,7 +218,8 @@ def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path,
     settings = make_settings(database_url=database_url, data_dir=data_dir, host=host,
                              port=port, lease=lease, reap_interval_s=reap_interval,
                              max_body_bytes=max_body_bytes, shard_prefixes=shard_prefixes,
-                             archive=auto_archive_settings(**archive))
+                             archive=auto_archive_settings(**archive),
+                             revocation_check_s=revocation_check)
     verbose = ctx.find_root().params.get("verbose", 0)
     where = 'DATABASE_URL' if database_url else f'embedded PostgreSQL in {data_dir}'
     click.echo(f"pairfarm coordinator on http://{host}:{port} ({where}"

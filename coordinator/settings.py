@@ -110,8 +110,13 @@ class CoordinatorSettings:
     max_body_bytes: int = 1 << 20
     #: a worker counts as alive when seen within this many seconds
     alive_window_s: float = 900.0
-    #: a client's calls mark it seen (a write) at most once per this many seconds
+    #: the clients that called are marked seen (one write for all) at most once per this
+    #: many seconds
     touch_interval_s: float = 5.0
+    #: each process checks for revoked tokens at most once per this many seconds and
+    #: keeps the tokens it has seen meanwhile (``coordinator.tokens.TokenCache``); 0: a
+    #: lookup per request
+    revocation_check_s: float = 1.0
     #: a reported shard's files must start with one of these (``coordinator.locations``)
     shard_prefixes: tuple[str, ...] = DEFAULT_SHARD_PREFIXES
     #: the automatic archive (``--hot-max-candidates``); None: off
@@ -177,16 +182,21 @@ def make_settings(*, database_url: str | None = None, data_dir: Path = DEFAULT_D
                   lease: LeaseSettings | None = None, reap_interval_s: float = 10.0,
                   max_body_bytes: int = 1 << 20,
                   shard_prefixes: tuple[str, ...] = DEFAULT_SHARD_PREFIXES,
-                  archive: ArchiveSettings | None = None) -> CoordinatorSettings:
+                  archive: ArchiveSettings | None = None,
+                  revocation_check_s: float = 1.0) -> CoordinatorSettings:
     """Validate and build the settings; ``SettingsError`` says what is wrong."""
     _check(0 <= port <= 65535, f"port must be in 0..65535, not {port}")
+    _check(math.isfinite(revocation_check_s) and 0 <= revocation_check_s <= 300,
+           f"the revocation check must be in 0..300 s (0: every request), "
+           f"not {revocation_check_s}")
     _check(reap_interval_s > 0, "the reap interval must be positive")
     _check(max_body_bytes >= 4096, "the body size cap must be at least 4096 bytes")
     return CoordinatorSettings(
         database_url=normalize_url(database_url) if database_url else None,
         data_dir=Path(data_dir), host=host, port=port, lease=lease or LeaseSettings(),
         reap_interval_s=reap_interval_s, max_body_bytes=max_body_bytes,
-        shard_prefixes=parse_prefixes(shard_prefixes), archive=archive)
+        shard_prefixes=parse_prefixes(shard_prefixes), archive=archive,
+        revocation_check_s=revocation_check_s)
 
 
 def normalize_url(url: str) -> str:

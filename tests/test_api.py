@@ -126,6 +126,16 @@ def test_revoked_token_is_refused(coordinator: RunningCoordinator) -> None:
         listing = run_cli("token", "list", env=coordinator.env()).stdout
         assert "doomed" in listing and token not in listing
         run_cli("token", "revoke", "doomed", env=coordinator.env())
+        # the coordinator knows the token (it registered); it sees the revocation at its
+        # next check (--revocation-check, 1 s): refused from then on, never after a grant
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                client.lease_download()
+            except Unauthorized:
+                break
+        else:
+            pytest.fail("a revoked token was still accepted 60 s later")
         with pytest.raises(Unauthorized):
             client.lease_download()
 

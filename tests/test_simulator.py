@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import sqlalchemy as sa
 
-from bench.simulator import SimConfig, check_invariants, describe, run
+from bench.simulator import SimConfig, check_invariants, describe, lease_head, run
 from tests.conftest import insert_candidates
 from tests.leasing import leases, new_worker
 
@@ -113,3 +114,14 @@ def test_the_checker_finds_each_broken_invariant(db_url: str, engine: sa.Engine)
             "INSERT INTO url_retries (id, attempt, not_before) SELECT ids[1], 2, now() "
             "FROM batch_members WHERE batch_id = :a"), {"a": second.batch_id})
     assert check_invariants(engine).pending_and_batched == 1
+
+
+def test_lease_head_reads_a_real_lease_body(engine: sa.Engine, db_url: str) -> None:
+    insert_candidates(db_url, 37)
+    lease = leases(engine, batch_size=37).lease_download_raw(new_worker(engine, "w"))
+    assert lease is not None
+    body = lease.to_json().encode()
+    assert lease_head(body) == (lease.info.batch_id, lease.info.lease_token, 37)
+    # another layout (fields in another order) is parsed whole
+    other = orjson.dumps({"candidates": {"id": [4, 5]}, "batch_id": 3, "lease_token": "t"})
+    assert lease_head(other) == (3, "t", 2)

@@ -12,6 +12,10 @@ ON CONFLICT (token_id) DO UPDATE
        version = COALESCE(:new_version, workers.version)
 RETURNING id;
 
+-- name: mark_workers_seen
+-- The workers that called since the last write (coordinator.tokens.SeenCache), at once.
+UPDATE workers SET last_seen_at = now() WHERE id = ANY(CAST(:ids AS int[]));
+
 -- name: lease_pending_batch
 -- Re-lease a batch that went back to pending (expired or released), with its candidates.
 UPDATE batches b
@@ -464,6 +468,12 @@ RETURNING id;
 -- name: token_by_hash
 SELECT id, role, name FROM tokens
  WHERE token_sha256 = :token_sha256 AND revoked_at IS NULL;
+
+-- name: revocation_mark
+-- What moves when a token is revoked (tokens are never deleted or un-revoked): read by
+-- each coordinator process at most once per --revocation-check to empty its token cache.
+SELECT count(*) AS revoked, max(revoked_at) AS latest FROM tokens
+ WHERE revoked_at IS NOT NULL;
 
 -- name: list_tokens
 SELECT t.id, t.role, t.name, t.created_at, t.revoked_at, w.last_seen_at
