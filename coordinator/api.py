@@ -20,8 +20,11 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Annotated, Any
 
+import anyio
+import anyio.to_thread
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -179,6 +182,7 @@ def create_app(settings: CoordinatorSettings, engine: sa.Engine, *,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threads
         task = Reaper(leases, settings.reap_interval_s, metrics) if reaper else None
         if task:
             task.start()
@@ -272,16 +276,24 @@ def _routes(app: FastAPI, settings: CoordinatorSettings, engine: sa.Engine,
                                 lease_ttl_s=lease.lease_ttl_s,
                                 heartbeat_interval_s=lease.heartbeat_interval_s)
 
-    @app.post(f"{API_PREFIX}/download/lease", response_model=DownloadLease,
-              responses={204: {"description": "nothing left to lease (for a lease-ahead: "
-                                                 "nothing beyond this batch)"}})
-    def lease_download(body: LeaseRequest, info: Caller) -> Response:
+    gate = LeaseGate(settings.lease_concurrency)
+
+    def lease_in_thread(body: LeaseRequest, info: tokens.TokenInfo) -> Response:
         wid = worker_id(info, Role.WORKER)
         with metrics.timed_lease(DOWNLOAD):
             lease = leases.lease_download_raw(wid, body.max_size, ahead=body.ahead)
         if lease is None:
             return Response(status_code=204)
         return Response(content=lease.to_json(), media_type="application/json")
+
+    @app.post(f"{API_PREFIX}/download/lease", response_model=DownloadLease,
+              responses={204: {"description": "nothing left to lease (for a lease-ahead: "
+                                                 "nothing beyond this batch)"}})
+    async def lease_download(body: LeaseRequest, info: Caller) -> Response:
+        """At most ``--lease-concurrency`` download leases at once in this process, on
+        threads of their own: the others wait here in turn, holding no thread and no
+        connection, while heartbeats and completions go on in the shared pool."""
+        return await gate.run(partial(lease_in_thread, body, info))
 
     @app.post(f"{API_PREFIX}/postprocess/lease", response_model=PostprocessLease,
               responses={204: {"description": "no written shard waits"}})
@@ -330,6 +342,20 @@ def _routes(app: FastAPI, settings: CoordinatorSettings, engine: sa.Engine,
         process's counters summed (no token needed)."""
         body = generate_latest(app.state.exposed)
         return Response(content=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class LeaseGate:
+    """A first-come first-served limit on the download leases in flight in one process,
+    made on first use (an anyio limiter belongs to the event loop that runs it)."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    async def run(self, work: Callable[[], Response]) -> Response:
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.concurrency)
+        return await anyio.to_thread.run_sync(work, limiter=self._limiter)
 
 
 def _json(model: PostprocessLease | None) -> Response:

@@ -172,6 +172,15 @@ def auto_archive_settings(*, archive_to: str | None, hot_max_candidates: int,
               help="Each process keeps the tokens it has seen and checks for revoked ones "
                    "at most this often, in seconds (a revoked token is refused within "
                    "it); 0: look the token up on every request.")
+@click.option("--threads", default=8, type=click.IntRange(1, 64), envvar="PAIRFARM_THREADS",
+              show_default=True,
+              help="Threads of each process for the requests' database work; more wait "
+                   "their turn without a thread.")
+@click.option("--lease-concurrency", default=2, type=click.IntRange(1, 16),
+              envvar="PAIRFARM_LEASE_CONCURRENCY", show_default=True,
+              help="Download leases in flight at once in each process, on threads of "
+                   "their own; the others wait in turn while heartbeats and completions "
+                   "go on.")
 @click.option("--reap-interval", default=10.0, type=float, envvar="PAIRFARM_REAP_INTERVAL",
               show_default=True, help="Seconds between two passes of the lease reaper.")
 @click.option("--max-body-bytes", default=1 << 20, type=int, envvar="PAIRFARM_MAX_BODY_BYTES",
@@ -196,7 +205,8 @@ def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path,
                 max_sample_rows: int, quarantine_after: int, quarantine_window: float,
                 quarantine_for: float, url_retries: int, url_retry_delay: float,
                 url_retry_growth: float, empty_hold: float, revocation_check: float,
-                reap_interval: float, max_body_bytes: int,
+                threads: int, lease_concurrency: int, reap_interval: float,
+                max_body_bytes: int,
                 shard_prefixes: tuple[str, ...], processes: int, migrate: bool,
                 **archive: Any) -> None:
     """Serve the coordinator's REST API (OpenAPI at /docs).
@@ -219,7 +229,8 @@ def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path,
                              port=port, lease=lease, reap_interval_s=reap_interval,
                              max_body_bytes=max_body_bytes, shard_prefixes=shard_prefixes,
                              archive=auto_archive_settings(**archive),
-                             revocation_check_s=revocation_check)
+                             revocation_check_s=revocation_check, threads=threads,
+                             lease_concurrency=lease_concurrency)
     verbose = ctx.find_root().params.get("verbose", 0)
     where = 'DATABASE_URL' if database_url else f'embedded PostgreSQL in {data_dir}'
     click.echo(f"pairfarm coordinator on http://{host}:{port} ({where}"

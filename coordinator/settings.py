@@ -117,6 +117,10 @@ class CoordinatorSettings:
     #: keeps the tokens it has seen meanwhile (``coordinator.tokens.TokenCache``); 0: a
     #: lookup per request
     revocation_check_s: float = 1.0
+    #: threads of each process for the requests' database work (the thread pool's size)
+    threads: int = 8
+    #: download leases in flight at once in each process, on threads of their own
+    lease_concurrency: int = 2
     #: a reported shard's files must start with one of these (``coordinator.locations``)
     shard_prefixes: tuple[str, ...] = DEFAULT_SHARD_PREFIXES
     #: the automatic archive (``--hot-max-candidates``); None: off
@@ -183,12 +187,16 @@ def make_settings(*, database_url: str | None = None, data_dir: Path = DEFAULT_D
                   max_body_bytes: int = 1 << 20,
                   shard_prefixes: tuple[str, ...] = DEFAULT_SHARD_PREFIXES,
                   archive: ArchiveSettings | None = None,
-                  revocation_check_s: float = 1.0) -> CoordinatorSettings:
+                  revocation_check_s: float = 1.0, threads: int = 8,
+                  lease_concurrency: int = 2) -> CoordinatorSettings:
     """Validate and build the settings; ``SettingsError`` says what is wrong."""
     _check(0 <= port <= 65535, f"port must be in 0..65535, not {port}")
     _check(math.isfinite(revocation_check_s) and 0 <= revocation_check_s <= 300,
            f"the revocation check must be in 0..300 s (0: every request), "
            f"not {revocation_check_s}")
+    _check(1 <= threads <= 64, f"threads must be in 1..64, not {threads}")
+    _check(1 <= lease_concurrency <= 16,
+           f"the lease concurrency must be in 1..16, not {lease_concurrency}")
     _check(reap_interval_s > 0, "the reap interval must be positive")
     _check(max_body_bytes >= 4096, "the body size cap must be at least 4096 bytes")
     return CoordinatorSettings(
@@ -196,7 +204,8 @@ def make_settings(*, database_url: str | None = None, data_dir: Path = DEFAULT_D
         data_dir=Path(data_dir), host=host, port=port, lease=lease or LeaseSettings(),
         reap_interval_s=reap_interval_s, max_body_bytes=max_body_bytes,
         shard_prefixes=parse_prefixes(shard_prefixes), archive=archive,
-        revocation_check_s=revocation_check_s)
+        revocation_check_s=revocation_check_s, threads=threads,
+        lease_concurrency=lease_concurrency)
 
 
 def normalize_url(url: str) -> str:
