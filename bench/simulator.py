@@ -119,6 +119,10 @@ class Calls:
     seconds: dict[str, list[float]] = field(default_factory=lambda: {op: [] for op in OPS})
     #: the coordinator's own time for the same calls (its ``Server-Timing`` header)
     server: dict[str, list[float]] = field(default_factory=lambda: {op: [] for op in OPS})
+    #: when each timed call started (``perf_counter``), in the order of ``seconds``
+    started: dict[str, list[float]] = field(default_factory=lambda: {op: [] for op in OPS})
+    #: when the virtual workers started (``perf_counter``)
+    t0: float = 0.0
     #: how late the simulator's event loop woke a task that slept ``LAG_PROBE_S``
     loop_lag: list[float] = field(default_factory=list)
     #: when each batch was leased (``perf_counter``)
@@ -344,6 +348,7 @@ class Farm:
             return None
         key = f"{op} 204" if response.status_code == 204 else op
         self.calls.seconds[key].append(time.perf_counter() - t0)
+        self.calls.started[key].append(t0)
         server = app_seconds(response.headers.get("server-timing"))
         if server is not None:
             self.calls.server[key].append(server)
@@ -524,6 +529,7 @@ async def simulate(base: str, config: SimConfig, tokens: list[str],
                                                                      timeout=timeout))
                    for _ in range(math.ceil(config.workers / per))]
         farm = Farm(base, config, clients)
+        farm.calls.t0 = time.perf_counter()
         with trio.move_on_after(config.max_run_s):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(monitor, farm, engine)
@@ -598,6 +604,11 @@ def describe(report: SimReport) -> list[str]:
             lines.append(f"  {op:10s} n={len(ms):6d} p50={percentile(ms, 50):8.1f} ms "
                          f"p99={percentile(ms, 99):8.1f} ms max={max(ms):8.1f} ms"
                          + _server_part(report.calls.server[op]))
+    later = after_first_round(report)
+    if later:
+        lines.append(f"  leases asked after the ramp and a first download ({len(later)}): "
+                     f"p50={percentile(later, 50):.1f} ms p99={percentile(later, 99):.1f} ms "
+                     f"max={max(later):.1f} ms")
     lag = [s * 1000 for s in report.calls.loop_lag]
     if lag:
         lines.append(f"simulator loop lag ({LAG_PROBE_S * 1000:.0f} ms sleeps): "
@@ -622,6 +633,15 @@ def describe(report: SimReport) -> list[str]:
     lines.append(f"verdict: {'OK' if report.ok else 'BROKEN'} (consistent "
                  f"{inv.consistent}, drained {inv.drained})")
     return lines
+
+
+def after_first_round(report: SimReport) -> list[float]:
+    """Client-side milliseconds of the leases asked once the ramp and one mean download
+    time had passed: the farm's steady state, without the first round's burst."""
+    calls, c = report.calls, report.config
+    since = calls.t0 + c.ramp_s + c.download_mean_s
+    return [s * 1000 for s, t in zip(calls.seconds["lease"], calls.started["lease"],
+                                     strict=True) if t >= since]
 
 
 def _server_part(seconds: list[float]) -> str:

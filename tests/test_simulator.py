@@ -8,7 +8,14 @@ from pathlib import Path
 import orjson
 import sqlalchemy as sa
 
-from bench.simulator import SimConfig, check_invariants, describe, lease_head, run
+from bench.simulator import (
+    SimConfig,
+    after_first_round,
+    check_invariants,
+    describe,
+    lease_head,
+    run,
+)
 from tests.conftest import insert_candidates
 from tests.leasing import leases, new_worker
 
@@ -47,6 +54,8 @@ def test_a_small_farm_with_failures_and_kills_drains_consistently(
         assert len(calls.server[op]) == len(calls.seconds[op]) > 0, op
         assert sum(calls.server[op]) <= sum(calls.seconds[op]), op
     assert calls.loop_lag and "in the app p50=" in text and "loop lag" in text
+    later = after_first_round(report)  # asked after 1 s of downloads
+    assert 0 < len(later) < len(calls.seconds["lease"]) and "after the ramp" in text
 
 
 def test_the_checker_finds_each_broken_invariant(db_url: str, engine: sa.Engine) -> None:
