@@ -508,8 +508,9 @@ async def monitor(farm: Farm, engine: sa.Engine, poll_s: float = 1.0) -> None:
 
 async def lag_probe(farm: Farm) -> None:
     """Sleep ``LAG_PROBE_S`` again and again, recording how late each wake-up came: the
-    share of a call's client-side time that is the simulator's own busy event loop."""
-    while True:
+    share of a call's client-side time that is the simulator's own busy event loop;
+    until the farm is drained."""
+    while not farm.drained.is_set():
         t0 = time.perf_counter()
         await trio.sleep(LAG_PROBE_S)
         farm.calls.loop_lag.append(max(0.0, time.perf_counter() - t0 - LAG_PROBE_S))
