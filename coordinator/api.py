@@ -1,7 +1,9 @@
 """The REST API (FastAPI): the endpoints of ``pairfarm.protocol``, auth, errors, limits.
 
-Every endpoint is a plain function run in the server's thread pool; each does one or two
-short transactions through ``Leases``. Authentication: ``Authorization: Bearer <token>``,
+Every endpoint is a plain function run in the server's thread pool (``--threads``), but
+the download lease, which waits at a gate and then runs on threads of its own
+(``LeaseGate``, ``--lease-concurrency``); each does one or two short transactions through
+``Leases``. Authentication: ``Authorization: Bearer <token>``,
 looked up by its sha256 and kept until a revocation is seen (``tokens.TokenCache``); the
 role decides what the caller may do (admin may do all). The workers that called are
 marked seen in bulk (``tokens.SeenCache``).
