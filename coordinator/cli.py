@@ -181,6 +181,10 @@ def auto_archive_settings(*, archive_to: str | None, hot_max_candidates: int,
               help="Download leases in flight at once in each process, on threads of "
                    "their own; the others wait in turn while heartbeats and completions "
                    "go on.")
+@click.option("--keep-alive", default=75, type=click.IntRange(1, 3600),
+              envvar="PAIRFARM_KEEP_ALIVE", show_default=True,
+              help="Seconds an idle client connection stays open (pairfarm's clients let "
+                   "theirs go after 60 s, before the server closes them).")
 @click.option("--reap-interval", default=10.0, type=float, envvar="PAIRFARM_REAP_INTERVAL",
               show_default=True, help="Seconds between two passes of the lease reaper.")
 @click.option("--max-body-bytes", default=1 << 20, type=int, envvar="PAIRFARM_MAX_BODY_BYTES",
@@ -205,7 +209,8 @@ def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path,
                 max_sample_rows: int, quarantine_after: int, quarantine_window: float,
                 quarantine_for: float, url_retries: int, url_retry_delay: float,
                 url_retry_growth: float, empty_hold: float, revocation_check: float,
-                threads: int, lease_concurrency: int, reap_interval: float,
+                threads: int, lease_concurrency: int, keep_alive: int,
+                reap_interval: float,
                 max_body_bytes: int,
                 shard_prefixes: tuple[str, ...], processes: int, migrate: bool,
                 **archive: Any) -> None:
@@ -230,7 +235,7 @@ def coordinator(ctx: click.Context, *, database_url: str | None, data_dir: Path,
                              max_body_bytes=max_body_bytes, shard_prefixes=shard_prefixes,
                              archive=auto_archive_settings(**archive),
                              revocation_check_s=revocation_check, threads=threads,
-                             lease_concurrency=lease_concurrency)
+                             lease_concurrency=lease_concurrency, keep_alive_s=keep_alive)
     verbose = ctx.find_root().params.get("verbose", 0)
     where = 'DATABASE_URL' if database_url else f'embedded PostgreSQL in {data_dir}'
     click.echo(f"pairfarm coordinator on http://{host}:{port} ({where}"

@@ -254,6 +254,10 @@ class Leases:
         self._fill = _ChunkFill()
         self._empty = _EmptyQueue(settings.empty_hold_s, clock)
         self.last_form: FormStats | None = None
+        #: the last batch this process formed came out full: the queue is not empty, so
+        #: the next lease skips the ``anything_to_form`` probe (which costs an index walk
+        #: past the chunks deleted since the last vacuum) and forms at once
+        self._formed_full = False
 
     # -- download ---------------------------------------------------------------------
     def lease_download(self, worker_id: int, max_size: int | None = None, *,
@@ -278,12 +282,13 @@ class Leases:
                 found = conn.execute(Q.batch_candidates, {"batch_id": row.id}).one()
                 count, body = int(found.n), str(found.candidates)
             else:
-                if not _anything_to_form(conn):
+                if not self._formed_full and not _anything_to_form(conn):
                     self._nothing_found()
                     return None
                 row = conn.execute(Q.insert_leased_batch, params).one()
                 parts = self._fill_batch(conn, row.id, size)
                 count = count_of(parts)
+                self._formed_full = count >= size
                 if not count:
                     conn.rollback()
                     self._nothing_found()
@@ -505,6 +510,7 @@ class Leases:
             metric.labels(kind=kind).inc()
 
     def _nothing_found(self) -> None:
+        self._formed_full = False
         self._empty.seen()
         self._count_empty("looked")
 

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 #: the variable prometheus_client reads, when it is imported, to count in shared files
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: the open files asked for when the hard limit is unlimited
+OPEN_FILES = 1 << 20
 
 
 def check_schema(url: str) -> None:
@@ -81,8 +83,28 @@ def sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit (inherited by the
+    server processes): each kept-alive client holds a descriptor, and thousands of
+    workers pass the usual soft limit of 1,024. The limit in force is returned."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft >= hard:
+        return soft
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, OPEN_FILES)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the open files limit from %d to %d: %s", soft, wanted, exc)
+        return soft
+    return wanted
+
+
 def serve(settings: CoordinatorSettings, *, migrate: bool = False,
           log_level: str = "info", processes: int = 1) -> None:
+    limit = raise_open_files_limit()
+    log.debug("open files limit %d", limit)
     with sigterm_unwinds(), open_database(settings, migrate=migrate) as url:
         check_schema(url)
         if processes == 1:
@@ -97,6 +119,7 @@ def _uvicorn_config(settings: CoordinatorSettings, app: object, log_level: str,
 
     return uvicorn.Config(app, host=settings.host, port=settings.port,  # type: ignore[arg-type]
                           log_level=log_level, access_log=log_level == "debug",
+                          timeout_keep_alive=settings.keep_alive_s,
                           timeout_graceful_shutdown=10, **extra)  # type: ignore[arg-type]
 
 

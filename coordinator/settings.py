@@ -121,6 +121,10 @@ class CoordinatorSettings:
     threads: int = 8
     #: download leases in flight at once in each process, on threads of their own
     lease_concurrency: int = 2
+    #: seconds an idle client connection is kept open (uvicorn's ``timeout_keep_alive``);
+    #: longer than the clients' own (``pairfarm.client.KEEPALIVE_S``), so that a client
+    #: lets a connection go before the server closes it under the client's request
+    keep_alive_s: int = 75
     #: a reported shard's files must start with one of these (``coordinator.locations``)
     shard_prefixes: tuple[str, ...] = DEFAULT_SHARD_PREFIXES
     #: the automatic archive (``--hot-max-candidates``); None: off
@@ -188,7 +192,7 @@ def make_settings(*, database_url: str | None = None, data_dir: Path = DEFAULT_D
                   shard_prefixes: tuple[str, ...] = DEFAULT_SHARD_PREFIXES,
                   archive: ArchiveSettings | None = None,
                   revocation_check_s: float = 1.0, threads: int = 8,
-                  lease_concurrency: int = 2) -> CoordinatorSettings:
+                  lease_concurrency: int = 2, keep_alive_s: int = 75) -> CoordinatorSettings:
     """Validate and build the settings; ``SettingsError`` says what is wrong."""
     _check(0 <= port <= 65535, f"port must be in 0..65535, not {port}")
     _check(math.isfinite(revocation_check_s) and 0 <= revocation_check_s <= 300,
@@ -197,6 +201,8 @@ def make_settings(*, database_url: str | None = None, data_dir: Path = DEFAULT_D
     _check(1 <= threads <= 64, f"threads must be in 1..64, not {threads}")
     _check(1 <= lease_concurrency <= 16,
            f"the lease concurrency must be in 1..16, not {lease_concurrency}")
+    _check(1 <= keep_alive_s <= 3600,
+           f"the keep-alive must be in 1..3600 s, not {keep_alive_s}")
     _check(reap_interval_s > 0, "the reap interval must be positive")
     _check(max_body_bytes >= 4096, "the body size cap must be at least 4096 bytes")
     return CoordinatorSettings(
@@ -205,7 +211,7 @@ def make_settings(*, database_url: str | None = None, data_dir: Path = DEFAULT_D
         reap_interval_s=reap_interval_s, max_body_bytes=max_body_bytes,
         shard_prefixes=parse_prefixes(shard_prefixes), archive=archive,
         revocation_check_s=revocation_check_s, threads=threads,
-        lease_concurrency=lease_concurrency)
+        lease_concurrency=lease_concurrency, keep_alive_s=keep_alive_s)
 
 
 def normalize_url(url: str) -> str:

@@ -61,6 +61,12 @@ T = TypeVar("T")
 
 USER_AGENT = f"pairfarm/{__version__} (+https://github.com/pairfarm/pairfarm)"
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+#: seconds an idle connection to the coordinator is kept for the next call: shorter than
+#: the coordinator's ``--keep-alive`` (75 s), so that the client lets it go first, and
+#: longer than the gaps between a working worker's calls
+KEEPALIVE_S = 60.0
+LIMITS = httpx.Limits(max_connections=100, max_keepalive_connections=20,
+                      keepalive_expiry=KEEPALIVE_S)
 #: JSON bytes of robots.txt answers one store request carries at most (the coordinator
 #: refuses request bodies over 1 MiB by default)
 STORE_BYTES = 512 * 1024
@@ -190,7 +196,7 @@ class AsyncCoordinatorClient:
                  transport: httpx.AsyncBaseTransport | None = None,
                  timeout: httpx.Timeout = DEFAULT_TIMEOUT) -> None:
         self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(token),
-                                       transport=transport, timeout=timeout)
+                                       transport=transport, timeout=timeout, limits=LIMITS)
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -289,7 +295,7 @@ class CoordinatorClient:
                  transport: httpx.BaseTransport | None = None,
                  timeout: httpx.Timeout = DEFAULT_TIMEOUT) -> None:
         self._http = httpx.Client(base_url=base_url, headers=_headers(token),
-                                  transport=transport, timeout=timeout)
+                                  transport=transport, timeout=timeout, limits=LIMITS)
 
     def close(self) -> None:
         self._http.close()

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from coordinator.errors import InvalidReport, LeaseConflict, NotFound
 from coordinator.leases import Leases
 from coordinator.metrics import make_metrics
+from coordinator.queries import Q
 from coordinator.settings import make_lease_settings
 from pairfarm.protocol import BatchStatus, FailCause, FailReport
 from tests.conftest import insert_candidates
@@ -362,6 +363,30 @@ def test_an_empty_queue_answers_none_without_forming_a_batch(db_url: str) -> Non
         drawn = _batch_ids_drawn(engine)
         assert [service.lease_download(worker) for _ in range(5)] == [None] * 5
         assert _batch_ids_drawn(engine) == drawn
+
+
+def test_the_emptiness_probe_runs_only_after_a_lease_that_was_not_full(db_url: str) -> None:
+    """While batches come out full the queue is not empty: the next lease forms at once.
+    After a short batch the probe runs again, and a drained queue draws no batch id."""
+    insert_candidates(db_url, 25)
+    with engine_for(db_url) as engine:
+        service, worker = leases(engine, batch_size=10), new_worker(engine, "w")
+        statements = _statements(engine)
+
+        def probes() -> int:
+            return statements.count(Q.anything_to_form.text)
+
+        sizes = []
+        for expected_probes in (1, 1, 1):
+            lease = service.lease_download(worker)
+            assert lease is not None
+            sizes.append(len(lease.candidates))
+            assert probes() == expected_probes
+        assert sizes == [10, 10, 5]  # the first looked; the 2nd and 3rd followed full ones
+        drawn = _batch_ids_drawn(engine)
+        assert service.lease_download(worker) is None
+        assert probes() == 2, "a lease after a short batch probes again"
+        assert _batch_ids_drawn(engine) == drawn, "the probe answered: no batch formed"
 
 
 def test_a_drained_queue_still_leases_a_due_retry(db_url: str) -> None:
