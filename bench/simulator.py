@@ -18,8 +18,11 @@ then loops: lease (204: wait --idle s, doubling while the answer stays 204 up to
 with shard files under ``s3://sim/``, outcomes that sum to the batch size), fails
 (--fail-fraction: a fail report, an attempt spent) or is killed (--kill-fraction: it stops
 calling, its lease expires after --lease-ttl and the reaper gives it back; the worker
-comes back after --restart-delay, as systemd restarts a worker VM's service). A monitor
-ends the run once nothing is pending or leased.
+comes back after --restart-delay, as systemd restarts a worker VM's service). As
+``pairfarm worker``, a call that got no answer (a transport error, or a 5xx for a lease
+or a registration) is sent again after the worker's backoff (1 s doubling to 60 s, equal
+jitter); a heartbeat, completion or fail report is never dropped. A monitor ends the run
+once nothing is pending or leased.
 
 Reported: leases/s, client-side p50/p99/max of each call beside the coordinator's own
 time for it (its ``Server-Timing`` header), how late the simulator's event loop wakes a
@@ -68,6 +71,7 @@ import trio  # noqa: E402
 from coordinator.queries import Q  # noqa: E402
 from coordinator.timing import app_seconds  # noqa: E402
 from coordinator.tokens import hash_token, new_token  # noqa: E402
+from pairfarm.client import KEEPALIVE_S  # noqa: E402
 from pairfarm.protocol import API_PREFIX, Role  # noqa: E402
 from worker.backoff import backoff_delay  # noqa: E402
 
@@ -109,6 +113,12 @@ class SimConfig:
     workers_per_client: int = 16
     #: give up (report not drained) after this long
     max_run_s: float = 600.0
+    #: seconds the virtual workers keep an idle connection (pairfarm's client: 60)
+    client_keep_alive_s: float = KEEPALIVE_S
+    #: the coordinator's ``--keep-alive`` (75)
+    server_keep_alive_s: int = 75
+    #: seconds between two readings of the CPU counters (``cpu_sampler``)
+    cpu_sample_s: float = 2.0
     seed: int = 0
 
 
@@ -129,6 +139,8 @@ class Calls:
     leased_at: list[float] = field(default_factory=list)
     errors: Counter[tuple[str, str]] = field(default_factory=Counter)
     events: Counter[str] = field(default_factory=Counter)
+    #: the CPU counters, read every ``SimConfig.cpu_sample_s`` (``cpu_sampler``)
+    cpu: list[CpuSample] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -263,7 +275,8 @@ def coordinator(database_url: str, config: SimConfig, log: Path) -> Iterator[tup
             "--processes", str(config.processes), "--batch-size", str(config.batch_size),
             "--lease-ttl", str(config.lease_ttl_s), "--reap-interval",
             str(config.reap_interval_s), "--max-attempts", str(config.max_attempts),
-            "--empty-hold", str(config.empty_hold_s), "--shard-prefix", "s3://sim/"]
+            "--empty-hold", str(config.empty_hold_s), "--shard-prefix", "s3://sim/",
+            "--keep-alive", str(config.server_keep_alive_s)]
     with log.open("wb") as out:
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -318,6 +331,58 @@ def _cpu(t: Any, *, children: bool) -> float:
     return float(t.user + t.system + (t.children_user + t.children_system if children else 0))
 
 
+#: PostgreSQL's processes by the title it gives them (``postgres: autovacuum worker``...)
+PG_KINDS = ("autovacuum", "checkpointer", "walwriter", "background writer")
+
+
+def postgres_cpu_s(postmaster: int) -> dict[str, float]:
+    """CPU seconds of a PostgreSQL server by kind of process: ``backend`` (the client
+    connections), each of ``PG_KINDS``, ``other`` (the postmaster, the other background
+    processes and the children that exited: an autovacuum worker is one)."""
+    found = dict.fromkeys(("backend", *PG_KINDS, "other"), 0.0)
+    try:
+        root = psutil.Process(postmaster)
+        found["other"] += _cpu(root.cpu_times(), children=True)
+        for child in root.children():
+            with contextlib.suppress(psutil.Error):
+                title = " ".join(child.cmdline())
+                kind = next((k for k in PG_KINDS if k in title), None)
+                if kind is None:
+                    kind = "backend" if _is_backend(title) else "other"
+                found[kind] += _cpu(child.cpu_times(), children=False)
+    except psutil.Error:
+        pass
+    return found
+
+
+def _is_backend(title: str) -> bool:
+    """A client connection's title: ``postgres: USER DATABASE HOST(PORT) STATE``."""
+    return "(" in title and ")" in title
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds so far at ``perf_counter`` time ``t``: the coordinator's tree, the
+    simulator, and PostgreSQL by kind (``postgres_cpu_s``)."""
+
+    t: float
+    coordinator: float
+    simulator: float
+    postgres: dict[str, float]
+
+    def minus(self, other: CpuSample) -> dict[str, float]:
+        out = {"coordinator": self.coordinator - other.coordinator,
+               "simulator": self.simulator - other.simulator}
+        out.update({f"postgres {k}": v - other.postgres.get(k, 0.0)
+                    for k, v in self.postgres.items()})
+        return out
+
+
+def cpu_sample(coordinator_pid: int, postmaster: int) -> CpuSample:
+    return CpuSample(t=time.perf_counter(), coordinator=tree_cpu_s(coordinator_pid),
+                     simulator=time.process_time(), postgres=postgres_cpu_s(postmaster))
+
+
 # -- the virtual workers ----------------------------------------------------------------
 
 class Farm:
@@ -331,6 +396,21 @@ class Farm:
         self.drained = trio.Event()
         self.drained_at: float | None = None
         self.rng = random.Random(config.seed)
+
+    async def call_until_answered(self, op: str, path: str, me: Me, body: dict[str, object]
+                                  ) -> httpx.Response | None:
+        """``call``, retried after a transport error with the worker's backoff (1 s
+        doubling to 60 s, equal jitter), as ``pairfarm worker`` retries a heartbeat, a
+        completion or a fail report; None when the farm was drained meanwhile."""
+        attempt = 0
+        while not self.drained.is_set():
+            response = await self.call(op, path, me, body)
+            if response is not None:
+                return response
+            self.calls.events[f"{op}_retried"] += 1
+            await trio.sleep(backoff_delay(attempt, base=1.0, cap=60.0, rng=self.rng))
+            attempt += 1
+        return None
 
     async def call(self, op: str, path: str, me: Me, body: dict[str, object]
                    ) -> httpx.Response | None:
@@ -376,17 +456,22 @@ async def virtual_worker(farm: Farm, me: Me) -> None:
     cfg = farm.config
     registered = False
     empty = 0  # leases in a row answered 204
+    unanswered = 0  # calls in a row without an answer (a transport error or a 5xx)
     await trio.sleep(cfg.ramp_s * me.index / max(1, cfg.workers))
     while not farm.drained.is_set():
         if not registered:
             registered = await _register(farm, me)
             if not registered:
-                await trio.sleep(cfg.idle_s)
+                await trio.sleep(backoff_delay(unanswered, base=1.0, cap=60.0, rng=farm.rng))
+                unanswered += 1
                 continue
         response = await farm.call("lease", "/download/lease", me, {})
         if response is None or response.status_code >= 500:
-            await trio.sleep(cfg.idle_s)
-        elif response.status_code == 204:
+            await trio.sleep(backoff_delay(unanswered, base=1.0, cap=60.0, rng=farm.rng))
+            unanswered += 1
+            continue
+        unanswered = 0
+        if response.status_code == 204:
             farm.calls.events["idle"] += 1
             await trio.sleep(backoff_delay(empty, base=cfg.idle_s,
                                            cap=max(cfg.idle_s, cfg.idle_max_s), rng=farm.rng))
@@ -440,12 +525,12 @@ async def _work(farm: Farm, me: Me, batch_id: int, lease_token: str, size: int) 
         farm.calls.events["lease_lost"] += 1
         return True
     if fate < cfg.kill_fraction + cfg.fail_fraction:
-        response = await farm.call("fail", f"/download/{batch_id}/fail", me,
+        response = await farm.call_until_answered("fail", f"/download/{batch_id}/fail", me,
                                    {"lease_token": lease_token, "reason": "simulated failure"})
         farm.calls.events["failed" if _ok(response) else "fail_refused"] += 1
         return True
-    response = await farm.call("complete", f"/download/{batch_id}/complete", me,
-                               _report(batch_id, lease_token, size, seconds))
+    response = await farm.call_until_answered("complete", f"/download/{batch_id}/complete",
+                                              me, _report(batch_id, lease_token, size, seconds))
     farm.calls.events["completed" if _ok(response) else "complete_refused"] += 1
     return True
 
@@ -459,8 +544,8 @@ async def _download(farm: Farm, me: Me, batch_id: int, lease_token: str,
         await trio.sleep(min(interval, left))
         if trio.current_time() >= deadline:
             break
-        response = await farm.call("heartbeat", f"/download/{batch_id}/heartbeat", me,
-                                   {"lease_token": lease_token})
+        response = await farm.call_until_answered(
+            "heartbeat", f"/download/{batch_id}/heartbeat", me, {"lease_token": lease_token})
         if response is not None and response.status_code == 409:
             return False
     return True
@@ -516,14 +601,24 @@ async def lag_probe(farm: Farm) -> None:
         farm.calls.loop_lag.append(max(0.0, time.perf_counter() - t0 - LAG_PROBE_S))
 
 
+async def cpu_sampler(farm: Farm, pids: tuple[int, int]) -> None:
+    """Read the CPU counters every ``cpu_sample_s`` until the farm is drained, so that
+    the report can give the CPU of the steady state alone (``steady_window``)."""
+    while not farm.drained.is_set():
+        farm.calls.cpu.append(await trio.to_thread.run_sync(cpu_sample, *pids))
+        await trio.sleep(farm.config.cpu_sample_s)
+    farm.calls.cpu.append(await trio.to_thread.run_sync(cpu_sample, *pids))
+
+
 async def simulate(base: str, config: SimConfig, tokens: list[str],
-                   engine: sa.Engine) -> tuple[Calls, float | None]:
+                   engine: sa.Engine, pids: tuple[int, int]) -> tuple[Calls, float | None]:
     """Run the virtual workers until the farm is drained or ``max_run_s`` passes; the
     calls, and the ``perf_counter`` time at which it was seen drained (None: never)."""
     per = config.workers_per_client
-    # idle connections are let go before uvicorn's 5 s keep-alive timeout closes them
+    # idle connections are kept as pairfarm's coordinator client keeps them (60 s): let
+    # go before the coordinator's --keep-alive closes them
     limits = httpx.Limits(max_connections=per, max_keepalive_connections=per,
-                          keepalive_expiry=4.0)
+                          keepalive_expiry=config.client_keep_alive_s)
     timeout = httpx.Timeout(60.0, pool=None)
     async with contextlib.AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(httpx.AsyncClient(limits=limits,
@@ -535,6 +630,7 @@ async def simulate(base: str, config: SimConfig, tokens: list[str],
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(monitor, farm, engine)
                 nursery.start_soon(lag_probe, farm)
+                nursery.start_soon(cpu_sampler, farm, pids)
                 for i, token in enumerate(tokens):
                     nursery.start_soon(virtual_worker, farm, Me(i, token))
         return farm.calls, farm.drained_at
@@ -555,7 +651,8 @@ def run(config: SimConfig, database_url: str, postgres_pid: int, work: Path, *,
         with coordinator(database_url, config, work / "coordinator.log") as (base, pid):
             cpu0 = {"coordinator": tree_cpu_s(pid), "postgres": tree_cpu_s(postgres_pid)}
             t0, own0 = time.perf_counter(), time.process_time()
-            calls, drained_at = trio.run(simulate, base, config, tokens, engine)
+            calls, drained_at = trio.run(simulate, base, config, tokens, engine,
+                                          (pid, postgres_pid))
             wall = (drained_at or time.perf_counter()) - t0
             cpu = {"coordinator": tree_cpu_s(pid) - cpu0["coordinator"],
                    "postgres": tree_cpu_s(postgres_pid) - cpu0["postgres"],
@@ -624,6 +721,7 @@ def describe(report: SimReport) -> list[str]:
     lines.append("CPU per lease: " + ", ".join(
         f"{k} {1000 * v / per:.1f} ms" for k, v in report.cpu_s.items())
         + f" (totals: {', '.join(f'{k} {v:.1f} s' for k, v in report.cpu_s.items())})")
+    lines.extend(describe_window(report))
     lines.append(
         f"invariants: candidates {inv.candidates:,}, in two batches {inv.in_two_batches}, "
         f"in two live batches {inv.in_two_live_batches}, pending and batched "
@@ -634,6 +732,58 @@ def describe(report: SimReport) -> list[str]:
     lines.append(f"verdict: {'OK' if report.ok else 'BROKEN'} (consistent "
                  f"{inv.consistent}, drained {inv.drained})")
     return lines
+
+
+@dataclass(frozen=True)
+class Window:
+    """The steady state: from the ramp's end plus one mean download to the 90th
+    percentile lease, bounded by two CPU samples."""
+
+    seconds: float
+    leases: int
+    #: calls a second by ``OPS`` name, started in the window
+    rates: dict[str, float]
+    #: CPU seconds in the window by part (``CpuSample.minus``)
+    cpu_s: dict[str, float]
+
+
+def steady_window(report: SimReport) -> Window | None:
+    """The steady window of ``report``; None when the run has none (a single round, or
+    too few samples)."""
+    calls, c = report.calls, report.config
+    leased = sorted(calls.leased_at)
+    if len(leased) < 10:
+        return None
+    since, until = calls.t0 + c.ramp_s + c.download_mean_s, leased[len(leased) * 9 // 10]
+    inside = [x for x in calls.cpu if since <= x.t <= until]
+    if len(inside) < 2:
+        return None
+    a, b = inside[0], inside[-1]
+    seconds = b.t - a.t
+    rates = {op: sum(1 for t in calls.started[op] if a.t <= t < b.t) / seconds for op in OPS}
+    return Window(seconds=seconds, leases=sum(1 for t in leased if a.t <= t < b.t),
+                  rates=rates, cpu_s=b.minus(a))
+
+
+def describe_window(report: SimReport) -> list[str]:
+    window = steady_window(report)
+    if window is None or window.leases == 0:
+        return ["steady window: none (fewer than two CPU samples after the ramp and one "
+                "mean download, before the 90th-percentile lease)"]
+    per, cpu = window.leases, window.cpu_s
+    pg = {k.removeprefix("postgres "): v for k, v in cpu.items() if k.startswith("postgres ")}
+    return [
+        f"steady window {window.seconds:.0f} s (the ramp and one mean download to the "
+        f"90th-percentile lease): {window.leases} leases ({window.leases / window.seconds:.1f}"
+        "/s); calls/s " + ", ".join(f"{op} {r:.1f}" for op, r in window.rates.items() if r),
+        f"  CPU per lease in it: coordinator {1000 * cpu['coordinator'] / per:.1f} ms, "
+        f"PostgreSQL {1000 * sum(pg.values()) / per:.1f} ms ("
+        + ", ".join(f"{k} {1000 * v / per:.1f}" for k, v in pg.items())
+        + f"), simulator {1000 * cpu['simulator'] / per:.1f} ms; cores busy: coordinator "
+        f"{cpu['coordinator'] / window.seconds:.2f}, PostgreSQL "
+        f"{sum(pg.values()) / window.seconds:.2f}, simulator "
+        f"{cpu['simulator'] / window.seconds:.2f}",
+    ]
 
 
 def after_first_round(report: SimReport) -> list[float]:
@@ -677,6 +827,11 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None, str | None]:
     p.add_argument("--processes", type=int, default=d.processes)
     p.add_argument("--workers-per-client", type=int, default=d.workers_per_client)
     p.add_argument("--max-run", type=float, default=d.max_run_s)
+    p.add_argument("--client-keep-alive", type=float, default=d.client_keep_alive_s,
+                   help="seconds a virtual worker keeps an idle connection (pairfarm's "
+                        "client: 60)")
+    p.add_argument("--server-keep-alive", type=int, default=d.server_keep_alive_s,
+                   help="the coordinator's --keep-alive (75)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--database-url", default=None,
                    help="a PostgreSQL server (its database 'pairfarm_sim' is dropped and "
@@ -696,7 +851,8 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None, str | None]:
         kill_fraction=a.kill_fraction, restart_delay_s=a.restart_delay, idle_s=a.idle,
         idle_max_s=a.idle_max, empty_hold_s=a.empty_hold,
         ramp_s=a.ramp, processes=a.processes, workers_per_client=a.workers_per_client,
-        max_run_s=a.max_run, seed=a.seed)
+        max_run_s=a.max_run, seed=a.seed, client_keep_alive_s=a.client_keep_alive,
+        server_keep_alive_s=a.server_keep_alive)
     return config, a.database_url, a.template
 
 
@@ -776,8 +932,10 @@ def _copy_of_template(server_url: str, template: str, candidates: int,
                          f"{candidates:,}: drop it or name another")
     with psycopg.connect(libpq_url(server_url), autocommit=True) as conn:
         conn.execute("DROP DATABASE IF EXISTS pairfarm_sim WITH (FORCE)")
-        conn.execute(sql.SQL("CREATE DATABASE pairfarm_sim TEMPLATE {}").format(
-            sql.Identifier(template)))
+        # FILE_COPY: the files copied after a checkpoint, not every block through the
+        # WAL (the default WAL_LOG strategy writes the whole template, ~27 GB at 60M, again)
+        conn.execute(sql.SQL("CREATE DATABASE pairfarm_sim TEMPLATE {} STRATEGY = FILE_COPY"
+                             ).format(sql.Identifier(template)))
     return f"{base}/pairfarm_sim"
 
 

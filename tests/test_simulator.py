@@ -15,6 +15,7 @@ from bench.simulator import (
     describe,
     lease_head,
     run,
+    steady_window,
 )
 from tests.conftest import insert_candidates
 from tests.leasing import leases, new_worker
@@ -26,7 +27,8 @@ def test_a_small_farm_with_failures_and_kills_drains_consistently(
         db_url: str, pg_server: object, engine: sa.Engine, tmp_path: Path) -> None:
     config = SimConfig(workers=50, candidates=3_000, batch_size=50, download_mean_s=1.0,
                        lease_ttl_s=3.0, reap_interval_s=0.3, fail_fraction=0.1,
-                       kill_fraction=0.1, max_attempts=10, idle_max_s=4.0, max_run_s=240)
+                       kill_fraction=0.1, max_attempts=10, idle_max_s=4.0, max_run_s=240,
+                       cpu_sample_s=0.2)
     report = run(config, db_url, pg_server.pid, tmp_path)  # type: ignore[attr-defined]
     text = "\n".join(describe(report))
     inv = report.invariants
@@ -56,6 +58,13 @@ def test_a_small_farm_with_failures_and_kills_drains_consistently(
     assert calls.loop_lag and "in the app p50=" in text and "loop lag" in text
     later = after_first_round(report)  # asked after 1 s of downloads
     assert 0 < len(later) < len(calls.seconds["lease"]) and "after the ramp" in text
+    # the CPU was sampled through the run; the steady window is bounded by two samples
+    # and counts its leases and the CPU spent between them, PostgreSQL's by kind
+    assert len(calls.cpu) >= 2 and calls.cpu[-1].postgres["backend"] > 0
+    window = steady_window(report)
+    assert window is not None and 0 < window.leases < events["leased"], text
+    assert window.cpu_s["coordinator"] > 0 and window.cpu_s["postgres backend"] > 0
+    assert "steady window" in text and "backend" in text
 
 
 def test_the_checker_finds_each_broken_invariant(db_url: str, engine: sa.Engine) -> None:
