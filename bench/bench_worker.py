@@ -198,14 +198,15 @@ def pairfarm_argv(listing: Path, out: Path, args: argparse.Namespace) -> list[st
     return [sys.executable, "-m", "pairfarm", "download", str(listing), "-o", str(out),
             "--allow-cidr", "127.0.0.0/8", "--image-size", "256", "--resize-mode", "border",
             "--quality", "95", "--read-timeout", "10", "--concurrency", str(args.concurrency),
-            "--per-host", str(args.per_host), "--shard-size", "10000", "--no-progress"]
+            "--per-host", str(args.per_host), "--shard-size", "10000", "--no-progress",
+            "--min-body-bytes", str(args.min_body_bytes)]
 
 
 def up_argv(listing: Path, out: Path, args: argparse.Namespace,
             lease_ahead_at: int | None) -> list[str]:
     worker = ["--allow-cidr=127.0.0.0/8", "--image-size=256", "--resize-mode=border",
               "--quality=95", "--read-timeout=10", f"--concurrency={args.concurrency}",
-              f"--per-host={args.per_host}"]
+              f"--per-host={args.per_host}", f"--min-body-bytes={args.min_body_bytes}"]
     if lease_ahead_at is not None:
         worker.append(f"--lease-ahead-at={lease_ahead_at}")
     size = ["--batch-size", str(args.farm_batch_size)] if args.farm_batch_size else []
@@ -258,6 +259,9 @@ def main() -> None:
     parser.add_argument("--per-host", type=int, default=16,
                         help="pairfarm's requests in flight per host (img2dataset has no "
                              "such limit)")
+    parser.add_argument("--min-body-bytes", type=int, default=5120,
+                        help="pairfarm's --min-body-bytes (5120: LAION's 5 KB rule, "
+                             "pairfarm's default; 0: none, as img2dataset)")
     parser.add_argument("--i2d-shard-size", type=int, default=10000,
                         help="img2dataset's --number_sample_per_shard")
     parser.add_argument("--skip-i2d", action="store_true")
