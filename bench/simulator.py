@@ -76,6 +76,9 @@ from pairfarm.protocol import API_PREFIX, Role  # noqa: E402
 from worker.backoff import backoff_delay  # noqa: E402
 
 SHA = "0" * 64
+#: the worker's backoff after a call that got no answer (``pairfarm worker``'s
+#: --backoff-base and --backoff-cap defaults)
+BACKOFF_BASE_S, BACKOFF_CAP_S = 1.0, 60.0
 #: the loop-lag probe's sleep, seconds
 LAG_PROBE_S = 0.1
 #: the calls timed; "lease 204" is a lease answered "nothing left" (timed apart)
@@ -385,6 +388,12 @@ def cpu_sample(coordinator_pid: int, postmaster: int) -> CpuSample:
 
 # -- the virtual workers ----------------------------------------------------------------
 
+def retry_wait(attempt: int, rng: random.Random) -> float:
+    """Seconds before sending again a call that got no answer ``attempt`` times in a row:
+    the worker's backoff."""
+    return backoff_delay(attempt, base=BACKOFF_BASE_S, cap=BACKOFF_CAP_S, rng=rng)
+
+
 class Farm:
     """The virtual workers' shared state: the client pools, the calls, the end."""
 
@@ -408,7 +417,7 @@ class Farm:
             if response is not None:
                 return response
             self.calls.events[f"{op}_retried"] += 1
-            await trio.sleep(backoff_delay(attempt, base=1.0, cap=60.0, rng=self.rng))
+            await trio.sleep(retry_wait(attempt, self.rng))
             attempt += 1
         return None
 
@@ -462,12 +471,12 @@ async def virtual_worker(farm: Farm, me: Me) -> None:
         if not registered:
             registered = await _register(farm, me)
             if not registered:
-                await trio.sleep(backoff_delay(unanswered, base=1.0, cap=60.0, rng=farm.rng))
+                await trio.sleep(retry_wait(unanswered, farm.rng))
                 unanswered += 1
                 continue
         response = await farm.call("lease", "/download/lease", me, {})
         if response is None or response.status_code >= 500:
-            await trio.sleep(backoff_delay(unanswered, base=1.0, cap=60.0, rng=farm.rng))
+            await trio.sleep(retry_wait(unanswered, farm.rng))
             unanswered += 1
             continue
         unanswered = 0

@@ -90,21 +90,21 @@ def raise_open_files_limit() -> int:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft >= hard:
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
         return soft
-    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, OPEN_FILES)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     except (ValueError, OSError) as exc:
         log.warning("could not raise the open files limit from %d to %d: %s", soft, wanted, exc)
         return soft
+    log.debug("open files limit raised from %d to %d", soft, wanted)
     return wanted
 
 
 def serve(settings: CoordinatorSettings, *, migrate: bool = False,
           log_level: str = "info", processes: int = 1) -> None:
-    limit = raise_open_files_limit()
-    log.debug("open files limit %d", limit)
+    raise_open_files_limit()
     with sigterm_unwinds(), open_database(settings, migrate=migrate) as url:
         check_schema(url)
         if processes == 1:
