@@ -7,7 +7,7 @@ defaults, shared_buffers 1GB, max_wal_size 8GB):
 
 1. ingest: N synthetic candidates (100k hosts, LAION-like extra columns) written to
    parquet files of 1M rows, loaded with ``coordinator.ingest.run.ingest`` (Arrow read,
-   validation, URL hashes into ``url_hashes``, COPY), one call per 10M rows; rows/s of
+   validation, URL hashes into the dedup's current wave, COPY), one call per 10M rows; rows/s of
    each call (with the CPU seconds of the PostgreSQL processes and the load average) and
    over the whole ingest;
 2. lease latency with N pending: 10 calls of ``Leases.lease_download`` (10k batch) right
@@ -19,7 +19,10 @@ defaults, shared_buffers 1GB, max_wal_size 8GB):
    do not need back as one chunk, so a drained farm holds whole chunks spread over the
    table, as here. The PostgreSQL processes' memory (PSS) after the ingest and at the end.
 
-``--jobs J`` loads J files at once (``pairfarm ingest --jobs``); ``--work DIR`` puts the
+``--jobs J`` loads J files at once (``pairfarm ingest --jobs``); ``--wave-size N`` sets
+the dedup's waves (``pairfarm ingest --wave-size``; the frozen waves' tables are summed as
+``url_hashes_w*`` in the sizes); ``--ingest-only`` stops after the ingest's figures;
+``--work DIR`` puts the
 server's data and the files there (kept), instead of a temporary folder (removed);
 ``--pg-setting NAME=VALUE`` overrides a server setting.
 
@@ -47,6 +50,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -70,6 +74,7 @@ from coordinator.db import ensure_database, libpq_url  # noqa: E402
 from coordinator.embedded_pg import EmbeddedPostgres  # noqa: E402
 from coordinator.ingest.run import ingest  # noqa: E402
 from coordinator.ingest.validate import Columns  # noqa: E402
+from coordinator.ingest.waves import WAVE_SIZE  # noqa: E402
 from coordinator.leases import Leases  # noqa: E402
 from coordinator.migrate import upgrade  # noqa: E402
 from coordinator.settings import make_lease_settings  # noqa: E402
@@ -241,8 +246,14 @@ def print_sizes(url: str, rows: int) -> None:
             "AND c.relkind IN ('r', 'i', 't') AND pg_relation_size(c.oid) > 0 "
             "ORDER BY 2 DESC").fetchall()
         toast = conn.execute("SELECT sum(pg_relation_size(reltoastrelid)) FROM pg_class "
-                             "WHERE relname IN ('candidates', 'pending_chunks')").fetchone()
-    parts = ", ".join(f"{name} {size / rows:.1f}" for name, size in sizes
+                             "WHERE relname IN ('candidates', 'pending_chunks', 'url_waves')"
+                             ).fetchone()
+    grouped: dict[str, int] = {}
+    for relation, size in sizes:  # the dedup's frozen waves as one table and one key
+        name = re.sub(r"^url_hashes_w\d+", "url_hashes_w*", relation)
+        grouped[name] = grouped.get(name, 0) + size
+    parts = ", ".join(f"{name} {size / rows:.1f}" for name, size in
+                      sorted(grouped.items(), key=lambda item: -item[1])
                       if size / rows >= 0.1)
     total = sum(size for _, size in sizes) + int((toast or [0])[0] or 0)
     print(f"  bytes per candidate: {parts}; all {total / rows:.1f}", flush=True)
@@ -302,7 +313,8 @@ def server_memory(postmaster: int) -> str:
 
 
 def bench_rows(server_url: str, work: Path, rows: int, leases: int, cpu: ServerCpu, *,
-               group_rows: int = GROUP_ROWS, jobs: int = 1) -> None:
+               group_rows: int = GROUP_ROWS, jobs: int = 1,
+               wave_size: int = WAVE_SIZE, ingest_only: bool = False) -> None:
     name = f"bench_{rows}"
     ensure_database(server_url, name)
     url = server_url.rsplit("/", 1)[0] + f"/{name}"
@@ -312,7 +324,7 @@ def bench_rows(server_url: str, work: Path, rows: int, leases: int, cpu: ServerC
         files = [synthetic_file(work / f"c{rows}_{s}.parquet", s, min(FILE_ROWS, rows - s))
                  for s in range(start, min(rows, start + group_rows), FILE_ROWS)]
         cpu0, wal0, t0 = cpu.seconds(), wal_bytes(url), time.perf_counter()
-        summaries = ingest(url, files, Columns(), jobs=jobs)
+        summaries = ingest(url, files, Columns(), jobs=jobs, wave_size=wave_size)
         group = time.perf_counter() - t0
         took += group
         added = sum(s.inserted for s in summaries)
@@ -327,6 +339,8 @@ def bench_rows(server_url: str, work: Path, rows: int, leases: int, cpu: ServerC
           f"(inserted {inserted:,})", flush=True)
     print_sizes(url, inserted)
     print(f"  {server_memory(cpu.postmaster)}", flush=True)
+    if ingest_only:
+        return
     lease_latency(url, f"lease at {rows:,} pending, right after the ingest", COLD_LEASES, work)
     vacuum(url)
     lease_latency(url, f"lease at {rows:,} pending", leases, work)
@@ -588,6 +602,10 @@ def main() -> None:
                         help="rows per ingest call: one rate line each")
     parser.add_argument("--jobs", type=int, default=1,
                         help="files the ingest loads at once (pairfarm ingest --jobs)")
+    parser.add_argument("--wave-size", type=int, default=WAVE_SIZE,
+                        help="hashes a dedup wave holds (pairfarm ingest --wave-size)")
+    parser.add_argument("--ingest-only", action="store_true",
+                        help="stop after the ingest's figures (no leases)")
     parser.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
                         help="a PostgreSQL setting over the benchmark's defaults "
                              "(repeatable), e.g. shared_buffers=6GB")
@@ -630,7 +648,8 @@ def main() -> None:
             return
         for rows in [] if args.api_only else args.rows or [1_000_000]:
             bench_rows(server.url(), work, rows, args.leases, ServerCpu(server.pid),
-                       group_rows=args.ingest_rows, jobs=args.jobs)
+                       group_rows=args.ingest_rows, jobs=args.jobs,
+                       wave_size=args.wave_size, ingest_only=args.ingest_only)
         if not args.skip_api:
             bench_api(server.url(), work, args.api_rows, args.clients, args.api_seconds)
     finally:

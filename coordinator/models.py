@@ -9,8 +9,10 @@ Sizing for 10^9+ candidates:
   index entry), so a 10k batch locks and deletes ~625 rows, and the table (with its
   primary key, the lease's index fallback) shrinks as the farm drains. Forming a batch
   never touches the wide rows.
-- ``url_hashes`` holds a 16-byte hash of every URL ever ingested (the exact dedup), not
-  the URL text: ~16 bytes of key a candidate whatever the URL's length.
+- ``url_hashes`` holds a 16-byte hash of every URL of the current ingest wave, and
+  ``url_hashes_w<N>`` those of each frozen wave (``url_waves``): the exact dedup, not
+  the URL text, ~16 bytes of key a candidate whatever the URL's length, and each insert
+  descends one wave's key, not the whole farm's.
 - ``batch_members`` holds the ids of each batch as one array row, written once. A
   candidate's state is derived: pending (in a ``pending_chunks`` row) or the state of
   its batch.
@@ -149,6 +151,23 @@ class UrlHash(Base):
 
     __tablename__ = "url_hashes"
     h: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+
+
+class UrlWave(Base):
+    """A wave of the URL dedup (``coordinator.ingest.waves``): ``url_hashes`` holds the
+    current wave's hashes (the row whose ``frozen_at`` is NULL); a frozen wave's are in
+    ``url_hashes_w<wave>``, never written again, and ``bloom`` is their split-block Bloom
+    filter (``coordinator.ingest.bloom``), 2 bytes a hash, stored uncompressed."""
+
+    __tablename__ = "url_waves"
+    __table_args__ = (
+        CheckConstraint("(frozen_at IS NULL) = (bloom IS NULL)", name="frozen_with_bloom"),
+    )
+    wave: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    #: the wave's hashes: counted by each file's end while current, exact once frozen
+    hashes: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
+    frozen_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    bloom: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 #: pending candidate ids a pending_chunks row holds (fewer in the last chunk of an insert)

@@ -8,6 +8,7 @@ import click
 
 from coordinator.cli import database_options, friendly_errors, settings_from
 from coordinator.ingest.reader import FORMATS
+from coordinator.ingest.waves import WAVE_SIZE
 
 
 @click.command("ingest")
@@ -32,11 +33,15 @@ from coordinator.ingest.reader import FORMATS
               envvar="PAIRFARM_INGEST_JOBS",
               help="Load this many files at once, each on its own connections (and its "
                    "own PostgreSQL backend); each file is still one transaction.")
+@click.option("--wave-size", type=click.IntRange(1, None), default=WAVE_SIZE,
+              show_default=True, envvar="PAIRFARM_INGEST_WAVE_SIZE",
+              help="Freeze the dedup's current wave of URL hashes once it holds this many "
+                   "(checked after each file); new hashes go into a fresh, small index.")
 @friendly_errors
 def ingest(*, database_url: str | None, data_dir: Path, files: tuple[Path, ...],
            input_format: str | None, url_col: str, caption_col: str,
            language_col: str | None, extra_cols: tuple[str, ...],
-           rejects: Path | None, jobs: int) -> None:
+           rejects: Path | None, jobs: int, wave_size: int) -> None:
     """Load candidate (URL, caption) pairs from FILES into the coordinator.
 
     Rows are validated (http/https only; URLs cleaned as a browser requests them, spaces
@@ -58,5 +63,5 @@ def ingest(*, database_url: str | None, data_dir: Path, files: tuple[Path, ...],
     with engine_for(settings) as engine, make_progress() as progress:
         url = engine.url.render_as_string(hide_password=False)
         summaries = run_ingest(url, files, columns, fmt=input_format, rejects=rejects,
-                               progress=progress, jobs=jobs)
+                               progress=progress, jobs=jobs, wave_size=wave_size)
     print_summary(Console(), summaries)

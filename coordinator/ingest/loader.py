@@ -10,10 +10,13 @@ least ``coordinator.ingest.run.RUN_ROWS`` rows, whole chunks), in two steps:
   (``coordinator.ingest.ids``), and encode the rows for ``COPY``: the candidates with
   their ids (CSV) and their ``pending_chunks`` (``CHUNK_SIZE`` consecutive ids a row);
   ``run_of`` sorts the run's hashes into one binary ``COPY``.
-- ``write`` (the file's transaction): insert the run's hashes into ``url_hashes``; drop
-  the rows whose hash was already there (an earlier file, an earlier run, or a candidate
-  archived since: duplicates, counted); ``COPY`` the rest into ``candidates`` and their
-  chunks into ``pending_chunks``, chunk by chunk.
+  Rows whose hash a frozen wave of the dedup holds are dropped there too, as duplicates
+  (``coordinator.ingest.waves``: a Bloom filter test, then a lookup of the few it may
+  hold).
+- ``write`` (the file's transaction): insert the run's hashes into ``url_hashes`` (the
+  current wave); drop the rows whose hash was already there (an earlier file, an
+  earlier run, or a candidate archived since: duplicates, counted); ``COPY`` the rest
+  into ``candidates`` and their chunks into ``pending_chunks``, chunk by chunk.
 
 Each hash goes to a random leaf of ``url_hashes``' primary key; the more of a run land on
 the same leaf, the fewer leaves each insert must find and bring into the CPU's caches
@@ -71,6 +74,7 @@ from coordinator.errors import IngestError
 from coordinator.ingest.reader import InputFile
 from coordinator.ingest.urlhash import sorted_copy_binary, url_hashes
 from coordinator.ingest.validate import Validated
+from coordinator.ingest.waves import FrozenWaves
 from coordinator.models import CHUNK_SIZE
 from coordinator.queries import Q
 
@@ -97,7 +101,9 @@ class Prepared:
     csv: memoryview  # the candidates, as CSV in CANDIDATE_COLUMNS order
     chunks: bytes  # their pending_chunks rows with their payload, as CSV
     read: int
-    repeats: int  # rows dropped as repeats of an earlier row of the chunk
+    #: rows dropped before the server: repeats of an earlier row of the run, or URLs a
+    #: frozen wave of the dedup holds (coordinator.ingest.waves)
+    repeats: int
     rejected: Counter[str]
 
     @property
@@ -234,16 +240,17 @@ class ChunkPreparer:
     ``n`` consecutive candidate ids."""
 
     def __init__(self, source_name: str, ingest_id: int,
-                 reserve: Callable[[int], int]) -> None:
+                 reserve: Callable[[int], int], frozen: FrozenWaves | None = None) -> None:
         self.source_name = source_name
         self.ingest_id = ingest_id
         self._reserve = reserve
+        self._frozen = frozen
         self._extras: list[tuple[str, str]] | None = None  # (input name, kind)
 
     def prepare(self, chunk: Validated, read: int, seen: set[bytes] | None = None) -> Prepared:
         """``chunk`` encoded; its rows whose hash is in ``seen`` (an earlier chunk of the
-        same run), or repeats an earlier row, dropped as repeats; its hashes added to
-        ``seen``."""
+        same run), repeats an earlier row or is in a frozen wave, dropped as repeats; its
+        hashes added to ``seen``."""
         good = chunk.good
         if good.num_rows == 0:
             return self._encode(pa.table({}), [], read, 0, chunk.rejected)
@@ -254,6 +261,11 @@ class ChunkPreparer:
         if seen is not None:
             seen.update(hashes)
         if keep is not None:
+            good = good.take(pa.array(keep, pa.int64()))
+            hashes = [hashes[i] for i in keep]
+        earlier = self._frozen.present(hashes) if self._frozen is not None else set()
+        if earlier:
+            keep = [i for i, h in enumerate(hashes) if h not in earlier]
             good = good.take(pa.array(keep, pa.int64()))
             hashes = [hashes[i] for i in keep]
         conformed = self._conform(good)
@@ -302,13 +314,13 @@ class FileLoader:
     """Loads the validated chunks of one file inside the caller's transaction."""
 
     def __init__(self, conn: psycopg.Connection, source: InputFile,
-                 reserve: Callable[[int], int]) -> None:
+                 reserve: Callable[[int], int], frozen: FrozenWaves | None = None) -> None:
         self.conn = conn
         self.source = source
         self.summary = FileSummary(source=source.name)
         self._ingest_id = int(self._one(Q.sql("ingest_insert_record"),
                                         {"source": source.name}))
-        self._preparer = ChunkPreparer(source.name, self._ingest_id, reserve)
+        self._preparer = ChunkPreparer(source.name, self._ingest_id, reserve, frozen)
         self._staged = False
         self._try_copy = True
 
@@ -346,6 +358,7 @@ class FileLoader:
         self.conn.execute(Q.sql("ingest_finish_record"), {
             "rows_read": s.read, "inserted": s.inserted, "duplicates": s.duplicates,
             "rejected": json.dumps(dict(s.rejected)), "ingest_id": self._ingest_id})
+        self.conn.execute(Q.sql("ingest_count_wave"), {"inserted": s.inserted})
         return s
 
     def _insert_hashes(self, hash_copy: bytes) -> set[bytes]:

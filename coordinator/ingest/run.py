@@ -29,6 +29,7 @@ load nothing).
 from __future__ import annotations
 
 import csv
+import logging
 import queue
 import tempfile
 import threading
@@ -58,7 +59,10 @@ from coordinator.ingest.ids import IdBlocks
 from coordinator.ingest.loader import FileLoader, FileSummary, Prepared, PreparedRun, run_of
 from coordinator.ingest.reader import InputFile, detect, read_batches
 from coordinator.ingest.validate import Columns, Validated, validate
+from coordinator.ingest.waves import WAVE_SIZE, WaveCatalog, probe_on
 from coordinator.queries import Q
+
+log = logging.getLogger(__name__)
 
 REJECT_FIELDS = ("file", "row", "reason", "url")
 #: the rows whose URL hashes go to the server in one sorted COPY (at least; whole chunks).
@@ -76,15 +80,21 @@ T = TypeVar("T")
 
 def ingest(database_url: str, paths: Sequence[Path], columns: Columns, *,
            fmt: str | None = None, rejects: Path | None = None,
-           progress: Progress | None = None, jobs: int = 1) -> list[FileSummary]:
+           progress: Progress | None = None, jobs: int = 1,
+           wave_size: int = WAVE_SIZE) -> list[FileSummary]:
     """Load ``paths`` into the candidates table; one summary per file, in their order.
 
-    ``jobs`` files load at once, each on its own connections (``_Jobs``)."""
+    ``jobs`` files load at once, each on its own connections (``_Jobs``); the dedup's
+    current wave is frozen once it holds ``wave_size`` hashes
+    (``coordinator.ingest.waves``)."""
     if jobs < 1:
         raise IngestError(f"jobs must be at least 1, not {jobs}")
+    if wave_size < 1:
+        raise IngestError(f"a wave holds at least 1 hash, not {wave_size}")
     sources = [detect(p, fmt) for p in paths]
     with _rejects_writer(rejects) as writer:
-        run = _Run(database_url, columns, _Rejects(writer), progress)
+        run = _Run(database_url, columns, _Rejects(writer), progress,
+                   WaveCatalog(wave_size))
         summaries = run.all(sources, jobs)
         with _connect(database_url) as conn:
             conn.execute(Q.sql("ingest_analyze"))
@@ -99,6 +109,7 @@ class _Run:
     columns: Columns
     rejects: _Rejects
     progress: Progress | None
+    waves: WaveCatalog
 
     def all(self, sources: Sequence[InputFile], jobs: int) -> list[FileSummary]:
         """Each file's summary, in order; the first file that fails (in the files'
@@ -141,9 +152,11 @@ class _Run:
             for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
                 with self.rejects.spool() as spool:
                     try:
-                        return _ingest_file(conn, ids, source, self.columns,
-                                            writer=spool.writer, progress=self.progress,
-                                            task=task)
+                        summary = _ingest_file(conn, ids, self.waves, source,
+                                               self.columns, writer=spool.writer,
+                                               progress=self.progress, task=task)
+                        _freeze_if_full(conn, self.waves)
+                        return summary
                     except _Deadlock:
                         if attempt == DEADLOCK_ATTEMPTS:
                             raise
@@ -209,12 +222,27 @@ class _Jobs:
         return cast(list[FileSummary], self.summaries)
 
 
-def _ingest_file(conn: psycopg.Connection, ids: IdBlocks, source: InputFile,
-                 columns: Columns, *, writer: Any, progress: Progress | None,
-                 task: TaskID | None) -> FileSummary:
+def _freeze_if_full(conn: psycopg.Connection, waves: WaveCatalog) -> None:
+    """Freeze the dedup's current wave if it is full. A failed freeze changes nothing
+    (one transaction) and the dedup stays exact (the current wave grows on): logged, and
+    the next file's end tries again."""
+    try:
+        frozen = waves.freeze_if_full(conn)
+    except psycopg.Error as exc:
+        log.warning("the dedup's current wave could not be frozen (the next file's end "
+                    "tries again): %s", str(exc).strip())
+        return
+    if frozen is not None:
+        log.info("froze the dedup's wave %d", frozen)
+
+
+def _ingest_file(conn: psycopg.Connection, ids: IdBlocks, waves: WaveCatalog,
+                 source: InputFile, columns: Columns, *, writer: Any,
+                 progress: Progress | None, task: TaskID | None) -> FileSummary:
     try:
         with conn.transaction():
-            loader = FileLoader(conn, source, ids.reserve)
+            frozen = waves.enter(conn, probe_on(ids.conn))
+            loader = FileLoader(conn, source, ids.reserve, frozen)
             with closing(prefetched(_prepared(loader, source, columns))) as runs:
                 for checked, run in runs:
                     loader.write(run)

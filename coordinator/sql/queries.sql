@@ -629,9 +629,55 @@ ALTER SEQUENCE {sequence} INCREMENT BY 1;
 SELECT setval(%(sequence)s::regclass,
               nextval(%(sequence)s::regclass) + %(count)s - 1) - %(count)s + 1;
 
+-- name: ingest_wave_share
+-- Taken by each file's transaction first: no wave freezes while a file loads
+-- (coordinator.ingest.waves). The key is pairfarm's own ('pfwave' in ASCII).
+SELECT pg_advisory_xact_lock_shared(112102119097118101);
+
+-- name: ingest_wave_exclusive
+-- Taken by a freeze: waits for the files in flight; files that begin meanwhile wait.
+SELECT pg_advisory_xact_lock(112102119097118101);
+
+-- name: ingest_frozen_waves
+SELECT wave FROM url_waves WHERE frozen_at IS NOT NULL ORDER BY wave;
+
+-- name: ingest_wave_bloom
+SELECT bloom FROM url_waves WHERE wave = %(wave)s;
+
+-- name: ingest_current_wave
+SELECT wave, hashes FROM url_waves WHERE frozen_at IS NULL;
+
+-- name: ingest_count_wave
+-- At a file's end: the current wave's hashes, for the freeze's size check.
+UPDATE url_waves SET hashes = hashes + %(inserted)s WHERE frozen_at IS NULL;
+
+-- name: ingest_probe_frozen
+-- The hashes a frozen wave holds among those its Bloom filter may hold; as bytea.
+SELECT array_agg(uuid_send(h)) FROM {table} WHERE h = ANY(%(hashes)s::uuid[]);
+
+-- name: ingest_copy_wave_out
+COPY url_hashes (h) TO STDOUT (FORMAT binary);
+
+-- name: ingest_rename_wave
+ALTER TABLE url_hashes RENAME TO {frozen};
+
+-- name: ingest_rename_wave_key
+ALTER INDEX url_hashes_pkey RENAME TO {frozen_key};
+
+-- name: ingest_new_wave_table
+-- The next wave's hashes; as in coordinator.models.UrlHash.
+CREATE TABLE url_hashes (h uuid NOT NULL, CONSTRAINT url_hashes_pkey PRIMARY KEY (h));
+
+-- name: ingest_freeze_wave
+UPDATE url_waves SET frozen_at = now(), hashes = %(hashes)s, bloom = %(bloom)s
+ WHERE wave = %(wave)s;
+
+-- name: ingest_open_wave
+INSERT INTO url_waves (wave) VALUES (%(wave)s);
+
 -- name: ingest_copy_hashes
--- The dedup's cheap path: a chunk's URL hashes, sorted, straight into the unique index
--- (in a savepoint; a duplicate fails it, see ingest_insert_hashes).
+-- The dedup's cheap path: a chunk's URL hashes, sorted, straight into the current wave's
+-- unique index (in a savepoint; a duplicate fails it, see ingest_insert_hashes).
 COPY url_hashes (h) FROM STDIN (FORMAT binary);
 
 -- name: ingest_staging

@@ -1,0 +1,210 @@
+"""The dedup in waves: ``url_hashes`` holds the current wave's URL hashes only, so that
+each insert descends a small key; earlier waves are frozen tables checked through Bloom
+filters.
+
+Why: each new hash lands on a random leaf of the key it goes into. In one key of every
+hash ever ingested, the ingest's server CPU per row tripled from 10M to 100M rows and its
+WAL per row grew 3-4x (full-page images of leaves first changed since the last
+checkpoint; BENCHMARKS.md, "100M candidates on one box").
+
+How, with ``wave_size`` hashes a wave:
+
+- ``url_waves`` has one row per wave: the current one (``frozen_at`` NULL; its hashes
+  are ``url_hashes``) and the frozen ones (table ``url_hashes_w<wave>``, never written
+  again, and ``bloom``: a ``coordinator.ingest.bloom.SplitBlockBloom`` of its hashes).
+- A file's transaction first takes the wave lock shared (``enter``), so no wave freezes
+  while it loads; it then reads which waves are frozen, and loads the filters this
+  process does not hold yet (they never change). Each prepared chunk's hashes are tested
+  against every frozen wave's filter; the few a filter may hold are looked up in that
+  wave's table (``FrozenWaves.present``: exact), and those rows are duplicates. The rest
+  go into ``url_hashes``, whose primary key catches repeats within the current wave, as
+  before. The file adds its inserted count to the current wave's ``hashes``.
+- After a file commits, ``freeze_if_full``: once the current wave holds ``wave_size``
+  hashes, one transaction takes the wave lock exclusive (waiting for the files in
+  flight; new files wait for it), reads the wave's hashes (``COPY``, streamed into the
+  filter), renames ``url_hashes`` to ``url_hashes_w<wave>``, creates an empty
+  ``url_hashes``, stores the filter and opens the next wave. A freeze killed half-way
+  rolls back whole; the next file's end tries again.
+
+Exact: every hash is checked against every wave frozen before its file began (filter,
+then the table for the filter's "maybe"), and against the current wave by its key; no
+wave freezes while a file that writes into it is open. A Bloom filter only skips waves
+that certainly lack the hash.
+
+Costs (BENCHMARKS.md): testing 1M hashes ~40 ms plus ~45 ms per frozen wave (16 bits a
+key: ~0.13 % of absent hashes go to a table lookup per wave); a filter is 2 bytes per
+hash (20 MB a 10M wave), held once per ingest process; a freeze reads the wave's hashes
+once.
+
+Resource handling: the caller owns the connections; the filters are cached per process
+(``WaveCatalog``), shared by the jobs of a run under a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from coordinator.ingest.bloom import BITS_PER_KEY, Lookup, SplitBlockBloom, keys_of
+from coordinator.ingest.urlhash import COPY_HEADER, DIGEST_BYTES
+from coordinator.queries import Q
+
+#: hashes a wave holds before it is frozen, unless asked otherwise. Within 10M hashes
+#: the key's insert cost stays near its 0-10M level (BENCHMARKS.md); each frozen wave
+#: adds a filter test (~45 ms per 1M rows) to the ingest
+WAVE_SIZE = 10_000_000
+#: COPY binary: one row of one 16-byte field (field count, length, bytes)
+_ROW_BYTES = 2 + 4 + DIGEST_BYTES
+
+
+def frozen_table(wave: int) -> str:
+    return f"url_hashes_w{wave}"
+
+
+@dataclass(frozen=True)
+class FrozenWave:
+    wave: int
+    bloom: SplitBlockBloom
+
+    @property
+    def table(self) -> str:
+        return frozen_table(self.wave)
+
+
+#: (table, hashes) -> those of ``hashes`` the table holds
+Probe = Callable[[str, list[bytes]], set[bytes]]
+
+
+class FrozenWaves:
+    """The waves frozen before one file's transaction began; fixed while it lasts."""
+
+    def __init__(self, waves: list[FrozenWave], probe: Probe) -> None:
+        self.waves = waves
+        self._probe = probe
+
+    def present(self, hashes: list[bytes]) -> set[bytes]:
+        """Those of ``hashes`` that a frozen wave holds (exact)."""
+        if not self.waves or not hashes:
+            return set()
+        lookup = Lookup.of(keys_of(hashes))
+        found: set[bytes] = set()
+        for wave in self.waves:
+            maybe = np.flatnonzero(wave.bloom.may_contain(lookup))
+            if maybe.size:
+                found |= self._probe(wave.table, [hashes[i] for i in maybe])
+        return found
+
+
+def probe_on(conn: psycopg.Connection) -> Probe:
+    """A ``Probe`` that looks hashes up on ``conn`` (any session: frozen tables never
+    change)."""
+    def probe(table: str, hashes: list[bytes]) -> set[bytes]:
+        query = sql.SQL(Q.sql("ingest_probe_frozen")).format(table=sql.Identifier(table))
+        row = conn.execute(query, {"hashes": [uuid.UUID(bytes=h) for h in hashes]}
+                           ).fetchone()
+        return set(row[0] or ()) if row else set()
+    return probe
+
+
+class WaveCatalog:
+    """The frozen waves' filters, loaded once per process; entering and freezing waves."""
+
+    def __init__(self, wave_size: int = WAVE_SIZE, bits_per_key: int = BITS_PER_KEY) -> None:
+        if wave_size < 1:
+            raise ValueError(f"a wave holds at least 1 hash, not {wave_size}")
+        self.wave_size = wave_size
+        self.bits_per_key = bits_per_key
+        self._filters: dict[int, SplitBlockBloom] = {}
+        self._lock = threading.Lock()
+
+    def enter(self, conn: psycopg.Connection, probe: Probe) -> FrozenWaves:
+        """In a file's transaction: hold off freezes until it ends; the waves frozen so
+        far, their filters loaded."""
+        conn.execute(Q.sql("ingest_wave_share"))
+        frozen = [int(w) for (w,) in conn.execute(Q.sql("ingest_frozen_waves"))]
+        with self._lock:
+            missing = [w for w in frozen if w not in self._filters]
+            for wave in missing:
+                row = conn.execute(Q.sql("ingest_wave_bloom"), {"wave": wave}).fetchone()
+                assert row is not None and row[0] is not None
+                self._filters[wave] = SplitBlockBloom.from_bytes(bytes(row[0]))
+            waves = [FrozenWave(w, self._filters[w]) for w in frozen]
+        return FrozenWaves(waves, probe)
+
+    def freeze_if_full(self, conn: psycopg.Connection) -> int | None:
+        """Freeze the current wave if it holds ``wave_size`` hashes or more (its own
+        transaction); the wave frozen, or None."""
+        with conn.transaction():
+            conn.execute(Q.sql("ingest_wave_exclusive"))
+            row = conn.execute(Q.sql("ingest_current_wave")).fetchone()
+            assert row is not None, "url_waves has no current wave"
+            wave, hashes = int(row[0]), int(row[1])
+            if hashes < self.wave_size:
+                return None
+            bloom, count = self._bloom_of_current(conn, hashes)
+            names = {"frozen": sql.Identifier(frozen_table(wave)),
+                     "frozen_key": sql.Identifier(f"{frozen_table(wave)}_pkey")}
+            conn.execute(sql.SQL(Q.sql("ingest_rename_wave")).format(**names))
+            conn.execute(sql.SQL(Q.sql("ingest_rename_wave_key")).format(**names))
+            conn.execute(Q.sql("ingest_new_wave_table"))
+            conn.execute(Q.sql("ingest_freeze_wave"),
+                         {"wave": wave, "hashes": count, "bloom": bloom.to_bytes()})
+            conn.execute(Q.sql("ingest_open_wave"), {"wave": wave + 1})
+        with self._lock:
+            self._filters[wave] = bloom
+        return wave
+
+    def _bloom_of_current(self, conn: psycopg.Connection, expected: int
+                          ) -> tuple[SplitBlockBloom, int]:
+        """A filter of ``url_hashes``' hashes (sized for ``expected``; streamed), and
+        how many there were."""
+        bloom = SplitBlockBloom.for_keys(expected, self.bits_per_key)
+        count = 0
+        for block in _copied_hashes(conn, Q.sql("ingest_copy_wave_out")):
+            bloom.add(keys_of(block))
+            count += len(block) // DIGEST_BYTES
+        return bloom, count
+
+
+def _copied_hashes(conn: psycopg.Connection, statement: str,
+                   block_rows: int = 1 << 20) -> Iterator[bytes]:
+    """The 16-byte values of a one-uuid-column ``COPY ... TO STDOUT (FORMAT binary)``,
+    concatenated, in blocks of up to ``block_rows``."""
+    pending = bytearray()
+    header = True
+    with conn.cursor() as cur, cur.copy(statement) as copy:
+        for data in copy:
+            pending += data
+            if header and len(pending) >= len(COPY_HEADER):
+                if bytes(pending[:len(COPY_HEADER)]) != COPY_HEADER:
+                    raise ValueError("COPY sent an unexpected binary header")
+                del pending[:len(COPY_HEADER)]
+                header = False
+            whole = len(pending) // _ROW_BYTES
+            if whole >= block_rows:
+                yield _digests(bytes(pending[:whole * _ROW_BYTES]))
+                del pending[:whole * _ROW_BYTES]
+    if header:
+        raise ValueError("COPY sent no binary header")
+    if pending[-2:] != b"\xff\xff":
+        raise ValueError("COPY ended without its trailer")
+    body = bytes(pending[:-2])
+    if len(body) % _ROW_BYTES:
+        raise ValueError(f"COPY sent {len(body)} bytes of rows, not rows of {_ROW_BYTES}")
+    if body:
+        yield _digests(body)
+
+
+def _digests(rows: bytes) -> bytes:
+    """The 16-byte fields of whole COPY binary rows."""
+    framed = np.frombuffer(rows, dtype=np.uint8).reshape(-1, _ROW_BYTES)
+    if framed.size and not (framed[:, :6] == np.frombuffer(
+            b"\x00\x01\x00\x00\x00\x10", dtype=np.uint8)).all():
+        raise ValueError("COPY sent a row that is not one 16-byte value")
+    return framed[:, 6:].tobytes()

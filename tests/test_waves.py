@@ -1,0 +1,215 @@
+"""The dedup in waves: the Bloom filter, freezing a wave, exact dedup across waves, with
+one job and two, a failed freeze, and the migration's way back."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import numpy as np
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from coordinator.db import libpq_url
+from coordinator.ingest.bloom import SplitBlockBloom, keys_of
+from coordinator.ingest.run import ingest
+from coordinator.ingest.urlhash import url_hash
+from coordinator.ingest.validate import Columns
+from coordinator.ingest.waves import FrozenWave, FrozenWaves, probe_on
+from tests.conftest import cli_env, run_cli
+from tests.leasing import engine_for
+
+
+def _random_hashes(seed: int, count: int) -> list[bytes]:
+    data = np.random.default_rng(seed).bytes(16 * count)
+    return [data[i:i + 16] for i in range(0, len(data), 16)]
+
+
+# -- the filter ---------------------------------------------------------------------
+
+
+def test_bloom_holds_every_key_added_and_few_others() -> None:
+    added = _random_hashes(1, 200_000)
+    bloom = SplitBlockBloom.for_keys(len(added))
+    bloom.add(keys_of(added))
+    assert bloom.may_contain(keys_of(added)).all()
+    others = bloom.may_contain(keys_of(_random_hashes(2, 200_000)))
+    assert 0 < others.mean() < 0.003  # 16 bits a key: ~0.13 %
+
+
+def test_bloom_bits_per_key_trade_size_for_false_positives() -> None:
+    added, others = keys_of(_random_hashes(3, 100_000)), keys_of(_random_hashes(4, 100_000))
+    rates = []
+    for bits in (8, 16):
+        bloom = SplitBlockBloom.for_keys(100_000, bits)
+        bloom.add(added)
+        assert len(bloom.to_bytes()) == 100_000 * bits // 8
+        rates.append(bloom.may_contain(others).mean())
+    assert rates[0] > 5 * rates[1]
+
+
+def test_bloom_round_trips_through_bytes_and_refuses_odd_lengths() -> None:
+    keys = keys_of(_random_hashes(5, 1000))
+    bloom = SplitBlockBloom.for_keys(1000)
+    bloom.add(keys)
+    again = SplitBlockBloom.from_bytes(bloom.to_bytes())
+    assert np.array_equal(again.words, bloom.words)
+    assert again.may_contain(keys).all()
+    for bad in (b"", b"\x00" * 33):
+        with pytest.raises(ValueError, match="multiple of 32"):
+            SplitBlockBloom.from_bytes(bad)
+
+
+def test_an_empty_filter_holds_nothing() -> None:
+    bloom = SplitBlockBloom.for_keys(0)
+    assert bloom.blocks == 1
+    assert not bloom.may_contain(keys_of(_random_hashes(6, 100))).any()
+    assert bloom.may_contain(keys_of([])).size == 0
+
+
+# -- frozen waves on PostgreSQL -----------------------------------------------------
+
+
+def _csv(path: Path, urls: list[str]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["url", "caption"])
+        writer.writerows((u, f"caption of {u}") for u in urls)
+    return path
+
+
+def _rows(db_url: str, query: str) -> list[Any]:
+    with engine_for(db_url) as engine, engine.connect() as conn:
+        return list(conn.execute(sa.text(query)))
+
+
+def _waves(db_url: str) -> list[tuple[int, int, bool]]:
+    return [(r.wave, r.hashes, r.frozen_at is not None) for r in
+            _rows(db_url, "SELECT wave, hashes, frozen_at FROM url_waves ORDER BY wave")]
+
+
+def _all_hashes(db_url: str) -> list[bytes]:
+    """Every hash of every wave, current and frozen."""
+    tables = ["url_hashes"] + [f"url_hashes_w{w}" for w, _, frozen in _waves(db_url)
+                               if frozen]
+    return [r.h.bytes for t in tables for r in _rows(db_url, f"SELECT h FROM {t}")]
+
+
+def test_a_full_wave_is_frozen_and_its_urls_stay_duplicates(db_url: str,
+                                                            tmp_path: Path) -> None:
+    """With waves of 50, a first file of 80 new URLs fills wave 0, which is frozen after
+    the file: renamed, its filter stored, an empty current wave. A second file with 40
+    of those URLs and 40 new ones inserts only the new ones, into wave 1."""
+    first = [f"http://a.test/{i}.jpg" for i in range(80)]
+    second = first[40:] + [f"http://b.test/{i}.jpg" for i in range(40)]
+    [one] = ingest(db_url, [_csv(tmp_path / "one.csv", first)], Columns(), wave_size=50)
+    assert (one.inserted, one.duplicates) == (80, 0)
+    assert _waves(db_url) == [(0, 80, True), (1, 0, False)]
+    assert _rows(db_url, "SELECT count(*) FROM url_hashes")[0][0] == 0
+    [bloom] = _rows(db_url, "SELECT bloom FROM url_waves WHERE wave = 0")[0]
+    assert SplitBlockBloom.from_bytes(bytes(bloom)).may_contain(
+        keys_of([url_hash(u) for u in first])).all()
+
+    [two] = ingest(db_url, [_csv(tmp_path / "two.csv", second)], Columns(), wave_size=50)
+    assert (two.inserted, two.duplicates) == (40, 40)
+    assert _waves(db_url) == [(0, 80, True), (1, 40, False)]
+    hashes = _all_hashes(db_url)
+    assert len(hashes) == len(set(hashes)) == 120
+    assert set(hashes) == {url_hash(u) for u in first + second}
+    urls = [r.url for r in _rows(db_url, "SELECT url FROM candidates")]
+    assert sorted(urls) == sorted(set(first + second))
+
+
+def test_a_filters_maybe_is_looked_up_in_the_waves_table(db_url: str) -> None:
+    """A filter that answers "maybe" for everything: only the hashes the frozen table
+    holds come back."""
+    held = _random_hashes(7, 30)
+    with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
+        conn.execute("CREATE TABLE url_hashes_w7 (h uuid PRIMARY KEY)")
+        for h in held:
+            conn.execute("INSERT INTO url_hashes_w7 (h) VALUES (%s)", [UUID(bytes=h)])
+        everything = SplitBlockBloom(np.full((4, 8), 0xFFFFFFFF, dtype=np.uint32))
+        frozen = FrozenWaves([FrozenWave(7, everything)], probe_on(conn))
+        asked = held[:10] + _random_hashes(8, 10)
+        assert frozen.present(asked) == set(held[:10])
+        assert frozen.present([]) == set()
+
+
+def test_two_jobs_across_freezes_keep_every_url_once(db_url: str, tmp_path: Path) -> None:
+    """Eight overlapping files, two at a time, waves of 120: several freezes between
+    files; every URL once in candidates and in exactly one wave."""
+    files = [_csv(tmp_path / f"f{k}.csv", [f"http://o.test/{i}.jpg"
+                                          for i in range(k * 60, k * 60 + 100)])
+             for k in range(8)]
+    summaries = ingest(db_url, files, Columns(), jobs=2, wave_size=120)
+    unique = 7 * 60 + 100
+    assert sum(s.inserted for s in summaries) == unique
+    assert sum(s.duplicates for s in summaries) == 800 - unique
+    waves = _waves(db_url)
+    assert sum(1 for _, _, frozen in waves if frozen) >= 2
+    assert sum(n for _, n, _ in waves) == unique
+    hashes = _all_hashes(db_url)
+    assert len(hashes) == len(set(hashes)) == unique
+    assert _rows(db_url, "SELECT count(DISTINCT url), count(*) FROM candidates")[0] == (
+        unique, unique)
+
+
+def test_cli_wave_size_freezes_and_a_rerun_inserts_nothing(db_url: str,
+                                                           tmp_path: Path) -> None:
+    path = _csv(tmp_path / "in.csv", [f"http://c.test/{i}.jpg" for i in range(30)])
+    env = cli_env(DATABASE_URL=db_url)
+    out = run_cli("ingest", "--wave-size", "10", str(path), env=env).stdout
+    assert "read 30, inserted 30, duplicate 0" in out
+    out = run_cli("ingest", str(path), env=cli_env(DATABASE_URL=db_url,
+                                                    PAIRFARM_INGEST_WAVE_SIZE="10")).stdout
+    assert "read 30, inserted 0, duplicate 30" in out
+    assert _waves(db_url) == [(0, 30, True), (1, 0, False)]
+    refused = run_cli("ingest", "--wave-size", "0", str(path), env=env, check=False)
+    assert refused.returncode == 2 and "--wave-size" in refused.stderr
+
+
+def test_a_failed_freeze_changes_nothing_and_is_tried_again(
+        db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A table already named url_hashes_w0 makes the freeze fail: logged, the wave stays
+    current and whole, the next file still dedups against it; once the name is free the
+    next file's end freezes it."""
+    with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
+        conn.execute("CREATE TABLE url_hashes_w0 (x int)")
+    first = [f"http://f.test/{i}.jpg" for i in range(20)]
+    with caplog.at_level(logging.WARNING, "coordinator.ingest.run"):
+        ingest(db_url, [_csv(tmp_path / "one.csv", first)], Columns(), wave_size=10)
+    assert "could not be frozen" in caplog.text
+    assert _waves(db_url) == [(0, 20, False)]
+    assert _rows(db_url, "SELECT count(*) FROM url_hashes")[0][0] == 20
+
+    with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
+        conn.execute("DROP TABLE url_hashes_w0")
+    [two] = ingest(db_url, [_csv(tmp_path / "two.csv", [*first[:5], "http://g.test/1.jpg"])],
+                   Columns(), wave_size=10)
+    assert (two.inserted, two.duplicates) == (1, 5)
+    assert _waves(db_url) == [(0, 21, True), (1, 0, False)]
+
+
+def test_0010_downgrade_puts_frozen_waves_back_into_url_hashes(db_url: str,
+                                                               tmp_path: Path) -> None:
+    from alembic import command
+
+    from tests.test_schema import _alembic
+
+    urls = [f"http://d.test/{i}.jpg" for i in range(25)]
+    ingest(db_url, [_csv(tmp_path / "a.csv", urls[:12]), _csv(tmp_path / "b.csv", urls[12:])],
+           Columns(), wave_size=10)
+    assert [frozen for _, _, frozen in _waves(db_url)] == [True, True, False]
+    with engine_for(db_url) as engine:
+        _alembic(engine, command.downgrade, "0009")
+        with engine.connect() as conn:
+            assert not sa.inspect(conn).has_table("url_waves")
+            assert not sa.inspect(conn).has_table("url_hashes_w0")
+        assert {r.h.bytes for r in _rows(db_url, "SELECT h FROM url_hashes")} == {
+            url_hash(u) for u in urls}
+        _alembic(engine, command.upgrade, "head")
+    assert _waves(db_url) == [(0, 25, False)]
