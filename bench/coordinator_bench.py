@@ -324,13 +324,16 @@ def bench_rows(server_url: str, work: Path, rows: int, leases: int, cpu: ServerC
         files = [synthetic_file(work / f"c{rows}_{s}.parquet", s, min(FILE_ROWS, rows - s))
                  for s in range(start, min(rows, start + group_rows), FILE_ROWS)]
         cpu0, wal0, t0 = cpu.seconds(), wal_bytes(url), time.perf_counter()
+        loader0 = time.process_time()
         summaries = ingest(url, files, Columns(), jobs=jobs, wave_size=wave_size)
         group = time.perf_counter() - t0
+        loader = time.process_time() - loader0
         took += group
         added = sum(s.inserted for s in summaries)
         inserted += added
         print(f"  ingest rows {start:,}..{start + added:,}: {group:.1f} s, "
               f"{added / group:,.0f} rows/s, PostgreSQL CPU {cpu.seconds() - cpu0:.1f} s, "
+              f"loader CPU {loader:.1f} s, "
               f"WAL {(wal_bytes(url) - wal0) / added * 1e6 / 2**20:,.0f} MiB per 1M rows, "
               f"load {os.getloadavg()[0]:.1f}", flush=True)
         for f in files:

@@ -27,7 +27,8 @@ record. Each run first removes every file in its folder that has an archive's na
 record, then archives: the same batches again (under the same name when it picks the same
 ones). So each archived candidate ends in exactly one recorded file and in no hot table.
 One run at a time per database: a run holds a session advisory lock, which dies with its
-connection. ``url_hashes`` is never archived: the dedup holds against archived URLs.
+connection. The dedup's waves (``url_hashes``, ``url_hashes_w<N>``) are never archived:
+the dedup holds against archived URLs.
 
 ``AutoArchiver`` is the coordinator's automatic mode: a thread that archives whenever the
 hot tables hold more than ``hot_max_candidates``.
