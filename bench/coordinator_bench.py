@@ -48,6 +48,7 @@ Prints one line per figure. Needs the [coordinator] extra.
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 import os
 import re
@@ -598,6 +599,8 @@ def _wait(base: str) -> None:
 
 
 def main() -> None:
+    logging.basicConfig(format="  %(message)s")  # the ingest's wave freezes, with timings
+    logging.getLogger("coordinator.ingest.run").setLevel(logging.INFO)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, action="append", default=None)
     parser.add_argument("--leases", type=int, default=50)

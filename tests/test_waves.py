@@ -213,3 +213,19 @@ def test_0010_downgrade_puts_frozen_waves_back_into_url_hashes(db_url: str,
             url_hash(u) for u in urls}
         _alembic(engine, command.upgrade, "head")
     assert _waves(db_url) == [(0, 25, False)]
+
+
+def test_a_frozen_waves_urls_stay_duplicates_after_their_candidates_left(
+        db_url: str, tmp_path: Path) -> None:
+    """The archive deletes finished candidates and keeps every wave: a URL of a frozen
+    wave whose candidate row is gone is still a duplicate."""
+    urls = [f"http://e.test/{i}.jpg" for i in range(15)]
+    ingest(db_url, [_csv(tmp_path / "a.csv", urls)], Columns(), wave_size=10)
+    with engine_for(db_url) as engine, engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM pending_chunks"))
+        conn.execute(sa.text("DELETE FROM candidates"))
+    [again] = ingest(db_url, [_csv(tmp_path / "b.csv", [*urls[::3], "http://e.test/new.jpg"])],
+                     Columns(), wave_size=10)
+    assert (again.inserted, again.duplicates) == (1, 5)
+    assert [r.url for r in _rows(db_url, "SELECT url FROM candidates")] == [
+        "http://e.test/new.jpg"]

@@ -43,6 +43,7 @@ Resource handling: the caller owns the connections; the filters are cached per p
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,6 +66,16 @@ _ROW_BYTES = 2 + 4 + DIGEST_BYTES
 
 def frozen_table(wave: int) -> str:
     return f"url_hashes_w{wave}"
+
+
+@dataclass(frozen=True)
+class Freeze:
+    """A wave frozen: its hashes, the wait for the files in flight, the whole freeze."""
+
+    wave: int
+    hashes: int
+    waited_s: float
+    took_s: float
 
 
 @dataclass(frozen=True)
@@ -137,11 +148,16 @@ class WaveCatalog:
             waves = [FrozenWave(w, self._filters[w]) for w in frozen]
         return FrozenWaves(waves, probe)
 
-    def freeze_if_full(self, conn: psycopg.Connection) -> int | None:
+    def freeze_if_full(self, conn: psycopg.Connection) -> Freeze | None:
         """Freeze the current wave if it holds ``wave_size`` hashes or more (its own
-        transaction); the wave frozen, or None."""
+        transaction); what was frozen, or None."""
+        row = conn.execute(Q.sql("ingest_current_wave")).fetchone()
+        if row is None or int(row[1]) < self.wave_size:
+            return None  # the common case: no wait for the exclusive lock
+        start = time.perf_counter()
         with conn.transaction():
             conn.execute(Q.sql("ingest_wave_exclusive"))
+            waited = time.perf_counter() - start
             row = conn.execute(Q.sql("ingest_current_wave")).fetchone()
             assert row is not None, "url_waves has no current wave"
             wave, hashes = int(row[0]), int(row[1])
@@ -158,7 +174,7 @@ class WaveCatalog:
             conn.execute(Q.sql("ingest_open_wave"), {"wave": wave + 1})
         with self._lock:
             self._filters[wave] = bloom
-        return wave
+        return Freeze(wave, count, waited, time.perf_counter() - start)
 
     def _bloom_of_current(self, conn: psycopg.Connection, expected: int
                           ) -> tuple[SplitBlockBloom, int]:
