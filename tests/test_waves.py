@@ -19,7 +19,7 @@ from coordinator.ingest.bloom import SplitBlockBloom, keys_of
 from coordinator.ingest.run import ingest
 from coordinator.ingest.urlhash import url_hash
 from coordinator.ingest.validate import Columns
-from coordinator.ingest.waves import FrozenWave, FrozenWaves, probe_on
+from coordinator.ingest.waves import FrozenWave, FrozenWaves, WaveCatalog, probe_on
 from tests.conftest import cli_env, run_cli
 from tests.leasing import engine_for
 
@@ -229,3 +229,39 @@ def test_a_frozen_waves_urls_stay_duplicates_after_their_candidates_left(
     assert (again.inserted, again.duplicates) == (1, 5)
     assert [r.url for r in _rows(db_url, "SELECT url FROM candidates")] == [
         "http://e.test/new.jpg"]
+
+
+def test_hashes_committed_while_the_filter_is_built_are_in_the_frozen_filter(
+        db_url: str) -> None:
+    """The freeze builds its filter without a lock, then adds under the exclusive lock
+    what was committed meanwhile: a hash another session commits between the two steps
+    is in the frozen wave's table and its filter."""
+    first, meanwhile = _random_hashes(9, 40), _random_hashes(10, 15)
+
+    def insert(hashes: list[bytes]) -> None:
+        with psycopg.connect(libpq_url(db_url), autocommit=True) as other:
+            for h in hashes:
+                other.execute("INSERT INTO url_hashes (h) VALUES (%s)", [UUID(bytes=h)])
+            other.execute("UPDATE url_waves SET hashes = hashes + %s", [len(hashes)])
+
+    class Racing(WaveCatalog):
+        calls = 0
+
+        @staticmethod
+        def _add_current(conn: psycopg.Connection, bloom: SplitBlockBloom) -> int:
+            Racing.calls += 1
+            count = WaveCatalog._add_current(conn, bloom)
+            if Racing.calls == 1:
+                insert(meanwhile)
+            return count
+
+    insert(first)
+    with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
+        frozen = Racing(wave_size=30).freeze_if_full(conn)
+    assert frozen is not None and (frozen.wave, frozen.hashes) == (0, 55)
+    [bloom] = _rows(db_url, "SELECT bloom FROM url_waves WHERE wave = 0")[0]
+    assert SplitBlockBloom.from_bytes(bytes(bloom)).may_contain(
+        keys_of(first + meanwhile)).all()
+    assert {r.h.bytes for r in _rows(db_url, "SELECT h FROM url_hashes_w0")} == set(
+        first + meanwhile)
+    assert _waves(db_url) == [(0, 55, True), (1, 0, False)]

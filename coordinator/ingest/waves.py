@@ -20,11 +20,12 @@ How, with ``wave_size`` hashes a wave:
   go into ``url_hashes``, whose primary key catches repeats within the current wave, as
   before. The file adds its inserted count to the current wave's ``hashes``.
 - After a file commits, ``freeze_if_full``: once the current wave holds ``wave_size``
-  hashes, one transaction takes the wave lock exclusive (waiting for the files in
-  flight; new files wait for it), reads the wave's hashes (``COPY``, streamed into the
-  filter), renames ``url_hashes`` to ``url_hashes_w<wave>``, creates an empty
-  ``url_hashes``, stores the filter and opens the next wave. A freeze killed half-way
-  rolls back whole; the next file's end tries again.
+  hashes, it reads them (``COPY``, streamed into the filter) while files go on loading;
+  then one transaction takes the wave lock exclusive (waiting for the files in flight;
+  new files wait for it), adds the hashes committed since, renames ``url_hashes`` to
+  ``url_hashes_w<wave>``, creates an empty ``url_hashes``, stores the filter and opens
+  the next wave. A freeze killed half-way rolls back whole; the next file's end tries
+  again.
 
 Exact: every hash is checked against every wave frozen before its file began (filter,
 then the table for the filter's "maybe"), and against the current wave by its key; no
@@ -70,12 +71,14 @@ def frozen_table(wave: int) -> str:
 
 @dataclass(frozen=True)
 class Freeze:
-    """A wave frozen: its hashes, the wait for the files in flight, the whole freeze."""
+    """A wave frozen: its hashes; the filter built beside the loads, the wait for the
+    files in flight, and the time new files were held off after it."""
 
     wave: int
     hashes: int
+    built_s: float
     waited_s: float
-    took_s: float
+    locked_s: float
 
 
 @dataclass(frozen=True)
@@ -149,21 +152,31 @@ class WaveCatalog:
         return FrozenWaves(waves, probe)
 
     def freeze_if_full(self, conn: psycopg.Connection) -> Freeze | None:
-        """Freeze the current wave if it holds ``wave_size`` hashes or more (its own
-        transaction); what was frozen, or None."""
+        """Freeze the current wave if it holds ``wave_size`` hashes or more; what was
+        frozen, or None.
+
+        In two steps, so that files wait for the least: first, holding no lock, a filter
+        of the hashes committed so far (files go on loading meanwhile); then, in one
+        transaction under the exclusive lock, the hashes committed since are added
+        (read again, the filter tested on each: a hash it may hold has all its bits set
+        already, adding it changes nothing) and the wave is renamed and closed."""
         row = conn.execute(Q.sql("ingest_current_wave")).fetchone()
         if row is None or int(row[1]) < self.wave_size:
             return None  # the common case: no wait for the exclusive lock
         start = time.perf_counter()
+        first_wave = int(row[0])
+        bloom = SplitBlockBloom.for_keys(int(row[1]) * 9 // 8, self.bits_per_key)
+        self._add_current(conn, bloom)
+        prepared = time.perf_counter()
         with conn.transaction():
             conn.execute(Q.sql("ingest_wave_exclusive"))
-            waited = time.perf_counter() - start
+            locked = time.perf_counter()
             row = conn.execute(Q.sql("ingest_current_wave")).fetchone()
             assert row is not None, "url_waves has no current wave"
             wave, hashes = int(row[0]), int(row[1])
-            if hashes < self.wave_size:
-                return None
-            bloom, count = self._bloom_of_current(conn, hashes)
+            if wave != first_wave or hashes < self.wave_size:
+                return None  # another ingest froze it meanwhile
+            count = self._add_current(conn, bloom)
             names = {"frozen": sql.Identifier(frozen_table(wave)),
                      "frozen_key": sql.Identifier(f"{frozen_table(wave)}_pkey")}
             conn.execute(sql.SQL(Q.sql("ingest_rename_wave")).format(**names))
@@ -172,20 +185,21 @@ class WaveCatalog:
             conn.execute(Q.sql("ingest_freeze_wave"),
                          {"wave": wave, "hashes": count, "bloom": bloom.to_bytes()})
             conn.execute(Q.sql("ingest_open_wave"), {"wave": wave + 1})
+        done = time.perf_counter()
         with self._lock:
             self._filters[wave] = bloom
-        return Freeze(wave, count, waited, time.perf_counter() - start)
+        return Freeze(wave, count, prepared - start, locked - prepared, done - locked)
 
-    def _bloom_of_current(self, conn: psycopg.Connection, expected: int
-                          ) -> tuple[SplitBlockBloom, int]:
-        """A filter of ``url_hashes``' hashes (sized for ``expected``; streamed), and
-        how many there were."""
-        bloom = SplitBlockBloom.for_keys(expected, self.bits_per_key)
+    @staticmethod
+    def _add_current(conn: psycopg.Connection, bloom: SplitBlockBloom) -> int:
+        """Add ``url_hashes``' hashes (streamed) that ``bloom`` certainly lacks; how many
+        hashes there were."""
         count = 0
         for block in _copied_hashes(conn, Q.sql("ingest_copy_wave_out")):
-            bloom.add(keys_of(block))
-            count += len(block) // DIGEST_BYTES
-        return bloom, count
+            keys = keys_of(block)
+            bloom.add(keys[~bloom.may_contain(keys)])
+            count += len(keys)
+        return count
 
 
 def _copied_hashes(conn: psycopg.Connection, statement: str,
