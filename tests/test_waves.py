@@ -265,3 +265,21 @@ def test_hashes_committed_while_the_filter_is_built_are_in_the_frozen_filter(
     assert {r.h.bytes for r in _rows(db_url, "SELECT h FROM url_hashes_w0")} == set(
         first + meanwhile)
     assert _waves(db_url) == [(0, 55, True), (1, 0, False)]
+
+
+def test_a_freeze_in_another_process_makes_this_one_load_on(db_url: str) -> None:
+    """While another session holds the freezer's lock, a full wave is left to it: no
+    second filter is built, nothing changes; once released, the freeze happens."""
+    insert = "INSERT INTO url_hashes (h) VALUES (%s)"
+    with psycopg.connect(libpq_url(db_url), autocommit=True) as conn, \
+            psycopg.connect(libpq_url(db_url), autocommit=True) as other:
+        for h in _random_hashes(11, 12):
+            conn.execute(insert, [UUID(bytes=h)])
+        conn.execute("UPDATE url_waves SET hashes = 12")
+        other.execute("SELECT pg_advisory_lock(112102102114101122)")
+        assert WaveCatalog(wave_size=10).freeze_if_full(conn) is None
+        assert _waves(db_url) == [(0, 12, False)]
+        other.execute("SELECT pg_advisory_unlock(112102102114101122)")
+        frozen = WaveCatalog(wave_size=10).freeze_if_full(conn)
+    assert frozen is not None and frozen.hashes == 12
+    assert _waves(db_url) == [(0, 12, True), (1, 0, False)]

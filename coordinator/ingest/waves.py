@@ -136,6 +136,7 @@ class WaveCatalog:
         self.bits_per_key = bits_per_key
         self._filters: dict[int, SplitBlockBloom] = {}
         self._lock = threading.Lock()
+        self._freezer = threading.Lock()  # one job of the process freezes, the others load
 
     def enter(self, conn: psycopg.Connection, probe: Probe) -> FrozenWaves:
         """In a file's transaction: hold off freezes until it ends; the waves frozen so
@@ -159,13 +160,36 @@ class WaveCatalog:
         of the hashes committed so far (files go on loading meanwhile); then, in one
         transaction under the exclusive lock, the hashes committed since are added
         (read again, the filter tested on each: a hash it may hold has all its bits set
-        already, adding it changes nothing) and the wave is renamed and closed."""
+        already, adding it changes nothing) and the wave is renamed and closed.
+
+        One freezer at a time: a job that finds another job of its process, or another
+        ingest process, freezing goes on loading instead of building the same filter."""
         row = conn.execute(Q.sql("ingest_current_wave")).fetchone()
         if row is None or int(row[1]) < self.wave_size:
             return None  # the common case: no wait for the exclusive lock
+        if not self._freezer.acquire(blocking=False):
+            return None  # another job of this process is freezing it
+        try:
+            return self._freeze_alone(conn, int(row[0]), int(row[1]))
+        finally:
+            self._freezer.release()
+
+    def _freeze_alone(self, conn: psycopg.Connection, first_wave: int,
+                      hashes: int) -> Freeze | None:
+        """The freeze, unless another ingest process is freezing (it holds the
+        freezer's session lock): that one does the work, and this job loads on."""
+        got = conn.execute(Q.sql("ingest_freezer_try")).fetchone()
+        if not (got and got[0]):
+            return None
+        try:
+            return self._freeze(conn, first_wave, hashes)
+        finally:
+            conn.execute(Q.sql("ingest_freezer_release"))
+
+    def _freeze(self, conn: psycopg.Connection, first_wave: int,
+                hashes: int) -> Freeze | None:
         start = time.perf_counter()
-        first_wave = int(row[0])
-        bloom = SplitBlockBloom.for_keys(int(row[1]) * 9 // 8, self.bits_per_key)
+        bloom = SplitBlockBloom.for_keys(hashes * 9 // 8, self.bits_per_key)
         self._add_current(conn, bloom)
         prepared = time.perf_counter()
         with conn.transaction():

@@ -638,6 +638,14 @@ SELECT pg_advisory_xact_lock_shared(112102119097118101);
 -- Taken by a freeze: waits for the files in flight; files that begin meanwhile wait.
 SELECT pg_advisory_xact_lock(112102119097118101);
 
+-- name: ingest_freezer_try
+-- One freezer at a time across ingest processes: a session lock, released at the end of
+-- the freeze or when its connection dies ('pffrez' in ASCII).
+SELECT pg_try_advisory_lock(112102102114101122);
+
+-- name: ingest_freezer_release
+SELECT pg_advisory_unlock(112102102114101122);
+
 -- name: ingest_frozen_waves
 SELECT wave FROM url_waves WHERE frozen_at IS NOT NULL ORDER BY wave;
 
