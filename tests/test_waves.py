@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import threading
+import time
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -231,40 +233,26 @@ def test_a_frozen_waves_urls_stay_duplicates_after_their_candidates_left(
         "http://e.test/new.jpg"]
 
 
-def test_hashes_committed_while_the_filter_is_built_are_in_the_frozen_filter(
-        db_url: str) -> None:
-    """The freeze builds its filter without a lock, then adds under the exclusive lock
-    what was committed meanwhile: a hash another session commits between the two steps
-    is in the frozen wave's table and its filter."""
-    first, meanwhile = _random_hashes(9, 40), _random_hashes(10, 15)
-
-    def insert(hashes: list[bytes]) -> None:
-        with psycopg.connect(libpq_url(db_url), autocommit=True) as other:
-            for h in hashes:
-                other.execute("INSERT INTO url_hashes (h) VALUES (%s)", [UUID(bytes=h)])
-            other.execute("UPDATE url_waves SET hashes = hashes + %s", [len(hashes)])
-
-    class Racing(WaveCatalog):
-        calls = 0
-
-        @staticmethod
-        def _add_current(conn: psycopg.Connection, bloom: SplitBlockBloom) -> int:
-            Racing.calls += 1
-            count = WaveCatalog._add_current(conn, bloom)
-            if Racing.calls == 1:
-                insert(meanwhile)
-            return count
-
-    insert(first)
-    with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
-        frozen = Racing(wave_size=30).freeze_if_full(conn)
-    assert frozen is not None and (frozen.wave, frozen.hashes) == (0, 55)
-    [bloom] = _rows(db_url, "SELECT bloom FROM url_waves WHERE wave = 0")[0]
-    assert SplitBlockBloom.from_bytes(bytes(bloom)).may_contain(
-        keys_of(first + meanwhile)).all()
-    assert {r.h.bytes for r in _rows(db_url, "SELECT h FROM url_hashes_w0")} == set(
-        first + meanwhile)
-    assert _waves(db_url) == [(0, 55, True), (1, 0, False)]
+def test_a_file_waits_for_a_freeze_in_progress(db_url: str, tmp_path: Path) -> None:
+    """While a freeze holds the wave lock exclusive, a file does not begin loading (it
+    would check the wrong set of frozen waves); it loads once the freeze ends."""
+    path = _csv(tmp_path / "in.csv", [f"http://h.test/{i}.jpg" for i in range(10)])
+    with psycopg.connect(libpq_url(db_url)) as freezing:
+        freezing.execute("SELECT pg_advisory_xact_lock(112102119097118101)")
+        done: list[Any] = []
+        thread = threading.Thread(target=lambda: done.append(
+            ingest(db_url, [path], Columns())))
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not _rows(db_url, "SELECT count(*) FROM pg_locks WHERE locktype = "
+                                "'advisory' AND NOT granted")[0][0]:
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert not done
+        assert _rows(db_url, "SELECT count(*) FROM candidates")[0][0] == 0
+        freezing.rollback()
+    thread.join(60)
+    assert done and done[0][0].inserted == 10
 
 
 def test_a_freeze_in_another_process_makes_this_one_load_on(db_url: str) -> None:

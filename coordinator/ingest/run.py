@@ -233,10 +233,9 @@ def _freeze_if_full(conn: psycopg.Connection, waves: WaveCatalog) -> None:
                     "tries again): %s", str(exc).strip())
         return
     if frozen is not None:
-        log.info("froze the dedup's wave %d (%d hashes): filter built in %.1f s beside "
-                 "the loads, %.1f s waiting for the files in flight, new files held off "
-                 "%.1f s", frozen.wave, frozen.hashes, frozen.built_s, frozen.waited_s,
-                 frozen.locked_s)
+        log.info("froze the dedup's wave %d (%d hashes): %.1f s waiting for the files "
+                 "in flight, then new files held off %.1f s", frozen.wave, frozen.hashes,
+                 frozen.waited_s, frozen.locked_s)
 
 
 def _ingest_file(conn: psycopg.Connection, ids: IdBlocks, waves: WaveCatalog,

@@ -20,11 +20,11 @@ How, with ``wave_size`` hashes a wave:
   go into ``url_hashes``, whose primary key catches repeats within the current wave, as
   before. The file adds its inserted count to the current wave's ``hashes``.
 - After a file commits, ``freeze_if_full``: once the current wave holds ``wave_size``
-  hashes, it reads them (``COPY``, streamed into the filter) while files go on loading;
-  then one transaction takes the wave lock exclusive (waiting for the files in flight;
-  new files wait for it), adds the hashes committed since, renames ``url_hashes`` to
-  ``url_hashes_w<wave>``, creates an empty ``url_hashes``, stores the filter and opens
-  the next wave. A freeze killed half-way rolls back whole; the next file's end tries
+  hashes, one transaction takes the wave lock exclusive (waiting for the files in
+  flight; new files wait for it), reads the wave's hashes (``COPY``, streamed into the
+  filter), renames ``url_hashes`` to ``url_hashes_w<wave>``, creates an empty
+  ``url_hashes``, stores the filter and opens the next wave. One ingest job freezes,
+  the others load on. A freeze killed half-way rolls back whole; the next file's end tries
   again.
 
 Exact: every hash is checked against every wave frozen before its file began (filter,
@@ -71,12 +71,11 @@ def frozen_table(wave: int) -> str:
 
 @dataclass(frozen=True)
 class Freeze:
-    """A wave frozen: its hashes; the filter built beside the loads, the wait for the
-    files in flight, and the time new files were held off after it."""
+    """A wave frozen: its hashes; the wait for the files in flight, then the time the
+    freeze held new files off."""
 
     wave: int
     hashes: int
-    built_s: float
     waited_s: float
     locked_s: float
 
@@ -156,11 +155,11 @@ class WaveCatalog:
         """Freeze the current wave if it holds ``wave_size`` hashes or more; what was
         frozen, or None.
 
-        In two steps, so that files wait for the least: first, holding no lock, a filter
-        of the hashes committed so far (files go on loading meanwhile); then, in one
-        transaction under the exclusive lock, the hashes committed since are added
-        (read again, the filter tested on each: a hash it may hold has all its bits set
-        already, adding it changes nothing) and the wave is renamed and closed.
+        One transaction under the exclusive lock: it waits for the files in flight
+        (files that begin meanwhile wait for it), reads the wave's hashes into a filter,
+        renames the wave and opens the next. (Building the filter first without the
+        lock, then adding the hashes committed meanwhile, held new files off as long:
+        the second read of the wave cost as much as the filter; BENCHMARKS.md.)
 
         One freezer at a time: a job that finds another job of its process, or another
         ingest process, freezing goes on loading instead of building the same filter."""
@@ -189,9 +188,6 @@ class WaveCatalog:
     def _freeze(self, conn: psycopg.Connection, first_wave: int,
                 hashes: int) -> Freeze | None:
         start = time.perf_counter()
-        bloom = SplitBlockBloom.for_keys(hashes * 9 // 8, self.bits_per_key)
-        self._add_current(conn, bloom)
-        prepared = time.perf_counter()
         with conn.transaction():
             conn.execute(Q.sql("ingest_wave_exclusive"))
             locked = time.perf_counter()
@@ -200,6 +196,7 @@ class WaveCatalog:
             wave, hashes = int(row[0]), int(row[1])
             if wave != first_wave or hashes < self.wave_size:
                 return None  # another ingest froze it meanwhile
+            bloom = SplitBlockBloom.for_keys(hashes, self.bits_per_key)
             count = self._add_current(conn, bloom)
             names = {"frozen": sql.Identifier(frozen_table(wave)),
                      "frozen_key": sql.Identifier(f"{frozen_table(wave)}_pkey")}
@@ -212,16 +209,15 @@ class WaveCatalog:
         done = time.perf_counter()
         with self._lock:
             self._filters[wave] = bloom
-        return Freeze(wave, count, prepared - start, locked - prepared, done - locked)
+        return Freeze(wave, count, locked - start, done - locked)
 
     @staticmethod
     def _add_current(conn: psycopg.Connection, bloom: SplitBlockBloom) -> int:
-        """Add ``url_hashes``' hashes (streamed) that ``bloom`` certainly lacks; how many
-        hashes there were."""
+        """Add ``url_hashes``' hashes (streamed) to ``bloom``; how many there were."""
         count = 0
         for block in _copied_hashes(conn, Q.sql("ingest_copy_wave_out")):
             keys = keys_of(block)
-            bloom.add(keys[~bloom.may_contain(keys)])
+            bloom.add(keys)
             count += len(keys)
         return count
 
