@@ -271,3 +271,17 @@ def test_a_freeze_in_another_process_makes_this_one_load_on(db_url: str) -> None
         frozen = WaveCatalog(wave_size=10).freeze_if_full(conn)
     assert frozen is not None and frozen.hashes == 12
     assert _waves(db_url) == [(0, 12, True), (1, 0, False)]
+
+
+def test_a_freeze_reads_every_hash_of_the_wave_page_range_by_page_range(db_url: str) -> None:
+    from coordinator.ingest.waves import _wave_hashes
+
+    hashes = _random_hashes(12, 1000)  # ~186 a heap page: 6 pages
+    with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
+        with conn.cursor() as cur, cur.copy("COPY url_hashes (h) FROM STDIN") as copy:
+            for h in hashes:
+                copy.write_row([UUID(bytes=h)])
+        blocks = list(_wave_hashes(conn, pages=2))
+    assert len(blocks) >= 3
+    got = b"".join(blocks)
+    assert sorted(got[i:i + 16] for i in range(0, len(got), 16)) == sorted(hashes)

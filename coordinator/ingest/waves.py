@@ -3,9 +3,10 @@ each insert descends a small key; earlier waves are frozen tables checked throug
 filters.
 
 Why: each new hash lands on a random leaf of the key it goes into. In one key of every
-hash ever ingested, the ingest's server CPU per row tripled from 10M to 100M rows and its
-WAL per row grew 3-4x (full-page images of leaves first changed since the last
-checkpoint; BENCHMARKS.md, "100M candidates on one box").
+hash ever ingested, the ingest's server CPU per row grew +56 % to 3.2x from the first 10M
+rows to the last of 100M, and its WAL per row 2.8-3.8x (full-page images of leaves first
+changed since the last checkpoint); with waves of 10M, +16-17 % and +30-39 %
+(BENCHMARKS.md, "The dedup in waves").
 
 How, with ``wave_size`` hashes a wave:
 
@@ -21,8 +22,8 @@ How, with ``wave_size`` hashes a wave:
   before. The file adds its inserted count to the current wave's ``hashes``.
 - After a file commits, ``freeze_if_full``: once the current wave holds ``wave_size``
   hashes, one transaction takes the wave lock exclusive (waiting for the files in
-  flight; new files wait for it), reads the wave's hashes (``COPY``, streamed into the
-  filter), renames ``url_hashes`` to ``url_hashes_w<wave>``, creates an empty
+  flight; new files wait for it), reads the wave's hashes (``_wave_hashes``) into the
+  filter, renames ``url_hashes`` to ``url_hashes_w<wave>``, creates an empty
   ``url_hashes``, stores the filter and opens the next wave. One ingest job freezes,
   the others load on. A freeze killed half-way rolls back whole; the next file's end tries
   again.
@@ -54,15 +55,14 @@ import psycopg
 from psycopg import sql
 
 from coordinator.ingest.bloom import BITS_PER_KEY, Lookup, SplitBlockBloom, keys_of
-from coordinator.ingest.urlhash import COPY_HEADER, DIGEST_BYTES
 from coordinator.queries import Q
 
 #: hashes a wave holds before it is frozen, unless asked otherwise. Within 10M hashes
 #: the key's insert cost stays near its 0-10M level (BENCHMARKS.md); each frozen wave
 #: adds a filter test (~45 ms per 1M rows) to the ingest
 WAVE_SIZE = 10_000_000
-#: COPY binary: one row of one 16-byte field (field count, length, bytes)
-_ROW_BYTES = 2 + 4 + DIGEST_BYTES
+#: heap pages of the wave a freeze reads in one statement (~186 hashes a page)
+PAGES_A_READ = 4096
 
 
 def frozen_table(wave: int) -> str:
@@ -215,46 +215,23 @@ class WaveCatalog:
     def _add_current(conn: psycopg.Connection, bloom: SplitBlockBloom) -> int:
         """Add ``url_hashes``' hashes (streamed) to ``bloom``; how many there were."""
         count = 0
-        for block in _copied_hashes(conn, Q.sql("ingest_copy_wave_out")):
+        for block in _wave_hashes(conn):
             keys = keys_of(block)
             bloom.add(keys)
             count += len(keys)
         return count
 
 
-def _copied_hashes(conn: psycopg.Connection, statement: str,
-                   block_rows: int = 1 << 20) -> Iterator[bytes]:
-    """The 16-byte values of a one-uuid-column ``COPY ... TO STDOUT (FORMAT binary)``,
-    concatenated, in blocks of up to ``block_rows``."""
-    pending = bytearray()
-    header = True
-    with conn.cursor() as cur, cur.copy(statement) as copy:
-        for data in copy:
-            pending += data
-            if header and len(pending) >= len(COPY_HEADER):
-                if bytes(pending[:len(COPY_HEADER)]) != COPY_HEADER:
-                    raise ValueError("COPY sent an unexpected binary header")
-                del pending[:len(COPY_HEADER)]
-                header = False
-            whole = len(pending) // _ROW_BYTES
-            if whole >= block_rows:
-                yield _digests(bytes(pending[:whole * _ROW_BYTES]))
-                del pending[:whole * _ROW_BYTES]
-    if header:
-        raise ValueError("COPY sent no binary header")
-    if pending[-2:] != b"\xff\xff":
-        raise ValueError("COPY ended without its trailer")
-    body = bytes(pending[:-2])
-    if len(body) % _ROW_BYTES:
-        raise ValueError(f"COPY sent {len(body)} bytes of rows, not rows of {_ROW_BYTES}")
-    if body:
-        yield _digests(body)
-
-
-def _digests(rows: bytes) -> bytes:
-    """The 16-byte fields of whole COPY binary rows."""
-    framed = np.frombuffer(rows, dtype=np.uint8).reshape(-1, _ROW_BYTES)
-    if framed.size and not (framed[:, :6] == np.frombuffer(
-            b"\x00\x01\x00\x00\x00\x10", dtype=np.uint8)).all():
-        raise ValueError("COPY sent a row that is not one 16-byte value")
-    return framed[:, 6:].tobytes()
+def _wave_hashes(conn: psycopg.Connection, pages: int = PAGES_A_READ) -> Iterator[bytes]:
+    """The current wave's hashes, concatenated, ``pages`` heap pages at a time (TID range
+    scans, each one ``string_agg``: ~12 MB). A ``COPY`` sends one message a row, and
+    taking 11M of them in Python took 17.8 s where this took 2.9 s."""
+    row = conn.execute(Q.sql("ingest_wave_pages")).fetchone()
+    assert row is not None
+    with conn.cursor(binary=True) as cur:
+        for first in range(0, int(row[0]), pages):
+            cur.execute(Q.sql("ingest_wave_hashes"),
+                        {"first": f"({first},0)", "last": f"({first + pages},0)"})
+            got = cur.fetchone()
+            if got is not None and got[0]:
+                yield bytes(got[0])

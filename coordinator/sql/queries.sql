@@ -663,8 +663,14 @@ UPDATE url_waves SET hashes = hashes + %(inserted)s WHERE frozen_at IS NULL;
 -- The hashes a frozen wave holds among those its Bloom filter may hold; as bytea.
 SELECT array_agg(uuid_send(h)) FROM {table} WHERE h = ANY(%(hashes)s::uuid[]);
 
--- name: ingest_copy_wave_out
-COPY url_hashes (h) TO STDOUT (FORMAT binary);
+-- name: ingest_wave_pages
+SELECT pg_relation_size('url_hashes') / current_setting('block_size')::int;
+
+-- name: ingest_wave_hashes
+-- The current wave's hashes on heap pages [first, last), concatenated (a TID range scan).
+SELECT string_agg(uuid_send(h), ''::bytea)
+  FROM url_hashes
+ WHERE ctid >= %(first)s::tid AND ctid < %(last)s::tid;
 
 -- name: ingest_rename_wave
 ALTER TABLE url_hashes RENAME TO {frozen};
