@@ -154,6 +154,17 @@ def insert_candidates(db_url: str, count: int, *, start: int = 0, domains: int =
 
 # -- a running coordinator -------------------------------------------------------------
 
+def url_csv(path: Path, urls: list[str]) -> Path:
+    """A csv input file of ``urls``, each with the caption "caption of URL"."""
+    import csv
+
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["url", "caption"])
+        writer.writerows((u, f"caption of {u}") for u in urls)
+    return path
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     import socket
 

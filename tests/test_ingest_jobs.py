@@ -18,16 +18,8 @@ from coordinator.ingest.reader import PARQUET_BATCH_ROWS
 from coordinator.ingest.run import ingest
 from coordinator.ingest.urlhash import url_hash
 from coordinator.ingest.validate import Columns
-from tests.conftest import cli_env, run_cli
+from tests.conftest import cli_env, run_cli, url_csv
 from tests.leasing import engine_for
-
-
-def _csv(path: Path, urls: list[str]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["url", "caption"])
-        writer.writerows((u, f"caption of {u}") for u in urls)
-    return path
 
 
 def _scalar(db_url: str, query: str) -> Any:
@@ -56,7 +48,7 @@ def _waits_for_a_lock(db_url: str) -> bool:
 def test_jobs_load_overlapping_files_each_url_once(db_url: str, tmp_path: Path) -> None:
     """Four files whose URLs overlap, two at a time: every URL once, each file's summary
     in the files' order, read = inserted + duplicates, one hash and one pending id each."""
-    files = [_csv(tmp_path / f"f{k}.csv", [f"http://o.test/{i}.jpg"
+    files = [url_csv(tmp_path / f"f{k}.csv", [f"http://o.test/{i}.jpg"
                                           for i in range(k * 60, k * 60 + 100)])
              for k in range(4)]
     out = run_cli("ingest", "--jobs", "2", *map(str, files),
@@ -76,8 +68,8 @@ def test_a_file_waiting_for_a_hash_does_not_hold_back_the_next_file(
     """With two jobs, while the first file waits for a URL hash another open transaction
     holds, the second file loads and commits; once that transaction commits, the first
     file finishes with the URL counted a duplicate."""
-    first = _csv(tmp_path / "first.csv", [f"http://w.test/{i}.jpg" for i in range(50)])
-    second = _csv(tmp_path / "second.csv", [f"http://x.test/{i}.jpg" for i in range(50)])
+    first = url_csv(tmp_path / "first.csv", [f"http://w.test/{i}.jpg" for i in range(50)])
+    second = url_csv(tmp_path / "second.csv", [f"http://x.test/{i}.jpg" for i in range(50)])
     summaries: list[Any] = []
     with psycopg.connect(db_url.replace("+psycopg", "")) as other:
         _hold_hashes(other, "http://w.test/7.jpg")

@@ -3,7 +3,6 @@ one job and two, a failed freeze, and the migration's way back."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import threading
 import time
@@ -22,7 +21,7 @@ from coordinator.ingest.run import ingest
 from coordinator.ingest.urlhash import url_hash
 from coordinator.ingest.validate import Columns
 from coordinator.ingest.waves import FrozenWave, FrozenWaves, WaveCatalog, probe_on
-from tests.conftest import cli_env, run_cli
+from tests.conftest import cli_env, run_cli, url_csv
 from tests.leasing import engine_for
 
 
@@ -76,14 +75,6 @@ def test_an_empty_filter_holds_nothing() -> None:
 # -- frozen waves on PostgreSQL -----------------------------------------------------
 
 
-def _csv(path: Path, urls: list[str]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["url", "caption"])
-        writer.writerows((u, f"caption of {u}") for u in urls)
-    return path
-
-
 def _rows(db_url: str, query: str) -> list[Any]:
     with engine_for(db_url) as engine, engine.connect() as conn:
         return list(conn.execute(sa.text(query)))
@@ -108,7 +99,7 @@ def test_a_full_wave_is_frozen_and_its_urls_stay_duplicates(db_url: str,
     of those URLs and 40 new ones inserts only the new ones, into wave 1."""
     first = [f"http://a.test/{i}.jpg" for i in range(80)]
     second = first[40:] + [f"http://b.test/{i}.jpg" for i in range(40)]
-    [one] = ingest(db_url, [_csv(tmp_path / "one.csv", first)], Columns(), wave_size=50)
+    [one] = ingest(db_url, [url_csv(tmp_path / "one.csv", first)], Columns(), wave_size=50)
     assert (one.inserted, one.duplicates) == (80, 0)
     assert _waves(db_url) == [(0, 80, True), (1, 0, False)]
     assert _rows(db_url, "SELECT count(*) FROM url_hashes")[0][0] == 0
@@ -116,7 +107,7 @@ def test_a_full_wave_is_frozen_and_its_urls_stay_duplicates(db_url: str,
     assert SplitBlockBloom.from_bytes(bytes(bloom)).may_contain(
         keys_of([url_hash(u) for u in first])).all()
 
-    [two] = ingest(db_url, [_csv(tmp_path / "two.csv", second)], Columns(), wave_size=50)
+    [two] = ingest(db_url, [url_csv(tmp_path / "two.csv", second)], Columns(), wave_size=50)
     assert (two.inserted, two.duplicates) == (40, 40)
     assert _waves(db_url) == [(0, 80, True), (1, 40, False)]
     hashes = _all_hashes(db_url)
@@ -144,7 +135,7 @@ def test_a_filters_maybe_is_looked_up_in_the_waves_table(db_url: str) -> None:
 def test_two_jobs_across_freezes_keep_every_url_once(db_url: str, tmp_path: Path) -> None:
     """Eight overlapping files, two at a time, waves of 120: several freezes between
     files; every URL once in candidates and in exactly one wave."""
-    files = [_csv(tmp_path / f"f{k}.csv", [f"http://o.test/{i}.jpg"
+    files = [url_csv(tmp_path / f"f{k}.csv", [f"http://o.test/{i}.jpg"
                                           for i in range(k * 60, k * 60 + 100)])
              for k in range(8)]
     summaries = ingest(db_url, files, Columns(), jobs=2, wave_size=120)
@@ -162,7 +153,7 @@ def test_two_jobs_across_freezes_keep_every_url_once(db_url: str, tmp_path: Path
 
 def test_cli_wave_size_freezes_and_a_rerun_inserts_nothing(db_url: str,
                                                            tmp_path: Path) -> None:
-    path = _csv(tmp_path / "in.csv", [f"http://c.test/{i}.jpg" for i in range(30)])
+    path = url_csv(tmp_path / "in.csv", [f"http://c.test/{i}.jpg" for i in range(30)])
     env = cli_env(DATABASE_URL=db_url)
     out = run_cli("ingest", "--wave-size", "10", str(path), env=env).stdout
     assert "read 30, inserted 30, duplicate 0" in out
@@ -183,14 +174,14 @@ def test_a_failed_freeze_changes_nothing_and_is_tried_again(
         conn.execute("CREATE TABLE url_hashes_w0 (x int)")
     first = [f"http://f.test/{i}.jpg" for i in range(20)]
     with caplog.at_level(logging.WARNING, "coordinator.ingest.run"):
-        ingest(db_url, [_csv(tmp_path / "one.csv", first)], Columns(), wave_size=10)
+        ingest(db_url, [url_csv(tmp_path / "one.csv", first)], Columns(), wave_size=10)
     assert "could not be frozen" in caplog.text
     assert _waves(db_url) == [(0, 20, False)]
     assert _rows(db_url, "SELECT count(*) FROM url_hashes")[0][0] == 20
 
     with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
         conn.execute("DROP TABLE url_hashes_w0")
-    [two] = ingest(db_url, [_csv(tmp_path / "two.csv", [*first[:5], "http://g.test/1.jpg"])],
+    [two] = ingest(db_url, [url_csv(tmp_path / "two.csv", [*first[:5], "http://g.test/1.jpg"])],
                    Columns(), wave_size=10)
     assert (two.inserted, two.duplicates) == (1, 5)
     assert _waves(db_url) == [(0, 21, True), (1, 0, False)]
@@ -203,7 +194,7 @@ def test_0010_downgrade_puts_frozen_waves_back_into_url_hashes(db_url: str,
     from tests.test_schema import _alembic
 
     urls = [f"http://d.test/{i}.jpg" for i in range(25)]
-    ingest(db_url, [_csv(tmp_path / "a.csv", urls[:12]), _csv(tmp_path / "b.csv", urls[12:])],
+    ingest(db_url, [url_csv(tmp_path / "a.csv", urls[:12]), url_csv(tmp_path / "b.csv", urls[12:])],
            Columns(), wave_size=10)
     assert [frozen for _, _, frozen in _waves(db_url)] == [True, True, False]
     with engine_for(db_url) as engine:
@@ -222,11 +213,11 @@ def test_a_frozen_waves_urls_stay_duplicates_after_their_candidates_left(
     """The archive deletes finished candidates and keeps every wave: a URL of a frozen
     wave whose candidate row is gone is still a duplicate."""
     urls = [f"http://e.test/{i}.jpg" for i in range(15)]
-    ingest(db_url, [_csv(tmp_path / "a.csv", urls)], Columns(), wave_size=10)
+    ingest(db_url, [url_csv(tmp_path / "a.csv", urls)], Columns(), wave_size=10)
     with engine_for(db_url) as engine, engine.begin() as conn:
         conn.execute(sa.text("DELETE FROM pending_chunks"))
         conn.execute(sa.text("DELETE FROM candidates"))
-    [again] = ingest(db_url, [_csv(tmp_path / "b.csv", [*urls[::3], "http://e.test/new.jpg"])],
+    [again] = ingest(db_url, [url_csv(tmp_path / "b.csv", [*urls[::3], "http://e.test/new.jpg"])],
                      Columns(), wave_size=10)
     assert (again.inserted, again.duplicates) == (1, 5)
     assert [r.url for r in _rows(db_url, "SELECT url FROM candidates")] == [
@@ -236,7 +227,7 @@ def test_a_frozen_waves_urls_stay_duplicates_after_their_candidates_left(
 def test_a_file_waits_for_a_freeze_in_progress(db_url: str, tmp_path: Path) -> None:
     """While a freeze holds the wave lock exclusive, a file does not begin loading (it
     would check the wrong set of frozen waves); it loads once the freeze ends."""
-    path = _csv(tmp_path / "in.csv", [f"http://h.test/{i}.jpg" for i in range(10)])
+    path = url_csv(tmp_path / "in.csv", [f"http://h.test/{i}.jpg" for i in range(10)])
     with psycopg.connect(libpq_url(db_url)) as freezing:
         freezing.execute("SELECT pg_advisory_xact_lock(112102119097118101)")
         done: list[Any] = []
@@ -285,3 +276,17 @@ def test_a_freeze_reads_every_hash_of_the_wave_page_range_by_page_range(db_url: 
     assert len(blocks) >= 3
     got = b"".join(blocks)
     assert sorted(got[i:i + 16] for i in range(0, len(got), 16)) == sorted(hashes)
+
+
+def test_a_damaged_filter_is_a_clear_error_and_loads_nothing(db_url: str,
+                                                            tmp_path: Path) -> None:
+    ingest(db_url, [url_csv(tmp_path / "a.csv", ["http://i.test/1.jpg"])], Columns(),
+           wave_size=1)
+    with psycopg.connect(libpq_url(db_url), autocommit=True) as conn:
+        conn.execute("UPDATE url_waves SET bloom = '\\x00'::bytea WHERE wave = 0")
+    out = run_cli("ingest", str(url_csv(tmp_path / "b.csv", ["http://i.test/2.jpg"])),
+                  env=cli_env(DATABASE_URL=db_url), check=False)
+    assert out.returncode == 1
+    assert "frozen wave 0 has a damaged filter" in out.stderr + out.stdout
+    assert "nothing of this file was loaded" in out.stderr + out.stdout
+    assert _rows(db_url, "SELECT count(*) FROM candidates")[0][0] == 1

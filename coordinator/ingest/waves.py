@@ -54,6 +54,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
+from coordinator.errors import IngestError
 from coordinator.ingest.bloom import BITS_PER_KEY, Lookup, SplitBlockBloom, keys_of
 from coordinator.queries import Q
 
@@ -147,7 +148,11 @@ class WaveCatalog:
             for wave in missing:
                 row = conn.execute(Q.sql("ingest_wave_bloom"), {"wave": wave}).fetchone()
                 assert row is not None and row[0] is not None
-                self._filters[wave] = SplitBlockBloom.from_bytes(bytes(row[0]))
+                try:
+                    self._filters[wave] = SplitBlockBloom.from_bytes(bytes(row[0]))
+                except ValueError as exc:
+                    raise IngestError(f"the dedup's frozen wave {wave} has a damaged "
+                                      f"filter in url_waves: {exc}") from exc
             waves = [FrozenWave(w, self._filters[w]) for w in frozen]
         return FrozenWaves(waves, probe)
 
