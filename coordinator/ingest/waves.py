@@ -174,24 +174,23 @@ class WaveCatalog:
         if not self._freezer.acquire(blocking=False):
             return None  # another job of this process is freezing it
         try:
-            return self._freeze_alone(conn, int(row[0]), int(row[1]))
+            return self._freeze_alone(conn, int(row[0]))
         finally:
             self._freezer.release()
 
-    def _freeze_alone(self, conn: psycopg.Connection, first_wave: int,
-                      hashes: int) -> Freeze | None:
+    def _freeze_alone(self, conn: psycopg.Connection, first_wave: int) -> Freeze | None:
         """The freeze, unless another ingest process is freezing (it holds the
         freezer's session lock): that one does the work, and this job loads on."""
         got = conn.execute(Q.sql("ingest_freezer_try")).fetchone()
         if not (got and got[0]):
             return None
         try:
-            return self._freeze(conn, first_wave, hashes)
+            return self._freeze(conn, first_wave)
         finally:
             conn.execute(Q.sql("ingest_freezer_release"))
 
-    def _freeze(self, conn: psycopg.Connection, first_wave: int,
-                hashes: int) -> Freeze | None:
+    def _freeze(self, conn: psycopg.Connection, first_wave: int) -> Freeze | None:
+        """Freeze ``first_wave`` if it is still the current wave and still full."""
         start = time.perf_counter()
         with conn.transaction():
             conn.execute(Q.sql("ingest_wave_exclusive"))
