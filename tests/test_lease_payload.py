@@ -3,8 +3,6 @@ split of a chunk, chunks without fragments, and every element equal to its row."
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import sqlalchemy as sa
 
-from coordinator.ingest.loader import pending_chunks_csv
+from coordinator.ingest.loader import chunk_fragments
 from coordinator.ingest.run import ingest
 from coordinator.ingest.validate import Columns
 from coordinator.payload import Part, lease_body
@@ -120,12 +118,9 @@ def test_loader_fragments_hold_each_field_in_id_order() -> None:
         "extra": [None if i % 4 else json.dumps({"note": HOSTILE[i % len(HOSTILE)]})
                   for i in range(35)],
     })
-    data = pending_chunks_csv(rows, 1000).decode()
-    chunks = list(csv.reader(io.StringIO(data)))
-    assert [len(json.loads("[" + c[1] + "]")) for c in chunks] == [16, 16, 3]
-    ids = [i for c in chunks for i in json.loads(c[0].replace("{", "[").replace("}", "]"))]
-    assert ids == list(range(1000, 1035))
-    fields = [[v for c in chunks for v in json.loads("[" + c[k] + "]")] for k in (1, 2, 3, 4)]
+    groups = [column.to_pylist() for column in chunk_fragments(rows)]
+    assert [len(json.loads("[" + g + "]")) for g in groups[0]] == [16, 16, 3]
+    fields = [[v for g in column for v in json.loads("[" + g + "]")] for column in groups]
     assert fields[0] == rows.column("url").to_pylist()
     assert fields[1] == rows.column("caption").to_pylist()
     assert fields[2] == rows.column("language").to_pylist()

@@ -63,14 +63,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import orjson
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
 from psycopg import errors
 
 from coordinator.errors import IngestError
+from coordinator.ingest import copybinary
 from coordinator.ingest.reader import InputFile
 from coordinator.ingest.urlhash import sorted_copy_binary, url_hashes
 from coordinator.ingest.validate import Validated
@@ -84,10 +85,9 @@ KINDS: tuple[tuple[Callable[[pa.DataType], bool], str], ...] = (
     (pa.types.is_integer, "integer"),
     (pa.types.is_floating, "float"),
 )
-#: the columns of ``ingest_copy_candidates``, in the CSV's order
+#: the columns of ``ingest_copy_candidates`` and ``ingest_copy_chunks``, in their order
 CANDIDATE_COLUMNS = ("id", "url", "caption", "language", "ingest_id", "extra")
 CHUNK_COLUMNS = ("ids", "url_j", "caption_j", "language_j", "extra_j")
-_CSV = pa_csv.WriteOptions(include_header=False)
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,8 @@ class Prepared:
     rows: pa.Table  # url, caption, language, extra (json text): the rows to insert
     hashes: list[bytes]  # each row's URL hash, in row order
     first_id: int  # ids first_id .. first_id + len(rows) - 1, in row order
-    csv: memoryview  # the candidates, as CSV in CANDIDATE_COLUMNS order
-    chunks: bytes  # their pending_chunks rows with their payload, as CSV
+    candidates: bytes  # the candidates, as binary COPY in CANDIDATE_COLUMNS order
+    chunks: bytes  # their pending_chunks rows with their payload, as binary COPY
     read: int
     #: rows dropped before the server: repeats of an earlier row of the run, or URLs a
     #: frozen wave of the dedup holds (coordinator.ingest.waves)
@@ -197,41 +197,40 @@ def first_occurrences(hashes: list[bytes], earlier: set[bytes]) -> list[int] | N
     return sorted(first.values())
 
 
-def pending_chunks_csv(rows: pa.Table, first_id: int) -> bytes:
-    """``rows`` (url, caption, language, extra: the loader's JSON text or null) with ids
-    from ``first_id`` as ``pending_chunks`` CSV rows of ``CHUNK_SIZE`` consecutive ids
-    (fewer in the last) with their lease payload: each field's JSON values joined by
-    commas in id order (``coordinator.payload``), built with Arrow compute."""
+def chunk_fragments(rows: pa.Table) -> list[pa.Array]:
+    """``rows`` (url, caption, language, extra: the loader's JSON text or null) in groups
+    of ``CHUNK_SIZE`` (fewer in the last), as each group's lease payload: one string a
+    group and field, the field's JSON values joined by commas in row order
+    (``coordinator.payload``), built with Arrow compute."""
     n = rows.num_rows
-    end = first_id + n
-    ids = ["{" + ",".join(map(str, range(s, min(s + CHUNK_SIZE, end)))) + "}"
-           for s in range(first_id, end, CHUNK_SIZE)]
     offsets = pa.array([*range(0, n, CHUNK_SIZE), n], pa.int32())
     values = [_json_string(rows.column("url")), _json_string(rows.column("caption")),
               pc.fill_null(_json_string(rows.column("language")), "null"),
               pc.fill_null(rows.column("extra"), "{}")]
-    joined = [pc.binary_join(pa.ListArray.from_arrays(offsets, _flat(v)), ",")
-              for v in values]
-    table = pa.table([pa.array(ids, pa.string()), *joined], names=list(CHUNK_COLUMNS))
-    sink = pa.BufferOutputStream()
-    pa_csv.write_csv(table, sink, _CSV)
-    return sink.getvalue().to_pybytes()
+    return [pc.binary_join(pa.ListArray.from_arrays(offsets, _flat(v)), ",") for v in values]
+
+
+def pending_chunks_copy(rows: pa.Table, first_id: int) -> bytes:
+    """``rows`` with ids from ``first_id`` as the binary ``COPY`` of their
+    ``pending_chunks`` in ``CHUNK_COLUMNS`` order: ``CHUNK_SIZE`` consecutive ids a row
+    (fewer in the last) with their ``chunk_fragments``."""
+    ids = copybinary.id_array_fields(first_id, rows.num_rows, CHUNK_SIZE)
+    return copybinary.copy_data([ids, *map(copybinary.text_fields, chunk_fragments(rows))])
 
 
 def _flat(values: pa.ChunkedArray | pa.Array) -> pa.Array:
     return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
 
 
-def candidates_csv(rows: pa.Table, first_id: int, ingest_id: int) -> memoryview:
-    """``rows`` with their ids and ``ingest_id`` as CSV in ``CANDIDATE_COLUMNS`` order."""
+def candidates_copy(rows: pa.Table, first_id: int, ingest_id: int) -> bytes:
+    """``rows`` with their ids and ``ingest_id`` as the binary ``COPY`` of their
+    ``candidates`` in ``CANDIDATE_COLUMNS`` order."""
     n = rows.num_rows
-    table = pa.table([pa.arange(first_id, first_id + n),
-                      rows.column(0), rows.column(1), rows.column(2),
-                      pa.repeat(pa.scalar(ingest_id, pa.int32()), n), rows.column(3)],
-                     names=list(CANDIDATE_COLUMNS))
-    sink = pa.BufferOutputStream()
-    pa_csv.write_csv(table, sink, _CSV)
-    return memoryview(sink.getvalue())
+    text = copybinary.text_fields
+    return copybinary.copy_data([
+        copybinary.int8_fields(np.arange(first_id, first_id + n, dtype=np.int64)),
+        text(rows.column(0)), text(rows.column(1)), text(rows.column(2)),
+        copybinary.int4_fields(ingest_id, n), text(rows.column(3))])
 
 
 class ChunkPreparer:
@@ -279,11 +278,11 @@ class ChunkPreparer:
                 rejected: Counter[str]) -> Prepared:
         n = len(hashes)
         if n == 0:
-            return Prepared(rows, [], 0, memoryview(b""), b"", read, repeats, rejected)
+            return Prepared(rows, [], 0, b"", b"", read, repeats, rejected)
         first_id = self._reserve(n)
         return Prepared(rows, hashes, first_id,
-                        candidates_csv(rows, first_id, self.ingest_id),
-                        pending_chunks_csv(rows, first_id), read, repeats, rejected)
+                        candidates_copy(rows, first_id, self.ingest_id),
+                        pending_chunks_copy(rows, first_id), read, repeats, rejected)
 
     def without(self, chunk: Prepared, present: set[bytes]) -> Prepared:
         """``chunk`` without the rows whose hash is in ``present``; the kept rows take
@@ -292,10 +291,10 @@ class ChunkPreparer:
         rows = chunk.rows.take(pa.array(keep, pa.int64()))
         hashes = [chunk.hashes[i] for i in keep]
         if not keep:
-            return replace(chunk, rows=rows, hashes=[], csv=memoryview(b""), chunks=b"")
+            return replace(chunk, rows=rows, hashes=[], candidates=b"", chunks=b"")
         return replace(chunk, rows=rows, hashes=hashes,
-                       csv=candidates_csv(rows, chunk.first_id, self.ingest_id),
-                       chunks=pending_chunks_csv(rows, chunk.first_id))
+                       candidates=candidates_copy(rows, chunk.first_id, self.ingest_id),
+                       chunks=pending_chunks_copy(rows, chunk.first_id))
 
     def _conform(self, good: pa.Table) -> pa.Table:
         """Cast a later chunk's extra column to text where its kind differs from the first
@@ -349,7 +348,7 @@ class FileLoader:
             self.summary.duplicates += chunk.count - fresh.count
             chunk = fresh
         if chunk.count:
-            self._copy(Q.sql("ingest_copy_candidates"), chunk.csv)
+            self._copy(Q.sql("ingest_copy_candidates"), chunk.candidates)
             self._copy(Q.sql("ingest_copy_chunks"), chunk.chunks)
         self.summary.inserted += chunk.count
 

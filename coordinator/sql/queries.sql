@@ -173,7 +173,7 @@ SELECT * FROM claimed;
 -- name: _candidate_fragments
 -- The lease payload's JSON array fragments of the candidates "c" (url, caption,
 -- language: null when none, extra: {} when none) in id order, as the ingest writes them
--- (coordinator.ingest.loader.pending_chunks_csv).
+-- (coordinator.ingest.loader.chunk_fragments).
 string_agg(to_json(c.url)::text, ',' ORDER BY c.id) AS url_j,
 string_agg(to_json(c.caption)::text, ',' ORDER BY c.id) AS caption_j,
 string_agg(COALESCE(to_json(c.language)::text, 'null'), ',' ORDER BY c.id) AS language_j,
@@ -719,12 +719,12 @@ TRUNCATE ingest_hashes;
 
 -- name: ingest_copy_candidates
 -- The new candidates with the ids the loader took from the sequence (coordinator.ingest.ids).
-COPY candidates (id, url, caption, language, ingest_id, extra) FROM STDIN (FORMAT csv);
+COPY candidates (id, url, caption, language, ingest_id, extra) FROM STDIN (FORMAT binary);
 
 -- name: ingest_copy_chunks
 -- Their pending_chunks: CHUNK_SIZE consecutive ids a row with their lease payload's
--- fragments (coordinator.ingest.loader.pending_chunks_csv).
-COPY pending_chunks (ids, url_j, caption_j, language_j, extra_j) FROM STDIN (FORMAT csv);
+-- fragments (coordinator.ingest.loader.chunk_fragments).
+COPY pending_chunks (ids, url_j, caption_j, language_j, extra_j) FROM STDIN (FORMAT binary);
 
 -- name: ingest_analyze
 -- After a run: the tables' sizes (pg_class, which the lease's sampling reads) and the id
