@@ -172,18 +172,21 @@ def test_chunks_go_to_the_server_in_runs_of_one_sorted_hash_copy(
 
 
 def test_a_runs_hashes_are_sorted_bytewise() -> None:
-    """The COPY binary of a run equals its hashes sorted by Python's bytes order and
-    framed row by row, the smallest and largest keys included."""
+    """The COPY binary of a run equals its hashes sorted by their first 8 bytes in
+    Python's bytes order (equal halves in the input's order) and framed row by row, the
+    smallest and largest keys included."""
     import hashlib
 
     from coordinator.ingest import urlhash
 
     def reference(hashes: list[bytes]) -> bytes:
         return (urlhash.COPY_HEADER
-                + b"".join(b"\x00\x01\x00\x00\x00\x10" + h for h in sorted(hashes))
+                + b"".join(b"\x00\x01\x00\x00\x00\x10" + h
+                           for h in sorted(hashes, key=lambda h: h[:8]))
                 + urlhash.COPY_TRAILER)
 
     hashes = [hashlib.sha256(str(i).encode()).digest()[:16] for i in range(5000)]
-    hashes += [b"\x00" * 16, b"\xff" * 16, b"\x7f" + b"\x00" * 15]
+    hashes += [b"\x00" * 16, b"\xff" * 16, b"\x7f" + b"\x00" * 15,
+               b"\x01" * 8 + b"\x02" * 8, b"\x01" * 16]
     assert urlhash.sorted_copy_binary(hashes) == reference(hashes)
     assert urlhash.sorted_copy_binary(hashes[:1]) == reference(hashes[:1])

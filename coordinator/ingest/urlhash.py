@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -40,15 +41,14 @@ def url_hashes(urls: pa.Array | pa.ChunkedArray) -> list[bytes]:
 
 def sorted_copy_binary(hashes: list[bytes]) -> bytes:
     """``hashes`` sorted, as the data of ``COPY t (h) FROM STDIN (FORMAT binary)`` into a
-    uuid column. Sorted and framed with Arrow (~0.05 s per 131k hashes; ``sorted`` and a
-    join in Python took 0.12 s)."""
-    n = len(hashes)
-    joined = pa.py_buffer(b"".join(hashes))
-    digests = pa.FixedSizeBinaryArray.from_buffers(pa.binary(DIGEST_BYTES), n, [None, joined])
-    ordered = digests.take(pc.sort_indices(digests)).cast(pa.binary())
-    framed = pc.binary_join_element_wise(pa.scalar(_ROW_PREFIX, pa.binary()), ordered,
-                                         pa.scalar(b"", pa.binary()))
-    body = framed.buffers()[2]
-    assert framed.offset == 0 and body is not None
-    size = n * (len(_ROW_PREFIX) + DIGEST_BYTES)
-    return b"".join((COPY_HEADER, memoryview(body)[:size], COPY_TRAILER))
+    uuid column. Sorted on their first 8 bytes (big-endian, as the index compares them;
+    an equal first half keeps the input's order: the order only spares the index
+    descents, the dedup does not depend on it) and framed with numpy: 0.16 s per 1M
+    hashes, where Arrow's ``sort_indices`` on the 16 bytes and its join took 0.27-0.33."""
+    joined = b"".join(hashes)
+    order = np.argsort(np.frombuffer(joined, ">u8")[0::2], kind="stable")
+    rows = np.empty(len(hashes), np.dtype([("prefix", f"S{len(_ROW_PREFIX)}"),
+                                           ("h", f"S{DIGEST_BYTES}")]))
+    rows["prefix"] = _ROW_PREFIX
+    rows["h"] = np.frombuffer(joined, f"S{DIGEST_BYTES}")[order]
+    return b"".join((COPY_HEADER, rows.tobytes(), COPY_TRAILER))
