@@ -7,8 +7,9 @@ least ``coordinator.ingest.run.RUN_ROWS`` rows, whole chunks), in two steps:
   run before, see ``coordinator.ingest.run``): hash each URL
   (``coordinator.ingest.urlhash``), drop the chunk's own repeats and the URLs an earlier
   chunk of the run had (the first row wins), take a block of ids
-  (``coordinator.ingest.ids``), and encode the rows for ``COPY``: the candidates with
-  their ids (CSV) and their ``pending_chunks`` (``CHUNK_SIZE`` consecutive ids a row);
+  (``coordinator.ingest.ids``), and encode the rows for binary ``COPY``
+  (``coordinator.ingest.copybinary``): the candidates with their ids and their
+  ``pending_chunks`` (``CHUNK_SIZE`` consecutive ids a row);
   ``run_of`` sorts the run's hashes into one binary ``COPY``.
   Rows whose hash a frozen wave of the dedup holds are dropped there too, as duplicates
   (``coordinator.ingest.waves``: a Bloom filter test, then a lookup of the few it may
