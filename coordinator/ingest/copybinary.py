@@ -14,8 +14,10 @@ and ``json``: the UTF-8 bytes (the database's encoding is UTF-8). ``bigint``: 8 
 (0), the element type's OID (20, int8), the dimension's length and lower bound (1), then
 each element as a field (length 8, value).
 
-Each function answers an Arrow binary array with one encoded field (or row) per element,
-so a row is one ``binary_join_element_wise`` of its fields.
+Each function answers an Arrow ``large_binary`` array with one encoded field (or row) per
+element, so a row is one ``binary_join_element_wise`` of its fields; 64-bit offsets, as a
+chunk of 131,072 rows near the length limits (8,192-character URLs, 4,096-character
+captions, extra columns) can pass the 2 GB that 32-bit offsets hold.
 """
 
 from __future__ import annotations
@@ -28,15 +30,15 @@ HEADER = b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8
 TRAILER = b"\xff\xff"
 #: the OID of int8, the element type of bigint[]
 INT8_OID = 20
-_EMPTY = pa.scalar(b"", pa.binary())
+_EMPTY = pa.scalar(b"", pa.large_binary())
 
 
 def _fixed(values: np.ndarray, count: int) -> pa.Array:
-    """``count`` records of the structured array ``values`` as a binary array."""
+    """``count`` records of the structured array ``values`` as a large binary array."""
     width = values.dtype.itemsize
     fixed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), count,
                                                  [None, pa.py_buffer(values.view(np.uint8))])
-    return fixed.cast(pa.binary())
+    return fixed.cast(pa.large_binary())
 
 
 def int8_fields(values: np.ndarray) -> pa.Array:
@@ -62,7 +64,7 @@ def text_fields(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     count = len(values)
     lengths = pc.fill_null(pc.binary_length(values), -1).to_numpy(zero_copy_only=False)
     return pc.binary_join_element_wise(_fixed(lengths.astype(">i4"), count),
-                                       pc.fill_null(values.cast(pa.binary()), b""), _EMPTY)
+                                       pc.fill_null(values.cast(pa.large_binary()), _EMPTY), _EMPTY)
 
 
 def id_array_fields(first_id: int, count: int, size: int) -> pa.Array:
@@ -75,7 +77,7 @@ def id_array_fields(first_id: int, count: int, size: int) -> pa.Array:
         parts.append(_id_groups(first_id, whole, size))
     if rest:
         parts.append(_id_groups(first_id + whole * size, 1, rest))
-    return pa.concat_arrays(parts) if parts else pa.array([], pa.binary())
+    return pa.concat_arrays(parts) if parts else pa.array([], pa.large_binary())
 
 
 def _id_groups(first_id: int, groups: int, size: int) -> pa.Array:
@@ -91,14 +93,14 @@ def _id_groups(first_id: int, groups: int, size: int) -> pa.Array:
 
 
 def copy_data(fields: list[pa.Array]) -> bytes:
-    """The rows whose fields are ``fields`` (one binary array per column, of one length,
+    """The rows whose fields are ``fields`` (one large binary array per column, of one length,
     each element an encoded field) as the whole data of a binary ``COPY``."""
     count = len(fields[0])
-    field_count = pa.scalar(len(fields).to_bytes(2, "big"), pa.binary())
+    field_count = pa.scalar(len(fields).to_bytes(2, "big"), pa.large_binary())
     rows = pc.binary_join_element_wise(field_count, *fields, _EMPTY)
     if isinstance(rows, pa.ChunkedArray):
         rows = rows.combine_chunks()
-    offsets = np.frombuffer(rows.buffers()[1], np.int32, count + 1, rows.offset * 4)
+    offsets = np.frombuffer(rows.buffers()[1], np.int64, count + 1, rows.offset * 8)
     body = rows.buffers()[2]
     assert body is not None
     return b"".join((HEADER, memoryview(body)[offsets[0]:offsets[-1]], TRAILER))

@@ -211,7 +211,7 @@ def chunk_fragments(rows: pa.Table) -> list[pa.Array]:
     for name in ("url", "caption", "language"):
         values = rows.column(name).to_pylist()
         fragments.append(pa.array([dumps(values[s:s + CHUNK_SIZE])[1:-1]
-                                   for s in range(0, n, CHUNK_SIZE)], pa.binary()))
+                                   for s in range(0, n, CHUNK_SIZE)], pa.large_binary()))
     offsets = pa.array([*range(0, n, CHUNK_SIZE), n], pa.int32())
     extra = _flat(pc.fill_null(rows.column("extra"), "{}"))
     fragments.append(pc.binary_join(pa.ListArray.from_arrays(offsets, extra), ","))
