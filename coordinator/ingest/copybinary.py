@@ -34,7 +34,8 @@ _EMPTY = pa.scalar(b"", pa.large_binary())
 
 
 def _fixed(values: np.ndarray, count: int) -> pa.Array:
-    """``count`` records of the structured array ``values`` as a large binary array."""
+    """``count`` records of ``values`` (each record ``values.dtype.itemsize`` bytes) as a
+    large binary array."""
     width = values.dtype.itemsize
     fixed = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), count,
                                                  [None, pa.py_buffer(values.view(np.uint8))])

@@ -86,9 +86,6 @@ KINDS: tuple[tuple[Callable[[pa.DataType], bool], str], ...] = (
     (pa.types.is_integer, "integer"),
     (pa.types.is_floating, "float"),
 )
-#: the columns of ``ingest_copy_candidates`` and ``ingest_copy_chunks``, in their order
-CANDIDATE_COLUMNS = ("id", "url", "caption", "language", "ingest_id", "extra")
-CHUNK_COLUMNS = ("ids", "url_j", "caption_j", "language_j", "extra_j")
 
 
 @dataclass(frozen=True)
@@ -99,7 +96,7 @@ class Prepared:
     rows: pa.Table  # url, caption, language, extra (json text): the rows to insert
     hashes: list[bytes]  # each row's URL hash, in row order
     first_id: int  # ids first_id .. first_id + len(rows) - 1, in row order
-    candidates: bytes  # the candidates, as binary COPY in CANDIDATE_COLUMNS order
+    candidates: bytes  # the candidates, as binary COPY (ingest_copy_candidates)
     chunks: bytes  # their pending_chunks rows with their payload, as binary COPY
     read: int
     #: rows dropped before the server: repeats of an earlier row of the run, or URLs a
@@ -220,8 +217,8 @@ def chunk_fragments(rows: pa.Table) -> list[pa.Array]:
 
 def pending_chunks_copy(rows: pa.Table, first_id: int) -> bytes:
     """``rows`` with ids from ``first_id`` as the binary ``COPY`` of their
-    ``pending_chunks`` in ``CHUNK_COLUMNS`` order: ``CHUNK_SIZE`` consecutive ids a row
-    (fewer in the last) with their ``chunk_fragments``."""
+    ``pending_chunks`` in the column order of ``ingest_copy_chunks``: ``CHUNK_SIZE``
+    consecutive ids a row (fewer in the last) with their ``chunk_fragments``."""
     ids = copybinary.id_array_fields(first_id, rows.num_rows, CHUNK_SIZE)
     return copybinary.copy_data([ids, *map(copybinary.text_fields, chunk_fragments(rows))])
 
@@ -232,7 +229,7 @@ def _flat(values: pa.ChunkedArray | pa.Array) -> pa.Array:
 
 def candidates_copy(rows: pa.Table, first_id: int, ingest_id: int) -> bytes:
     """``rows`` with their ids and ``ingest_id`` as the binary ``COPY`` of their
-    ``candidates`` in ``CANDIDATE_COLUMNS`` order."""
+    ``candidates`` in the column order of ``ingest_copy_candidates``."""
     n = rows.num_rows
     text = copybinary.text_fields
     return copybinary.copy_data([
