@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from coordinator.errors import SettingsError
-from coordinator.queries import Q
+from coordinator.queries import Q, int_array
 from pairfarm.protocol import BatchStatus
 
 #: states ``requeue`` takes batches from (the others are waiting or finished)
@@ -40,7 +40,7 @@ class BatchFilter:
 
     def params(self) -> dict[str, Any]:
         return {"states": [s.value for s in self.states], "reason": self.reason or None,
-                "worker": self.worker or None, "ids": list(self.ids)}
+                "worker": self.worker or None, "ids": int_array(self.ids)}
 
 
 @dataclass(frozen=True)

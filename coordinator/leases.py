@@ -85,7 +85,7 @@ from coordinator import reports
 from coordinator.errors import LeaseConflict, NotFound, Quarantined
 from coordinator.models import CHUNK_SIZE
 from coordinator.payload import Part, count_of, lease_body, members_text
-from coordinator.queries import Q
+from coordinator.queries import Q, int_array, text_array
 from coordinator.sampling import SampleRate
 from coordinator.settings import LeaseSettings
 from pairfarm.protocol import (
@@ -317,7 +317,7 @@ class Leases:
             self._claim_retries(conn, batch_id, want - claim.count, claim)
         if claim.read_ids:
             row = conn.execute(Q.candidate_fragments,
-                               {"batch_id": batch_id, "ids": claim.read_ids}).one()
+                               {"batch_id": batch_id, "ids": int_array(claim.read_ids)}).one()
             claim.parts.append(Part(int(row.n), row.id_j, row.url_j, row.caption_j,
                                     row.language_j, row.extra_j, row.attempt_j))
         return claim.parts
@@ -404,7 +404,7 @@ class Leases:
             return {}
         s = self.settings
         row = conn.execute(Q.queue_retries, {
-            "batch_id": batch_id, "ids": ids, "classes": classes,
+            "batch_id": batch_id, "ids": int_array(ids), "classes": text_array(classes),
             "max_retries": s.url_retries, "delay": s.url_retry_delay_s,
             "growth": s.url_retry_growth}).one()
         sent_back: dict[str, int] = json.loads(row.queued)

@@ -10,6 +10,7 @@ unknown name fails at attribute access, and the file is parsed once, on first us
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 
@@ -57,3 +58,17 @@ class _Queries:
 
 
 Q = _Queries()
+
+
+def int_array(values: Iterable[int]) -> str:
+    """``values`` as PostgreSQL array text (``{1,2,3}``), for a ``CAST(:p AS bigint[])``
+    parameter. psycopg dumps a Python list element by element in Python: 15 ms for 10k
+    ints, against 2.4 ms for this join (bench note in BENCHMARKS.md, "Array parameters")."""
+    return "{" + ",".join(map(str, map(int, values))) + "}"
+
+
+def text_array(values: Iterable[str]) -> str:
+    """``values`` as PostgreSQL array text, every element double-quoted with ``\\`` and
+    ``"`` escaped, so any text (commas, braces, quotes, ``NULL``) stays one element."""
+    return "{" + ",".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                          for v in values) + "}"

@@ -21,7 +21,7 @@ from datetime import datetime
 import sqlalchemy as sa
 
 from coordinator.errors import AuthError, Forbidden, NotFound, SettingsError
-from coordinator.queries import Q
+from coordinator.queries import Q, int_array
 from pairfarm.protocol import Role
 
 PREFIX = "pf"
@@ -198,7 +198,7 @@ class SeenCache:
             ids, self._marked = sorted(self._marked), set()
             self._written_at = now
         with engine.begin() as conn:
-            conn.execute(Q.mark_workers_seen, {"ids": ids})
+            conn.execute(Q.mark_workers_seen, {"ids": int_array(ids)})
 
 
 def list_tokens(engine: sa.Engine) -> list[TokenRow]:
