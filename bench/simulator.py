@@ -15,7 +15,10 @@ then loops: lease (204: wait --idle s, doubling while the answer stays 204 up to
 --idle-max, and ask again until the farm is drained; 429: wait the Retry-After);
 "download" for a time drawn from a log-normal distribution (--download-mean,
 --download-sigma), heartbeating every TTL/3; then, by chance, completes (a DownloadReport
-with shard files under ``s3://sim/``, outcomes that sum to the batch size), fails
+with shard files under ``s3://sim/``, outcomes that sum to the batch size, and
+--retry-fraction of the batch reported as timeouts in its ``retry``: sent back for a URL
+retry, due --url-retry-delay s later, as ``pairfarm worker`` sends its transient outcomes,
+among the candidates below their last attempt), fails
 (--fail-fraction: a fail report, an attempt spent) or is killed (--kill-fraction: it stops
 calling, its lease expires after --lease-ttl and the reaper gives it back; the worker
 comes back after --restart-delay, as systemd restarts a worker VM's service). As
@@ -100,6 +103,13 @@ class SimConfig:
     max_attempts: int = 3
     fail_fraction: float = 0.05
     kill_fraction: float = 0.05
+    #: share of each completed batch reported as timeouts and sent back for a URL retry
+    #: (the report's ``retry``, as ``pairfarm worker`` sends its transient outcomes), of
+    #: the candidates whose attempt is at most the lease's ``url_retries``
+    retry_fraction: float = 0.05
+    #: the coordinator's ``--url-retry-delay`` (a retry is due this long after the batch
+    #: that sent it back; ``--url-retry-growth`` 1)
+    url_retry_delay_s: float = 60.0
     #: a killed worker comes back (re-registers) after this long
     restart_delay_s: float = 1.0
     #: a worker answered 204 asks again after this long, doubled for each 204 in a row up
@@ -279,7 +289,8 @@ def coordinator(database_url: str, config: SimConfig, log: Path) -> Iterator[tup
             "--lease-ttl", str(config.lease_ttl_s), "--reap-interval",
             str(config.reap_interval_s), "--max-attempts", str(config.max_attempts),
             "--empty-hold", str(config.empty_hold_s), "--shard-prefix", "s3://sim/",
-            "--keep-alive", str(config.server_keep_alive_s)]
+            "--keep-alive", str(config.server_keep_alive_s),
+            "--url-retry-delay", str(config.url_retry_delay_s), "--url-retry-growth", "1"]
     with log.open("wb") as out:
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -491,7 +502,7 @@ async def virtual_worker(farm: Farm, me: Me) -> None:
             empty = 0
             farm.calls.events["leased"] += 1
             farm.calls.leased_at.append(time.perf_counter())
-            registered = await _work(farm, me, *lease_head(response.content))
+            registered = await _work(farm, me, response.content)
 
 
 async def _register(farm: Farm, me: Me) -> bool:
@@ -503,6 +514,27 @@ async def _register(farm: Farm, me: Me) -> bool:
 #: where a lease body's candidates start, as the coordinator writes it
 # (``RawDownloadLease.to_json``): the lease fields first, then the columns, ids first
 _CANDIDATES = b',"candidates":{"id":['
+
+
+_ATTEMPT = b',"attempt":['
+
+
+def lease_retryable(body: bytes) -> list[int]:
+    """The ids of a lease body's candidates that may be sent back for a URL retry: those
+    whose attempt is at most the lease's ``url_retries``. Only the id and attempt
+    arrays are parsed (the others are never needed)."""
+    start, end = body.find(_CANDIDATES), body.rfind(_ATTEMPT)
+    if start < 0 or end < 0:
+        lease = orjson.loads(body)
+        ids, attempts = lease["candidates"]["id"], lease["candidates"]["attempt"]
+        limit = int(lease.get("url_retries", 0))
+    else:
+        limit = int(orjson.loads(body[:start] + b"}").get("url_retries", 0))
+        ids = orjson.loads(b"[" + body[start + len(_CANDIDATES):
+                                       body.find(b"]", start + len(_CANDIDATES))] + b"]")
+        tail = body[end + len(_ATTEMPT) - 1:]
+        attempts = orjson.loads(tail[:tail.find(b"]") + 1])
+    return [i for i, a in zip(ids, attempts, strict=True) if a <= limit]
 
 
 def lease_head(body: bytes) -> tuple[int, str, int]:
@@ -521,9 +553,10 @@ def lease_head(body: bytes) -> tuple[int, str, int]:
     return int(head["batch_id"]), str(head["lease_token"]), count
 
 
-async def _work(farm: Farm, me: Me, batch_id: int, lease_token: str, size: int) -> bool:
+async def _work(farm: Farm, me: Me, body: bytes) -> bool:
     """One leased batch; False when the worker was killed (it registers again)."""
     cfg = farm.config
+    batch_id, lease_token, size = lease_head(body)
     fate = farm.rng.random()
     if fate < cfg.kill_fraction:
         farm.calls.events["killed"] += 1
@@ -538,8 +571,11 @@ async def _work(farm: Farm, me: Me, batch_id: int, lease_token: str, size: int) 
                                    {"lease_token": lease_token, "reason": "simulated failure"})
         farm.calls.events["failed" if _ok(response) else "fail_refused"] += 1
         return True
-    response = await farm.call_until_answered("complete", f"/download/{batch_id}/complete",
-                                              me, _report(batch_id, lease_token, size, seconds))
+    retry = _retry_ids(farm, body, size)
+    farm.calls.events["sent back"] += len(retry)
+    response = await farm.call_until_answered(
+        "complete", f"/download/{batch_id}/complete", me,
+        _report(batch_id, lease_token, size, seconds, retry))
     farm.calls.events["completed" if _ok(response) else "complete_refused"] += 1
     return True
 
@@ -564,10 +600,22 @@ def _ok(response: httpx.Response | None) -> bool:
     return response is not None and response.status_code == 200
 
 
-def _report(batch_id: int, lease_token: str, size: int, seconds: float) -> dict[str, object]:
-    """A plausible DownloadReport: ~70 % ok, the rest spread over failure classes."""
-    ok = size * 7 // 10
-    timeout = (size - ok) // 2
+def _retry_ids(farm: Farm, body: bytes, size: int) -> list[int]:
+    """``retry_fraction`` of the batch, drawn from the candidates that may be retried."""
+    want = round(size * farm.config.retry_fraction)
+    if want <= 0:
+        return []
+    retryable = lease_retryable(body)
+    return farm.rng.sample(retryable, min(want, len(retryable)))
+
+
+def _report(batch_id: int, lease_token: str, size: int, seconds: float,
+            retry: list[int] | None = None) -> dict[str, object]:
+    """A plausible DownloadReport: ~70 % ok, the rest spread over failure classes; the
+    ``retry`` ids are timeouts sent back for a URL retry (counted in ``timeout`` too)."""
+    retry = retry or []
+    ok = min(size * 7 // 10, size - len(retry))
+    timeout = max((size - ok) // 2, len(retry))
     stem = f"s3://sim/shards/{batch_id:08d}"
     return {"lease_token": lease_token,
             "shard": {"tar": f"{stem}.tar", "parquet": f"{stem}.parquet",
@@ -575,7 +623,8 @@ def _report(batch_id: int, lease_token: str, size: int, seconds: float) -> dict[
                       "parquet_sha256": SHA, "tar_bytes": ok * 30_000},
             "outcomes": {k: v for k, v in (("ok", ok), ("timeout", timeout),
                                            ("http_4xx", size - ok - timeout)) if v},
-            "bytes_downloaded": ok * 30_000, "duration_s": seconds}
+            "bytes_downloaded": ok * 30_000, "duration_s": seconds,
+            **({"retry": {"timeout": retry}} if retry else {})}
 
 
 async def monitor(farm: Farm, engine: sa.Engine, poll_s: float = 1.0) -> None:
@@ -700,6 +749,7 @@ def describe(report: SimReport) -> list[str]:
         f"config: {c.workers} workers, {c.candidates:,} candidates, batch {c.batch_size}, "
         f"download mean {c.download_mean_s} s (sigma {c.download_sigma}), lease TTL "
         f"{c.lease_ttl_s} s, fail {c.fail_fraction:.0%}, kill {c.kill_fraction:.0%}, "
+        f"URL retries {c.retry_fraction:.0%} of a batch (due after {c.url_retry_delay_s} s), "
         f"ramp {c.ramp_s} s, {c.processes} coordinator process(es)",
         f"wall {report.wall_s:.1f} s: {report.leases} leases, {report.leases_per_s:.1f} "
         f"leases/s ({report.steady_leases_per_s:.1f}/s from the 10th to the 90th "
@@ -825,6 +875,11 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None, str | None]:
     p.add_argument("--max-attempts", type=int, default=d.max_attempts)
     p.add_argument("--fail-fraction", type=float, default=d.fail_fraction)
     p.add_argument("--kill-fraction", type=float, default=d.kill_fraction)
+    p.add_argument("--retry-fraction", type=float, default=d.retry_fraction,
+                   help="share of each completed batch sent back for a URL retry "
+                        "(timeouts in the report's retry)")
+    p.add_argument("--url-retry-delay", type=float, default=d.url_retry_delay_s,
+                   help="the coordinator's --url-retry-delay (growth 1)")
     p.add_argument("--restart-delay", type=float, default=d.restart_delay_s)
     p.add_argument("--idle", type=float, default=d.idle_s,
                    help="seconds a worker answered 204 first waits (pairfarm worker: 10)")
@@ -857,7 +912,8 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None, str | None]:
         download_mean_s=a.download_mean, download_sigma=a.download_sigma,
         lease_ttl_s=a.lease_ttl, reap_interval_s=a.reap_interval,
         max_attempts=a.max_attempts, fail_fraction=a.fail_fraction,
-        kill_fraction=a.kill_fraction, restart_delay_s=a.restart_delay, idle_s=a.idle,
+        kill_fraction=a.kill_fraction, retry_fraction=a.retry_fraction,
+        url_retry_delay_s=a.url_retry_delay, restart_delay_s=a.restart_delay, idle_s=a.idle,
         idle_max_s=a.idle_max, empty_hold_s=a.empty_hold,
         ramp_s=a.ramp, processes=a.processes, workers_per_client=a.workers_per_client,
         max_run_s=a.max_run, seed=a.seed, client_keep_alive_s=a.client_keep_alive,

@@ -14,6 +14,7 @@ from bench.simulator import (
     check_invariants,
     describe,
     lease_head,
+    lease_retryable,
     run,
     steady_window,
 )
@@ -28,7 +29,7 @@ def test_a_small_farm_with_failures_and_kills_drains_consistently(
     config = SimConfig(workers=50, candidates=3_000, batch_size=50, download_mean_s=1.0,
                        lease_ttl_s=3.0, reap_interval_s=0.3, fail_fraction=0.1,
                        kill_fraction=0.1, max_attempts=10, idle_max_s=4.0, max_run_s=240,
-                       cpu_sample_s=0.2)
+                       cpu_sample_s=0.2, retry_fraction=0.1, url_retry_delay_s=0.5)
     report = run(config, db_url, pg_server.pid, tmp_path)  # type: ignore[attr-defined]
     text = "\n".join(describe(report))
     inv = report.invariants
@@ -38,6 +39,13 @@ def test_a_small_farm_with_failures_and_kills_drains_consistently(
     assert set(inv.batches) == {"downloaded"} and batches >= 60, text  # 60 of 50, or more
     events = report.calls.events
     assert events["killed"] > 0 and events["failed"] > 0, text
+    # the completions sent candidates back; each was leased again and the queue drained
+    with engine.connect() as conn:
+        retried = conn.execute(sa.text(
+            "SELECT count(*) FILTER (WHERE batch_id IS NOT NULL), count(*) "
+            "FROM url_retries")).one()
+    assert events["sent back"] > 0 and retried[0] == retried[1] > 0, text
+    assert inv.retry_waiting == 0, text
     assert events["completed"] == batches, text
     with engine.connect() as conn:
         attempts = conn.execute(sa.text("SELECT sum(attempts) FROM batches")).scalar_one()
@@ -143,3 +151,18 @@ def test_lease_head_reads_a_real_lease_body(engine: sa.Engine, db_url: str) -> N
     # another layout (fields in another order) is parsed whole
     other = orjson.dumps({"candidates": {"id": [4, 5]}, "batch_id": 3, "lease_token": "t"})
     assert lease_head(other) == (3, "t", 2)
+
+
+def test_lease_retryable_keeps_the_candidates_below_their_last_attempt(
+        engine: sa.Engine, db_url: str) -> None:
+    insert_candidates(db_url, 37)
+    lease = leases(engine, batch_size=37).lease_download_raw(new_worker(engine, "w"))
+    assert lease is not None and lease.url_retries == 2
+    body = lease.to_json().encode()
+    assert lease_retryable(body) == orjson.loads(body)["candidates"]["id"]  # all attempt 1
+    other = orjson.dumps({"url_retries": 2, "batch_id": 3, "lease_token": "t",
+                          "candidates": {"id": [4, 5, 6], "attempt": [1, 3, 2]}})
+    assert lease_retryable(other) == [4, 6]
+    spliced = (b'{"batch_id":3,"lease_token":"t","url_retries":1,"candidates":{"id":[4,5,6],'
+               b'"url":["a","b]","c"],"attempt":[2,1,1]}}')
+    assert lease_retryable(spliced) == [5, 6]
