@@ -43,12 +43,19 @@ def _statements() -> dict[str, str]:
     return parse(SQL_FILE.read_text())
 
 
+@cache
+def _clause(name: str) -> TextClause:
+    """One ``TextClause`` per statement, built once: building it scans the text for its
+    ``:binds`` (0.2 ms for the 3.5 kB claim, per lease). A ``TextClause`` is immutable;
+    ``bindparams()`` and ``columns()`` return new ones."""
+    return text(_statements()[name])
+
+
 class _Queries:
     def __getattr__(self, name: str) -> TextClause:
-        try:
-            return text(_statements()[name])
-        except KeyError:
-            raise AttributeError(f"no query named {name!r} in {SQL_FILE}") from None
+        if name not in _statements():
+            raise AttributeError(f"no query named {name!r} in {SQL_FILE}")
+        return _clause(name)
 
     def names(self) -> list[str]:
         return list(_statements())
