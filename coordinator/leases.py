@@ -293,8 +293,7 @@ class Leases:
                     conn.rollback()
                     self._nothing_found()
                     return None
-                conn.execute(Q.set_batch_size, {"batch_id": row.id, "size": count})
-                conn.execute(Q.store_members, {"batch_id": row.id,
+                conn.execute(Q.store_members, {"batch_id": row.id, "size": count,
                                                "ids": members_text(parts)})
                 body = lease_body(parts)
             if ahead and not conn.execute(Q.anything_left).scalar_one():

@@ -53,9 +53,6 @@ INSERT INTO batches (status, worker_id, lease_token, lease_expires_at, attempts,
 VALUES ('leased', :worker_id, :lease_token, now() + make_interval(secs => :ttl), 1, now())
 RETURNING id, lease_token, lease_expires_at, attempts;
 
--- name: set_batch_size
-UPDATE batches SET size = :size WHERE id = :batch_id;
-
 -- name: table_size_estimate
 -- Planner statistics of pending_chunks: rows (-1 before the first ANALYZE) and pages.
 SELECT reltuples::bigint AS rows, relpages::bigint AS pages
@@ -248,7 +245,8 @@ SELECT count(*) AS n, array_agg(id) AS ids FROM drawn;
 
 -- name: store_members
 -- A new batch's members, in the order of its lease body (element i is key_of(i)): the
--- body's id fragments joined, as array text ("{1,2,...}"), parsed here.
+-- body's id fragments joined, as array text ("{1,2,...}"), parsed here; and its size.
+WITH sized AS (UPDATE batches SET size = :size WHERE id = :batch_id)
 INSERT INTO batch_members (batch_id, ids) VALUES (:batch_id, CAST(:ids AS bigint[]));
 
 -- name: queue_retries
