@@ -519,20 +519,30 @@ _CANDIDATES = b',"candidates":{"id":['
 _ATTEMPT = b',"attempt":['
 
 
+def _split(body: bytes) -> tuple[dict[str, Any], bytes] | None:
+    """A lease body's fields before its candidates (parsed) and its ids array's text, as
+    the coordinator lays it out; None for any other layout."""
+    start = body.find(_CANDIDATES)
+    end = body.find(b"]", start + len(_CANDIDATES)) if start >= 0 else -1
+    if end < 0:
+        return None
+    return orjson.loads(body[:start] + b"}"), body[start + len(_CANDIDATES):end]
+
+
 def lease_retryable(body: bytes) -> list[int]:
     """The ids of a lease body's candidates that may be sent back for a URL retry: those
     whose attempt is at most the lease's ``url_retries``. Only the id and attempt
     arrays are parsed (the others are never needed)."""
-    start, end = body.find(_CANDIDATES), body.rfind(_ATTEMPT)
-    if start < 0 or end < 0:
+    split, at = _split(body), body.rfind(_ATTEMPT)
+    if split is None or at < 0:
         lease = orjson.loads(body)
         ids, attempts = lease["candidates"]["id"], lease["candidates"]["attempt"]
         limit = int(lease.get("url_retries", 0))
     else:
-        limit = int(orjson.loads(body[:start] + b"}").get("url_retries", 0))
-        ids = orjson.loads(b"[" + body[start + len(_CANDIDATES):
-                                       body.find(b"]", start + len(_CANDIDATES))] + b"]")
-        tail = body[end + len(_ATTEMPT) - 1:]
+        head, id_text = split
+        limit = int(head.get("url_retries", 0))
+        ids = orjson.loads(b"[" + id_text + b"]")
+        tail = body[at + len(_ATTEMPT) - 1:]
         attempts = orjson.loads(tail[:tail.find(b"]") + 1])
     return [i for i, a in zip(ids, attempts, strict=True) if a <= limit]
 
@@ -541,15 +551,13 @@ def lease_head(body: bytes) -> tuple[int, str, int]:
     """A lease body's batch id, lease token and candidate count, without building its
     10^4 x 5 Python objects: the fields before the candidates are parsed, the ids
     counted. Any other layout is parsed whole."""
-    start = body.find(_CANDIDATES)
-    end = body.find(b"]", start + len(_CANDIDATES)) if start >= 0 else -1
-    if end < 0:
+    split = _split(body)
+    if split is None:
         lease = orjson.loads(body)
         return (int(lease["batch_id"]), str(lease["lease_token"]),
                 len(lease["candidates"]["id"]))
-    head = orjson.loads(body[:start] + b"}")
-    ids = body[start + len(_CANDIDATES):end]
-    count = ids.count(b",") + 1 if ids.strip() else 0
+    head, id_text = split
+    count = id_text.count(b",") + 1 if id_text.strip() else 0
     return int(head["batch_id"]), str(head["lease_token"]), count
 
 
