@@ -166,7 +166,7 @@ class Invariants:
     pending_and_batched: int
     lost: int
     pending_candidates: int
-    #: candidates sent back for a URL retry (``url_retries``), waiting for a batch
+    #: candidates sent back for a URL retry (``retry_chunks``), waiting for a batch
     retry_waiting: int
     pending_batches: int
     leased_batches: int
@@ -226,14 +226,14 @@ _INVARIANT_SQL = {
                            "JOIN batches b ON b.id = m.batch_id WHERE b.status = 'leased' "
                            "GROUP BY m.id HAVING count(*) > 1) d",
     "pending_and_batched": "SELECT count(*) FROM (SELECT unnest(ids) AS id FROM "
-                           "pending_chunks UNION ALL SELECT id FROM url_retries "
-                           f"WHERE batch_id IS NULL) p JOIN ({_MEMBERS}) m ON m.id = p.id",
+                           "pending_chunks UNION ALL SELECT unnest(ids) FROM retry_chunks"
+                           f") p JOIN ({_MEMBERS}) m ON m.id = p.id",
     "lost": "SELECT count(*) FROM candidates c WHERE NOT EXISTS (SELECT 1 FROM "
             f"({_MEMBERS} UNION ALL SELECT 0, unnest(ids) FROM pending_chunks "
-            "UNION ALL SELECT 0, id FROM url_retries WHERE batch_id IS NULL) m "
+            "UNION ALL SELECT 0, unnest(ids) FROM retry_chunks) m "
             "WHERE m.id = c.id)",
     "pending_candidates": "SELECT COALESCE(sum(cardinality(ids)), 0) FROM pending_chunks",
-    "retry_waiting": "SELECT count(*) FROM url_retries WHERE batch_id IS NULL",
+    "retry_waiting": "SELECT COALESCE(sum(cardinality(ids)), 0) FROM retry_chunks",
     "pending_batches": "SELECT count(*) FROM batches WHERE status = 'pending'",
     "leased_batches": "SELECT count(*) FROM batches WHERE status = 'leased'",
 }
@@ -643,7 +643,7 @@ async def monitor(farm: Farm, engine: sa.Engine, poll_s: float = 1.0) -> None:
     # first page: all of it once the table is nearly drained and not yet vacuumed)
     query = sa.text("SELECT (SELECT id FROM pending_chunks ORDER BY id LIMIT 1) IS NOT NULL "
                     "OR EXISTS (SELECT 1 FROM batches WHERE status IN ('pending', 'leased')) "
-                    "OR EXISTS (SELECT 1 FROM url_retries WHERE batch_id IS NULL)")
+                    "OR EXISTS (SELECT 1 FROM retry_chunks)")
 
     def busy() -> bool:
         with engine.connect() as conn:

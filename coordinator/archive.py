@@ -251,7 +251,7 @@ def record_file(conn: psycopg.Connection, folder: Folder, batches: list[Batch],
         "file_bytes": written.file_bytes})
     for statement in ("archive_add_totals", "archive_add_outcomes", "archive_add_minutes",
                       "archive_add_worker_downloads", "archive_add_similarity",
-                      "archive_delete_retries", "archive_delete_members",
+                      "archive_delete_members",
                       "archive_delete_batches"):
         conn.execute(Q.sql(statement), ids)
 

@@ -31,15 +31,18 @@ body's order (``store_members``); a re-leased batch (step 1) reads all its candi
 that order (``batch_candidates``), so each keeps its key.
 
 URL retries: a new batch first takes candidates that wait for a retry and are due
-(``claim_retries``: ``url_retries`` rows by their ``not_before`` index, ``SKIP LOCKED``),
-at most ``RETRY_SHARE`` of the batch while new candidates remain (retries crowd on the
-hosts that failed, and the sampled rest keeps the batch spread like the input), then more
-of them when ``pending_chunks`` runs short. The lease tells the worker each candidate's
-attempt and ``url_retries``. A completion whose report names candidates to retry (their
-outcome transient, their attempt <= ``url_retries``) sends them back in its own
-transaction, after the fence (``queue_retries``): they leave the batch's members, size and
-outcome counts (the batch counts them in ``retried``) and wait ``url_retry_delay_s`` x
-``url_retry_growth`` ^ (attempt - 1) in ``url_retries``. A report asking to retry a
+(``claim_retries``: whole ``retry_chunks`` rows by their ``not_before`` index, ``SKIP
+LOCKED``, the crossing row split as pending chunks are), at most ``RETRY_SHARE`` of the
+batch while new candidates remain (retries crowd on the hosts that failed, and the
+sampled rest keeps the batch spread like the input), then more of them when
+``pending_chunks`` runs short. The batch's members keep each one's attempt
+(``batch_members.attempts``); the lease tells the worker each candidate's attempt and
+``url_retries``. A completion whose report names candidates to retry (their outcome
+transient, their attempt <= ``url_retries``) sends them back in its own transaction,
+after the fence (``queue_retries``): they leave the batch's members, size and outcome
+counts (the batch counts them in ``retried``) and wait ``url_retry_delay_s`` x
+``url_retry_growth`` ^ (attempt - 1) in retry chunks of up to ``RETRY_CHUNK_IDS`` (one
+row and one index entry for hundreds of candidates). A report asking to retry a
 candidate that is not in the batch or at its last attempt is refused whole.
 
 A candidate leaves ``pending_chunks`` with the delete of its chunk, which succeeds once:
@@ -84,7 +87,7 @@ import sqlalchemy as sa
 from coordinator import reports
 from coordinator.errors import LeaseConflict, NotFound, Quarantined
 from coordinator.models import CHUNK_SIZE
-from coordinator.payload import Part, count_of, lease_body, members_text
+from coordinator.payload import Part, attempts_text, count_of, lease_body, members_text
 from coordinator.queries import Q, int_array, text_array
 from coordinator.sampling import SampleRate
 from coordinator.settings import LeaseSettings
@@ -127,6 +130,12 @@ INDEX_ROUNDS = 8
 #: while new candidates remain, at most this share of a new batch (at least one) is
 #: candidates due for a retry
 RETRY_SHARE = 0.25
+#: the most candidates a completion puts in one retry chunk (8 kB of ids: the row stays
+#: inline, ``toast_tuple_target`` 8160)
+RETRY_CHUNK_IDS = 1000
+#: rounds of ``claim_retries`` for one batch (each locks the chunks the learned average
+#: size says it needs, and one more)
+RETRY_ROUNDS = 4
 
 
 def new_lease_token() -> str:
@@ -200,8 +209,8 @@ class _ChunkFill:
     and how many chunks a full page holds, from the bytes of the rows it took (rows with
     fragments are ~10-40 times as wide as rows of ids alone)."""
 
-    def __init__(self) -> None:
-        self.ids_per_chunk = float(CHUNK_SIZE)
+    def __init__(self, ids_per_chunk: float = CHUNK_SIZE) -> None:
+        self.ids_per_chunk = float(ids_per_chunk)
         self.page_rows = PAGE_ROWS
 
     def chunks_for(self, ids: int) -> int:
@@ -252,6 +261,8 @@ class Leases:
                                page_share=settings.page_share)
         self._rows = _TableRows()
         self._fill = _ChunkFill()
+        #: the ids a retry chunk held on average in the last claim that took whole ones
+        self._retry_fill = _ChunkFill(ids_per_chunk=100.0)
         self._empty = _EmptyQueue(settings.empty_hold_s, clock)
         self.last_form: FormStats | None = None
         #: the last batch this process formed came out full: the queue is not empty, so
@@ -294,7 +305,8 @@ class Leases:
                     self._nothing_found()
                     return None
                 conn.execute(Q.store_members, {"batch_id": row.id, "size": count,
-                                               "ids": members_text(parts)})
+                                               "ids": members_text(parts),
+                                               "attempts": attempts_text(parts)})
                 body = lease_body(parts)
             if ahead and not conn.execute(Q.anything_left).scalar_one():
                 conn.rollback()  # the last batch: kept for a worker with nothing in hand
@@ -309,24 +321,32 @@ class Leases:
         """Fill a new batch: due retries (at most ``RETRY_SHARE`` of it), new candidates,
         then more due retries when the new ones ran short; the body's parts."""
         claim = _Claim()
-        self._claim_retries(conn, batch_id, max(1, int(want * RETRY_SHARE)), claim)
+        self._claim_retries(conn, max(1, int(want * RETRY_SHARE)), claim)
         if claim.count < want:
             self._form(conn, batch_id, want - claim.count, claim)
         if claim.count < want:
-            self._claim_retries(conn, batch_id, want - claim.count, claim)
-        if claim.read_ids:
-            row = conn.execute(Q.candidate_fragments,
-                               {"batch_id": batch_id, "ids": int_array(claim.read_ids)}).one()
+            self._claim_retries(conn, want - claim.count, claim)
+        if claim.to_read:
+            ids, attempts = claim.read_arrays()
+            row = conn.execute(Q.candidate_fragments, {"ids": ids, "attempts": attempts}).one()
             claim.parts.append(Part(int(row.n), row.id_j, row.url_j, row.caption_j,
                                     row.language_j, row.extra_j, row.attempt_j))
         return claim.parts
 
-    def _claim_retries(self, conn: sa.Connection, batch_id: int, want: int,
-                       claim: _Claim) -> None:
-        if want < 1:
-            return
-        row = conn.execute(Q.claim_retries, {"batch_id": batch_id, "n": want}).one()
-        claim.read(row.ids or [])
+    def _claim_retries(self, conn: sa.Connection, want: int, claim: _Claim) -> None:
+        """Take up to ``want`` due retries, in rounds while whole chunks keep coming."""
+        for _ in range(RETRY_ROUNDS):
+            if want < 1:
+                return
+            chunks = self._retry_fill.chunks_for(want) + 1
+            row = conn.execute(Q.claim_retries, {"n": want, "chunks": chunks}).one()
+            got = int(row.n)
+            if got:
+                claim.read(row.id_j, row.attempt_j, got)
+                self._retry_fill.observe(int(row.chunks), got)
+            if int(row.chunks) < chunks:  # no more due chunks (or all others locked)
+                return
+            want -= got
 
     def _form(self, conn: sa.Connection, batch_id: int, want: int, claim: _Claim) -> None:
         """Fill batch ``batch_id`` with up to ``want`` pending candidates."""
@@ -405,7 +425,7 @@ class Leases:
         row = conn.execute(Q.queue_retries, {
             "batch_id": batch_id, "ids": int_array(ids), "classes": text_array(classes),
             "max_retries": s.url_retries, "delay": s.url_retry_delay_s,
-            "growth": s.url_retry_growth}).one()
+            "growth": s.url_retry_growth, "chunk_ids": RETRY_CHUNK_IDS}).one()
         sent_back: dict[str, int] = json.loads(row.queued)
         reports.check_retries(asked=len(ids), members=int(row.members),
                               sent_back=sum(sent_back.values()), url_retries=s.url_retries)
@@ -524,12 +544,27 @@ class Leases:
 
 class _Claim:
     """What the claims of one new batch took: the body's parts that came with
-    fragments, the ids whose candidates must be read, how many in all."""
+    fragments, the candidates that must be read (ids of chunks without fragments, at
+    their first attempt; retries as the comma-separated ids and attempts that
+    ``claim_retries`` returns), how many in all."""
 
     def __init__(self) -> None:
         self.parts: list[Part] = []
         self.read_ids: list[int] = []
+        self.retry_ids: list[str] = []
+        self.retry_attempts: list[str] = []
         self.count = 0
+
+    @property
+    def to_read(self) -> bool:
+        return bool(self.read_ids or self.retry_ids)
+
+    def read_arrays(self) -> tuple[str, str]:
+        """The candidates to read and their attempts, as PostgreSQL array texts."""
+        ids = [int_array(self.read_ids)[1:-1], *self.retry_ids]
+        attempts = [",".join(["1"] * len(self.read_ids)), *self.retry_attempts]
+        return ("{" + ",".join(p for p in ids if p) + "}",
+                "{" + ",".join(p for p in attempts if p) + "}")
 
     def took(self, row: sa.Row[Any]) -> int:
         """Add a claim statement's result (``claim_sampled``, ``claim_by_index``); how
@@ -541,9 +576,10 @@ class _Claim:
         self.count += int(row.n)
         return int(row.n)
 
-    def read(self, ids: list[int]) -> None:
-        self.read_ids.extend(ids)
-        self.count += len(ids)
+    def read(self, id_j: str, attempt_j: str, count: int) -> None:
+        self.retry_ids.append(id_j)
+        self.retry_attempts.append(attempt_j)
+        self.count += count
 
 
 def _failure_kind(report: FailReport) -> str:

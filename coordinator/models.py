@@ -13,9 +13,10 @@ Sizing for 10^9+ candidates:
   ``url_hashes_w<N>`` those of each frozen wave (``url_waves``): the exact dedup, not
   the URL text, ~16 bytes of key a candidate whatever the URL's length, and each insert
   descends one wave's key, not the whole farm's.
-- ``batch_members`` holds the ids of each batch as one array row, written once. A
-  candidate's state is derived: pending (in a ``pending_chunks`` row) or the state of
-  its batch.
+- ``batch_members`` holds the ids of each batch as one array row, written once (and
+  their attempts when some are retries). A candidate's state is derived: pending (in a
+  ``pending_chunks`` row), waiting for a retry (in a ``retry_chunks`` row) or the state
+  of its batch.
 - ``batches`` carries every state change of a batch in one row, so completing a batch is
   one UPDATE however many URLs it holds.
 """
@@ -209,6 +210,8 @@ class BatchMembers(Base):
     batch_id: Mapped[int] = mapped_column(ForeignKey("batches.id"), primary_key=True,
                                           autoincrement=False)
     ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger), nullable=False)
+    #: each member's attempt (element i is ``ids[i]``'s); NULL: all first attempts
+    attempts: Mapped[list[int] | None] = mapped_column(ARRAY(SmallInteger))
 
 
 class Batch(Base):
@@ -238,7 +241,7 @@ class Batch(Base):
     kept: Mapped[int | None] = mapped_column(Integer)
     dropped: Mapped[int | None] = mapped_column(Integer)
     postprocess_digest: Mapped[str | None] = mapped_column(Text)
-    #: candidates sent back for a later attempt at completion (``UrlRetry``): they left
+    #: candidates sent back for a later attempt at completion (``RetryChunk``): they left
     #: the batch's members and size, and its ``outcomes`` do not count them
     retried: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     created_at: Mapped[datetime] = _now()
@@ -260,22 +263,21 @@ class Batch(Base):
     )
 
 
-class UrlRetry(Base):
-    """A candidate whose outcome was transient (``pairfarm.outcomes.TRANSIENT``), sent
-    back by its batch's completion for a later batch: its ``attempt`` there (2 for the
-    first retry) and when it is due. ``batch_id`` is NULL while it waits, then the batch
-    a lease put it in (where the row keeps its attempt). A row per candidate ever sent
-    back, deleted when the archive takes the candidate."""
+class RetryChunk(Base):
+    """Up to 1,000 candidates a completion sent back for a later attempt because their
+    outcome was transient (``pairfarm.outcomes.TRANSIENT``), all at the same ``attempt``
+    (2 for the first retry) and due at ``not_before``; ids in id order. A lease takes
+    whole due rows and deletes them (the row that crosses the batch size is split, its
+    rest goes back as a new row), so a retried candidate costs a share of one row, not a
+    row and its index entries. A candidate is in a retry chunk or in one batch's
+    members, never both."""
 
-    __tablename__ = "url_retries"
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    attempt: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    __tablename__ = "retry_chunks"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     not_before: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
-    batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id"))
-    __table_args__ = (
-        Index("url_retries_waiting", "not_before", postgresql_where=text("batch_id IS NULL")),
-        Index("url_retries_batch_id_idx", "batch_id"),
-    )
+    attempt: Mapped[int] = mapped_column(SmallInteger, nullable=False)
+    ids: Mapped[list[int]] = mapped_column(ARRAY(BigInteger), nullable=False)
+    __table_args__ = (Index("retry_chunks_due", "not_before"),)
 
 
 # -- the archive (``coordinator.archive``): finished batches moved out to parquet files ---

@@ -59,5 +59,13 @@ def members_text(parts: list[Part]) -> str:
     return "{" + ",".join(p.id_j for p in parts if p.count > 0) + "}"
 
 
+def attempts_text(parts: list[Part]) -> str | None:
+    """The attempts of ``parts`` in body order as PostgreSQL array text, element for
+    element with ``members_text``; None when all are first attempts."""
+    if all(p.attempt_j is None for p in parts):
+        return None
+    return "{" + ",".join(p.fragments()[-1] for p in parts if p.count > 0) + "}"
+
+
 def count_of(parts: list[Part]) -> int:
     return sum(p.count for p in parts)

@@ -346,9 +346,9 @@ def _add_retry(engine: sa.Engine, due: bool) -> int:
     """A drained candidate waits for a retry, due now or in an hour; its id."""
     with engine.begin() as conn:
         return int(conn.execute(sa.text(
-            "INSERT INTO url_retries (id, attempt, not_before) SELECT min(id), 2, "
+            "INSERT INTO retry_chunks (ids, attempt, not_before) SELECT ARRAY[min(id)], 2, "
             "now() + CASE WHEN :due THEN interval '-1 s' ELSE interval '1 h' END "
-            "FROM candidates RETURNING id"), {"due": due}).scalar_one())
+            "FROM candidates RETURNING ids[1]"), {"due": due}).scalar_one())
 
 
 def test_an_empty_queue_answers_none_without_forming_a_batch(db_url: str) -> None:

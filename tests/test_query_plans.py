@@ -57,6 +57,6 @@ def test_lease_statements_never_scan_candidates_sequentially(big_engine: sa.Engi
     assert "batch_members_pkey" in plans["batch_candidates"]
     assert "candidates_pkey" in plans["batch_candidates"]
     assert "pending_chunks_pkey" in plans["anything_to_form"]
-    assert "url_retries_waiting" in plans["anything_to_form"]
+    assert "retry_chunks_due" in plans["anything_to_form"]
     for name in ("claim_sampled", "claim_by_index"):
         assert not re.search(r"\bon candidates\b", plans[name]), f"{name} reads wide rows"

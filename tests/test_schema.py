@@ -210,3 +210,40 @@ def test_0005_hashes_existing_urls_and_drops_the_text_index(db_url: str) -> None
         _alembic(engine, command.upgrade, "head")
     finally:
         engine.dispose()
+
+
+def test_0011_turns_url_retries_into_retry_chunks_and_back(db_url: str) -> None:
+    """Waiting url_retries rows become retry chunks (by attempt, due at the latest of
+    theirs); the attempts of rows a batch holds go to its members' attempts. The
+    downgrade gives each candidate its row back."""
+    from alembic import command
+
+    engine = sa.create_engine(db_url)
+    try:
+        _alembic(engine, command.downgrade, "0010")
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO batches (id, status) OVERRIDING SYSTEM VALUE VALUES (7, 'pending');"
+                "INSERT INTO batch_members (batch_id, ids) VALUES (7, '{10,11,12}');"
+                "INSERT INTO url_retries (id, attempt, not_before, batch_id) VALUES "
+                "(11, 3, now(), 7), (20, 2, now() + interval '1 h', NULL), "
+                "(21, 2, now() + interval '2 h', NULL), (22, 3, now(), NULL)"))
+        _alembic(engine, command.upgrade, "head")
+        with engine.connect() as conn:
+            chunks = conn.execute(sa.text(
+                "SELECT attempt, ids, round(extract(epoch FROM not_before - now()) / 3600) "
+                "AS h FROM retry_chunks ORDER BY attempt")).all()
+            members = conn.execute(sa.text(
+                "SELECT ids, attempts FROM batch_members WHERE batch_id = 7")).one()
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        assert [tuple(c) for c in chunks] == [(2, [20, 21], 2), (3, [22], 0)]
+        assert (members.ids, members.attempts) == ([10, 11, 12], [1, 3, 1])
+        _alembic(engine, command.downgrade, "0010")
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text(
+                "SELECT id, attempt, batch_id FROM url_retries ORDER BY id")).all()
+        assert [tuple(r) for r in rows] == [(11, 3, 7), (20, 2, None), (21, 2, None),
+                                            (22, 3, None)]
+        _alembic(engine, command.upgrade, "head")
+    finally:
+        engine.dispose()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -77,16 +78,15 @@ def _report(lease: DownloadLease, failed: dict[int, str],
 def _make_due(engine: sa.Engine) -> None:
     """What the passing of the retry delay does: every waiting retry is due."""
     with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE url_retries SET not_before = now() - interval '1 s' "
-                             "WHERE batch_id IS NULL"))
+        conn.execute(sa.text("UPDATE retry_chunks SET not_before = now() - interval '1 s'"))
 
 
 def _waiting(engine: sa.Engine) -> dict[int, tuple[int, float]]:
     """Candidates waiting for a retry: their attempt, and seconds until it is due."""
     with engine.connect() as conn:
         rows = conn.execute(sa.text(
-            "SELECT id, attempt, extract(epoch FROM not_before - now())::float8 AS s "
-            "FROM url_retries WHERE batch_id IS NULL"))
+            "SELECT u.id AS id, attempt, extract(epoch FROM not_before - now())::float8 AS s "
+            "FROM retry_chunks, unnest(ids) AS u(id)"))
         return {int(r.id): (int(r.attempt), float(r.s)) for r in rows}
 
 
@@ -282,7 +282,10 @@ def test_archive_keeps_waiting_candidates_and_requeue_keeps_their_attempt(
         assert sorted(r["candidate_id"] for r in rows) == ids  # each candidate once
         assert _hot_candidates(engine) == []
         with engine.connect() as conn:
-            assert conn.execute(sa.text("SELECT count(*) FROM url_retries")).scalar_one() == 0
+            left = conn.execute(sa.text(
+                "SELECT (SELECT count(*) FROM retry_chunks), (SELECT count(*) FROM batch_members)"
+            )).one()
+        assert tuple(left) == (0, 0)
         stats = farm_stats(engine, 900.0)
         assert (stats.outcomes, stats.retried, stats.candidates_pending) == ({"ok": 10}, 3, 0)
 
@@ -448,3 +451,92 @@ def test_a_host_down_for_the_first_batch_gets_its_urls_retried_later(
     with psycopg.connect(db_url.replace("+psycopg", "")) as conn:
         sizes = conn.execute("SELECT sum(size), sum(retried) FROM batches").fetchone()
     assert sizes == (len(urls), 14)
+
+
+def _chunks(engine: sa.Engine) -> list[tuple[int, int, float]]:
+    """The retry chunks: (ids, attempt, seconds until due) in id order."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            "SELECT cardinality(ids) AS n, attempt, "
+            "extract(epoch FROM not_before - now())::float8 AS s FROM retry_chunks ORDER BY id"))
+        return [(int(r.n), int(r.attempt), float(r.s)) for r in rows]
+
+
+def test_a_completion_writes_retry_chunks_and_a_lease_splits_the_one_it_crosses(
+        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sent-back candidates wait as chunks of up to RETRY_CHUNK_IDS (one group per
+    attempt); a lease takes whole chunks while they fit and the first ids of the one it
+    crosses, whose rest stays with its attempt and due time."""
+    monkeypatch.setattr("coordinator.leases.RETRY_CHUNK_IDS", 4)
+    insert_candidates(db_url, 40)
+    with engine_for(db_url) as engine:
+        service, worker = _service(engine), new_worker(engine, "w")
+        first = _lease(service, worker)
+        service.complete_download(first.batch_id, worker,
+                                  _report(first, dict.fromkeys(_attempts(first), "timeout")))
+        chunks = _chunks(engine)
+        assert [(n, a) for n, a, _ in chunks] == [(4, 2), (4, 2), (2, 2)]
+        assert all(DELAY - 5 < s <= DELAY for _, _, s in chunks)
+        with engine.begin() as conn:  # one chunk is due, the others wait 1 and 2 h more
+            conn.execute(sa.text(
+                "UPDATE retry_chunks SET not_before = now() + (rank - 1) * interval '1 h' "
+                "FROM (SELECT id AS cid, rank() OVER (ORDER BY id) FROM retry_chunks) r "
+                "WHERE r.cid = retry_chunks.id"))
+        waits = [s for _, _, s in _chunks(engine)]
+        second = _lease(service, worker)  # 2 retries (RETRY_SHARE of 10) + 8 new
+        assert sorted(_attempts(second).values()) == [1] * 8 + [2, 2]
+        assert [(n, a) for n, a, _ in _chunks(engine)] == [(4, 2), (2, 2), (2, 2)]
+        # the rest of the crossed chunk went back still due, the others untouched
+        left = [s for _, _, s in _chunks(engine)]
+        assert left[0] == pytest.approx(waits[1], abs=5)
+        assert left[1] == pytest.approx(waits[2], abs=5)
+        assert left[2] == pytest.approx(waits[0], abs=5) and left[2] <= 0
+        with engine.connect() as conn:
+            members = conn.execute(sa.text(
+                "SELECT ids, attempts FROM batch_members WHERE batch_id = :b"),
+                {"b": second.batch_id}).one()
+        assert dict(zip(members.ids, members.attempts, strict=True)) == _attempts(second)
+        # a second retry of one of them goes back at attempt 3, in its own chunk
+        retried = [i for i, a in _attempts(second).items() if a == 2]
+        service.complete_download(second.batch_id, worker,
+                                  _report(second, dict.fromkeys(retried[:1], "http_5xx")))
+        assert [(n, a) for n, a, _ in _chunks(engine)][-1] == (1, 3)
+        with engine.connect() as conn:
+            members = conn.execute(sa.text(
+                "SELECT ids, attempts FROM batch_members WHERE batch_id = :b"),
+                {"b": second.batch_id}).one()
+        kept = {i: a for i, a in _attempts(second).items() if i != retried[0]}
+        assert dict(zip(members.ids, members.attempts, strict=True)) == kept
+
+
+def test_concurrent_leases_take_each_due_retry_exactly_once(db_url: str) -> None:
+    """Eight threads drain a queue of only due retry chunks of mixed sizes (and some
+    pending candidates): every candidate is leased once, at its chunk's attempt."""
+    insert_candidates(db_url, 3_000)
+    with engine_for(db_url) as engine:
+        with engine.begin() as conn:  # ids 1-1,999 wait in 150 chunks of ~13 ids
+            conn.execute(sa.text("DELETE FROM pending_chunks WHERE ids[1] < 2000"))
+            conn.execute(sa.text(
+                "INSERT INTO retry_chunks (not_before, attempt, ids) "
+                "SELECT now() - interval '1 s', 2 + g % 2, array_agg(id ORDER BY id) "
+                "FROM (SELECT id, (id * 7919) % 150 AS g FROM candidates WHERE id < 2000) s "
+                "GROUP BY g"))
+        service = leases(engine, batch_size=70, url_retries=2, url_retry_delay_s=DELAY)
+        workers = [new_worker(engine, f"w{i}") for i in range(8)]
+
+        def drain(worker: int) -> list[tuple[int, int]]:
+            got = []
+            while (lease := service.lease_download(worker)) is not None:
+                got.extend((c.id, c.attempt) for c in lease.candidates)
+            return got
+
+        with ThreadPoolExecutor(8) as pool:
+            leased = [x for part in pool.map(drain, workers) for x in part]
+        ids = [i for i, _ in leased]
+        assert len(ids) == len(set(ids)) == 3_000
+        with engine.connect() as conn:
+            expected = dict(conn.execute(sa.text(
+                "SELECT id, CASE WHEN id >= 2000 THEN 1 ELSE 2 + (id * 7919) % 150 % 2 END "
+                "FROM candidates")).all())
+            left = conn.execute(sa.text("SELECT count(*) FROM retry_chunks")).scalar_one()
+        assert dict(leased) == expected and left == 0

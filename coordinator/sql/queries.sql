@@ -33,10 +33,11 @@ RETURNING b.id, b.lease_token, b.lease_expires_at, b.attempts;
 -- Whether a new batch could get any candidate: a pending chunk (the first id of
 -- pending_chunks_pkey; an ORDER BY ... LIMIT 1 subquery, not EXISTS, which the planner
 -- would turn into a seq scan that reads every dead heap tuple after a drain) or a due
--- retry (url_retries_waiting). Read before a batch is inserted, so an empty queue costs
--- two index probes instead of an insert, a sample, an index claim and a rollback.
+-- retry (the first entry of retry_chunks_due). Read before a batch is inserted, so an
+-- empty queue costs two index probes instead of an insert, a sample, an index claim
+-- and a rollback.
 SELECT (SELECT id FROM pending_chunks ORDER BY id LIMIT 1) IS NOT NULL
-    OR EXISTS (SELECT 1 FROM url_retries WHERE batch_id IS NULL AND not_before <= now())
+    OR (SELECT not_before FROM retry_chunks ORDER BY not_before LIMIT 1) <= now()
        AS found;
 
 -- name: anything_left
@@ -45,7 +46,7 @@ SELECT (SELECT id FROM pending_chunks ORDER BY id LIMIT 1) IS NOT NULL
 -- take the last of the queue is refused on it (the worker asks again once its batch ended).
 SELECT (SELECT id FROM batches WHERE status = 'pending' ORDER BY id LIMIT 1) IS NOT NULL
     OR (SELECT id FROM pending_chunks ORDER BY id LIMIT 1) IS NOT NULL
-    OR EXISTS (SELECT 1 FROM url_retries WHERE batch_id IS NULL AND not_before <= now())
+    OR (SELECT not_before FROM retry_chunks ORDER BY not_before LIMIT 1) <= now()
        AS found;
 
 -- name: insert_leased_batch
@@ -178,16 +179,15 @@ string_agg(COALESCE(c.extra::text, '{}'), ',' ORDER BY c.id) AS extra_j
 
 -- name: candidate_fragments
 -- The lease body's part for candidates that came without fragments (:ids: retries,
--- chunks that carry none) as JSON array fragments in id order, each candidate's attempt
--- (1, or its url_retries row's when that row names batch :batch_id) included.
+-- chunks that carry none; :attempts, element for element, their attempts) as JSON
+-- array fragments in id order, each candidate's attempt included. Each is read by
+-- candidates_pkey.
 SELECT count(*) AS n,
        string_agg(c.id::text, ',' ORDER BY c.id) AS id_j,
        {_candidate_fragments},
-       string_agg(COALESCE(r.attempt, 1)::text, ',' ORDER BY c.id) AS attempt_j
-  FROM candidates c
-  LEFT JOIN (SELECT id, attempt FROM url_retries WHERE batch_id = :batch_id) AS r
-         ON r.id = c.id
- WHERE c.id = ANY (CAST(:ids AS bigint[]));
+       string_agg(a.attempt::text, ',' ORDER BY c.id) AS attempt_j
+  FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS smallint[])) AS a(id, attempt)
+  JOIN candidates c ON c.id = a.id;
 
 -- name: chunk_candidates
 -- Pending chunks of 16 consecutive ids (id / 16) carrying their fragments, for the
@@ -206,8 +206,7 @@ SELECT array_agg(c.id ORDER BY c.id), {_candidate_fragments}
 -- pairfarm.protocol.CandidateColumns built by the server: one array per field, so 10k
 -- rows never become Python objects on the way to the worker, and the worker parses
 -- five arrays instead of 10k objects. Each member is read by candidates_pkey. A
--- candidate's attempt is 1, or its url_retries row's when that row names this batch
--- (read by url_retries_batch_id_idx: a batch's retried candidates only).
+-- candidate's attempt is its element of the batch's attempts (NULL: 1).
 SELECT count(*) AS n,
        json_build_object(
            'id', COALESCE(array_agg(c.id ORDER BY m.k), '{}'),
@@ -215,80 +214,105 @@ SELECT count(*) AS n,
            'caption', COALESCE(array_agg(c.caption ORDER BY m.k), '{}'),
            'language', COALESCE(array_agg(c.language ORDER BY m.k), '{}'),
            'extra', COALESCE(array_agg(COALESCE(c.extra, '{}'::json) ORDER BY m.k), '{}'),
-           'attempt', COALESCE(array_agg(COALESCE(r.attempt, 1) ORDER BY m.k), '{}')
+           'attempt', COALESCE(array_agg(COALESCE(b.attempts[m.k], 1) ORDER BY m.k), '{}')
        )::text AS candidates
   FROM batch_members b
  CROSS JOIN LATERAL unnest(b.ids) WITH ORDINALITY AS m(id, k)
   JOIN candidates c ON c.id = m.id
-  LEFT JOIN (SELECT id, attempt FROM url_retries WHERE batch_id = :batch_id) AS r
-         ON r.id = c.id
  WHERE b.batch_id = :batch_id;
 
 -- name: claim_retries
--- Put up to :n candidates that wait for a retry and are due (url_retries_waiting, the
--- longest due first, SKIP LOCKED: rows a concurrent lease took are passed over) into
--- batch :batch_id: their rows name the batch (and keep their attempt). Returns how many,
--- and their ids (the lease reads their candidates and stores them as members).
+-- Take up to :n candidates that wait for a retry and are due: up to :chunks retry
+-- chunks, the longest due first (retry_chunks_due), locked SKIP LOCKED (chunks a
+-- concurrent lease holds are passed over; one it deleted cannot be locked). Whole chunks
+-- while they fit in :n, then the first ids of the chunk that crosses :n (its rest goes
+-- back as a new chunk, same attempt and not_before); picked chunks past it stay. The
+-- taken chunks are deleted: no two batches get a candidate. Returns how many chunks were
+-- picked, how many candidates taken (n), their ids and their attempts as comma-separated
+-- text, element for element (the lease reads their candidates and stores them as
+-- members).
 WITH picked AS (
-    SELECT id FROM url_retries
-     WHERE batch_id IS NULL AND not_before <= now()
-     ORDER BY not_before
-     LIMIT :n
+    SELECT ctid, id, not_before, attempt, ids FROM retry_chunks
+     WHERE not_before <= now()
+     ORDER BY not_before, id
+     LIMIT :chunks
        FOR UPDATE SKIP LOCKED
-), drawn AS (
-    UPDATE url_retries r SET batch_id = :batch_id
-      FROM picked
-     WHERE r.id = picked.id
-    RETURNING r.id
+), ranked AS MATERIALIZED (
+    SELECT p.*, cardinality(p.ids) AS len,
+           sum(cardinality(p.ids)) OVER (ORDER BY p.not_before, p.id) AS upto
+      FROM picked p
+), used AS MATERIALIZED (
+    SELECT r.*, CAST(LEAST(r.len, :n - (r.upto - r.len)) AS int) AS keep
+      FROM ranked r
+     WHERE r.upto - r.len < :n
+), taken AS (
+    DELETE FROM retry_chunks c WHERE c.ctid = ANY (ARRAY(SELECT ctid FROM used))
+), leftover AS (
+    INSERT INTO retry_chunks (not_before, attempt, ids)
+    SELECT not_before, attempt, ids[keep + 1:] FROM used WHERE keep < len
 )
-SELECT count(*) AS n, array_agg(id) AS ids FROM drawn;
+SELECT (SELECT count(*) FROM ranked) AS chunks, COALESCE(sum(u.keep), 0) AS n,
+       string_agg(array_to_string(u.ids[1:u.keep], ','), ',' ORDER BY u.not_before, u.id)
+           AS id_j,
+       string_agg(array_to_string(array_fill(u.attempt, ARRAY[u.keep]), ','), ','
+                  ORDER BY u.not_before, u.id) AS attempt_j
+  FROM used u;
 
 -- name: store_members
 -- A new batch's members, in the order of its lease body (element i is key_of(i)): the
--- body's id fragments joined, as array text ("{1,2,...}"), parsed here; and its size.
+-- body's id fragments joined, as array text ("{1,2,...}"), parsed here, their attempts
+-- (NULL: all first attempts) in the same way; and its size.
 WITH sized AS (UPDATE batches SET size = :size WHERE id = :batch_id)
-INSERT INTO batch_members (batch_id, ids) VALUES (:batch_id, CAST(:ids AS bigint[]));
+INSERT INTO batch_members (batch_id, ids, attempts)
+VALUES (:batch_id, CAST(:ids AS bigint[]), CAST(:attempts AS smallint[]));
 
 -- name: queue_retries
 -- At a download completion, after the fence, in its transaction: of the candidates the
 -- report sends back (:ids, with their outcome classes :classes), those that are members
--- of batch :batch_id at an attempt <= :max_retries (1, or their url_retries row's when it
--- names this batch) wait for a later batch: their url_retries row gets the next attempt
--- and is due :delay x :growth ^ (attempt - 1) seconds from now; they leave the batch's
--- members. Returns the ids asked, those that are members, and those sent back by
--- outcome class (JSON); the caller refuses the report unless all agree (rolling back).
+-- of batch :batch_id at an attempt <= :max_retries (their element of the batch's
+-- attempts; NULL: 1) wait for a later batch: retry chunks of up to :chunk_ids of them
+-- (one group per attempt, ids in id order) at the next attempt, due :delay x :growth ^
+-- (attempt - 1) seconds from now; they leave the batch's members (and attempts).
+-- Returns the ids asked, those that are members, and those sent back by outcome class
+-- (JSON); the caller refuses the report unless all agree (rolling back).
 WITH asked AS (
     SELECT a.id, a.outcome
       FROM unnest(CAST(:ids AS bigint[]), CAST(:classes AS text[])) AS a(id, outcome)
+), members AS MATERIALIZED (
+    SELECT m.id, m.k, COALESCE(b.attempts[m.k], 1) AS attempt
+      FROM batch_members b
+     CROSS JOIN LATERAL unnest(b.ids) WITH ORDINALITY AS m(id, k)
+     WHERE b.batch_id = :batch_id
 ), tried AS MATERIALIZED (
-    SELECT a.id, a.outcome, COALESCE(r.attempt, 1) AS attempt
-      FROM asked a
-      JOIN unnest(CAST((SELECT ids FROM batch_members WHERE batch_id = :batch_id)
-                       AS bigint[])) AS m(id) ON m.id = a.id
-      LEFT JOIN url_retries r ON r.id = a.id AND r.batch_id = :batch_id
-), queued AS (
-    INSERT INTO url_retries (id, attempt, not_before, batch_id)
-    SELECT id, attempt + 1,
-           now() + make_interval(secs => CAST(:delay AS float8)
+    SELECT a.id, a.outcome, m.k, m.attempt FROM asked a JOIN members m ON m.id = a.id
+), queued AS MATERIALIZED (
+    SELECT id, k, attempt, outcome FROM tried WHERE attempt <= :max_retries
+), chunked AS (
+    INSERT INTO retry_chunks (not_before, attempt, ids)
+    SELECT now() + make_interval(secs => CAST(:delay AS float8)
                                          * power(CAST(:growth AS float8), attempt - 1)),
-           NULL
-      FROM tried
-     WHERE attempt <= :max_retries
-        ON CONFLICT (id) DO UPDATE
-       SET attempt = EXCLUDED.attempt, not_before = EXCLUDED.not_before, batch_id = NULL
-    RETURNING id
+           attempt + 1, array_agg(id ORDER BY id)
+      FROM (SELECT id, attempt,
+                   (row_number() OVER (PARTITION BY attempt ORDER BY id) - 1)
+                       / :chunk_ids AS g
+              FROM queued) AS q
+     GROUP BY attempt, g
 ), left_members AS (
     UPDATE batch_members b
-       SET ids = ARRAY(SELECT u.id FROM unnest(b.ids) WITH ORDINALITY AS u(id, k)
-                        WHERE NOT EXISTS (SELECT FROM queued q WHERE q.id = u.id)
-                        ORDER BY u.k)
+       SET ids = ARRAY(SELECT m.id FROM members m
+                        WHERE NOT EXISTS (SELECT FROM queued q WHERE q.k = m.k)
+                        ORDER BY m.k),
+           attempts = CASE WHEN b.attempts IS NOT NULL THEN
+                          ARRAY(SELECT m.attempt FROM members m
+                                 WHERE NOT EXISTS (SELECT FROM queued q WHERE q.k = m.k)
+                                 ORDER BY m.k)
+                      END
      WHERE b.batch_id = :batch_id AND EXISTS (SELECT FROM queued)
 )
 SELECT (SELECT count(*) FROM asked) AS asked, (SELECT count(*) FROM tried) AS members,
        (SELECT COALESCE(jsonb_object_agg(outcome, n), '{}')
-          FROM (SELECT t.outcome, count(*) AS n
-                  FROM tried t JOIN queued q ON q.id = t.id
-                 GROUP BY t.outcome) AS s)::text AS queued;
+          FROM (SELECT outcome, count(*) AS n FROM queued GROUP BY outcome) AS s)::text
+           AS queued;
 
 -- name: lock_batch
 SELECT id, status, size, worker_id, lease_token, attempts, pp_attempts, outcomes,
@@ -518,7 +542,7 @@ SELECT outcome, sum(total) AS total
 -- Candidates sent back for a retry (hot and archived batches), and those waiting now.
 SELECT (SELECT COALESCE(sum(retried), 0) FROM batches)
            + (SELECT COALESCE(sum(retried), 0) FROM archived_totals) AS retried,
-       (SELECT count(*) FROM url_retries WHERE batch_id IS NULL) AS waiting;
+       (SELECT COALESCE(sum(cardinality(ids)), 0) FROM retry_chunks) AS waiting;
 
 -- name: stats_ingested
 SELECT COALESCE(sum(inserted), 0) AS inserted FROM ingests;
@@ -857,11 +881,6 @@ SELECT b.postprocess -> 'similarity_edges', c.bin, sum(c.n::bigint)
  GROUP BY 1, 2
     ON CONFLICT (edges, bin) DO UPDATE
    SET samples = archived_similarity.samples + EXCLUDED.samples;
-
--- name: archive_delete_retries
--- The url_retries rows of the batches' candidates (a candidate waiting for a retry is in
--- no batch, so it stays).
-DELETE FROM url_retries WHERE batch_id = ANY (%(batch_ids)s);
 
 -- name: archive_delete_members
 -- Last, once their totals are added: the batches' members, then the batches.
