@@ -60,7 +60,9 @@ workers polling an empty farm cost a request each, not a lease transaction each.
 forgets that at once when this process gives a batch back (``fail``), reaps a lease or
 sends URLs back for a retry; what another process or an ingest adds is seen at most
 ``empty_hold_s`` late. A quarantined worker asking meanwhile gets "nothing" instead of
-``Quarantined`` (it is refused on its next lease that looks).
+``Quarantined`` (it is refused on its next lease that looks). In the same way, once an
+index claim walked all of ``pending_chunks`` and came back short, this process's leases
+take due retries only for ``empty_hold_s`` (``_no_pending``).
 
 Resource handling: each call borrows one pooled connection for one transaction.
 Quarantine: a download worker whose failure reports (not releases) come
@@ -191,6 +193,18 @@ class _TableRows:
     def __init__(self) -> None:
         self._size = TableSize(0, 0)
         self._at = float("-inf")
+        self._max_id = 0
+        self._max_at = float("-inf")
+
+    def max_id(self, conn: sa.Connection) -> int:
+        """The largest chunk id, cached as long: it only places the index fallback's
+        random start, and a walk from a start past the end wraps to 0. (Read fresh, it
+        walks the primary key back past the entries of the chunks deleted since the last
+        vacuum: ~3,300 blocks a call in a drain of 40M.)"""
+        if time.monotonic() - self._max_at > TABLE_STATS_MAX_AGE_S:
+            self._max_id = int(conn.execute(Q.max_chunk_id).scalar_one())
+            self._max_at = time.monotonic()
+        return self._max_id
 
     def get(self, conn: sa.Connection) -> TableSize:
         if time.monotonic() - self._at > TABLE_STATS_MAX_AGE_S:
@@ -264,6 +278,8 @@ class Leases:
         #: the ids a retry chunk held on average in the last claim that took whole ones
         self._retry_fill = _ChunkFill(ids_per_chunk=100.0)
         self._empty = _EmptyQueue(settings.empty_hold_s, clock)
+        #: a claim from the index found no pending chunk (only due retries may be left)
+        self._no_pending = _EmptyQueue(settings.empty_hold_s, clock)
         self.last_form: FormStats | None = None
         #: the last batch this process formed came out full: the queue is not empty, so
         #: the next lease skips the ``anything_to_form`` probe (which costs an index walk
@@ -349,7 +365,12 @@ class Leases:
             want -= got
 
     def _form(self, conn: sa.Connection, batch_id: int, want: int, claim: _Claim) -> None:
-        """Fill batch ``batch_id`` with up to ``want`` pending candidates."""
+        """Fill batch ``batch_id`` with up to ``want`` pending candidates (none while a
+        walk of the whole index found ``pending_chunks`` empty less than ``empty_hold_s``
+        ago: a lease then takes due retries only)."""
+        if self._no_pending.holds():
+            self.last_form = FormStats(0, 0, 0)
+            return
         size = self._rows.get(conn)
         chunks = self._fill.chunks_for(want)
         pct = self.rate.percent(chunks, size.rows, self._fill.capacity(size),
@@ -371,7 +392,7 @@ class Leases:
                         claim: _Claim) -> int:
         """Take ``want`` candidates from chunks in id order from a random id, wrapping
         around once; each round asks for as many chunks as the fill learned so far needs."""
-        start = random.randint(0, int(conn.execute(Q.max_chunk_id).scalar_one()))
+        start = random.randint(0, self._rows.max_id(conn))
         got = 0
         for _ in range(INDEX_ROUNDS):
             if got >= want:
@@ -384,6 +405,8 @@ class Leases:
             self._fill.observe(int(row.chunks), int(row.ids), row.row_bytes)
             if int(row.chunks) < chunks:  # the index ran out from ``start``
                 if start == 0:
+                    if got < want:
+                        self._no_pending.seen()
                     break
                 start = 0
         return got

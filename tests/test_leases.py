@@ -12,7 +12,7 @@ from coordinator.leases import Leases
 from coordinator.metrics import make_metrics
 from coordinator.queries import Q
 from coordinator.settings import make_lease_settings
-from pairfarm.protocol import BatchStatus, FailCause, FailReport
+from pairfarm.protocol import BatchStatus, DownloadLease, FailCause, FailReport
 from tests.conftest import insert_candidates
 from tests.leasing import (
     engine_for,
@@ -555,3 +555,41 @@ def test_no_hold_with_empty_hold_zero(db_url: str) -> None:
         insert_candidates(db_url, 10, start=10)
         assert service.lease_download(worker) is not None
         assert _empty_answers(service) == {"held": 0, "looked": 1}
+
+
+def test_once_the_index_ran_out_leases_take_only_retries_for_the_hold(db_url: str) -> None:
+    """A claim that walked the whole index and found no pending chunk: for
+    ``empty_hold_s`` a lease with due retries takes them without sampling or walking
+    pending_chunks again; after the hold it looks again (and finds what an ingest added)."""
+    insert_candidates(db_url, 15)
+    with engine_for(db_url) as engine:
+        clock = _Clock()
+        service = _held_service(engine, clock, url_retries=2, url_retry_delay_s=0.0)
+        worker = new_worker(engine, "w")
+        first = service.lease_download(worker)
+        assert first is not None and len(first.candidates) == 10
+        second = service.lease_download(worker)  # 5: the index ran out
+        assert second is not None and len(second.candidates) == 5
+        statements = _statements(engine)
+
+        def claims() -> list[str]:  # claim_sampled and claim_by_index
+            return [s for s in statements if "TABLESAMPLE" in s or "WHERE id >= " in s]
+
+        def send_back(lease: DownloadLease, n: int) -> list[int]:
+            ids = [c.id for c in lease.candidates[:n]]
+            service.complete_download(lease.batch_id, worker, report(
+                lease.lease_token, len(lease.candidates), ok=len(lease.candidates) - n
+            ).model_copy(update={"retry": {"timeout": ids}}))
+            return ids
+
+        retried = send_back(first, 3)
+        insert_candidates(db_url, 5, start=15)  # another process's ingest
+        lease = service.lease_download(worker)
+        assert lease is not None and sorted(c.id for c in lease.candidates) == retried
+        assert statements and claims() == [], "pending_chunks was looked at"
+        retried = send_back(second, 2)
+        clock.now += 5.1  # the hold is over: new candidates are seen again
+        lease = service.lease_download(worker)
+        assert lease is not None
+        assert sorted(c.id for c in lease.candidates) == sorted([*retried, *range(16, 21)])
+        assert claims()

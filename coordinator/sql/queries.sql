@@ -35,9 +35,10 @@ RETURNING b.id, b.lease_token, b.lease_expires_at, b.attempts;
 -- would turn into a seq scan that reads every dead heap tuple after a drain) or a due
 -- retry (the first entry of retry_chunks_due). Read before a batch is inserted, so an
 -- empty queue costs two index probes instead of an insert, a sample, an index claim
--- and a rollback.
-SELECT (SELECT id FROM pending_chunks ORDER BY id LIMIT 1) IS NOT NULL
-    OR (SELECT not_before FROM retry_chunks ORDER BY not_before LIMIT 1) <= now()
+-- and a rollback. The retry probe comes first: OR stops at the first true operand, and
+-- after a drain the walk past the deleted chunks' entries is the costly one.
+SELECT (SELECT not_before FROM retry_chunks ORDER BY not_before LIMIT 1) <= now()
+    OR (SELECT id FROM pending_chunks ORDER BY id LIMIT 1) IS NOT NULL
        AS found;
 
 -- name: anything_left
