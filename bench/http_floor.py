@@ -9,6 +9,9 @@ end and decoding nothing:
 
 - ``trio-socket``: ``trio.open_tcp_stream``, one GET written by hand, the response read
   until the server closes; no HTTP parsing at all: the event loop's and the kernel's part;
+- ``httptools``: the same sockets, the response parsed by ``httptools`` (llhttp, the
+  C parser uvicorn uses): status, headers and body chunks, the end of the message; the
+  floor of an HTTP/1.1 client whose parsing is not Python's;
 - ``httpcore``: ``httpcore.AsyncConnectionPool`` (h11 parsing, connection pool);
 - ``httpx``: ``httpx.AsyncClient`` streaming each response;
 - ``pairfarm``: the worker's ``Stage.fetch`` (``worker.batch.open_stage``: SSRF guard,
@@ -33,7 +36,7 @@ from pathlib import Path
 
 from bench.options import server_arguments
 
-MODES = ("trio-socket", "httpcore", "httpx", "pairfarm")
+MODES = ("trio-socket", "httptools", "httpcore", "httpx", "pairfarm")
 #: fetches one URL to the end of its body: the bytes read, None when it failed
 Get = Callable[[str], Awaitable[int | None]]
 
@@ -155,6 +158,50 @@ async def _socket_fetcher() -> AsyncIterator[Get]:
     yield get
 
 
+class _Response:
+    """``httptools`` parser callbacks: the headers, the body's size, the message's end."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.done = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_body(self, body: bytes) -> None:
+        self.size += len(body)
+
+    def on_message_complete(self) -> None:
+        self.done = True
+
+
+@asynccontextmanager
+async def _httptools_fetcher() -> AsyncIterator[Get]:
+    from urllib.parse import urlsplit
+
+    import httptools
+    import trio
+
+    async def get(url: str) -> int | None:
+        parts = urlsplit(url)
+        request = (f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                   "Connection: close\r\n\r\n").encode()
+        response = _Response()
+        parser = httptools.HttpResponseParser(response)
+        try:
+            stream = await trio.open_tcp_stream(parts.hostname or "", parts.port or 80)
+            async with stream:
+                await stream.send_all(request)
+                while not response.done and (data := await stream.receive_some(65536)):
+                    parser.feed_data(data)
+        except (OSError, trio.BrokenResourceError, httptools.HttpParserError):
+            return None
+        return response.size if response.done else None
+
+    yield get
+
+
 @asynccontextmanager
 async def _httpcore_fetcher() -> AsyncIterator[Get]:
     import httpcore
@@ -207,7 +254,8 @@ async def _pairfarm_fetcher() -> AsyncIterator[Get]:
 
 
 FETCHERS: dict[str, Callable[[], AbstractAsyncContextManager[Get]]] = {
-    "trio-socket": _socket_fetcher, "httpcore": _httpcore_fetcher, "httpx": _httpx_fetcher,
+    "trio-socket": _socket_fetcher, "httptools": _httptools_fetcher,
+    "httpcore": _httpcore_fetcher, "httpx": _httpx_fetcher,
     "pairfarm": _pairfarm_fetcher}
 
 
