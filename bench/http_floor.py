@@ -134,19 +134,25 @@ async def _drained(chunks: AsyncIterator[bytes]) -> int:
     return size
 
 
-@asynccontextmanager
-async def _socket_fetcher() -> AsyncIterator[Get]:
+def _get_request(url: str) -> tuple[str, int, bytes]:
+    """The host, port and bytes of a hand-written GET of ``url`` on its own connection."""
     from urllib.parse import urlsplit
 
+    parts = urlsplit(url)
+    request = (f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+               "Connection: close\r\n\r\n").encode()
+    return parts.hostname or "", parts.port or 80, request
+
+
+@asynccontextmanager
+async def _socket_fetcher() -> AsyncIterator[Get]:
     import trio
 
     async def get(url: str) -> int | None:
-        parts = urlsplit(url)
-        request = (f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-                   "Connection: close\r\n\r\n").encode()
+        host, port, request = _get_request(url)
         size = 0
         try:
-            stream = await trio.open_tcp_stream(parts.hostname or "", parts.port or 80)
+            stream = await trio.open_tcp_stream(host, port)
             async with stream:
                 await stream.send_all(request)
                 while data := await stream.receive_some(65536):
@@ -178,19 +184,15 @@ class _Response:
 
 @asynccontextmanager
 async def _httptools_fetcher() -> AsyncIterator[Get]:
-    from urllib.parse import urlsplit
-
     import httptools
     import trio
 
     async def get(url: str) -> int | None:
-        parts = urlsplit(url)
-        request = (f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
-                   "Connection: close\r\n\r\n").encode()
+        host, port, request = _get_request(url)
         response = _Response()
         parser = httptools.HttpResponseParser(response)
         try:
-            stream = await trio.open_tcp_stream(parts.hostname or "", parts.port or 80)
+            stream = await trio.open_tcp_stream(host, port)
             async with stream:
                 await stream.send_all(request)
                 while not response.done and (data := await stream.receive_some(65536)):

@@ -225,14 +225,19 @@ def test_a_worker_whose_lease_is_lost_sends_nothing_back(db_url: str) -> None:
         assert _attempts(again) == dict.fromkeys(_attempts(expired), 1)
 
 
+def _fail_first_batch(service: Leases, worker: int, outcome: str) -> None:
+    """Lease a batch and complete it with every candidate at ``outcome`` (sent back)."""
+    first = _lease(service, worker)
+    service.complete_download(first.batch_id, worker,
+                              _report(first, dict.fromkeys(_attempts(first), outcome)))
+
+
 def test_retries_take_a_bounded_share_of_a_batch_while_new_candidates_remain(
         db_url: str) -> None:
     insert_candidates(db_url, 40)
     with engine_for(db_url) as engine:
         service, worker = _service(engine), new_worker(engine, "w")
-        first = _lease(service, worker)
-        service.complete_download(first.batch_id, worker,
-                                  _report(first, dict.fromkeys(_attempts(first), "http_429")))
+        _fail_first_batch(service, worker, "http_429")
         _make_due(engine)
         retried_per_batch = []
         while (lease := service.lease_download(worker)) is not None:
@@ -471,9 +476,7 @@ def test_a_completion_writes_retry_chunks_and_a_lease_splits_the_one_it_crosses(
     insert_candidates(db_url, 40)
     with engine_for(db_url) as engine:
         service, worker = _service(engine), new_worker(engine, "w")
-        first = _lease(service, worker)
-        service.complete_download(first.batch_id, worker,
-                                  _report(first, dict.fromkeys(_attempts(first), "timeout")))
+        _fail_first_batch(service, worker, "timeout")
         chunks = _chunks(engine)
         assert [(n, a) for n, a, _ in chunks] == [(4, 2), (4, 2), (2, 2)]
         assert all(DELAY - 5 < s <= DELAY for _, _, s in chunks)
