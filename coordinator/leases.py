@@ -60,9 +60,9 @@ workers polling an empty farm cost a request each, not a lease transaction each.
 forgets that at once when this process gives a batch back (``fail``), reaps a lease or
 sends URLs back for a retry; what another process or an ingest adds is seen at most
 ``empty_hold_s`` late. A quarantined worker asking meanwhile gets "nothing" instead of
-``Quarantined`` (it is refused on its next lease that looks). In the same way, once an
-index claim walked all of ``pending_chunks`` and came back short, this process's leases
-take due retries only for ``empty_hold_s`` (``_no_pending``).
+``Quarantined`` (it is refused on its next lease that looks). In the same way, once a
+lease's sample and its walk of the whole ``pending_chunks`` index found no candidate,
+this process's leases take due retries only for ``empty_hold_s`` (``_no_pending``).
 
 Resource handling: each call borrows one pooled connection for one transaction.
 Quarantine: a download worker whose failure reports (not releases) come
@@ -366,8 +366,9 @@ class Leases:
 
     def _form(self, conn: sa.Connection, batch_id: int, want: int, claim: _Claim) -> None:
         """Fill batch ``batch_id`` with up to ``want`` pending candidates (none while a
-        walk of the whole index found ``pending_chunks`` empty less than ``empty_hold_s``
-        ago: a lease then takes due retries only)."""
+        lease of this process found no pending candidate at all, in its sample and its
+        walk of the whole index, less than ``empty_hold_s`` ago: a lease then takes due
+        retries only)."""
         if self._no_pending.holds():
             self.last_form = FormStats(0, 0, 0)
             return
@@ -386,6 +387,8 @@ class Leases:
             self.rate.used_index()
         from_index = (self._claim_by_index(conn, batch_id, want - claimed, claim)
                       if claimed < want else 0)
+        if claimed + from_index == 0:  # neither the sample nor the whole index had one
+            self._no_pending.seen()
         self.last_form = FormStats(sampled, claimed, from_index)
 
     def _claim_by_index(self, conn: sa.Connection, batch_id: int, want: int,
@@ -405,8 +408,6 @@ class Leases:
             self._fill.observe(int(row.chunks), int(row.ids), row.row_bytes)
             if int(row.chunks) < chunks:  # the index ran out from ``start``
                 if start == 0:
-                    if got < want:
-                        self._no_pending.seen()
                     break
                 start = 0
         return got

@@ -557,10 +557,12 @@ def test_no_hold_with_empty_hold_zero(db_url: str) -> None:
         assert _empty_answers(service) == {"held": 0, "looked": 1}
 
 
-def test_once_the_index_ran_out_leases_take_only_retries_for_the_hold(db_url: str) -> None:
-    """A claim that walked the whole index and found no pending chunk: for
+def test_once_no_pending_candidate_was_found_leases_take_only_retries_for_the_hold(
+        db_url: str) -> None:
+    """A lease whose sample and whole index walk found no pending candidate: for
     ``empty_hold_s`` a lease with due retries takes them without sampling or walking
-    pending_chunks again; after the hold it looks again (and finds what an ingest added)."""
+    pending_chunks again; after the hold it looks again (and finds what an ingest added).
+    A lease that found some (a short last batch) holds nothing back."""
     insert_candidates(db_url, 15)
     with engine_for(db_url) as engine:
         clock = _Clock()
@@ -568,7 +570,7 @@ def test_once_the_index_ran_out_leases_take_only_retries_for_the_hold(db_url: st
         worker = new_worker(engine, "w")
         first = service.lease_download(worker)
         assert first is not None and len(first.candidates) == 10
-        second = service.lease_download(worker)  # 5: the index ran out
+        second = service.lease_download(worker)  # the last 5: the index ran out
         assert second is not None and len(second.candidates) == 5
         statements = _statements(engine)
 
@@ -583,13 +585,17 @@ def test_once_the_index_ran_out_leases_take_only_retries_for_the_hold(db_url: st
             return ids
 
         retried = send_back(first, 3)
+        lease = service.lease_download(worker)  # the 3 retries; pending found empty
+        assert lease is not None and sorted(c.id for c in lease.candidates) == retried
+        assert claims(), "the first lease after the drain looks at pending_chunks"
+        statements.clear()
+        retried = send_back(second, 2)
         insert_candidates(db_url, 5, start=15)  # another process's ingest
         lease = service.lease_download(worker)
         assert lease is not None and sorted(c.id for c in lease.candidates) == retried
-        assert statements and claims() == [], "pending_chunks was looked at"
-        retried = send_back(second, 2)
+        assert statements and claims() == [], "pending_chunks was looked at in the hold"
         clock.now += 5.1  # the hold is over: new candidates are seen again
         lease = service.lease_download(worker)
-        assert lease is not None
-        assert sorted(c.id for c in lease.candidates) == sorted([*retried, *range(16, 21)])
+        assert lease is not None and sorted(c.id for c in lease.candidates) == \
+            list(range(16, 21))
         assert claims()
