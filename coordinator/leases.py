@@ -278,7 +278,8 @@ class Leases:
         #: the ids a retry chunk held on average in the last claim that took whole ones
         self._retry_fill = _ChunkFill(ids_per_chunk=100.0)
         self._empty = _EmptyQueue(settings.empty_hold_s, clock)
-        #: a claim from the index found no pending chunk (only due retries may be left)
+        #: a lease found no pending candidate, sampled or by the index (only due retries
+        #: may be left)
         self._no_pending = _EmptyQueue(settings.empty_hold_s, clock)
         self.last_form: FormStats | None = None
         #: the last batch this process formed came out full: the queue is not empty, so
