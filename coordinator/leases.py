@@ -569,27 +569,24 @@ class Leases:
 
 class _Claim:
     """What the claims of one new batch took: the body's parts that came with
-    fragments, the candidates that must be read (ids of chunks without fragments, at
-    their first attempt; retries as the comma-separated ids and attempts that
-    ``claim_retries`` returns), how many in all."""
+    fragments, the candidates that must be read (the ids of chunks without fragments,
+    at their first attempt, and due retries) as comma-separated ids and attempts, how
+    many in all."""
 
     def __init__(self) -> None:
         self.parts: list[Part] = []
-        self.read_ids: list[int] = []
-        self.retry_ids: list[str] = []
-        self.retry_attempts: list[str] = []
+        self._read_ids: list[str] = []
+        self._read_attempts: list[str] = []
         self.count = 0
 
     @property
     def to_read(self) -> bool:
-        return bool(self.read_ids or self.retry_ids)
+        return bool(self._read_ids)
 
     def read_arrays(self) -> tuple[str, str]:
         """The candidates to read and their attempts, as PostgreSQL array texts."""
-        ids = [int_array(self.read_ids)[1:-1], *self.retry_ids]
-        attempts = [",".join(["1"] * len(self.read_ids)), *self.retry_attempts]
-        return ("{" + ",".join(p for p in ids if p) + "}",
-                "{" + ",".join(p for p in attempts if p) + "}")
+        return ("{" + ",".join(self._read_ids) + "}",
+                "{" + ",".join(self._read_attempts) + "}")
 
     def took(self, row: sa.Row[Any]) -> int:
         """Add a claim statement's result (``claim_sampled``, ``claim_by_index``); how
@@ -597,14 +594,19 @@ class _Claim:
         if int(row.carried):
             self.parts.append(Part(int(row.carried), row.id_j, row.url_j, row.caption_j,
                                    row.language_j, row.extra_j))
-        self.read_ids.extend(row.read_ids or [])
+        if row.read_ids:
+            self._read(int_array(row.read_ids)[1:-1], ",".join(["1"] * len(row.read_ids)))
         self.count += int(row.n)
         return int(row.n)
 
     def read(self, id_j: str, attempt_j: str, count: int) -> None:
-        self.retry_ids.append(id_j)
-        self.retry_attempts.append(attempt_j)
+        """Add ``count`` due retries (``claim_retries``' comma-separated ids and attempts)."""
+        self._read(id_j, attempt_j)
         self.count += count
+
+    def _read(self, id_j: str, attempt_j: str) -> None:
+        self._read_ids.append(id_j)
+        self._read_attempts.append(attempt_j)
 
 
 def _failure_kind(report: FailReport) -> str:

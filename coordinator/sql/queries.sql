@@ -298,16 +298,14 @@ WITH asked AS (
                        / :chunk_ids AS g
               FROM queued) AS q
      GROUP BY attempt, g
+), kept AS MATERIALIZED (
+    SELECT m.id, m.k, m.attempt FROM members m
+     WHERE NOT EXISTS (SELECT FROM queued q WHERE q.k = m.k)
 ), left_members AS (
     UPDATE batch_members b
-       SET ids = ARRAY(SELECT m.id FROM members m
-                        WHERE NOT EXISTS (SELECT FROM queued q WHERE q.k = m.k)
-                        ORDER BY m.k),
-           attempts = CASE WHEN b.attempts IS NOT NULL THEN
-                          ARRAY(SELECT m.attempt FROM members m
-                                 WHERE NOT EXISTS (SELECT FROM queued q WHERE q.k = m.k)
-                                 ORDER BY m.k)
-                      END
+       SET ids = ARRAY(SELECT id FROM kept ORDER BY k),
+           attempts = CASE WHEN b.attempts IS NOT NULL
+                           THEN ARRAY(SELECT attempt FROM kept ORDER BY k) END
      WHERE b.batch_id = :batch_id AND EXISTS (SELECT FROM queued)
 )
 SELECT (SELECT count(*) FROM asked) AS asked, (SELECT count(*) FROM tried) AS members,
