@@ -166,7 +166,9 @@ def auto_archive_settings(*, archive_to: str | None, hot_max_candidates: int,
               show_default=True,
               help="Seconds after a lease found nothing during which this process answers "
                    "leases 204 without asking the database (unless it released, reaped or "
-                   "re-queued something meanwhile); 0: every lease asks.")
+                   "re-queued something meanwhile), and after a lease found no new "
+                   "candidate during which its leases take due URL retries only; 0: every "
+                   "lease asks.")
 @click.option("--revocation-check", default=1.0, type=float,
               envvar="PAIRFARM_REVOCATION_CHECK", show_default=True,
               help="Each process keeps the tokens it has seen and checks for revoked ones "
