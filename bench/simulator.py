@@ -28,7 +28,8 @@ jitter); a heartbeat, completion or fail report is never dropped. A monitor ends
 once nothing is pending or leased.
 
 Reported: leases/s, client-side p50/p99/max of each call beside the coordinator's own
-time for it (its ``Server-Timing`` header), how late the simulator's event loop wakes a
+time for it (its ``Server-Timing`` header), the lease's client-side p50/p99/max by 30 s
+window of when it was asked, how late the simulator's event loop wakes a
 sleeping task (its own share of the client-side time), errors by call and kind, the CPU
 seconds per lease of the coordinator processes and of PostgreSQL (from /proc via psutil:
 each process tree, dead children included) and of the simulator itself (all on the same
@@ -743,6 +744,10 @@ def empty_answers(base: str) -> dict[str, float]:
     return found
 
 
+#: the width of ``describe_timeline``'s windows
+TIMELINE_STEP_S = 30.0
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -789,6 +794,7 @@ def describe(report: SimReport) -> list[str]:
         f"{k} {1000 * v / per:.1f} ms" for k, v in report.cpu_s.items())
         + f" (totals: {', '.join(f'{k} {v:.1f} s' for k, v in report.cpu_s.items())})")
     lines.extend(describe_window(report))
+    lines.extend(describe_timeline(report))
     lines.append(
         f"invariants: candidates {inv.candidates:,}, in two batches {inv.in_two_batches}, "
         f"in two live batches {inv.in_two_live_batches}, pending and batched "
@@ -851,6 +857,25 @@ def describe_window(report: SimReport) -> list[str]:
         f"{sum(pg.values()) / window.seconds:.2f}, simulator "
         f"{cpu['simulator'] / window.seconds:.2f}",
     ]
+
+
+def describe_timeline(report: SimReport, step_s: float = TIMELINE_STEP_S) -> list[str]:
+    """Client-side lease latency by ``step_s`` window of when the lease was asked (from
+    the workers' start), with the other calls started in the window: where slow leases
+    fall (the ramp, a round's end, the drained tail)."""
+    calls = report.calls
+    windows: dict[int, list[float]] = {}
+    for s, t in zip(calls.seconds["lease"], calls.started["lease"], strict=True):
+        windows.setdefault(int((t - calls.t0) // step_s), []).append(s * 1000)
+    others: Counter[int] = Counter(int((t - calls.t0) // step_s) for op in OPS
+                                   if op != "lease" for t in calls.started[op])
+    lines = [f"leases by {step_s:.0f} s window (client ms):"]
+    for k in sorted(windows):
+        ms = windows[k]
+        lines.append(f"  {k * step_s:6.0f} s n={len(ms):5d} p50={percentile(ms, 50):8.1f} "
+                     f"p99={percentile(ms, 99):8.1f} max={max(ms):8.1f}; other calls "
+                     f"{others[k]}")
+    return lines
 
 
 def after_first_round(report: SimReport) -> list[float]:

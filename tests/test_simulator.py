@@ -13,6 +13,7 @@ from bench.simulator import (
     after_first_round,
     check_invariants,
     describe,
+    describe_timeline,
     lease_head,
     lease_retryable,
     run,
@@ -73,6 +74,11 @@ def test_a_small_farm_with_failures_and_kills_drains_consistently(
     assert window is not None and 0 < window.leases < events["leased"], text
     assert window.cpu_s["coordinator"] > 0 and window.cpu_s["postgres backend"] > 0
     assert "steady window" in text and "backend" in text
+    # the timeline puts every lease in one window of when it was asked
+    lines = describe_timeline(report, step_s=1.0)[1:]
+    counts = [int(line.split("n=")[1].split()[0]) for line in lines]
+    assert sum(counts) == len(calls.seconds["lease"]) and len(lines) > 1, text
+    assert "leases by 30 s window" in text
 
 
 def test_the_checker_finds_each_broken_invariant(db_url: str, engine: sa.Engine) -> None:
