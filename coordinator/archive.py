@@ -1,6 +1,7 @@
 """The bounded hot set (egress): finished batches leave the database for parquet files.
 
-A batch that is ``done`` or ``failed`` and unchanged for ``min_age_s`` is archived:
+A batch that is ``done`` or ``failed`` (or ``downloaded``, with ``downloaded``: its final
+state in a farm that runs no post-processing) and unchanged for ``min_age_s`` is archived:
 ``archive`` moves such batches, lowest id first, with their ``batch_members`` and
 ``candidates`` rows, out of the hot tables into parquet files in a folder (a local path or
 an fsspec URL such as ``s3://bucket/archive``). A file holds one row per candidate: its id,
@@ -223,7 +224,8 @@ def file_name(batches: list[Batch]) -> str:
 def pick_batches(conn: psycopg.Connection, settings: ArchiveSettings) -> list[Batch]:
     """Lock the next file's batches (call inside the file's transaction)."""
     rows = conn.execute(Q.sql("archive_pick"), {
-        "min_age": settings.min_age_s, "max_candidates": settings.file_candidates})
+        "min_age": settings.min_age_s, "max_candidates": settings.file_candidates,
+        "downloaded": settings.downloaded})
     return [Batch(int(r[0]), int(r[1]), str(r[2]), (r[0], r[2], *r[3:])) for r in rows]
 
 

@@ -71,10 +71,16 @@ def engine_for(settings: CoordinatorSettings, *, migrate: bool = False) -> Itera
 
 
 def archive_options(prefix: str) -> Callable[[F], F]:
-    """``--{prefix}file-candidates`` and ``--{prefix}min-age``: shared by ``pairfarm
-    archive`` and the coordinator's automatic mode, with the same environment variables."""
+    """``--{prefix}file-candidates``, ``--{prefix}min-age`` and ``--{prefix}downloaded``:
+    shared by ``pairfarm archive`` and the coordinator's automatic mode, with the same
+    environment variables."""
 
     def add(func: F) -> F:
+        func = click.option(
+            f"--{prefix}downloaded", "downloaded", is_flag=True, default=False,
+            envvar="PAIRFARM_ARCHIVE_DOWNLOADED", show_default=True,
+            help="Archive downloaded batches too: their final state in a farm that runs no "
+                 "post-processing (an archived batch is never post-processed).")(func)
         func = click.option(
             f"--{prefix}min-age", "min_age", default=600.0, type=click.FloatRange(0),
             envvar="PAIRFARM_ARCHIVE_MIN_AGE", show_default=True,
@@ -111,7 +117,7 @@ def auto_archive_options(func: F) -> F:
 
 def auto_archive_settings(*, archive_to: str | None, hot_max_candidates: int,
                           archive_interval: float, file_candidates: int,
-                          min_age: float) -> Any:
+                          min_age: float, downloaded: bool) -> Any:
     """The automatic archive's settings; None when it is off."""
     from coordinator.errors import SettingsError
     from coordinator.settings import make_archive_settings
@@ -122,7 +128,7 @@ def auto_archive_settings(*, archive_to: str | None, hot_max_candidates: int,
         raise SettingsError("--hot-max-candidates needs --archive-to (PAIRFARM_ARCHIVE_TO)")
     return make_archive_settings(location=archive_to, file_candidates=file_candidates,
                                  min_age_s=min_age, hot_max_candidates=hot_max_candidates,
-                                 interval_s=archive_interval)
+                                 interval_s=archive_interval, downloaded=downloaded)
 
 
 # -- pairfarm coordinator -----------------------------------------------------------------
@@ -430,8 +436,10 @@ def batches_requeue(*, database_url: str | None, data_dir: Path, states: tuple[s
                    "every finished batch).")
 @friendly_errors
 def archive_command(*, database_url: str | None, data_dir: Path, location: str,
-                    file_candidates: int, min_age: float, until_hot: int | None) -> None:
-    """Move finished batches (done, failed) out of the database into parquet files.
+                    file_candidates: int, min_age: float, downloaded: bool,
+                    until_hot: int | None) -> None:
+    """Move finished batches (done, failed; downloaded with --downloaded) out of the
+    database into parquet files.
 
     Each file holds one row per candidate with its batch's final state and outcome
     counts; its batches, their members and candidates leave the hot tables in the
@@ -444,7 +452,7 @@ def archive_command(*, database_url: str | None, data_dir: Path, location: str,
     from coordinator.settings import make_archive_settings
 
     settings = make_archive_settings(location=location, file_candidates=file_candidates,
-                                     min_age_s=min_age)
+                                     min_age_s=min_age, downloaded=downloaded)
     with open_database(settings_from(database_url=database_url, data_dir=data_dir),
                        migrate=False) as url:
         check_schema(url)

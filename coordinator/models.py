@@ -303,7 +303,8 @@ class Archive(Base):
 
 
 class ArchivedTotals(Base):
-    """What the archived batches of one final status add to the farm's totals."""
+    """What the archived batches of one final status add to the farm's totals
+    (``downloaded`` is final in a farm without post-processing: ``--archive-downloaded``)."""
 
     __tablename__ = "archived_totals"
     status: Mapped[str] = mapped_column(Text, primary_key=True)
@@ -315,7 +316,8 @@ class ArchivedTotals(Base):
     retried: Mapped[int] = mapped_column(BigInteger, nullable=False, server_default="0")
     #: the earliest ``created_at`` of these batches (the farm's age, for the rate's span)
     first_created_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    __table_args__ = (CheckConstraint("status IN ('done', 'failed')", name="status"),)
+    __table_args__ = (
+        CheckConstraint("status IN ('done', 'failed', 'downloaded')", name="status"),)
 
 
 class ArchivedOutcome(Base):

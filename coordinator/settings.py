@@ -83,11 +83,15 @@ class ArchiveSettings:
     hot_max_candidates: int = 0
     #: seconds between two looks of the automatic mode
     interval_s: float = 60.0
+    #: archive ``downloaded`` batches too (their final state when no post-processing runs;
+    #: an archived batch is never post-processed)
+    downloaded: bool = False
 
 
 def make_archive_settings(*, location: str, file_candidates: int = 1_000_000,
                           min_age_s: float = 600.0, hot_max_candidates: int = 0,
-                          interval_s: float = 60.0) -> ArchiveSettings:
+                          interval_s: float = 60.0, downloaded: bool = False
+                          ) -> ArchiveSettings:
     _check(bool(location.strip()), "the archive location must not be empty")
     _check(file_candidates >= 1, f"file candidates must be at least 1, not {file_candidates}")
     _check(min_age_s >= 0, f"the archive min age must not be negative, not {min_age_s}")
@@ -96,7 +100,7 @@ def make_archive_settings(*, location: str, file_candidates: int = 1_000_000,
     _check(interval_s > 0, "the archive interval must be positive")
     return ArchiveSettings(location=location, file_candidates=file_candidates,
                            min_age_s=min_age_s, hot_max_candidates=hot_max_candidates,
-                           interval_s=interval_s)
+                           interval_s=interval_s, downloaded=downloaded)
 
 
 @dataclass(frozen=True, kw_only=True)

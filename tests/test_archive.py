@@ -200,6 +200,32 @@ def test_archive_moves_finished_batches_and_keeps_the_farms_totals(
         assert _stats(engine) == before
 
 
+def test_downloaded_batches_are_archived_only_when_asked(db_url: str, tmp_path: Path) -> None:
+    """A farm without post-processing: its batches end ``downloaded``; ``downloaded``
+    archives them with the finished ones, the stats unchanged, and none of them is
+    leased for post-processing afterwards."""
+    insert_candidates(db_url, 800)
+    with engine_for(db_url) as engine:
+        _run_farm(engine, done=1, failed=1, downloaded=3, leased=1)
+        _age(engine, 20)
+        before = _stats(engine)
+        assert before["batches"]["downloaded"] == 3
+
+        plain = archive(db_url, _settings(tmp_path / "archive"))
+        assert plain.batches == 2  # done and failed only
+        asked = archive(db_url, _settings(tmp_path / "archive", downloaded=True))
+
+        assert (asked.batches, asked.candidates, asked.hot_after) == (3, 300, 300)
+        assert _stats(engine) == before
+        rows = _archived_rows(engine, tmp_path / "archive")
+        assert Counter(r["batch_status"] for r in rows) == {
+            "downloaded": 300, "done": 100, "failed": 100}
+        assert leases(engine).lease_postprocess(new_worker(engine, "g2", "gpu")) is None
+        with engine.connect() as conn:
+            statuses = conn.execute(sa.text("SELECT status FROM batches")).scalars().all()
+        assert statuses == ["leased"]
+
+
 def test_recent_batches_stay_hot_until_min_age(db_url: str, tmp_path: Path) -> None:
     insert_candidates(db_url, 300)
     with engine_for(db_url) as engine:

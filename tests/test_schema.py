@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -245,5 +246,31 @@ def test_0011_turns_url_retries_into_retry_chunks_and_back(db_url: str) -> None:
         assert [tuple(r) for r in rows] == [(11, 3, 7), (20, 2, None), (21, 2, None),
                                             (22, 3, None)]
         _alembic(engine, command.upgrade, "head")
+    finally:
+        engine.dispose()
+
+
+def test_0012_lets_archived_totals_hold_downloaded_batches_and_guards_the_downgrade(
+        db_url: str) -> None:
+    """At head a downloaded batch's totals can be archived; below 0012 they cannot, and
+    the downgrade refuses while such totals exist."""
+    from alembic import command
+
+    row = ("INSERT INTO archived_totals (status, batches, candidates, bytes_downloaded, "
+           "kept, dropped) VALUES ('downloaded', 1, 10, 0, 0, 0)")
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(row))
+        with pytest.raises(RuntimeError, match="downloaded batches"):
+            _alembic(engine, command.downgrade, "0011")
+        with engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM archived_totals"))
+        _alembic(engine, command.downgrade, "0011")
+        with pytest.raises(sa.exc.IntegrityError), engine.begin() as conn:
+            conn.execute(sa.text(row))
+        _alembic(engine, command.upgrade, "head")
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     finally:
         engine.dispose()
