@@ -29,14 +29,16 @@ once nothing is pending or leased.
 
 Reported: leases/s, client-side p50/p99/max of each call beside the coordinator's own
 time for it (its ``Server-Timing`` header), the lease's client-side p50/p99/max by 30 s
-window of when it was asked, how late the simulator's event loop wakes a
-sleeping task (its own share of the client-side time), errors by call and kind, the CPU
-seconds per lease of the coordinator processes and of PostgreSQL (from /proc via psutil:
-each process tree, dead children included) and of the simulator itself (all on the same
-cores here), the load average; then the invariants read from the database
-(``check_invariants``): no candidate in two batches (nor in two live ones), none lost
-(every candidate in exactly one batch, still pending or waiting for a URL
-retry), the queue drained to zero. The
+window of when it was asked, with --hot-max-candidates the hot set against that bound
+(the coordinator archives downloaded batches into the run's folder), how late the
+simulator's event loop wakes a sleeping task (its own share of the client-side time),
+errors by call and kind, the CPU seconds per lease of the coordinator processes and of
+PostgreSQL (from /proc via psutil: each process tree, dead children included) and of the
+simulator itself (all on the same cores here), the load average; then the invariants
+read from the database (``check_invariants``): no candidate in two batches (nor in two
+live ones), none lost (every candidate in exactly one batch, still pending or waiting
+for a URL retry), the queue drained to zero; with an archive, every candidate hot or
+archived once (the files' candidate ids distinct, as many as the archived totals). The
 exit status is 1 when an invariant is broken.
 
 Resource handling: the coordinator subprocess is stopped by its PID (SIGTERM), the
@@ -133,6 +135,11 @@ class SimConfig:
     server_keep_alive_s: int = 75
     #: seconds between two readings of the CPU counters (``cpu_sampler``)
     cpu_sample_s: float = 2.0
+    #: the coordinator's ``--hot-max-candidates`` (0: no archive); with it the coordinator
+    #: archives finished batches (``--archive-downloaded``, ``--archive-min-age 0``) into
+    #: the run's folder every ``archive_interval_s``
+    hot_max_candidates: int = 0
+    archive_interval_s: float = 5.0
     seed: int = 0
 
 
@@ -155,6 +162,9 @@ class Calls:
     events: Counter[str] = field(default_factory=Counter)
     #: the CPU counters, read every ``SimConfig.cpu_sample_s`` (``cpu_sampler``)
     cpu: list[CpuSample] = field(default_factory=list)
+    #: with an archive: (``perf_counter``, hot candidates, candidates of finished batches
+    #: still hot), read by the monitor
+    hot: list[tuple[float, int, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -172,12 +182,19 @@ class Invariants:
     pending_batches: int
     leased_batches: int
     batches: dict[str, int]
+    #: candidates the archive's totals hold (``archived_totals``)
+    archived: int = 0
+    #: rows and distinct candidate ids of the archive's parquet files
+    archived_rows: int = 0
+    archived_ids: int = 0
 
     @property
     def consistent(self) -> bool:
-        """No candidate in two batches (live or not) or also pending; none lost."""
+        """No candidate in two batches (live or not) or also pending, nor twice in the
+        archive; none lost."""
         return (self.in_two_batches == 0 and self.in_two_live_batches == 0
-                and self.pending_and_batched == 0 and self.lost == 0)
+                and self.pending_and_batched == 0 and self.lost == 0
+                and self.archived_rows == self.archived_ids == self.archived)
 
     @property
     def drained(self) -> bool:
@@ -213,7 +230,9 @@ class SimReport:
 
     @property
     def ok(self) -> bool:
-        return self.invariants.consistent and self.invariants.drained
+        inv = self.invariants
+        return (inv.consistent and inv.drained
+                and inv.candidates + inv.archived == self.config.candidates)
 
 
 # -- invariants -------------------------------------------------------------------------
@@ -237,18 +256,41 @@ _INVARIANT_SQL = {
     "retry_waiting": "SELECT COALESCE(sum(cardinality(ids)), 0) FROM retry_chunks",
     "pending_batches": "SELECT count(*) FROM batches WHERE status = 'pending'",
     "leased_batches": "SELECT count(*) FROM batches WHERE status = 'leased'",
+    "archived": "SELECT COALESCE(sum(candidates), 0) FROM archived_totals",
 }
+#: hot candidates (ingested less archived), and those of finished batches
+_HOT_SQL = sa.text(
+    "SELECT (SELECT COALESCE(sum(inserted), 0) FROM ingests) "
+    "- (SELECT COALESCE(sum(candidates), 0) FROM archived_totals), "
+    "(SELECT COALESCE(sum(size), 0) FROM batches "
+    "WHERE status IN ('downloaded', 'done', 'failed'))")
 
 
-def check_invariants(engine: sa.Engine) -> Invariants:
-    """Read the invariants of the lease queue from the database (one snapshot)."""
+def check_invariants(engine: sa.Engine, archive: Path | None = None) -> Invariants:
+    """Read the invariants of the lease queue from the database (one snapshot), and the
+    candidate ids of the parquet files in ``archive``."""
     with engine.connect() as conn:
         conn.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ"))
         counts = {k: int(conn.execute(sa.text(q)).scalar_one())
                   for k, q in _INVARIANT_SQL.items()}
         batches = {str(s): int(n) for s, n in conn.execute(sa.text(
             "SELECT status, count(*) FROM batches GROUP BY status"))}
-    return Invariants(**counts, batches=batches)
+    rows, ids = archived_ids(archive) if archive is not None else (0, 0)
+    return Invariants(**counts, batches=batches, archived_rows=rows, archived_ids=ids)
+
+
+def archived_ids(folder: Path) -> tuple[int, int]:
+    """Rows and distinct candidate ids of the archive files in ``folder``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    files = sorted(folder.glob("batches-*.parquet"))
+    if not files:
+        return 0, 0
+    ids = pa.chunked_array([pq.read_table(f, columns=["candidate_id"])["candidate_id"]
+                            for f in files])
+    return len(ids), pc.count_distinct(ids).as_py()
 
 
 # -- setup ------------------------------------------------------------------------------
@@ -292,6 +334,10 @@ def coordinator(database_url: str, config: SimConfig, log: Path) -> Iterator[tup
             "--empty-hold", str(config.empty_hold_s), "--shard-prefix", "s3://sim/",
             "--keep-alive", str(config.server_keep_alive_s),
             "--url-retry-delay", str(config.url_retry_delay_s), "--url-retry-growth", "1"]
+    if config.hot_max_candidates:
+        args += ["--hot-max-candidates", str(config.hot_max_candidates), "--archive-to",
+                 str(log.parent / "archive"), "--archive-downloaded", "--archive-min-age",
+                 "0", "--archive-interval", str(config.archive_interval_s)]
     with log.open("wb") as out:
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -648,6 +694,9 @@ async def monitor(farm: Farm, engine: sa.Engine, poll_s: float = 1.0) -> None:
 
     def busy() -> bool:
         with engine.connect() as conn:
+            if farm.config.hot_max_candidates:
+                hot, finished = conn.execute(_HOT_SQL).one()
+                farm.calls.hot.append((time.perf_counter(), int(hot), int(finished)))
             return bool(conn.execute(query).scalar_one())
 
     while True:
@@ -725,7 +774,8 @@ def run(config: SimConfig, database_url: str, postgres_pid: int, work: Path, *,
                    "postgres": tree_cpu_s(postgres_pid) - cpu0["postgres"],
                    "simulator": time.process_time() - own0}
             empty = empty_answers(base)
-        invariants = check_invariants(engine)
+        archive = work / "archive" if config.hot_max_candidates else None
+        invariants = check_invariants(engine, archive)
     finally:
         engine.dispose()
     return SimReport(config=config, wall_s=wall, leases=calls.events["leased"], calls=calls,
@@ -795,13 +845,14 @@ def describe(report: SimReport) -> list[str]:
         + f" (totals: {', '.join(f'{k} {v:.1f} s' for k, v in report.cpu_s.items())})")
     lines.extend(describe_window(report))
     lines.extend(describe_timeline(report))
+    lines.extend(describe_hot(report))
     lines.append(
         f"invariants: candidates {inv.candidates:,}, in two batches {inv.in_two_batches}, "
         f"in two live batches {inv.in_two_live_batches}, pending and batched "
         f"{inv.pending_and_batched}, lost {inv.lost}; left: {inv.pending_candidates} "
         f"pending candidates, {inv.retry_waiting} waiting for a retry, "
         f"{inv.pending_batches} pending and {inv.leased_batches} leased batches; batches "
-        f"{inv.batches}")
+        f"{inv.batches}; archived {inv.archived:,}")
     lines.append(f"verdict: {'OK' if report.ok else 'BROKEN'} (consistent "
                  f"{inv.consistent}, drained {inv.drained})")
     return lines
@@ -878,6 +929,23 @@ def describe_timeline(report: SimReport, step_s: float = TIMELINE_STEP_S) -> lis
     return lines
 
 
+def describe_hot(report: SimReport) -> list[str]:
+    """The hot set against the archive's bound: its largest size, its largest size once
+    it had first come down to the bound (it starts with every candidate pending, and
+    pending ones are never archived), and the finished candidates still hot."""
+    bound, samples = report.config.hot_max_candidates, report.calls.hot
+    if not bound or not samples:
+        return []
+    reached = next((i for i, (_, hot, _) in enumerate(samples) if hot <= bound), None)
+    after = max(hot for _, hot, _ in samples[reached:]) if reached is not None else None
+    return [f"hot set (bound {bound:,}, archive every {report.config.archive_interval_s} s): "
+            f"max {max(h for _, h, _ in samples):,}; after it first came down to the "
+            f"bound: max {after if after is None else f'{after:,}'}; finished candidates "
+            f"still hot: max {max(f for _, _, f in samples):,}; archived "
+            f"{report.invariants.archived:,} candidates ({report.invariants.archived_rows:,} "
+            f"rows, {report.invariants.archived_ids:,} distinct ids in the files)"]
+
+
 def after_first_round(report: SimReport) -> list[float]:
     """Client-side milliseconds of the leases asked once the ramp and one mean download
     time had passed: the farm's steady state, without the first round's burst."""
@@ -921,6 +989,11 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None, str | None]:
     p.add_argument("--empty-hold", type=float, default=d.empty_hold_s,
                    help="the coordinator's --empty-hold (0: every lease looks)")
     p.add_argument("--ramp", type=float, default=d.ramp_s)
+    p.add_argument("--hot-max-candidates", type=int, default=d.hot_max_candidates,
+                   help="the coordinator's --hot-max-candidates (0: no archive), archiving "
+                        "downloaded batches into the run's folder")
+    p.add_argument("--archive-interval", type=float, default=d.archive_interval_s,
+                   help="the coordinator's --archive-interval")
     p.add_argument("--processes", type=int, default=d.processes)
     p.add_argument("--workers-per-client", type=int, default=d.workers_per_client)
     p.add_argument("--max-run", type=float, default=d.max_run_s)
@@ -950,7 +1023,8 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None, str | None]:
         idle_max_s=a.idle_max, empty_hold_s=a.empty_hold,
         ramp_s=a.ramp, processes=a.processes, workers_per_client=a.workers_per_client,
         max_run_s=a.max_run, seed=a.seed, client_keep_alive_s=a.client_keep_alive,
-        server_keep_alive_s=a.server_keep_alive)
+        server_keep_alive_s=a.server_keep_alive, hot_max_candidates=a.hot_max_candidates,
+        archive_interval_s=a.archive_interval)
     return config, a.database_url, a.template
 
 

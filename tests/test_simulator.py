@@ -81,6 +81,28 @@ def test_a_small_farm_with_failures_and_kills_drains_consistently(
     assert "leases by 30 s window" in text
 
 
+def test_a_small_farm_with_an_archive_keeps_its_hot_set_near_the_bound(
+        db_url: str, pg_server: object, tmp_path: Path) -> None:
+    """The coordinator archives downloaded batches while the workers go on: every
+    candidate ends hot or archived once, and once the backlog came down to the bound the
+    hot set stays within one archive interval's completions of it."""
+    config = SimConfig(workers=20, candidates=2_000, batch_size=50, download_mean_s=0.5,
+                       lease_ttl_s=5.0, reap_interval_s=0.3, fail_fraction=0.0,
+                       kill_fraction=0.0, max_run_s=240, cpu_sample_s=0.2,
+                       retry_fraction=0.0, hot_max_candidates=600, archive_interval_s=0.2)
+    report = run(config, db_url, pg_server.pid, tmp_path)  # type: ignore[attr-defined]
+    text = "\n".join(describe(report))
+    inv = report.invariants
+    assert report.ok, text
+    assert 0 < inv.archived == inv.archived_rows == inv.archived_ids, text
+    assert inv.candidates + inv.archived == 2_000, text
+    samples = report.calls.hot
+    reached = next(i for i, (_, hot, _) in enumerate(samples) if hot <= 600)
+    # 20 workers complete at most ~40 batches of 50 a second: 0.2 s of them is ~400
+    assert max(hot for _, hot, _ in samples[reached:]) <= 600 + 800, text
+    assert "hot set (bound 600" in text
+
+
 def test_the_checker_finds_each_broken_invariant(db_url: str, engine: sa.Engine) -> None:
     insert_candidates(db_url, 64)
     service = leases(engine, batch_size=16)
