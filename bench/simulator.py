@@ -140,6 +140,18 @@ class SimConfig:
     #: the run's folder every ``archive_interval_s``
     hot_max_candidates: int = 0
     archive_interval_s: float = 5.0
+    #: the candidates come in this many equal waves: the first before the workers start,
+    #: each next one once fewer than half a wave is unfinished (as an operator feeds a
+    #: farm whose hot set is bounded: a wave lifts the hot set by its size until the
+    #: archive's next look); 1: all at once
+    waves: int = 1
+    #: seconds between two looks of the monitor (drained? next wave? the hot set)
+    monitor_poll_s: float = 1.0
+
+    def wave_sizes(self) -> list[int]:
+        """The candidates of each wave (the last one takes the remainder)."""
+        wave = self.candidates // self.waves
+        return [wave] * (self.waves - 1) + [self.candidates - wave * (self.waves - 1)]
     seed: int = 0
 
 
@@ -295,9 +307,10 @@ def archived_ids(folder: Path) -> tuple[int, int]:
 
 # -- setup ------------------------------------------------------------------------------
 
-def fill(engine: sa.Engine, candidates: int) -> None:
+def fill(engine: sa.Engine, candidates: int, *, analyze: bool = True) -> None:
     """``candidates`` synthetic candidates in pending chunks of 16 with their lease
-    payload's fragments (as ``pairfarm ingest`` writes them), then ANALYZE."""
+    payload's fragments (as ``pairfarm ingest`` writes them), then (``analyze``) VACUUM
+    ANALYZE."""
     with engine.begin() as conn:
         first, last = conn.execute(sa.text(
             "WITH inserted AS (INSERT INTO candidates (url, caption) "
@@ -307,6 +320,8 @@ def fill(engine: sa.Engine, candidates: int) -> None:
         conn.execute(Q.chunk_candidates, {"first": first, "last": last})
         conn.execute(sa.text("INSERT INTO ingests (source, inserted) VALUES ('simulator', :n)"),
                      {"n": candidates})
+    if not analyze:
+        return
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sa.text("VACUUM ANALYZE candidates, pending_chunks"))
 
@@ -684,7 +699,8 @@ def _report(batch_id: int, lease_token: str, size: int, seconds: float,
 
 async def monitor(farm: Farm, engine: sa.Engine, poll_s: float = 1.0) -> None:
     """Set ``farm.drained`` once no candidate is pending or waiting for a URL retry and
-    no batch is pending or leased."""
+    no batch is pending or leased, and every wave is in; ingest the next wave once fewer
+    than half a wave is unfinished (``SimConfig.waves``)."""
     # the first pending chunk by the primary key, not count(*) (which reads ~10^6 rows
     # every second) nor EXISTS (which PostgreSQL plans as a scan of the heap from its
     # first page: all of it once the table is nearly drained and not yet vacuumed)
@@ -692,12 +708,18 @@ async def monitor(farm: Farm, engine: sa.Engine, poll_s: float = 1.0) -> None:
                     "OR EXISTS (SELECT 1 FROM batches WHERE status IN ('pending', 'leased')) "
                     "OR EXISTS (SELECT 1 FROM retry_chunks)")
 
+    waves = farm.config.wave_sizes()[1:]
+
     def busy() -> bool:
         with engine.connect() as conn:
+            hot, finished = (int(x) for x in conn.execute(_HOT_SQL).one())
             if farm.config.hot_max_candidates:
-                hot, finished = conn.execute(_HOT_SQL).one()
-                farm.calls.hot.append((time.perf_counter(), int(hot), int(finished)))
-            return bool(conn.execute(query).scalar_one())
+                farm.calls.hot.append((time.perf_counter(), hot, finished))
+            if waves and hot - finished < waves[0] // 2:
+                fill(engine, waves.pop(0), analyze=False)
+                farm.calls.events["waves ingested"] += 1
+                return True
+            return bool(conn.execute(query).scalar_one()) or bool(waves)
 
     while True:
         if not await trio.to_thread.run_sync(busy):
@@ -744,7 +766,7 @@ async def simulate(base: str, config: SimConfig, tokens: list[str],
         farm.calls.t0 = time.perf_counter()
         with trio.move_on_after(config.max_run_s):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(monitor, farm, engine)
+                nursery.start_soon(monitor, farm, engine, config.monitor_poll_s)
                 nursery.start_soon(lag_probe, farm)
                 nursery.start_soon(cpu_sampler, farm, pids)
                 for i, token in enumerate(tokens):
@@ -762,7 +784,7 @@ def run(config: SimConfig, database_url: str, postgres_pid: int, work: Path, *,
     engine = sa.create_engine(database_url)
     try:
         if not filled:
-            fill(engine, config.candidates)
+            fill(engine, config.wave_sizes()[0])
         tokens = make_tokens(engine, config.workers)
         with coordinator(database_url, config, work / "coordinator.log") as (base, pid):
             cpu0 = {"coordinator": tree_cpu_s(pid), "postgres": tree_cpu_s(postgres_pid)}
@@ -940,10 +962,26 @@ def describe_hot(report: SimReport) -> list[str]:
     after = max(hot for _, hot, _ in samples[reached:]) if reached is not None else None
     return [f"hot set (bound {bound:,}, archive every {report.config.archive_interval_s} s): "
             f"max {max(h for _, h, _ in samples):,}; after it first came down to the "
-            f"bound: max {after if after is None else f'{after:,}'}; finished candidates "
+            f"bound: max {after if after is None else f'{after:,}'}, over the bound for "
+            f"{over_bound_s(samples, bound, reached or 0):.1f} s at most at a time; "
+            f"finished candidates "
             f"still hot: max {max(f for _, _, f in samples):,}; archived "
             f"{report.invariants.archived:,} candidates ({report.invariants.archived_rows:,} "
             f"rows, {report.invariants.archived_ids:,} distinct ids in the files)"]
+
+
+def over_bound_s(samples: list[tuple[float, int, int]], bound: int, since: int = 0) -> float:
+    """The longest run of consecutive samples (from index ``since``) with the hot set over
+    ``bound``, in seconds from its first such sample to the first one back under it."""
+    longest, start = 0.0, None
+    for t, hot, _ in samples[since:]:
+        if hot > bound and start is None:
+            start = t
+        elif hot <= bound and start is not None:
+            longest, start = max(longest, t - start), None
+    if start is not None:
+        longest = max(longest, samples[-1][0] - start)
+    return longest
 
 
 def after_first_round(report: SimReport) -> list[float]:
@@ -994,6 +1032,9 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None, str | None]:
                         "downloaded batches into the run's folder")
     p.add_argument("--archive-interval", type=float, default=d.archive_interval_s,
                    help="the coordinator's --archive-interval")
+    p.add_argument("--waves", type=int, default=d.waves,
+                   help="ingest the candidates in this many equal waves, each next one "
+                        "once fewer than half a wave is unfinished (not with --template)")
     p.add_argument("--processes", type=int, default=d.processes)
     p.add_argument("--workers-per-client", type=int, default=d.workers_per_client)
     p.add_argument("--max-run", type=float, default=d.max_run_s)
@@ -1013,6 +1054,8 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None, str | None]:
     a = p.parse_args(argv)
     if a.template and not a.database_url:
         p.error("--template needs --database-url (the embedded server is removed after a run)")
+    if a.template and a.waves > 1:
+        p.error("--waves fills the database during the run: not with --template")
     config = SimConfig(
         workers=a.workers, candidates=a.candidates, batch_size=a.batch_size,
         download_mean_s=a.download_mean, download_sigma=a.download_sigma,
@@ -1024,7 +1067,7 @@ def _parse(argv: list[str] | None) -> tuple[SimConfig, str | None, str | None]:
         ramp_s=a.ramp, processes=a.processes, workers_per_client=a.workers_per_client,
         max_run_s=a.max_run, seed=a.seed, client_keep_alive_s=a.client_keep_alive,
         server_keep_alive_s=a.server_keep_alive, hot_max_candidates=a.hot_max_candidates,
-        archive_interval_s=a.archive_interval)
+        archive_interval_s=a.archive_interval, waves=max(1, a.waves))
     return config, a.database_url, a.template
 
 
