@@ -713,13 +713,14 @@ async def monitor(farm: Farm, engine: sa.Engine, poll_s: float = 1.0) -> None:
     def busy() -> bool:
         with engine.connect() as conn:
             hot, finished = (int(x) for x in conn.execute(_HOT_SQL).one())
-            if farm.config.hot_max_candidates:
-                farm.calls.hot.append((time.perf_counter(), hot, finished))
-            if waves and hot - finished < waves[0] // 2:
-                fill(engine, waves.pop(0), analyze=False)
-                farm.calls.events["waves ingested"] += 1
-                return True
-            return bool(conn.execute(query).scalar_one()) or bool(waves)
+            left = bool(conn.execute(query).scalar_one())
+        if farm.config.hot_max_candidates:
+            farm.calls.hot.append((time.perf_counter(), hot, finished))
+        if waves and hot - finished < waves[0] // 2:
+            fill(engine, waves.pop(0), analyze=False)
+            farm.calls.events["waves ingested"] += 1
+            return True
+        return left or bool(waves)
 
     while True:
         if not await trio.to_thread.run_sync(busy):
