@@ -147,12 +147,12 @@ class SimConfig:
     waves: int = 1
     #: seconds between two looks of the monitor (drained? next wave? the hot set)
     monitor_poll_s: float = 1.0
+    seed: int = 0
 
     def wave_sizes(self) -> list[int]:
         """The candidates of each wave (the last one takes the remainder)."""
         wave = self.candidates // self.waves
         return [wave] * (self.waves - 1) + [self.candidates - wave * (self.waves - 1)]
-    seed: int = 0
 
 
 @dataclass
