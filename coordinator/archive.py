@@ -225,7 +225,7 @@ def pick_batches(conn: psycopg.Connection, settings: ArchiveSettings) -> list[Ba
     """Lock the next file's batches (call inside the file's transaction)."""
     rows = conn.execute(Q.sql("archive_pick"), {
         "min_age": settings.min_age_s, "max_candidates": settings.file_candidates,
-        "downloaded": settings.downloaded})
+        "statuses": list(settings.statuses)})
     return [Batch(int(r[0]), int(r[1]), str(r[2]), (r[0], r[2], *r[3:])) for r in rows]
 
 

@@ -87,6 +87,11 @@ class ArchiveSettings:
     #: an archived batch is never post-processed)
     downloaded: bool = False
 
+    @property
+    def statuses(self) -> tuple[str, ...]:
+        """The batch statuses archived: the final ones."""
+        return ("done", "failed", "downloaded") if self.downloaded else ("done", "failed")
+
 
 def make_archive_settings(*, location: str, file_candidates: int = 1_000_000,
                           min_age_s: float = 600.0, hot_max_candidates: int = 0,

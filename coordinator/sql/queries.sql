@@ -784,8 +784,8 @@ SELECT (SELECT COALESCE(sum(inserted), 0) FROM ingests)
 SELECT name FROM archives WHERE directory = %(directory)s;
 
 -- name: archive_pick
--- The next file's batches: finished (done, failed; downloaded too when %(downloaded)s: a
--- farm without post-processing) and unchanged for %(min_age)s seconds,
+-- The next file's batches: finished (their status in %(statuses)s: done, failed, and
+-- downloaded in a farm without post-processing) and unchanged for %(min_age)s seconds,
 -- in id order, as many as fit in %(max_candidates)s candidates (at least one), locked until
 -- the run's transaction ends. A batch requeued meanwhile is rechecked after its lock and
 -- left out; one that is locked waits (a requeue takes milliseconds).
@@ -796,11 +796,10 @@ SELECT id, size, status, outcomes::text, shard::text, attempts, pp_attempts, las
            SELECT id FROM (
                SELECT id, sum(size) OVER (ORDER BY id) AS upto, size
                  FROM batches
-                WHERE (status IN ('done', 'failed')
-                       OR (%(downloaded)s AND status = 'downloaded'))
+                WHERE status = ANY(%(statuses)s)
                   AND updated_at < now() - make_interval(secs => %(min_age)s)) AS s
             WHERE upto <= %(max_candidates)s OR upto = size))
-   AND (status IN ('done', 'failed') OR (%(downloaded)s AND status = 'downloaded'))
+   AND status = ANY(%(statuses)s)
  ORDER BY id
    FOR UPDATE;
 
