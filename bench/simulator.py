@@ -708,13 +708,15 @@ async def monitor(farm: Farm, engine: sa.Engine, poll_s: float = 1.0) -> None:
                     "OR EXISTS (SELECT 1 FROM batches WHERE status IN ('pending', 'leased')) "
                     "OR EXISTS (SELECT 1 FROM retry_chunks)")
 
-    waves = farm.config.wave_sizes()[1:]
+    waves, bound = farm.config.wave_sizes()[1:], farm.config.hot_max_candidates
 
     def busy() -> bool:
         with engine.connect() as conn:
-            hot, finished = (int(x) for x in conn.execute(_HOT_SQL).one())
             left = bool(conn.execute(query).scalar_one())
-        if farm.config.hot_max_candidates:
+            if not (waves or bound):  # nothing else to look at
+                return left
+            hot, finished = (int(x) for x in conn.execute(_HOT_SQL).one())
+        if bound:
             farm.calls.hot.append((time.perf_counter(), hot, finished))
         if waves and hot - finished < waves[0] // 2:
             fill(engine, waves.pop(0), analyze=False)
